@@ -1,0 +1,102 @@
+"""Where things live: in a layout-v3 build cache, and in the install tree under the mount.
+
+Pure functions of names and hashes; no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .errors import FormatError
+
+# mediaTypes of the blobs a v3 manifest lists
+MEDIA_TARBALL = "application/vnd.spack.install.v2.tar+gzip"
+MEDIA_SPEC = "application/vnd.spack.spec.v5+json"
+MEDIA_INDEX = "application/vnd.spack.db.v8+json"
+MEDIA_KEY = "application/pgp-keys"
+MEDIA_KEY_INDEX = "application/vnd.spack.keyindex.v1+json"
+
+INDEX_MANIFEST = "v3/manifests/index/index.manifest.json"
+LAYOUT_JSON = "v3/layout.json"
+KEY_INDEX_MANIFEST = "v3/manifests/key/keys.manifest.json"
+
+# Spack 1.x: install_tree:projections:all
+DEFAULT_PROJECTION = "{architecture.platform}-{architecture.target}/{name}-{version}-{hash}"
+
+_IMPOLITE = re.compile(r"[^A-Za-z0-9_+.-]")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_DAG_HASH = re.compile(r"[a-z2-7]{32}")
+
+
+def polite_filename(name: str) -> str:
+    """Spack's polite_filename: every character outside [A-Za-z0-9_+.-] becomes '_'."""
+    return _IMPOLITE.sub("_", name)
+
+
+def is_dag_hash(value: str) -> bool:
+    """True for a 32-character lowercase base32 DAG hash."""
+    return bool(_DAG_HASH.fullmatch(value))
+
+
+def spec_manifest_path(name: str, version: str, dag_hash: str) -> str:
+    """Mirror-relative path of a spec's signed manifest."""
+    n, v, h = polite_filename(name), polite_filename(version), polite_filename(dag_hash)
+    return f"v3/manifests/spec/{n}/{n}-{v}-{h}.spec.manifest.json"
+
+
+def key_manifest_path(fingerprint: str) -> str:
+    return f"v3/manifests/key/{polite_filename(fingerprint)}.key.manifest.json"
+
+
+def blob_path(checksum: str) -> str:
+    """Mirror-relative path of a content-addressed blob; refuses anything but 64 hex digits."""
+    if not _HEX64.fullmatch(checksum):
+        raise FormatError(f"blob checksum {checksum[:80]!r} is not a sha256 hex digest")
+    return f"blobs/sha256/{checksum[:2]}/{checksum}"
+
+
+def _target_name(arch: dict[str, Any]) -> str:
+    target = arch.get("target", "")
+    if isinstance(target, dict):  # microarchitecture targets are dicts with a name
+        target = target.get("name", "")
+    return str(target)
+
+
+def project(projection: str, node: dict[str, Any]) -> str:
+    """Install-tree relative path of a spec node under a projection.
+
+    Supports Spack's common tokens; each path component is lower-cased and made polite, as
+    Spack's directory layout does. Raises FormatError for an unknown token.
+    """
+    arch = node.get("arch") or {}
+    compiler = node.get("compiler") or {}
+    values = {
+        "name": node.get("name", ""),
+        "version": node.get("version", ""),
+        "hash": node.get("hash", ""),
+        "namespace": node.get("namespace", ""),
+        "architecture.platform": arch.get("platform", ""),
+        "architecture.os": arch.get("platform_os", ""),
+        "architecture.target": _target_name(arch),
+        "architecture": "-".join(
+            [arch.get("platform", ""), arch.get("platform_os", ""), _target_name(arch)]
+        ),
+        "compiler.name": compiler.get("name", ""),
+        "compiler.version": compiler.get("version", ""),
+    }
+
+    def substitute(match: re.Match[str]) -> str:
+        token = match.group(1)
+        hash_len = re.fullmatch(r"hash:(\d+)", token)
+        if hash_len:
+            return str(values["hash"])[: int(hash_len.group(1))]
+        if token not in values:
+            raise FormatError(f"unknown projection token {{{token}}}")
+        return str(values[token])
+
+    parts = []
+    for component in projection.split("/"):
+        text = re.sub(r"\{([^}]*)\}", substitute, component)
+        parts.append(polite_filename(text.lower()))
+    return "/".join(parts)
