@@ -59,7 +59,8 @@ def parse_manifest(plaintext: bytes, what: str) -> list[BlobRecord]:
             raise FormatError(f"{what}: a manifest record lacks a field") from None
         if algorithm != "sha256":
             raise FormatError(f"{what}: unsupported checksum algorithm {algorithm!r}")
-        if not isinstance(record.length, int) or isinstance(record.length, bool) or record.length < 0:
+        length = record.length
+        if not isinstance(length, int) or isinstance(length, bool) or length < 0:
             raise FormatError(f"{what}: contentLength {record.length!r} is not a size")
         record.path  # noqa: B018  (validates the checksum's form)
         records.append(record)

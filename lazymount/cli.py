@@ -1,0 +1,231 @@
+"""Command line: ``lazymount [options] MOUNTPOINT`` and its subcommands.
+
+Mounting returns once the mount is ready: a background child serves it and reports back
+through a pipe (or ``--foreground`` serves in this process). Exit codes: 0 success,
+1 failure, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .config import MirrorConfig, MountConfig
+from .errors import LazymountError, UsageError
+from .layout import DEFAULT_PROJECTION
+from .store import default_store_dir
+from .transport import Timeouts
+
+log = logging.getLogger("lazymount")
+
+SUBCOMMANDS = {
+    "umount": "unmount a lazymount mount point",
+    "demo": "serve the embedded demo cache on loopback, mount it, run a relocated binary",
+}
+READY_TIMEOUT = 600.0  # seconds the command waits for a background mount to come up
+
+DESCRIPTION = """\
+Mount a Spack binary build cache read-only as an install tree. Every package of the
+mirror's index appears at MOUNTPOINT/<platform>-<target>/<name>-<version>-<hash>; the
+first access inside a package verifies its signed manifest, downloads and checks its
+tarball, extracts and relocates it into the local store, and then serves it from there.
+"""
+
+EPILOG = """\
+subcommands:
+  lazymount umount MOUNTPOINT   unmount (same as fusermount3 -u MOUNTPOINT)
+  lazymount demo                run the built-in demo (needs root or FUSE access)
+
+examples:
+  lazymount --mirror https://cache.example.org/spack --trust-key site.pub.asc /opt/spack
+  /opt/spack/linux-x86_64/lmhello-1.0-<hash>/bin/hello -v
+  lazymount umount /opt/spack
+"""
+
+
+def mount_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lazymount", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path,
+                        help="existing directory to mount the install tree on; its path "
+                             "becomes the install root packages are relocated to, so it must "
+                             "be no longer than the cache's build root unless the cache was "
+                             "built with padded_length")
+    parser.add_argument("--mirror", metavar="URL", action="append", default=[],
+                        help="build cache to mount: a directory, file:// or http(s):// URL. "
+                             "Repeat to search several mirrors in the order given; a package "
+                             "is taken from the first mirror that has it")
+    parser.add_argument("--trust-key", metavar="FILE", action="append", default=[], type=Path,
+                        help="ASCII-armored public key whose signatures are trusted (repeat "
+                             "for several keys). Only manifests signed by these keys are used")
+    parser.add_argument("--unsigned", action="store_true",
+                        help="accept packages whose manifests are not signed (for mirrors you "
+                             "control end to end); signed manifests are still verified")
+    parser.add_argument("--store", metavar="DIR", type=Path, default=None,
+                        help="local content store of materialized packages (default: "
+                             f"{default_store_dir()}); a remount reuses what it holds")
+    parser.add_argument("--projection", metavar="TEMPLATE", default=DEFAULT_PROJECTION,
+                        help=f"install tree projection (default: {DEFAULT_PROJECTION})")
+    parser.add_argument("--foreground", "-f", action="store_true",
+                        help="stay attached and log to stderr until unmounted (for systemd "
+                             "and debugging); without it the command returns once the mount "
+                             "is ready and a background process keeps serving it")
+    parser.add_argument("--allow-other", action=argparse.BooleanOptionalAction, default=None,
+                        help="let other users see the mount (default: on when run as root)")
+    parser.add_argument("--log-file", metavar="FILE", type=Path, default=None,
+                        help="where the background process logs (default: "
+                             "STORE/lazymount.log)")
+    parser.add_argument("--timeout", metavar="SECONDS", type=float, default=30.0,
+                        help="give up on a mirror that sends nothing for this long "
+                             "(default: 30)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log more")
+    parser.add_argument("--version", action="version", version=f"lazymount {__version__}")
+    parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def build_config(args: argparse.Namespace) -> MountConfig:
+    if not args.mirror:
+        raise UsageError("give at least one --mirror URL")
+    store = args.store or default_store_dir()
+    allow_other = args.allow_other if args.allow_other is not None else os.geteuid() == 0
+    return MountConfig(
+        mountpoint=args.mountpoint,
+        mirrors=tuple(MirrorConfig(url, require_signature=not args.unsigned)
+                      for url in args.mirror),
+        trust_keys=tuple(path.resolve() for path in args.trust_key),
+        store=store.resolve(),
+        projection=args.projection,
+        allow_other=allow_other,
+        timeouts=Timeouts(read=args.timeout, connect=min(args.timeout, 10.0)),
+    )
+
+
+def setup_logging(verbose: bool, log_file: Path | None = None) -> None:
+    handler: logging.Handler
+    if log_file is not None:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("lazymount: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    for noisy in ("httpx", "httpcore", "gnupg", "trio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_mount(argv: list[str]) -> int:
+    args = mount_parser().parse_args(argv)
+    config = build_config(args)
+    if args.foreground or args.ready_fd is not None:
+        return _serve_here(config, args)
+    return _serve_in_background(config, args, argv)
+
+
+def _serve_here(config: MountConfig, args: argparse.Namespace) -> int:
+    from .daemon import serve  # imports pyfuse3: only where a mount is made
+
+    if args.ready_fd is None:
+        setup_logging(args.verbose)
+    else:
+        setup_logging(args.verbose, args.log_file or config.store / "lazymount.log")
+
+    def ready(error: str | None) -> None:
+        if error is not None:
+            log.error("%s", error)
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, f"error: {error}\n".encode() if error else b"ok\n")
+            os.close(args.ready_fd)
+            args.ready_fd = None
+
+    return serve(config, ready)
+
+
+def _serve_in_background(config: MountConfig, args: argparse.Namespace, argv: list[str]) -> int:
+    """Start a detached child that serves the mount; return once it says it is ready."""
+    config.store.mkdir(parents=True, exist_ok=True)
+    log_file = (args.log_file or config.store / "lazymount.log").resolve()
+    read_fd, write_fd = os.pipe()
+    command = [sys.executable, "-m", "lazymount", *argv, "--ready-fd", str(write_fd),
+               "--log-file", str(log_file)]
+    child = subprocess.Popen(command, pass_fds=(write_fd,), start_new_session=True,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=open(log_file, "ab"))
+    os.close(write_fd)
+    message = _wait_for_child(read_fd, child)
+    if message == "ok":
+        print(f"lazymount: mounted at {config.mountpoint} (pid {child.pid}, log {log_file})")
+        return 0
+    print(f"lazymount: {message or 'the mount process ended without a word; see ' + str(log_file)}",
+          file=sys.stderr)
+    return 1
+
+
+def _wait_for_child(read_fd: int, child: subprocess.Popen[bytes]) -> str:
+    deadline = time.monotonic() + READY_TIMEOUT
+    data = b""
+    with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([pipe], [], [], 1.0)
+            if readable:
+                chunk = pipe.read(4096)
+                if not chunk:
+                    break
+                data += chunk
+                if data.endswith(b"\n"):
+                    break
+            elif child.poll() is not None:
+                break
+        else:
+            child.terminate()
+            return f"the mount was not ready after {READY_TIMEOUT:.0f} s; stopped it"
+    text = data.decode(errors="replace").strip()
+    return text.removeprefix("error: ")
+
+
+def run_umount(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lazymount umount",
+                                     description="Unmount a lazymount mount point; its "
+                                                 "background process then exits.")
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    args = parser.parse_args(argv)
+    if not os.path.ismount(args.mountpoint):
+        raise UsageError(f"{args.mountpoint} is not mounted")
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    command = [tool, "-u", str(args.mountpoint)] if tool else ["umount", str(args.mountpoint)]
+    return subprocess.call(command)
+
+
+def run_demo(argv: list[str]) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "umount":
+            return run_umount(argv[1:])
+        if argv and argv[0] == "demo":
+            return run_demo(argv[1:])
+        return run_mount(argv)
+    except LazymountError as exc:
+        print(f"lazymount: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

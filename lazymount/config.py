@@ -1,0 +1,26 @@
+"""What one mount is told to do: frozen values built by the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .layout import DEFAULT_PROJECTION
+from .transport import Timeouts
+
+
+@dataclass(frozen=True)
+class MirrorConfig:
+    url: str
+    require_signature: bool = True
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    mountpoint: Path
+    mirrors: tuple[MirrorConfig, ...]
+    trust_keys: tuple[Path, ...] = ()
+    store: Path = Path("/var/cache/lazymount")
+    projection: str = DEFAULT_PROJECTION
+    allow_other: bool = False
+    timeouts: Timeouts = field(default_factory=Timeouts)

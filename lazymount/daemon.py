@@ -1,0 +1,147 @@
+"""The daemon: build the object graph, mount, serve until unmounted or signalled.
+
+``serve`` is called in the process that stays attached to the mount (``--foreground``, the
+systemd service, or the background child the command line starts). It reports readiness
+through a callback once the kernel mount exists, so the command can return only then.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .catalog import load_catalog
+from .config import MountConfig
+from .errors import LazymountError, UsageError
+from .fs import InstallTreeFS
+from .materialize import Materializer, MirrorSource
+from .store import Store
+from .transport import Mirror, open_mirror
+from .tree import InstallTree
+from .verify import Verifier, read_key_file
+
+log = logging.getLogger(__name__)
+
+Ready = Callable[[str | None], None]  # None when mounted, else the reason it failed
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.sendall(message.encode())
+
+
+def install_sbang(store: Store) -> Path:
+    """Our sbang script, kept in the store and served at <mount>/bin/sbang."""
+    text = resources.files("lazymount").joinpath("data/sbang").read_bytes()
+    target = store.root / "sbang"
+    if not target.is_file() or target.read_bytes() != text:
+        temporary = store.root / f".sbang.{os.getpid()}"
+        temporary.write_bytes(text)
+        temporary.chmod(0o755)
+        os.utime(temporary, (0, 0))
+        os.replace(temporary, target)
+    return target
+
+
+def check_mountpoint(path: Path) -> str:
+    """The absolute mount root used for relocation; refuses what cannot be mounted on."""
+    if not path.is_dir():
+        raise UsageError(f"mount point {path} is not a directory")
+    if os.path.ismount(path):
+        raise UsageError(f"{path} is already a mount point (unmount it first: "
+                         f"lazymount umount {path})")
+    return os.path.realpath(path)
+
+
+def mount_options(config: MountConfig) -> set[str]:
+    options = {"fsname=lazymount", "subtype=lazymount", "ro", "default_permissions"}
+    if config.allow_other:
+        options.add("allow_other")
+    return options
+
+
+def load_verifier(config: MountConfig) -> Verifier | None:
+    keys = [read_key_file(path) for path in config.trust_keys]
+    if not keys:
+        if any(m.require_signature for m in config.mirrors):
+            raise UsageError("no trusted keys: give --trust-key FILE (the mirror's public key), "
+                             "or --unsigned to accept unsigned packages")
+        return None
+    return Verifier(keys)
+
+
+def serve(config: MountConfig, ready: Ready) -> int:
+    """Mount and serve until unmounted. Returns the exit status."""
+    verifier = None
+    try:
+        root = check_mountpoint(config.mountpoint)
+        store = Store(config.store)
+        swept = store.sweep()
+        if swept:
+            log.info("removed %d unfinished entries from the store", swept)
+        sbang = install_sbang(store)
+        verifier = load_verifier(config)
+        return trio.run(_serve, config, root, store, sbang, verifier, ready)
+    except LazymountError as exc:
+        ready(str(exc))
+        return exc.exit_code
+    finally:
+        if verifier is not None:
+            verifier.close()
+
+
+async def _serve(config: MountConfig, root: str, store: Store, sbang: Path,
+                 verifier: Verifier | None, ready: Ready) -> int:
+    mirrors: list[Mirror] = [open_mirror(m.url, config.timeouts) for m in config.mirrors]
+    try:
+        catalog = await load_catalog(mirrors)
+        tree = InstallTree(root, catalog, config.projection)
+        sources = [MirrorSource(m, c.require_signature) for m, c in zip(mirrors, config.mirrors)]
+        materializer = Materializer(tree, sources, verifier, store)
+        operations = InstallTreeFS(tree, materializer, sbang)
+        try:
+            pyfuse3.init(operations, root, mount_options(config))
+        except RuntimeError as exc:
+            raise UsageError(f"cannot mount on {root}: {exc}") from None
+        log.info("mounted %d packages from %s at %s", len(tree.prefixes),
+                 ", ".join(m.url for m in mirrors), root)
+        try:
+            async with trio.open_nursery() as nursery:
+                materializer.nursery = nursery
+                ready(None)
+                sd_notify("READY=1")
+                nursery.start_soon(_stop_on_signal)
+                # returns on terminate() or when the mount goes away (fusermount3 -u)
+                await pyfuse3.main(min_tasks=4, max_tasks=256)
+                nursery.cancel_scope.cancel()
+        finally:
+            sd_notify("STOPPING=1")
+            pyfuse3.close(unmount=os.path.ismount(root))
+        log.info("unmounted %s", root)
+        return 0
+    finally:
+        for mirror in mirrors:
+            await mirror.aclose()
+
+
+async def _stop_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("got %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return

@@ -1,0 +1,268 @@
+"""Turning a cached spec into a relocated tree in the store, once, on first access.
+
+State per DAG hash: absent -> materializing -> ready | failed (retried after a pause).
+Concurrent callers of ``ensure`` for the same hash share one attempt (single flight).
+Runs on the trio thread; blocking stages (gpg, extraction, relocation, publish) run in
+worker threads under named limiters.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import extract, relocate
+from .errors import (
+    FormatError,
+    IntegrityError,
+    LazymountError,
+    MirrorError,
+    MountPathTooLong,
+    SignatureError,
+)
+from .fetch import fetch_bytes, stream_blob
+from .layout import MEDIA_SPEC, MEDIA_TARBALL, spec_manifest_path
+from .manifest import MAX_MANIFEST_BYTES, BlobRecord, is_clearsigned, parse_manifest, pick
+from .store import Store
+from .transport import Mirror
+from .tree import InstallTree
+from .verify import Verifier
+
+log = logging.getLogger(__name__)
+
+MAX_SPEC_BLOB = 64 << 20  # compressed spec JSON; real ones are a few KiB
+MAX_SPEC_JSON = 256 << 20
+RETRY_AFTER = 30.0  # seconds a failed package answers with its error before trying again
+
+
+@dataclass
+class MirrorSource:
+    """A mirror as the materializer uses it."""
+
+    mirror: Mirror
+    require_signature: bool = True
+
+
+@dataclass
+class _State:
+    done: trio.Event = field(default_factory=trio.Event)
+    tree: Path | None = None
+    error: LazymountError | None = None
+    failed_at: float = 0.0
+
+
+class Materializer:
+    """Knows how to bring any spec of the tree into the store."""
+
+    def __init__(
+        self,
+        tree: InstallTree,
+        sources: list[MirrorSource],
+        verifier: Verifier | None,
+        store: Store,
+        limits: extract.Limits | None = None,
+    ):
+        self.tree = tree
+        self.sources = sources
+        self.verifier = verifier
+        self.store = store
+        self.limits = limits or extract.Limits()
+        self.sbang = f"{tree.root.rstrip('/')}/bin/sbang"
+        self.states: dict[str, _State] = {}
+        self.cpu = trio.CapacityLimiter(2)  # extraction + relocation threads at once
+        self.gpg = trio.CapacityLimiter(4)
+        self.nursery: trio.Nursery | None = None  # set by the daemon: prefetch runs there
+        # a fixed key per mount root + projection: the relocated bytes depend on both
+        place = f"{tree.root}\0{tree.projection}".encode()
+        self.root_digest = hashlib.sha256(place).hexdigest()[:10]
+
+    def key(self, dag_hash: str) -> str:
+        return f"{dag_hash}.{self.root_digest}"
+
+    def ready_tree(self, dag_hash: str) -> Path | None:
+        """The store tree if already materialized, without any waiting."""
+        state = self.states.get(dag_hash)
+        if state is not None and state.tree is not None:
+            return state.tree
+        return None
+
+    def status(self, dag_hash: str) -> str:
+        """One word (and the reason, for a failure) for the status xattr and logs."""
+        state = self.states.get(dag_hash)
+        if state is None:
+            return "ready" if self.store.tree(self.key(dag_hash)) else "absent"
+        if state.error is not None:
+            return f"failed: {state.error}"
+        return "ready" if state.tree is not None else "materializing"
+
+    async def ensure(self, dag_hash: str) -> Path:
+        """Path of the relocated tree of ``dag_hash``; materializes it on the first call.
+
+        Raises the LazymountError of the attempt (cached for RETRY_AFTER seconds).
+        """
+        state = self.states.get(dag_hash)
+        if state is None or (state.error and time.monotonic() - state.failed_at > RETRY_AFTER):
+            state = self.states[dag_hash] = _State()
+            if self.nursery is not None:
+                # in the daemon's nursery, so a caller that is interrupted does not abort the
+                # work other callers wait on
+                self.nursery.start_soon(self._attempt, dag_hash, state)
+            else:
+                await self._attempt(dag_hash, state)
+        await state.done.wait()
+        if state.error is not None:
+            raise state.error
+        assert state.tree is not None
+        return state.tree
+
+    async def _attempt(self, dag_hash: str, state: _State) -> None:
+        label = self.tree.label(dag_hash)
+        started = time.monotonic()
+        try:
+            cached = self.store.tree(self.key(dag_hash))
+            if cached is not None:
+                state.tree = cached
+            else:
+                state.tree = await self._materialize(dag_hash, label)
+                log.info("%s: materialized in %.2f s", label, time.monotonic() - started)
+            self._prefetch_deps(dag_hash)
+        except LazymountError as exc:
+            state.error, state.failed_at = exc, time.monotonic()
+            log.error("%s: %s", label, exc)
+        except Exception as exc:  # a bug must not take the mount down: log it, answer EIO
+            log.exception("%s: unexpected failure", label)
+            state.error = LazymountError(f"{label}: internal error: {exc}")
+            state.failed_at = time.monotonic()
+        finally:
+            state.done.set()
+
+    def _prefetch_deps(self, dag_hash: str) -> None:
+        """Start the link/run dependencies that are in the cache, in the background."""
+        record = self.tree.catalog.get(dag_hash)
+        if self.nursery is None or record is None:
+            return
+        for dep in record.runtime_deps:
+            if dep in self.tree.prefixes and dep not in self.states:
+                self.nursery.start_soon(self._prefetch_one, dep)
+
+    async def _prefetch_one(self, dag_hash: str) -> None:
+        try:
+            await self.ensure(dag_hash)
+        except LazymountError:
+            pass  # already logged; a user touching it gets the error then
+
+    async def _materialize(self, dag_hash: str, label: str) -> Path:
+        record = self.tree.catalog[dag_hash]
+        path = spec_manifest_path(record.name, record.version, dag_hash)
+        last: LazymountError = MirrorError(f"no mirror lists {label}")
+        for source in self._sources_for(dag_hash):
+            try:
+                blobs = await self._read_manifest(source, path, label)
+                await self._check_spec_blob(source, blobs, dag_hash, label)
+                return await self._install(source, dag_hash, pick(blobs, MEDIA_TARBALL, label),
+                                           label)
+            except (MirrorError, IntegrityError) as exc:
+                last = exc  # fail over: another mirror may have an intact copy
+                log.warning("%s: %s; trying the next mirror", label, exc)
+        raise last
+
+    def _sources_for(self, dag_hash: str) -> list[MirrorSource]:
+        first = self.tree.catalog[dag_hash].mirror
+        return [self.sources[first]] + [s for i, s in enumerate(self.sources) if i != first]
+
+    async def _read_manifest(self, source: MirrorSource, path: str, label: str) -> list[BlobRecord]:
+        """Fetch and verify a spec manifest; returns its blob records from the signed text."""
+        text = await source.mirror.read(path, MAX_MANIFEST_BYTES)
+        if is_clearsigned(text):
+            if self.verifier is None:
+                if source.require_signature:
+                    raise SignatureError(f"{label}: manifest is signed but no key is trusted "
+                                         "(give --trust-key)")
+                plaintext = _strip_clearsign(text, label)
+            else:
+                async with self.gpg:
+                    plaintext = await trio.to_thread.run_sync(self.verifier.verify, text, label)
+        elif source.require_signature:
+            raise SignatureError(f"{label}: manifest is not signed, and this mirror requires "
+                                 "signatures")
+        else:
+            plaintext = text
+        return parse_manifest(plaintext, label)
+
+    async def _check_spec_blob(
+        self, source: MirrorSource, blobs: list[BlobRecord], dag_hash: str, label: str
+    ) -> dict[str, Any]:
+        """Bind the signed manifest to the hash asked for: its spec's root node must be it."""
+        record = pick(blobs, MEDIA_SPEC, label)
+        raw = await fetch_bytes(source.mirror, record, label, MAX_SPEC_BLOB)
+        try:
+            text = gzip.decompress(raw) if record.compression == "gzip" else raw
+            if len(text) > MAX_SPEC_JSON:
+                raise FormatError(f"{label}: spec blob expands past {MAX_SPEC_JSON} bytes")
+            root = json.loads(text)["spec"]["nodes"][0]
+        except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError) as exc:
+            raise FormatError(f"{label}: spec blob is not a Spack spec ({exc})") from None
+        if not isinstance(root, dict) or root.get("hash") != dag_hash:
+            got = root.get("hash") if isinstance(root, dict) else None
+            raise IntegrityError(f"{label}: the signed manifest is for spec {got}, not {dag_hash}")
+        expected = self.tree.catalog[dag_hash]
+        if root.get("name") != expected.name or str(root.get("version")) != expected.version:
+            raise IntegrityError(f"{label}: the signed spec is {root.get('name')}@"
+                                 f"{root.get('version')}, not what the index says")
+        return root
+
+    async def _install(self, source: MirrorSource, dag_hash: str, tarball: BlobRecord,
+                       label: str) -> Path:
+        """Download + extract (streamed), relocate, publish."""
+        key = self.key(dag_hash)
+        staging = await trio.to_thread.run_sync(self.store.new_staging, key)
+        try:
+            async with self.cpu:
+                extracted = await stream_blob(
+                    source.mirror, tarball, label,
+                    lambda reader: extract.extract_tarball(
+                        reader, tarball.compression, staging, self.limits, label),
+                )
+                await trio.to_thread.run_sync(self._relocate, dag_hash, extracted, label)
+            receipt = {"hash": dag_hash, "label": label, "mirror": source.mirror.url,
+                       "tarball": tarball.checksum, "root": self.tree.root,
+                       "prefix": self.tree.prefix_of(dag_hash)}
+            return await trio.to_thread.run_sync(
+                self.store.publish, staging, extracted.root, key, receipt)
+        except BaseException:
+            await trio.to_thread.run_sync(self.store.discard, staging)
+            raise
+
+    def _relocate(self, dag_hash: str, extracted: extract.Extracted, label: str) -> None:
+        """Worker thread: rewrite build-time paths to paths under the mount."""
+        info = extracted.buildinfo
+        self._check_root_length(info, label)
+        mapping = relocate.prefix_map(info, self.tree.root, self.tree.prefix_of, self.sbang)
+        relocate.relocate_prefix(extracted.root, info, mapping, label)
+        relocate.add_sbang(extracted.root, self.sbang, label)
+
+    def _check_root_length(self, info: dict[str, Any], label: str) -> None:
+        old_root, new_root = info["buildpath"], self.tree.root
+        if info.get("relocate_binaries") and len(new_root) > len(old_root):
+            raise MountPathTooLong(
+                f"{label}: the mount path {new_root} is {len(new_root) - len(old_root)} "
+                f"characters longer than the build root {old_root}; use a shorter mount path "
+                "or a cache built with padded_length"
+            )
+
+
+def _strip_clearsign(text: bytes, label: str) -> bytes:
+    """The body of a clearsigned document, for mirrors configured as unsigned."""
+    try:
+        body = text.split(b"\n\n", 1)[1].split(b"-----BEGIN PGP SIGNATURE-----", 1)[0]
+    except IndexError:
+        raise FormatError(f"{label}: malformed clearsigned manifest") from None
+    return body

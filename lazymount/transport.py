@@ -1,0 +1,181 @@
+"""Getting bytes from a mirror: a local directory, ``file://`` or ``http(s)://``.
+
+Every call has a bound: a dead or trickling mirror ends in a ``MirrorError`` with the URL
+and the reason, never in a hang. All functions here run on the trio thread (local file
+reads hop to a worker thread).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import httpx
+import trio
+
+from .errors import MirrorError, NotInMirror, UsageError
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Bounds on talking to a mirror."""
+
+    connect: float = 10.0  # seconds to open a connection
+    read: float = 30.0  # seconds without a byte before giving up
+    min_rate: float = 256 * 1024  # bytes/s a download must average, past its base allowance
+    base: float = 30.0  # seconds every request may take regardless of size
+    retries: int = 2  # extra attempts after a connection failure or a 5xx answer
+
+    def deadline(self, length: int | None) -> float:
+        """Seconds a transfer of ``length`` bytes may take in all."""
+        return self.base + (length or 0) / self.min_rate
+
+
+class Mirror:
+    """One mirror root. ``path`` arguments are mirror-relative ("v3/manifests/...")."""
+
+    url: str
+
+    async def read(self, path: str, max_bytes: int) -> bytes:
+        """Whole small file; refuses files over ``max_bytes``."""
+        chunks = []
+        size = 0
+        async with self.open(path, expected=None) as stream:
+            async for chunk in stream:
+                size += len(chunk)
+                if size > max_bytes:
+                    raise MirrorError(f"{self.url}/{path} is larger than {max_bytes} bytes")
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+    def open(
+        self, path: str, expected: int | None
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """Stream a file in chunks; ``expected`` (its length, if known) sizes the deadline."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        pass
+
+
+class LocalMirror(Mirror):
+    """A mirror on a local or network filesystem."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.url = str(root)
+
+    def _resolve(self, path: str) -> Path:
+        # mirror-relative paths are built by layout.py; refuse anything that could climb out
+        if path.startswith("/") or ".." in path.split("/"):
+            raise MirrorError(f"refusing mirror path {path!r}")
+        return self.root / path
+
+    @asynccontextmanager
+    async def open(self, path: str, expected: int | None):  # type: ignore[override]
+        target = self._resolve(path)
+        try:
+            handle = await trio.to_thread.run_sync(open, target, "rb")
+        except FileNotFoundError:
+            raise NotInMirror(f"{target} does not exist") from None
+        except OSError as exc:
+            raise MirrorError(f"cannot read {target}: {exc.strerror}") from None
+
+        async def chunks() -> AsyncIterator[bytes]:
+            while True:
+                chunk = await trio.to_thread.run_sync(handle.read, CHUNK)
+                if not chunk:
+                    return
+                yield chunk
+
+        try:
+            yield chunks()
+        finally:
+            handle.close()
+
+
+class HttpMirror(Mirror):
+    """A mirror served over HTTP(S). Retries connection failures and 5xx answers."""
+
+    def __init__(self, url: str, timeouts: Timeouts):
+        self.url = url.rstrip("/")
+        self.timeouts = timeouts
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeouts.read, connect=timeouts.connect),
+            follow_redirects=True,
+            headers={"User-Agent": "lazymount"},
+        )
+
+    @asynccontextmanager
+    async def open(self, path: str, expected: int | None):  # type: ignore[override]
+        url = f"{self.url}/{path}"
+        deadline = trio.current_time() + self.timeouts.deadline(expected)
+        response = await self._send(url, deadline)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                with trio.fail_at(deadline):
+                    async for chunk in response.aiter_bytes(CHUNK):
+                        yield chunk
+            except trio.TooSlowError:
+                raise MirrorError(f"{url}: transfer too slow, gave up after "
+                                  f"{self.timeouts.deadline(expected):.0f} s") from None
+            except httpx.HTTPError as exc:
+                raise MirrorError(f"{url}: transfer failed: {_describe(exc)}") from None
+
+        try:
+            yield chunks()
+        finally:
+            await response.aclose()
+
+    async def _send(self, url: str, deadline: float) -> httpx.Response:
+        last = ""
+        for attempt in range(self.timeouts.retries + 1):
+            if attempt:
+                await trio.sleep(min(2.0 ** attempt / 4, max(0.0, deadline - trio.current_time())))
+            try:
+                with trio.fail_at(deadline):
+                    request = self.client.build_request("GET", url)
+                    response = await self.client.send(request, stream=True)
+            except trio.TooSlowError:
+                raise MirrorError(f"{url}: no answer in time ({last or 'timed out'})") from None
+            except httpx.HTTPError as exc:
+                last = _describe(exc)
+                continue
+            if response.status_code == 200:
+                return response
+            await response.aclose()
+            if response.status_code == 404:
+                raise NotInMirror(f"{url}: not found (HTTP 404)")
+            last = f"HTTP {response.status_code}"
+            if response.status_code < 500:
+                break
+        raise MirrorError(f"{url}: {last}")
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def _describe(exc: Exception) -> str:
+    name = type(exc).__name__
+    text = str(exc)
+    return f"{name}: {text}" if text else name
+
+
+def open_mirror(url: str, timeouts: Timeouts | None = None) -> Mirror:
+    """A Mirror for a local path, ``file://`` URL or ``http(s)://`` URL."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("http", "https"):
+        return HttpMirror(url, timeouts or Timeouts())
+    if parsed.scheme == "file":
+        return LocalMirror(Path(unquote(parsed.path)))
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
+        return LocalMirror(Path(url).resolve())
+    raise UsageError(f"mirror {url}: unsupported scheme {parsed.scheme!r} (use a path, file:// or http(s)://)")
+
