@@ -111,7 +111,8 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path,
     try:
         catalog = await load_catalog(mirrors)
         tree = InstallTree(root, catalog, config.projection)
-        sources = [MirrorSource(m, c.require_signature) for m, c in zip(mirrors, config.mirrors)]
+        sources = [MirrorSource(m, c.require_signature)
+                   for m, c in zip(mirrors, config.mirrors, strict=True)]
         materializer = Materializer(tree, sources, verifier, store)
         operations = InstallTreeFS(tree, materializer, sbang)
         try:

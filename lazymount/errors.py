@@ -30,9 +30,9 @@ class MirrorError(LazymountError):
 
 
 class NotInMirror(MirrorError):
-    """The mirror answered, but does not have the file (HTTP 404, missing file)."""
+    """The mirror answered, but does not have the file (HTTP 404, missing file).
 
-    errno = _errno.ENOENT
+    Still EIO for a file operation: the index said the package is there."""
 
 
 class FormatError(LazymountError):

@@ -1,0 +1,192 @@
+"""Shared fixtures: loopback HTTP servers (Python and nginx) and real FUSE mounts."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+FIXTURE_CACHE = DATA / "v3-own-only"
+FIXTURE_KEY = DATA / "keys" / "lazymount-fixtures.pub.asc"
+FIXTURE_SECRET_KEY = DATA / "keys" / "lazymount-fixtures.secret.asc"
+LMHELLO = "lmhello-1.0-3vgakfze5q7cw5gke5wbrfotzhh2tstq"
+LMGREET = "lmgreet-1.0-2zsd6bn2ih6gpzltutvgh5zkxjjtlqml"
+MOUNT_WAIT = 60.0
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+@dataclass
+class HttpServer:
+    url: str
+    requests: list[str] = field(default_factory=list)
+    stop: Callable[[], None] = lambda: None
+
+
+@pytest.fixture
+def http_server() -> Iterator[functools.partial[HttpServer]]:
+    """Factory: serve a directory on 127.0.0.1 with Python's HTTP server."""
+    servers: list[http.server.ThreadingHTTPServer] = []
+
+    def start(directory: Path) -> HttpServer:
+        record = HttpServer(url="")
+
+        class Handler(_QuietHandler):
+            def do_GET(self) -> None:
+                record.requests.append(self.path)
+                super().do_GET()
+
+        handler = functools.partial(Handler, directory=str(directory))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        record.url = f"http://127.0.0.1:{server.server_address[1]}"
+
+        def stop() -> None:
+            server.shutdown()
+            server.server_close()
+
+        record.stop = stop
+        return record
+
+    yield functools.partial(start)
+    for server in servers:
+        if server.socket.fileno() != -1:
+            server.shutdown()
+            server.server_close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def nginx_server(tmp_path: Path) -> Iterator[functools.partial[str]]:
+    """Factory: serve a directory with a real nginx on loopback, as sites serve mirrors."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(nginx):
+        pytest.fail("nginx is not installed (apt-get install nginx); .ci/run installs it")
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(directory: Path) -> str:
+        port = _free_port()
+        conf = tmp_path / f"nginx-{port}.conf"
+        conf.write_text(
+            f"daemon off; worker_processes 1; error_log {tmp_path}/nginx-error.log; "
+            f"pid {tmp_path}/nginx-{port}.pid;\n"
+            "events { worker_connections 64; }\n"
+            f"http {{ access_log {tmp_path}/nginx-access.log; "
+            f"client_body_temp_path {tmp_path}; proxy_temp_path {tmp_path}; "
+            f"fastcgi_temp_path {tmp_path}; uwsgi_temp_path {tmp_path}; "
+            f"scgi_temp_path {tmp_path};\n"
+            f"  server {{ listen 127.0.0.1:{port}; root {directory}; }} }}\n"
+        )
+        process = subprocess.Popen([nginx, "-c", str(conf), "-e", f"{tmp_path}/nginx-error.log"])
+        processes.append(process)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return f"http://127.0.0.1:{port}"
+            except OSError:
+                time.sleep(0.05)
+        pytest.fail("nginx did not start")
+
+    yield functools.partial(start)
+    for process in processes:
+        process.terminate()
+        process.wait(10)
+
+
+def short_dir(prefix: str = "lm") -> Path:
+    """A mount point under /tmp with a path no longer than the fixture's 17-character root."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    assert len(str(path)) <= 17, path
+    return path
+
+
+@dataclass
+class Mount:
+    """A running lazymount serving ``root``; its log is read by the tests."""
+
+    root: Path
+    store: Path
+    log: Path
+    process: subprocess.Popen[bytes] | None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def prefix(self, name: str = LMHELLO) -> Path:
+        return self.root / "linux-x86_64" / name
+
+
+def lazymount_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lazymount", *args]
+
+
+def unmount(path: Path) -> None:
+    if os.path.ismount(path):
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)
+
+
+@pytest.fixture
+def mount_cache(tmp_path: Path) -> Iterator[functools.partial[Mount]]:
+    """Factory: mount mirrors with a foreground lazymount process; always unmounted after.
+
+    Fails the test if the daemon logged a traceback (an unexpected error).
+    """
+    mounts: list[Mount] = []
+
+    def start(mirrors: list[str], keys: tuple[Path, ...] = (FIXTURE_KEY,),
+              extra: tuple[str, ...] = (), store: Path | None = None,
+              root: Path | None = None) -> Mount:
+        root = root or short_dir()
+        store = store or tmp_path / "store"
+        log = tmp_path / f"lazymount-{len(mounts)}.log"
+        args = [f"--mirror={m}" for m in mirrors] + [f"--trust-key={k}" for k in keys]
+        args += [f"--store={store}", "--foreground", "--timeout=5", *extra, str(root)]
+        with open(log, "ab") as handle:
+            process = subprocess.Popen(lazymount_command(*args), stdout=handle, stderr=handle)
+        mount = Mount(root, store, log, process)
+        mounts.append(mount)
+        deadline = time.monotonic() + MOUNT_WAIT
+        while not os.path.ismount(root):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"lazymount did not mount:\n{mount.log_text()}")
+            time.sleep(0.05)
+        return mount
+
+    yield functools.partial(start)
+    for mount in mounts:
+        unmount(mount.root)
+        if mount.process is not None:
+            try:
+                mount.process.wait(20)
+            except subprocess.TimeoutExpired:
+                mount.process.send_signal(signal.SIGKILL)
+                mount.process.wait()
+        if not os.path.ismount(mount.root):
+            shutil.rmtree(mount.root, ignore_errors=True)
+    for mount in mounts:
+        text = mount.log_text()
+        assert "Traceback" not in text, f"the daemon hit an unexpected error:\n{text}"

@@ -1,0 +1,182 @@
+"""End to end: the real Spack cache, served over loopback HTTP, mounted with real FUSE."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import (
+    FIXTURE_CACHE,
+    FIXTURE_KEY,
+    LMGREET,
+    LMHELLO,
+    lazymount_command,
+    short_dir,
+    unmount,
+)
+
+TARBALL = "ffbd89d56eecaba88ffc49d210360e40b083fd45dbadde88109d48a4ede7988f"
+
+
+def run(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(path), *args], capture_output=True, text=True, timeout=60)
+
+
+def blob_requests(server) -> list[str]:
+    return [r for r in server.requests if r.startswith("/blobs/")]
+
+
+def test_tree_is_listed_from_the_index_alone(http_server, mount_cache):
+    server = http_server(FIXTURE_CACHE)
+    mount = mount_cache([server.url])
+    assert sorted(os.listdir(mount.root / "linux-x86_64")) == [LMGREET, LMHELLO]
+    st = os.stat(mount.prefix())
+    assert st.st_mode & 0o777 == 0o755 and os.path.isdir(mount.prefix())
+    assert sorted(os.listdir(mount.root)) == ["bin", "linux-x86_64"]
+    # only the index was read: no manifest, no tarball
+    assert not any("manifests/spec" in r for r in server.requests)
+    assert len(blob_requests(server)) == 1  # the index blob
+
+
+def test_real_cache_runs_relocated_hello_through_the_mount(http_server, mount_cache):
+    server = http_server(FIXTURE_CACHE)
+    mount = mount_cache([server.url])
+    prefix = mount.prefix()
+    result = run(prefix / "bin" / "hello", "-v")
+    assert result.returncode == 0, result.stderr
+    assert "Hello from lmgreet, world!" in result.stdout
+    # every absolute path the binary prints now lives under the mount
+    paths = [w for w in result.stdout.split() if w.startswith("/")]
+    assert paths and all(p.lstrip("/").startswith(str(mount.root).lstrip("/")) for p in paths)
+    assert "/tmp/lm/opt/spack" not in result.stdout
+    assert run(prefix / "bin" / "hi").stdout == run(prefix / "bin" / "hello").stdout
+    wrapper = run(prefix / "bin" / "hello-wrapper", "-v")
+    assert "Hello from lmgreet, world!" in wrapper.stdout
+    assert str(prefix) in (prefix / "bin" / "hello-wrapper").read_text()
+    py = run(prefix / "bin" / "hello.py")
+    assert py.returncode == 0 and str(prefix) in py.stdout
+    assert run(prefix / "bin" / "hello-script").returncode == 0
+    link = os.readlink(prefix / "share" / "lmhello" / "message-abs.txt")
+    assert link == f"{prefix}/share/lmhello/message.txt"
+    assert (prefix / "share" / "lmhello" / "message-abs.txt").read_text().strip()
+    greet_pc = (mount.prefix(LMGREET) / "lib" / "pkgconfig" / "greet.pc").read_text()
+    assert str(mount.prefix(LMGREET)) in greet_pc and "/tmp/lm/opt" not in greet_pc
+    assert os.access(mount.root / "bin" / "sbang", os.X_OK)
+
+
+def test_served_through_nginx(nginx_server, mount_cache):
+    url = nginx_server(FIXTURE_CACHE)
+    mount = mount_cache([url])
+    result = run(mount.prefix() / "bin" / "hello", "-v")
+    assert "Hello from lmgreet, world!" in result.stdout
+
+
+@pytest.mark.parametrize("form", ["path", "file-url"])
+def test_local_mirror(form, mount_cache):
+    url = str(FIXTURE_CACHE) if form == "path" else f"file://{FIXTURE_CACHE}"
+    mount = mount_cache([url])
+    assert "Hello from lmgreet" in run(mount.prefix() / "bin" / "hello").stdout
+
+
+def test_many_processes_touching_a_new_package_share_one_download(http_server, mount_cache):
+    server = http_server(FIXTURE_CACHE)
+    mount = mount_cache([server.url])
+    hello = mount.prefix() / "bin" / "hello"
+    results: list[subprocess.CompletedProcess[str]] = []
+    threads = [threading.Thread(target=lambda: results.append(run(hello, "-v")))
+               for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 16
+    assert all("Hello from lmgreet" in r.stdout for r in results)
+    assert blob_requests(server).count(f"/blobs/sha256/ff/{TARBALL}") == 1
+
+
+def test_writes_are_refused_with_erofs(http_server, mount_cache):
+    mount = mount_cache([http_server(FIXTURE_CACHE).url])
+    run(mount.prefix() / "bin" / "hello")
+    for action in (
+        lambda: open(mount.prefix() / "bin" / "hello", "r+b"),
+        lambda: open(mount.prefix() / "new-file", "w"),
+        lambda: os.mkdir(mount.root / "linux-x86_64" / "x"),
+        lambda: os.unlink(mount.prefix() / "bin" / "hi"),
+    ):
+        with pytest.raises(OSError) as info:
+            action()
+        assert info.value.errno == errno.EROFS
+
+
+def test_remount_reuses_the_store_without_fetching(http_server, mount_cache, tmp_path):
+    server = http_server(FIXTURE_CACHE)
+    first = mount_cache([server.url])
+    assert "Hello" in run(first.prefix() / "bin" / "hello").stdout
+    unmount(first.root)
+    first.process.wait(20)
+    server.requests.clear()
+    second = mount_cache([server.url], store=first.store, root=first.root)
+    assert "Hello from lmgreet" in run(second.prefix() / "bin" / "hello", "-v").stdout
+    assert f"/blobs/sha256/ff/{TARBALL}" not in server.requests
+    assert not any("manifests/spec" in r for r in server.requests)
+
+
+def test_background_mount_returns_when_ready_and_umount_stops_it(http_server, tmp_path):
+    server = http_server(FIXTURE_CACHE)
+    root = short_dir()
+    try:
+        started = subprocess.run(
+            lazymount_command(f"--mirror={server.url}", f"--trust-key={FIXTURE_KEY}",
+                              f"--store={tmp_path / 'store'}", str(root)),
+            capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, started.stderr
+        assert os.path.ismount(root)  # ready when the command returned
+        assert LMHELLO in os.listdir(root / "linux-x86_64")
+        stopped = subprocess.run(lazymount_command("umount", str(root)), timeout=60)
+        assert stopped.returncode == 0
+        deadline = time.monotonic() + 10
+        while os.path.ismount(root) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.ismount(root)
+        log = (tmp_path / "store" / "lazymount.log").read_text()
+        assert "unmounted" in log
+    finally:
+        unmount(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_help_explains_every_option():
+    result = subprocess.run(lazymount_command("--help"), capture_output=True, text=True)
+    assert result.returncode == 0
+    for option in ("--mirror", "--trust-key", "--store", "--foreground", "--unsigned",
+                   "MOUNTPOINT", "umount"):
+        assert option in result.stdout
+
+
+def test_mount_without_mirror_is_a_usage_error():
+    result = subprocess.run(lazymount_command("/tmp"), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "give at least one --mirror" in result.stderr
+
+
+def test_unreachable_mirror_fails_the_mount_in_bounded_time(tmp_path):
+    root = short_dir()
+    try:
+        started = time.monotonic()
+        result = subprocess.run(
+            lazymount_command("--mirror=http://127.0.0.1:9", f"--trust-key={FIXTURE_KEY}",
+                              f"--store={tmp_path}", "--timeout=2", str(root)),
+            capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1
+        assert "127.0.0.1:9" in result.stderr
+        assert time.monotonic() - started < 60
+        assert not os.path.ismount(root)
+    finally:
+        unmount(root)
+        shutil.rmtree(root, ignore_errors=True)
