@@ -7,6 +7,7 @@ through a callback once the kernel mount exists, so the command can return only 
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -87,6 +88,7 @@ def load_verifier(config: MountConfig) -> Verifier | None:
 
 def serve(config: MountConfig, ready: Ready) -> int:
     """Mount and serve until unmounted. Returns the exit status."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 dumps every stack
     verifier = None
     try:
         root = check_mountpoint(config.mountpoint)

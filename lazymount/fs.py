@@ -61,6 +61,11 @@ def errors_to_errno(handler: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _is_own_thread(tid: int) -> bool:
+    """True if the kernel request came from a thread of this process."""
+    return os.path.exists(f"/proc/self/task/{tid}")
+
+
 @dataclass(frozen=True)
 class VirtualDir:
     relative: str  # path under the mount root, "" for the root
@@ -137,9 +142,17 @@ class InstallTreeFS(pyfuse3.Operations):
             names.add("sbang")
         return sorted(names)
 
-    async def _real_dir(self, node: Node) -> str | None:
+    async def _real_dir(self, node: Node, ctx: Any) -> str | None:
         """Store path of a directory node's contents; materializes a prefix. None if virtual."""
         if isinstance(node, PrefixDir):
+            ready = self.materializer.ready_tree(node.dag_hash)
+            if ready is not None:
+                return str(ready)
+            if ctx is not None and _is_own_thread(ctx.pid):
+                # our own worker reaching into the mount would wait on itself forever
+                log.error("%s: the daemon itself looked inside the package it is "
+                          "materializing; refused", self.tree.label(node.dag_hash))
+                raise pyfuse3.FUSEError(errno.EDEADLK)
             return str(await self.materializer.ensure(node.dag_hash))
         if isinstance(node, RealNode):
             return node.path
@@ -199,7 +212,7 @@ class InstallTreeFS(pyfuse3.Operations):
             if child is None:
                 return self._negative()
         else:
-            directory = await self._real_dir(parent)
+            directory = await self._real_dir(parent, ctx)
             assert directory is not None
             path = os.path.join(directory, text)
             if not os.path.lexists(path):
@@ -231,7 +244,7 @@ class InstallTreeFS(pyfuse3.Operations):
             entries = [(os.fsencode(n), self._child(node, n)) for n in self._children(node)]
             listing = [(n, c) for n, c in entries if c is not None]
         else:
-            directory = await self._real_dir(node)
+            directory = await self._real_dir(node, ctx)
             assert directory is not None
             names = sorted(os.listdir(directory))
             listing = [(os.fsencode(n), RealNode(os.path.join(directory, n))) for n in names]

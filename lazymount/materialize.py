@@ -136,7 +136,8 @@ class Materializer:
             self._prefetch_deps(dag_hash)
         except LazymountError as exc:
             state.error, state.failed_at = exc, time.monotonic()
-            log.error("%s: %s", label, exc)
+            message = str(exc)
+            log.error("%s", message if message.startswith(label) else f"{label}: {message}")
         except Exception as exc:  # a bug must not take the mount down: log it, answer EIO
             log.exception("%s: unexpected failure", label)
             state.error = LazymountError(f"{label}: internal error: {exc}")
@@ -163,7 +164,8 @@ class Materializer:
         record = self.tree.catalog[dag_hash]
         path = spec_manifest_path(record.name, record.version, dag_hash)
         last: LazymountError = MirrorError(f"no mirror lists {label}")
-        for source in self._sources_for(dag_hash):
+        sources = self._sources_for(dag_hash)
+        for position, source in enumerate(sources):
             try:
                 blobs = await self._read_manifest(source, path, label)
                 await self._check_spec_blob(source, blobs, dag_hash, label)
@@ -171,7 +173,8 @@ class Materializer:
                                            label)
             except (MirrorError, IntegrityError) as exc:
                 last = exc  # fail over: another mirror may have an intact copy
-                log.warning("%s: %s; trying the next mirror", label, exc)
+                if position + 1 < len(sources):
+                    log.warning("%s: %s; trying the next mirror", label, exc)
         raise last
 
     def _sources_for(self, dag_hash: str) -> list[MirrorSource]:

@@ -144,22 +144,46 @@ def add_sbang(prefix_dir: Path, sbang_path: str, what: str) -> list[str]:
     """
     line = _SBANG + os.fsencode(sbang_path) + b"\n"
     changed: list[str] = []
-    top = os.fspath(prefix_dir)
     try:
-        for dirpath, dirnames, filenames, dir_fd in os.fwalk(top, follow_symlinks=False):
-            rel_dir = os.path.relpath(dirpath, top)
-            if rel_dir == ".":
-                dirnames[:] = [d for d in dirnames if d != ".spack"]  # Spack's metadata dir
-            for name in sorted(filenames):
-                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-                if not stat.S_ISREG(st.st_mode) or not st.st_mode & _EXEC_BITS:
-                    continue
-                rel = posixpath.normpath(posixpath.join(rel_dir, name))
-                if _filter_shebang(dir_fd, name, st, line, rel, what):
-                    changed.append(rel)
+        for rel, dir_fd, name, st in _executables(os.fspath(prefix_dir)):
+            if _filter_shebang(dir_fd, name, st, line, rel, what):
+                changed.append(rel)
     except OSError as exc:
         raise StoreError(f"{what}: cannot add sbang lines in {prefix_dir}: {exc}") from None
     return changed
+
+
+def _executables(top: str) -> Iterator[tuple[str, int, str, os.stat_result]]:
+    """(relative path, dir fd, name, lstat) of every regular executable file under ``top``,
+    outside the top-level ``.spack/``, in sorted order.
+
+    Never follows a symlink, not even to ask whether it points at a directory: relocated
+    links point into the mount this process serves, and stat-ing through one would wait
+    on the very package being materialized (``os.walk``/``os.fwalk`` do follow there).
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    stack = [("", os.open(top, flags))]
+    try:
+        while stack:
+            rel_dir, dir_fd = stack[-1]
+            with os.scandir(dir_fd) as entries:
+                listing = sorted(entries, key=lambda e: e.name)
+            subdirs = []
+            for entry in listing:
+                rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    if rel != ".spack":  # Spack's metadata dir
+                        subdirs.append((rel, entry.name))
+                elif stat.S_ISREG(st.st_mode) and st.st_mode & _EXEC_BITS:
+                    yield rel, dir_fd, entry.name, st
+            stack.pop()
+            for rel, name in reversed(subdirs):
+                stack.append((rel, os.open(name, flags, dir_fd=dir_fd)))
+            os.close(dir_fd)
+    finally:
+        for _, dir_fd in stack:
+            os.close(dir_fd)
 
 
 # ---------------------------------------------------------------------------- the mapping

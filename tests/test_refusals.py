@@ -55,9 +55,9 @@ def expect_refusal(mount, wanted_errno: int, message: str, name: str = LMHELLO) 
         os.listdir(mount.prefix(name))
     assert info.value.errno == wanted_errno, info.value
     log = mount.log_text()
-    lines = [line for line in log.splitlines() if message in line]
-    assert lines, f"no log line with {message!r}:\n{log}"
-    assert name.split("-")[0] in lines[0]
+    package = name.split("-")[0]
+    lines = [line for line in log.splitlines() if message in line and package in line]
+    assert lines, f"no log line naming {package} with {message!r}:\n{log}"
     pkgs = mount.store / "pkgs"
     assert not any(entry.name.startswith(name.rsplit("-", 1)[1]) for entry in pkgs.iterdir())
     deadline = time.monotonic() + 5  # staging is discarded in the background
