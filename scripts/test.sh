@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check lazymount tests bench
+.venv/bin/ruff check .
 .venv/bin/mypy lazymount
 .venv/bin/pytest -q -p no:cacheprovider "$@"
