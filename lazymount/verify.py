@@ -34,14 +34,18 @@ class Verifier:
             self.close()
             raise UsageError(f"cannot run gpg: {exc}") from None
         self.trusted: set[str] = set()
-        for source, text in key_texts:
-            self.trusted.update(self._import(source, text))
+        try:
+            for source, text in key_texts:
+                self.trusted.update(self._import(source, text))
+        except UsageError:
+            self.close()
+            raise
 
     def _import(self, source: str, text: bytes) -> list[str]:
-        if b"-----BEGIN PGP PUBLIC KEY BLOCK-----" not in text:
-            raise UsageError(f"{source} is not an ASCII-armored public key")
         if b"PRIVATE KEY" in text:
             raise UsageError(f"{source} holds a secret key; give the public key only")
+        if b"-----BEGIN PGP PUBLIC KEY BLOCK-----" not in text:
+            raise UsageError(f"{source} is not an ASCII-armored public key")
         result = self.gpg.import_keys(text)
         fingerprints = [fpr for fpr in result.fingerprints if fpr]
         if not fingerprints:
