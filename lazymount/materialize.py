@@ -226,6 +226,7 @@ class Materializer:
                        label: str) -> Path:
         """Download + extract (streamed), relocate, publish."""
         key = self.key(dag_hash)
+        log.info("%s: fetching %s from %s", label, _size(tarball.length), source.mirror.url)
         staging = await trio.to_thread.run_sync(self.store.new_staging, key)
         try:
             async with self.cpu:
@@ -238,10 +239,13 @@ class Materializer:
             receipt = {"hash": dag_hash, "label": label, "mirror": source.mirror.url,
                        "tarball": tarball.checksum, "root": self.tree.root,
                        "prefix": self.tree.prefix_of(dag_hash)}
-            return await trio.to_thread.run_sync(
+            published = await trio.to_thread.run_sync(
                 self.store.publish, staging, extracted.root, key, receipt)
+            log.info("%s: %d files, %s unpacked", label, extracted.files, _size(extracted.bytes))
+            return published
         except BaseException:
-            await trio.to_thread.run_sync(self.store.discard, staging)
+            with trio.CancelScope(shield=True):  # clean up even when cancelled
+                await trio.to_thread.run_sync(self.store.discard, staging)
             raise
 
     def _relocate(self, dag_hash: str, extracted: extract.Extracted, label: str) -> None:
@@ -260,6 +264,19 @@ class Materializer:
                 f"characters longer than the build root {old_root}; use a shorter mount path "
                 "or a cache built with padded_length"
             )
+
+
+def _size(length: int | None) -> str:
+    """A byte count for log lines: 812 bytes, 9.7 KiB, 201.3 MiB."""
+    if length is None:
+        return "an unknown size"
+    if length < 1024:
+        return f"{length} bytes"
+    units = ("KiB", "MiB", "GiB")
+    value, index = length / 1024, 0
+    while value >= 1024 and index + 1 < len(units):
+        value, index = value / 1024, index + 1
+    return f"{value:.1f} {units[index]}"
 
 
 def _strip_clearsign(text: bytes, label: str) -> bytes:
