@@ -20,6 +20,7 @@ class MountConfig:
     mountpoint: Path
     mirrors: tuple[MirrorConfig, ...]
     trust_keys: tuple[Path, ...] = ()
+    keyring: Path | None = None  # directory of trusted keys (lazymount keys ...)
     store: Path = Path("/var/cache/lazymount")
     projection: str = DEFAULT_PROJECTION
     allow_other: bool = False

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -23,7 +24,9 @@ from .catalog import load_catalog
 from .config import MountConfig
 from .errors import LazymountError, UsageError
 from .fs import InstallTreeFS
+from .keyring import Keyring
 from .materialize import Materializer, MirrorSource
+from .spackdb import DB_DIR, write_database
 from .store import Store
 from .transport import Mirror, open_mirror
 from .tree import InstallTree
@@ -77,11 +80,15 @@ def mount_options(config: MountConfig) -> set[str]:
 
 
 def load_verifier(config: MountConfig) -> Verifier | None:
-    keys = [read_key_file(path) for path in config.trust_keys]
+    """A Verifier trusting the keyring's keys and every --trust-key file; None if there are
+    no keys and no mirror requires signatures. Raises UsageError."""
+    keys = Keyring(config.keyring).key_texts() if config.keyring is not None else []
+    keys += [read_key_file(path) for path in config.trust_keys]
     if not keys:
         if any(m.require_signature for m in config.mirrors):
-            raise UsageError("no trusted keys: give --trust-key FILE (the mirror's public key), "
-                             "or --unsigned to accept unsigned packages")
+            raise UsageError("no trusted keys: run `lazymount keys install --trust MIRROR` "
+                             "or give --trust-key FILE (the mirror's public key), or "
+                             "--unsigned to accept unsigned packages")
         return None
     return Verifier(keys)
 
@@ -116,7 +123,11 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path,
         sources = [MirrorSource(m, c.require_signature)
                    for m, c in zip(mirrors, config.mirrors, strict=True)]
         materializer = Materializer(tree, sources, verifier, store)
-        operations = InstallTreeFS(tree, materializer, sbang)
+        # the upstream database Spack reads: written once per mount, served from the store
+        database = await trio.to_thread.run_sync(
+            write_database, tree, store.root / "spackdb" / materializer.root_digest, time.time())
+        files = {f"{DB_DIR}/{name}": path for name, path in database.items()}
+        operations = InstallTreeFS(tree, materializer, sbang, files)
         try:
             pyfuse3.init(operations, root, mount_options(config))
         except RuntimeError as exc:

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 TIMEOUT = 24 * 3600.0  # immutable content: the kernel may keep entries and attributes a day
 STATUS_XATTR = b"user.lazymount.status"
+PROJECTION_XATTR = b"user.lazymount.projection"  # on the root: for `lazymount spack-config`
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -92,11 +93,20 @@ class InstallTreeFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tree: InstallTree, materializer: Materializer, sbang: Path):
+    def __init__(self, tree: InstallTree, materializer: Materializer, sbang: Path,
+                 files: dict[str, Path] | None = None):
+        """``files``: more store files to serve read-only, by path under the mount
+        (e.g. ``.spack-db/index.json``); ``bin/sbang`` is always served."""
         super().__init__()
         self.tree = tree
         self.materializer = materializer
         self.sbang = sbang
+        self.files = {"bin/sbang": str(sbang), **{k: str(v) for k, v in (files or {}).items()}}
+        self.file_dirs: dict[str, set[str]] = {}  # directories that hold those files
+        for relative in self.files:
+            parts = relative.split("/")
+            for depth, name in enumerate(parts):
+                self.file_dirs.setdefault("/".join(parts[:depth]), set()).add(name)
         self.mounted_at = time.time_ns()
         self.nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: VirtualDir("")}
         self.inodes: dict[Node, int] = {VirtualDir(""): pyfuse3.ROOT_INODE}
@@ -128,18 +138,15 @@ class InstallTreeFS(pyfuse3.Operations):
             return PrefixDir(relative, self.tree.by_path[relative])
         if relative in self.tree.dirs:
             return VirtualDir(relative)
-        if relative == "bin":
-            return VirtualDir("bin")
-        if relative == "bin/sbang":
-            return RealNode(str(self.sbang))
+        if relative in self.files:
+            return RealNode(self.files[relative])
+        if relative in self.file_dirs:
+            return VirtualDir(relative)
         return None
 
     def _children(self, parent: VirtualDir) -> list[str]:
         names = set(self.tree.dirs.get(parent.relative, ()))
-        if parent.relative == "":
-            names.add("bin")
-        elif parent.relative == "bin":
-            names.add("sbang")
+        names.update(self.file_dirs.get(parent.relative, ()))
         return sorted(names)
 
     async def _real_dir(self, node: Node, ctx: Any) -> str | None:
@@ -303,10 +310,14 @@ class InstallTreeFS(pyfuse3.Operations):
     @errors_to_errno
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
         node = self._node(inode)
+        if name == PROJECTION_XATTR and inode == pyfuse3.ROOT_INODE:
+            return self.tree.projection.encode()
         if name != STATUS_XATTR or not isinstance(node, PrefixDir):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return self.materializer.status(node.dag_hash).encode()
 
     @errors_to_errno
     async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        if inode == pyfuse3.ROOT_INODE:
+            return [PROJECTION_XATTR]
         return [STATUS_XATTR] if isinstance(self._node(inode), PrefixDir) else []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import gnupg
@@ -17,6 +18,15 @@ import gnupg
 from .errors import SignatureError, UsageError
 
 MAX_KEY_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """One public key as gpg sees it: primary fingerprint, user ids, its armored export."""
+
+    fingerprint: str
+    uids: tuple[str, ...]
+    armored: bytes
 
 
 class Verifier:
@@ -56,6 +66,16 @@ class Verifier:
     def fingerprints(self) -> list[str]:
         return sorted(self.trusted)
 
+    def public_keys(self) -> list[PublicKey]:
+        """Every imported key, each exported on its own (armored), by fingerprint."""
+        keys = []
+        for entry in self.gpg.list_keys():
+            fingerprint = str(entry.get("fingerprint", "")).upper()
+            armored = self.gpg.export_keys(fingerprint, armor=True)
+            keys.append(PublicKey(fingerprint, tuple(entry.get("uids") or ()),
+                                  str(armored).encode()))
+        return sorted(keys, key=lambda k: k.fingerprint)
+
     def verify(self, text: bytes, what: str) -> bytes:
         """Plaintext of a clearsigned ``text`` signed by a trusted key.
 
@@ -87,6 +107,19 @@ def _reason(result: gnupg.Crypt, signer: str) -> str:
     if "expired" in status or "revoked" in status:
         return f"signature by {key_id} not accepted ({status})"
     return f"signature not valid ({status or 'gpg gave no verdict'})"
+
+
+def read_public_keys(source: str, text: bytes) -> list[PublicKey]:
+    """The public keys an armored text holds, one PublicKey each.
+
+    Raises UsageError (naming ``source``) for a secret key, a non-armored text or one gpg
+    cannot import. Blocks (runs gpg).
+    """
+    inspector = Verifier([(source, text)])
+    try:
+        return inspector.public_keys()
+    finally:
+        inspector.close()
 
 
 def read_key_file(path: Path) -> tuple[str, bytes]:

@@ -164,7 +164,9 @@ def mount_cache(tmp_path: Path) -> Iterator[functools.partial[Mount]]:
         store = store or tmp_path / "store"
         log = tmp_path / f"lazymount-{len(mounts)}.log"
         args = [f"--mirror={m}" for m in mirrors] + [f"--trust-key={k}" for k in keys]
-        args += [f"--store={store}", "--foreground", "--timeout=5", *extra, str(root)]
+        # an empty keyring of the test's own, so no system keyring is trusted
+        args += [f"--store={store}", f"--keyring={tmp_path / 'no-keys'}", "--foreground",
+                 "--timeout=5", *extra, str(root)]
         with open(log, "ab") as handle:
             process = subprocess.Popen(lazymount_command(*args), stdout=handle, stderr=handle)
         mount = Mount(root, store, log, process)

@@ -1,0 +1,295 @@
+"""The upstream database: the transform from the cache index, checked with a reader that
+does what Spack 1.x's ``Database._read_from_file`` does, and read through a real mount."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import FIXTURE_CACHE, LMGREET, LMHELLO
+
+from lazymount.index import merge_indexes, parse_index
+from lazymount.spackdb import (
+    database_bytes,
+    install_records,
+    ref_counts,
+    verifier_text,
+    write_database,
+)
+from lazymount.tree import InstallTree
+
+INDEX_SHA = "371e373d1420f06e93b3853bdd35c0b810f8f18913ca67e6999c5c332b61bdb0"
+INDEX_BLOB = FIXTURE_CACHE / "blobs/sha256/37" / INDEX_SHA
+ROOT = "/tmp/lmx"
+HELLO = "3vgakfze5q7cw5gke5wbrfotzhh2tstq"
+GREET = "2zsd6bn2ih6gpzltutvgh5zkxjjtlqml"
+RUNTIME = "oe3jjjgkiiftiqrrr7neyq75fjxluf3n"
+WRAPPER = "q37zamgucwczsextk7qbgqxtmqjypxqp"
+GLIBC = "2dxfl3zus4n6g2gz4iarmmuluwuxaqmn"
+GCC = "om7jbui2hwlir6kbuij3zbh65tiqlpsi"
+
+
+# ---- a reader that follows Spack 1.x (database.py) ---------------------------------------
+
+# Spack 1.x: _DB_VERSION 8; older versions it reads without a reindex (an upstream is never
+# reindexed: a version needing one is an error for it)
+SPACK_DB_VERSION = 8
+SKIP_REINDEX_FROM = {6, 7}
+# InstallRecord.__init__ keywords: from_dict passes every field but "spec" to it
+INSTALL_RECORD_ARGS = {"path", "installed", "ref_count", "explicit", "installation_time",
+                       "deprecated_for", "in_buildcache", "origin"}
+DEFAULT_INSTALL_RECORD_FIELDS = ("spec", "ref_count", "path", "installed", "explicit",
+                                 "installation_time", "deprecated_for")
+
+
+@dataclass
+class Node:
+    name: str
+    hash: str
+    external: str | None
+    deps: dict[str, tuple[list[str], list[str]]] = field(default_factory=dict)
+
+
+@dataclass
+class ReadDatabase:
+    records: dict[str, dict[str, Any]]
+    nodes: dict[str, Node]
+    installed_prefixes: set[str]
+    warnings: list[str]
+
+
+def spack_read(data: bytes, upstreams: tuple[ReadDatabase, ...] = ()) -> ReadDatabase:
+    """Read a database as Spack 1.x does: raw_decode, version check, then three passes
+    (nodes without dependencies; dependencies by hash, this database first, then the
+    upstreams in order; concrete). Raises AssertionError where Spack would raise."""
+    fdata, _ = json.JSONDecoder().raw_decode(data.decode())
+    assert "database" in fdata, "no 'database' attribute in JSON DB"
+    db = fdata["database"]
+    assert "version" in db, "no 'version' in JSON DB"
+    version = int(db["version"])
+    assert version <= SPACK_DB_VERSION, "InvalidDatabaseVersionError"
+    assert version == SPACK_DB_VERSION or version in SKIP_REINDEX_FROM, "would reindex"
+    assert "installs" in db, "no 'installs' in JSON DB"
+    installs = db["installs"]
+
+    nodes: dict[str, Node] = {}
+    records: dict[str, dict[str, Any]] = {}
+    prefixes: set[str] = set()
+    for hash_key, rec in installs.items():  # pass 1
+        spec_dict = rec["spec"]
+        assert "name" in spec_dict, "a v8 record holds one node dict with a name"
+        spec_dict["hash"] = hash_key  # _read_spec_from_dict
+        for key in ("name", "version", "arch", "namespace", "parameters"):
+            assert key in spec_dict, f"{hash_key}: node has no {key}"
+        external = (spec_dict.get("external") or {}).get("path")
+        fields = {k: v for k, v in rec.items() if k != "spec"}
+        assert set(fields) <= INSTALL_RECORD_ARGS, f"{hash_key}: unknown fields {set(fields)}"
+        if fields.get("path") in (None, "None"):
+            fields["path"] = None
+        fields.setdefault("installed", False)
+        nodes[hash_key] = Node(spec_dict["name"], hash_key, external)
+        records[hash_key] = fields
+        if external is None and fields["installed"]:
+            prefixes.add(fields["path"])
+
+    warnings = []
+    for hash_key, node in nodes.items():  # pass 2: read_specfile_dep_specs (v4/v5 form)
+        for dep in installs[hash_key]["spec"].get("dependencies", []):
+            name, dep_hash = dep["name"], dep["hash"]
+            deptypes = dep["parameters"]["deptypes"]
+            virtuals = dep["parameters"]["virtuals"]
+            assert isinstance(deptypes, list) and isinstance(virtuals, list)
+            found = dep_hash in nodes or any(dep_hash in u.nodes for u in upstreams)
+            if not found:
+                warnings.append(f"Missing dependency not in database: {node.name} needs "
+                                f"{name}-{dep_hash[:7]}")
+                continue
+            node.deps[dep_hash] = (deptypes, virtuals)
+    for hash_key, node in nodes.items():  # pass 3: concrete = has a hash
+        assert node.hash == hash_key
+    return ReadDatabase(records, nodes, prefixes, warnings)
+
+
+# ---- the transform -----------------------------------------------------------------------
+
+
+def fixture_tree(root: str = ROOT, projection: str | None = None) -> InstallTree:
+    catalog = parse_index(INDEX_BLOB.read_bytes())
+    if projection is None:
+        return InstallTree(root, catalog)
+    return InstallTree(root, catalog, projection)
+
+
+def test_database_reads_like_spack_reads_an_install_tree_db():
+    data = database_bytes(fixture_tree(), 1700000000.5)
+    db = spack_read(data)
+    assert db.warnings == []  # every dependency hash resolves inside the database
+    assert set(db.records) == {HELLO, GREET, RUNTIME, WRAPPER, GLIBC, GCC}
+    assert db.installed_prefixes == {f"{ROOT}/linux-x86_64/{LMHELLO}",
+                                     f"{ROOT}/linux-x86_64/{LMGREET}"}
+    hello = db.nodes[HELLO]
+    assert {db.nodes[h].name for h in hello.deps} == {
+        "compiler-wrapper", "gcc", "gcc-runtime", "glibc", "lmgreet"}
+    assert hello.deps[GCC] == (["build"], ["c"])
+
+
+def test_record_fields_are_those_spack_1x_writes_in_its_order():
+    doc = json.loads(database_bytes(fixture_tree(), 1.0))
+    assert doc["database"]["version"] == "8"
+    for record in doc["database"]["installs"].values():
+        assert tuple(record) == DEFAULT_INSTALL_RECORD_FIELDS
+        assert record["deprecated_for"] is None
+        assert isinstance(record["installation_time"], float)
+
+
+def test_serialized_compactly_like_spack_json():
+    data = database_bytes(fixture_tree(), 1.0)
+    assert data == json.dumps(json.loads(data), separators=(",", ":")).encode()
+
+
+def test_spec_nodes_are_the_cache_index_nodes_unchanged():
+    index = json.loads(INDEX_BLOB.read_bytes())["database"]["installs"]
+    installs = json.loads(database_bytes(fixture_tree(), 1.0))["database"]["installs"]
+    assert {h: r["spec"] for h, r in installs.items()} == {h: r["spec"] for h, r in index.items()}
+
+
+def test_served_specs_are_installed_at_their_mount_prefix():
+    installs = install_records(fixture_tree(), 1.0)
+    for dag_hash, name in ((HELLO, LMHELLO), (GREET, LMGREET)):
+        assert installs[dag_hash]["installed"] is True
+        assert installs[dag_hash]["path"] == f"{ROOT}/linux-x86_64/{name}"
+
+
+def test_externals_are_installed_at_their_own_prefix():
+    installs = install_records(fixture_tree(), 1.0)
+    assert (installs[GLIBC]["installed"], installs[GLIBC]["path"]) == (True, "/usr")
+    assert (installs[GCC]["installed"], installs[GCC]["path"]) == (True, "/tmp/lm/gccwrap")
+
+
+def test_uncached_and_build_only_specs_are_missing_where_they_would_be():
+    installs = install_records(fixture_tree(), 1.0)
+    assert installs[RUNTIME]["installed"] is False  # listed in the index, not in the cache
+    assert installs[RUNTIME]["path"] == (
+        f"{ROOT}/linux-x86_64/gcc-runtime-12.2.0-{RUNTIME}")
+    assert installs[WRAPPER]["installed"] is False  # build-only
+    assert installs[WRAPPER]["path"] == f"{ROOT}/linux-x86_64/compiler-wrapper-1.0-{WRAPPER}"
+
+
+def test_ref_counts_match_spack_and_only_roots_are_explicit():
+    index = json.loads(INDEX_BLOB.read_bytes())["database"]["installs"]
+    tree = fixture_tree()
+    assert ref_counts(tree) == {h: r["ref_count"] for h, r in index.items()}
+    explicit = {h for h, r in install_records(tree, 1.0).items() if r["explicit"]}
+    assert explicit == {HELLO}
+
+
+def test_ref_counts_are_recounted_over_all_mirrors():
+    """lmgreet alone in one mirror is a root there, but lmhello of the other mirror needs
+    it: over the merged catalog it is not explicit."""
+    full = parse_index(INDEX_BLOB.read_bytes(), mirror=1)
+    greet_only = {GREET: parse_index(INDEX_BLOB.read_bytes(), mirror=0)[GREET]}
+    tree = InstallTree(ROOT, merge_indexes([greet_only, full]))
+    installs = install_records(tree, 1.0)
+    assert installs[GREET]["ref_count"] == 1 and not installs[GREET]["explicit"]
+
+
+def test_paths_follow_the_projection():
+    tree = fixture_tree(projection="{name}/{version}-{hash:7}")
+    installs = install_records(tree, 1.0)
+    assert installs[HELLO]["path"] == f"{ROOT}/lmhello/1.0-3vgakfz"
+    assert installs[RUNTIME]["path"] == f"{ROOT}/gcc-runtime/12.2.0-oe3jjjg"
+    assert installs[GLIBC]["path"] == "/usr"
+
+
+def test_a_spec_the_tree_cannot_show_is_not_installed():
+    """Two specs projected onto one path: only the first is served, the other is missing."""
+    tree = fixture_tree(projection="{architecture.platform}/same")
+    installs = install_records(tree, 1.0)
+    installed = [h for h in (HELLO, GREET) if installs[h]["installed"]]
+    assert len(installed) == 1
+
+
+def test_a_downstream_database_resolves_its_dependencies_in_the_upstream():
+    upstream = spack_read(database_bytes(fixture_tree(), 1.0))
+    app = {"name": "app", "version": "1", "arch": {}, "namespace": "builtin",
+           "parameters": {}, "hash": "a" * 32,
+           "dependencies": [{"name": "lmhello", "hash": HELLO,
+                             "parameters": {"deptypes": ["link"], "virtuals": []}}]}
+    local = {"database": {"version": "8", "installs": {"a" * 32: {
+        "spec": app, "ref_count": 0, "path": "/home/u/spack/app", "installed": True,
+        "explicit": True, "installation_time": 1.0, "deprecated_for": None}}}}
+    downstream = spack_read(json.dumps(local).encode(), upstreams=(upstream,))
+    assert downstream.warnings == []
+    assert upstream.records[HELLO]["path"] == f"{ROOT}/linux-x86_64/{LMHELLO}"
+
+
+def test_verifier_is_a_uuid_that_changes_with_the_content():
+    first = database_bytes(fixture_tree(), 1.0)
+    again = database_bytes(fixture_tree(), 1.0)
+    other = database_bytes(fixture_tree("/tmp/lmy"), 1.0)
+    assert uuid.UUID(verifier_text(first)).version == 4
+    assert verifier_text(first) == verifier_text(again)
+    assert verifier_text(first) != verifier_text(other)
+
+
+def test_write_database_writes_both_files_read_only(tmp_path: Path):
+    paths = write_database(fixture_tree(), tmp_path / "db", 1.0)
+    index = paths["index.json"].read_bytes()
+    assert paths["index_verifier"].read_text() == verifier_text(index)
+    assert paths["index.json"].stat().st_mode & 0o222 == 0
+    write_database(fixture_tree("/tmp/lmy"), tmp_path / "db", 1.0)  # replaces, atomically
+    assert b"/tmp/lmy/" in paths["index.json"].read_bytes()
+    assert sorted(p.name for p in (tmp_path / "db").iterdir()) == ["index.json",
+                                                                   "index_verifier"]
+
+
+# ---- through a real mount ----------------------------------------------------------------
+
+
+def test_mount_serves_the_database_without_fetching_a_package(http_server, mount_cache):
+    server = http_server(FIXTURE_CACHE)
+    mount = mount_cache([server.url])
+    root = str(mount.root)
+    assert ".spack-db" in os.listdir(mount.root)
+    assert sorted(os.listdir(mount.root / ".spack-db")) == ["index.json", "index_verifier"]
+    # what a downstream Spack reads, in its order: the verifier, then the index
+    verifier = (mount.root / ".spack-db" / "index_verifier").read_text()
+    data = (mount.root / ".spack-db" / "index.json").read_bytes()
+    assert verifier == verifier_text(data)
+    db = spack_read(data)
+    assert db.warnings == []
+    assert db.records[HELLO]["path"] == f"{root}/linux-x86_64/{LMHELLO}"
+    assert db.records[HELLO]["installed"] and db.records[HELLO]["explicit"]
+    assert db.records[GREET]["path"] == f"{root}/linux-x86_64/{LMGREET}"
+    assert (db.records[GLIBC]["path"], db.records[GLIBC]["installed"]) == ("/usr", True)
+    assert db.records[RUNTIME]["installed"] is False
+    assert db.records[WRAPPER]["installed"] is False
+    # nothing was materialized: no manifest, no tarball, only the index blob
+    assert not any("manifests/spec" in r for r in server.requests)
+    assert [r for r in server.requests if r.startswith("/blobs/")] == [
+        f"/blobs/sha256/37/{INDEX_SHA}"]
+    assert os.getxattr(mount.prefix(), "user.lazymount.status") == b"absent"
+    assert not any((mount.store / "pkgs").iterdir())
+    # the path the database gives is the one that works
+    hello = Path(db.records[HELLO]["path"]) / "bin" / "hello"
+    result = subprocess.run([str(hello), "-v"], capture_output=True, text=True, timeout=60)
+    assert "Hello from lmgreet, world!" in result.stdout, result.stderr
+
+
+def test_database_is_read_only(http_server, mount_cache):
+    mount = mount_cache([http_server(FIXTURE_CACHE).url])
+    for action in (
+        lambda: open(mount.root / ".spack-db" / "index.json", "r+b"),
+        lambda: open(mount.root / ".spack-db" / "lock", "w"),
+        lambda: os.unlink(mount.root / ".spack-db" / "index_verifier"),
+    ):
+        with pytest.raises(OSError) as info:
+            action()
+        assert info.value.errno == errno.EROFS
