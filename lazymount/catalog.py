@@ -9,26 +9,21 @@ import logging
 
 import trio
 
+from .cachelayout import MAX_INDEX_BYTES, discover
 from .errors import LazymountError, MirrorError
-from .fetch import fetch_bytes
 from .index import SpecRecord, merge_indexes, parse_index
-from .layout import INDEX_MANIFEST, MEDIA_INDEX
-from .manifest import MAX_MANIFEST_BYTES, parse_manifest, pick
 from .transport import Mirror
 
 log = logging.getLogger(__name__)
 
-MAX_INDEX_BYTES = 2 << 30
+__all__ = ["MAX_INDEX_BYTES", "load_catalog", "load_index"]
 
 
 async def load_index(mirror: Mirror, position: int) -> dict[str, SpecRecord]:
-    """The records of one mirror's layout-v3 index. Raises a LazymountError naming the mirror."""
-    what = f"index of {mirror.url}"
-    text = await mirror.read(INDEX_MANIFEST, MAX_MANIFEST_BYTES)
-    record = pick(parse_manifest(text, what), MEDIA_INDEX, what)
-    if record.compression != "none":
-        raise MirrorError(f"{what}: unsupported index compression {record.compression!r}")
-    blob = await fetch_bytes(mirror, record, what, MAX_INDEX_BYTES)
+    """The records of one mirror's index, whichever layout (v3, or the old v2) it has.
+    Raises a LazymountError naming the mirror."""
+    layout = await discover(mirror)
+    blob = await layout.read_index(mirror)
     return await trio.to_thread.run_sync(parse_index, blob, position)
 
 

@@ -3,7 +3,8 @@
 Large blobs are streamed: the trio thread downloads and hashes, and a worker thread consumes
 the bytes (decompresses and extracts) from a pipe at the same time, so nothing waits for the
 whole blob. The length and sha256 are checked at the end; the caller publishes nothing unless
-this returns normally.
+this returns normally. A record without a length (layout v2 signs only the sha256) is bounded
+by the caller's maximum instead, and only its sha256 is checked.
 """
 
 from __future__ import annotations
@@ -22,20 +23,29 @@ from .transport import Mirror
 
 T = TypeVar("T")
 PIPE_SIZE = 1 << 20
+MAX_UNSIZED_BLOB = 64 << 30  # default bound on a blob whose record gives no length
 
 
 class _Digest:
-    """Running length and sha256 of a download, refusing bytes past the promised length."""
+    """Running length and sha256 of a download, refusing bytes past the promised length
+    (or past ``max_bytes`` when the record has no length)."""
 
-    def __init__(self, record: BlobRecord, what: str):
+    def __init__(self, record: BlobRecord, what: str, max_bytes: int):
         self.record = record
         self.what = what
         self.sha = hashlib.sha256()
         self.size = 0
+        self.max_bytes = max_bytes
 
     def update(self, chunk: bytes) -> None:
         self.size += len(chunk)
-        if self.size > self.record.length:
+        if self.record.length is None:
+            if self.size > self.max_bytes:
+                raise IntegrityError(
+                    f"{self.what}: blob {self.record.checksum[:12]} is larger than the "
+                    f"{self.max_bytes} byte limit"
+                )
+        elif self.size > self.record.length:
             raise IntegrityError(
                 f"{self.what}: blob {self.record.checksum[:12]} is longer than the "
                 f"{self.record.length} bytes its manifest says"
@@ -43,7 +53,7 @@ class _Digest:
         self.sha.update(chunk)
 
     def check(self) -> None:
-        if self.size != self.record.length:
+        if self.record.length is not None and self.size != self.record.length:
             raise IntegrityError(
                 f"{self.what}: blob {self.record.checksum[:12]} has {self.size} bytes, "
                 f"its manifest says {self.record.length}"
@@ -57,9 +67,9 @@ class _Digest:
 
 async def fetch_bytes(mirror: Mirror, record: BlobRecord, what: str, max_bytes: int) -> bytes:
     """A small blob in memory, after its length and sha256 are checked."""
-    if record.length > max_bytes:
+    if record.length is not None and record.length > max_bytes:
         raise IntegrityError(f"{what}: blob of {record.length} bytes is over the {max_bytes} limit")
-    digest = _Digest(record, what)
+    digest = _Digest(record, what, max_bytes)
     chunks = []
     async with mirror.open(record.path, record.length) as stream:
         async for chunk in stream:
@@ -70,12 +80,14 @@ async def fetch_bytes(mirror: Mirror, record: BlobRecord, what: str, max_bytes: 
 
 
 async def stream_blob(
-    mirror: Mirror, record: BlobRecord, what: str, consume: Callable[[BinaryIO], T]
+    mirror: Mirror, record: BlobRecord, what: str, consume: Callable[[BinaryIO], T],
+    max_bytes: int = MAX_UNSIZED_BLOB,
 ) -> T:
     """Run ``consume(reader)`` in a worker thread on the blob's bytes as they arrive.
 
     Returns what ``consume`` returned, once the blob's length and sha256 are verified.
     A checksum error wins over whatever ``consume`` raised on the same bad bytes.
+    ``max_bytes`` bounds a record without a length (IntegrityError past it).
     """
     read_fd, write_fd = os.pipe()
     try:
@@ -83,7 +95,7 @@ async def stream_blob(
     except OSError:
         pass  # a smaller pipe only costs speed
     reader = os.fdopen(read_fd, "rb", buffering=PIPE_SIZE)
-    digest = _Digest(record, what)
+    digest = _Digest(record, what, max_bytes)
     outcome: dict[str, object] = {}
 
     def run_consumer() -> None:

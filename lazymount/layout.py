@@ -1,4 +1,5 @@
-"""Where things live: in a layout-v3 build cache, and in the install tree under the mount.
+"""Where things live: in a build cache (layout v3, and the old layout v2), and in the install
+tree under the mount.
 
 Pure functions of names and hashes; no I/O.
 """
@@ -20,6 +21,11 @@ MEDIA_KEY_INDEX = "application/vnd.spack.keyindex.v1+json"
 INDEX_MANIFEST = "v3/manifests/index/index.manifest.json"
 LAYOUT_JSON = "v3/layout.json"
 KEY_INDEX_MANIFEST = "v3/manifests/key/keys.manifest.json"
+
+# layout v2 (Spack <= 0.23): everything under build_cache/
+V2_INDEX = "build_cache/index.json"
+V2_INDEX_HASH = "build_cache/index.json.hash"
+V2_KEY_INDEX = "build_cache/_pgp/index.json"
 
 # Spack 1.x: install_tree:projections:all
 DEFAULT_PROJECTION = "{architecture.platform}-{architecture.target}/{name}-{version}-{hash}"
@@ -56,6 +62,62 @@ def blob_path(checksum: str) -> str:
     return f"blobs/sha256/{checksum[:2]}/{checksum}"
 
 
+def node_compiler(node: dict[str, Any]) -> tuple[str, str]:
+    """(name, version) of the compiler a spec node was built with, or ("", "").
+
+    Spec v4 nodes (Spack <= 0.23) carry ``compiler: {name, version}``; Spack 1.x keeps that
+    of an old spec as the annotation ``compiler: "gcc@=12.2.0"`` (migrated caches).
+    """
+    compiler = node.get("compiler")
+    if isinstance(compiler, dict):
+        return str(compiler.get("name", "")), str(compiler.get("version", ""))
+    annotations = node.get("annotations")
+    text = annotations.get("compiler") if isinstance(annotations, dict) else None
+    if isinstance(text, str) and text:
+        name, _, version = text.partition("@")
+        return name, version.lstrip("=")
+    return "", ""
+
+
+def _architecture(arch: dict[str, Any]) -> str:
+    """Spack's ``{architecture}``: platform-os-target."""
+    return "-".join([str(arch.get("platform", "")), str(arch.get("platform_os", "")),
+                     _target_name(arch)])
+
+
+def v2_spec_file_path(node: dict[str, Any], dag_hash: str, signed: bool) -> str:
+    """Mirror-relative path of a layout-v2 spec file (``.spec.json.sig``, or ``.spec.json``
+    when unsigned), from a spec node's arch, compiler, name and version, and its hash.
+    Raises FormatError if the fields make an unusable file name."""
+    return f"build_cache/{_v2_basename(node, dag_hash)}.spec.json" + (".sig" if signed else "")
+
+
+def v2_tarball_path(node: dict[str, Any], dag_hash: str) -> str:
+    """Mirror-relative path of a layout-v2 ``.spack`` tarball:
+    ``build_cache/<arch>/<compiler>-<cver>/<name>-<ver>/<basename>.spack``."""
+    compiler, cversion = node_compiler(node)
+    parts = [_architecture(node.get("arch") or {}), f"{compiler}-{cversion}",
+             f"{node.get('name', '')}-{node.get('version', '')}"]
+    directory = "/".join(_v2_component(p) for p in parts)
+    return f"build_cache/{directory}/{_v2_basename(node, dag_hash)}.spack"
+
+
+def _v2_basename(node: dict[str, Any], dag_hash: str) -> str:
+    """Spack <= 0.23's tarball_name stem: arch-compiler-cversion-name-version-hash."""
+    compiler, cversion = node_compiler(node)
+    arch = _architecture(node.get("arch") or {})
+    return _v2_component(f"{arch}-{compiler}-{cversion}-{node.get('name', '')}-"
+                         f"{node.get('version', '')}-{dag_hash}")
+
+
+def _v2_component(text: str) -> str:
+    """Spack's format_path: each component made polite (not lower-cased)."""
+    polite = polite_filename(text)
+    if polite in ("", ".", ".."):
+        raise FormatError(f"spec fields give an unusable cache path component {text!r}")
+    return polite
+
+
 def _target_name(arch: dict[str, Any]) -> str:
     target = arch.get("target", "")
     if isinstance(target, dict):  # microarchitecture targets are dicts with a name
@@ -70,7 +132,7 @@ def project(projection: str, node: dict[str, Any]) -> str:
     Spack's directory layout does. Raises FormatError for an unknown token.
     """
     arch = node.get("arch") or {}
-    compiler = node.get("compiler") or {}
+    compiler_name, compiler_version = node_compiler(node)
     values = {
         "name": node.get("name", ""),
         "version": node.get("version", ""),
@@ -79,11 +141,9 @@ def project(projection: str, node: dict[str, Any]) -> str:
         "architecture.platform": arch.get("platform", ""),
         "architecture.os": arch.get("platform_os", ""),
         "architecture.target": _target_name(arch),
-        "architecture": "-".join(
-            [arch.get("platform", ""), arch.get("platform_os", ""), _target_name(arch)]
-        ),
-        "compiler.name": compiler.get("name", ""),
-        "compiler.version": compiler.get("version", ""),
+        "architecture": _architecture(arch),
+        "compiler.name": compiler_name,
+        "compiler.version": compiler_version,
     }
 
     def substitute(match: re.Match[str]) -> str:

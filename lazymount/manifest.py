@@ -15,16 +15,17 @@ CLEARSIGN_MAGIC = b"-----BEGIN PGP SIGNED MESSAGE-----"
 
 @dataclass(frozen=True)
 class BlobRecord:
-    """What a manifest promises about one stored blob."""
+    """What a signed document promises about one stored blob."""
 
     media_type: str
     compression: str
     checksum: str  # sha256 hex of the stored (compressed) bytes
-    length: int
+    length: int | None  # None: unknown (layout v2 signs only the checksum)
+    location: str | None = None  # mirror-relative path; None: the content-addressed blob
 
     @property
     def path(self) -> str:
-        return blob_path(self.checksum)
+        return self.location if self.location is not None else blob_path(self.checksum)
 
 
 def is_clearsigned(text: bytes) -> bool:

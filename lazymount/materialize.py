@@ -8,9 +8,7 @@ worker threads under named limiters.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ from typing import Any
 import trio
 
 from . import extract, relocate
+from .cachelayout import Entry, discover
 from .errors import (
     FormatError,
     IntegrityError,
@@ -28,9 +27,8 @@ from .errors import (
     MountPathTooLong,
     SignatureError,
 )
-from .fetch import fetch_bytes, stream_blob
-from .layout import MEDIA_SPEC, MEDIA_TARBALL, spec_manifest_path
-from .manifest import MAX_MANIFEST_BYTES, BlobRecord, is_clearsigned, parse_manifest, pick
+from .fetch import stream_blob
+from .manifest import BlobRecord, is_clearsigned
 from .store import Store
 from .transport import Mirror
 from .tree import InstallTree
@@ -38,8 +36,6 @@ from .verify import Verifier
 
 log = logging.getLogger(__name__)
 
-MAX_SPEC_BLOB = 64 << 20  # compressed spec JSON; real ones are a few KiB
-MAX_SPEC_JSON = 256 << 20
 RETRY_AFTER = 30.0  # seconds a failed package answers with its error before trying again
 
 
@@ -162,15 +158,20 @@ class Materializer:
 
     async def _materialize(self, dag_hash: str, label: str) -> Path:
         record = self.tree.catalog[dag_hash]
-        path = spec_manifest_path(record.name, record.version, dag_hash)
         last: LazymountError = MirrorError(f"no mirror lists {label}")
         sources = self._sources_for(dag_hash)
         for position, source in enumerate(sources):
             try:
-                blobs = await self._read_manifest(source, path, label)
-                await self._check_spec_blob(source, blobs, dag_hash, label)
-                return await self._install(source, dag_hash, pick(blobs, MEDIA_TARBALL, label),
-                                           label)
+                # the mirror's layout (v3, or v2 for old caches) finds and reads the signed
+                # documents; the signature checks are ours (_unsign), and so is the binding
+                layout = await discover(source.mirror)
+
+                async def unsign(text: bytes, noun: str, source: MirrorSource = source) -> bytes:
+                    return await self._unsign(source, text, noun, label)
+
+                entry = await layout.read_entry(source.mirror, record, unsign, label)
+                self._bind(entry, dag_hash, label)
+                return await self._install(source, dag_hash, entry.tarball, label)
             except (MirrorError, IntegrityError) as exc:
                 last = exc  # fail over: another mirror may have an intact copy
                 if position + 1 < len(sources):
@@ -181,46 +182,34 @@ class Materializer:
         first = self.tree.catalog[dag_hash].mirror
         return [self.sources[first]] + [s for i, s in enumerate(self.sources) if i != first]
 
-    async def _read_manifest(self, source: MirrorSource, path: str, label: str) -> list[BlobRecord]:
-        """Fetch and verify a spec manifest; returns its blob records from the signed text."""
-        text = await source.mirror.read(path, MAX_MANIFEST_BYTES)
+    async def _unsign(self, source: MirrorSource, text: bytes, noun: str, label: str) -> bytes:
+        """The trusted plaintext of a fetched signed document (a v3 manifest or a v2 spec
+        file, named by ``noun``): verified against the pinned keys when clearsigned; taken
+        as is only when the mirror allows unsigned packages. Raises SignatureError."""
         if is_clearsigned(text):
             if self.verifier is None:
                 if source.require_signature:
-                    raise SignatureError(f"{label}: manifest is signed but no key is trusted "
+                    raise SignatureError(f"{label}: {noun} is signed but no key is trusted "
                                          "(give --trust-key)")
-                plaintext = _strip_clearsign(text, label)
-            else:
-                async with self.gpg:
-                    plaintext = await trio.to_thread.run_sync(self.verifier.verify, text, label)
-        elif source.require_signature:
-            raise SignatureError(f"{label}: manifest is not signed, and this mirror requires "
+                return _strip_clearsign(text, label)
+            async with self.gpg:
+                return await trio.to_thread.run_sync(self.verifier.verify, text, label)
+        if source.require_signature:
+            raise SignatureError(f"{label}: {noun} is not signed, and this mirror requires "
                                  "signatures")
-        else:
-            plaintext = text
-        return parse_manifest(plaintext, label)
+        return text
 
-    async def _check_spec_blob(
-        self, source: MirrorSource, blobs: list[BlobRecord], dag_hash: str, label: str
-    ) -> dict[str, Any]:
-        """Bind the signed manifest to the hash asked for: its spec's root node must be it."""
-        record = pick(blobs, MEDIA_SPEC, label)
-        raw = await fetch_bytes(source.mirror, record, label, MAX_SPEC_BLOB)
-        try:
-            text = gzip.decompress(raw) if record.compression == "gzip" else raw
-            if len(text) > MAX_SPEC_JSON:
-                raise FormatError(f"{label}: spec blob expands past {MAX_SPEC_JSON} bytes")
-            root = json.loads(text)["spec"]["nodes"][0]
-        except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError) as exc:
-            raise FormatError(f"{label}: spec blob is not a Spack spec ({exc})") from None
-        if not isinstance(root, dict) or root.get("hash") != dag_hash:
-            got = root.get("hash") if isinstance(root, dict) else None
-            raise IntegrityError(f"{label}: the signed manifest is for spec {got}, not {dag_hash}")
+    def _bind(self, entry: Entry, dag_hash: str, label: str) -> None:
+        """Bind the signed document to the hash asked for: its spec's root node must be it
+        (the signature does not cover the document's path)."""
+        root = entry.root
+        if root.get("hash") != dag_hash:
+            raise IntegrityError(f"{label}: the signed {entry.signed} is for spec "
+                                 f"{root.get('hash')}, not {dag_hash}")
         expected = self.tree.catalog[dag_hash]
         if root.get("name") != expected.name or str(root.get("version")) != expected.version:
             raise IntegrityError(f"{label}: the signed spec is {root.get('name')}@"
                                  f"{root.get('version')}, not what the index says")
-        return root
 
     async def _install(self, source: MirrorSource, dag_hash: str, tarball: BlobRecord,
                        label: str) -> Path:
@@ -234,6 +223,8 @@ class Materializer:
                     source.mirror, tarball, label,
                     lambda reader: extract.extract_tarball(
                         reader, tarball.compression, staging, self.limits, label),
+                    # a v2 tarball has no signed length: bound it like its expanded size
+                    max_bytes=self.limits.max_bytes,
                 )
                 await trio.to_thread.run_sync(self._relocate, dag_hash, extracted, label)
             receipt = {"hash": dag_hash, "label": label, "mirror": source.mirror.url,

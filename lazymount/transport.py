@@ -117,6 +117,9 @@ class HttpMirror(Mirror):
         url = f"{self.url}/{path}"
         deadline = trio.current_time() + self.timeouts.deadline(expected)
         response = await self._send(url, deadline)
+        if expected is None:  # size the deadline by what the server announces (v2 tarballs)
+            expected = _content_length(response)
+            deadline = trio.current_time() + self.timeouts.deadline(expected)
 
         async def chunks() -> AsyncIterator[bytes]:
             try:
@@ -160,6 +163,13 @@ class HttpMirror(Mirror):
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    try:
+        return max(0, int(response.headers["content-length"]))
+    except (KeyError, ValueError):
+        return None
 
 
 def _describe(exc: Exception) -> str:
