@@ -20,8 +20,11 @@ from pathlib import Path
 from . import __version__
 from .config import MirrorConfig, MountConfig
 from .errors import LazymountError, UsageError
+from .keyring import default_keyring_dir
 from .layout import DEFAULT_PROJECTION
+from .spackconfig import read_spack_mirrors
 from .store import default_store_dir
+from .subcommands import run_keys, run_spack_config
 from .transport import Timeouts
 
 log = logging.getLogger("lazymount")
@@ -29,6 +32,8 @@ log = logging.getLogger("lazymount")
 SUBCOMMANDS = {
     "umount": "unmount a lazymount mount point",
     "demo": "serve the embedded demo cache on loopback, mount it, run a relocated binary",
+    "keys": "manage the keyring of trusted keys (list, install, add, remove)",
+    "spack-config": "print the upstreams.yaml that makes Spack use a mount",
 }
 READY_TIMEOUT = 600.0  # seconds the command waits for a background mount to come up
 
@@ -43,10 +48,18 @@ EPILOG = """\
 subcommands:
   lazymount umount MOUNTPOINT   unmount (same as fusermount3 -u MOUNTPOINT)
   lazymount demo                run the built-in demo (needs root or FUSE access)
+  lazymount keys list [MIRROR]  the keyring's keys, or the keys MIRROR publishes
+  lazymount keys install [--trust] MIRROR
+                                import MIRROR's keys into the keyring (see keys --help)
+  lazymount keys add FILE | remove FINGERPRINT
+  lazymount spack-config MOUNTPOINT
+                                print the upstreams.yaml that makes Spack use the mount
 
 examples:
-  lazymount --mirror https://cache.example.org/spack --trust-key site.pub.asc /opt/spack
+  lazymount keys install --trust https://cache.example.org/spack
+  lazymount --mirror https://cache.example.org/spack /opt/spack
   /opt/spack/linux-x86_64/lmhello-1.0-<hash>/bin/hello -v
+  lazymount spack-config /opt/spack > ~/.spack/upstreams.yaml
   lazymount umount /opt/spack
 """
 
@@ -68,6 +81,15 @@ def mount_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trust-key", metavar="FILE", action="append", default=[], type=Path,
                         help="ASCII-armored public key whose signatures are trusted (repeat "
                              "for several keys). Only manifests signed by these keys are used")
+    parser.add_argument("--spack-mirrors", metavar="FILE", action="append", default=[],
+                        type=Path,
+                        help="Spack mirrors.yaml whose binary mirrors to mount, in its order, "
+                             "after any --mirror (source-only mirrors are skipped; "
+                             "signed: false lifts the signature check for that mirror)")
+    parser.add_argument("--keyring", metavar="DIR", type=Path, default=None,
+                        help="directory of trusted public keys, managed with `lazymount "
+                             f"keys` (default: {default_keyring_dir()}); its keys are "
+                             "trusted in addition to any --trust-key")
     parser.add_argument("--unsigned", action="store_true",
                         help="accept packages whose manifests are not signed (for mirrors you "
                              "control end to end); signed manifests are still verified")
@@ -94,16 +116,33 @@ def mount_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def mirror_configs(args: argparse.Namespace) -> list[MirrorConfig]:
+    """--mirror URLs first, then the binary mirrors of each --spack-mirrors file; a URL
+    given twice is kept at its first place. Prints a notice for each skipped mirror."""
+    mirrors = [MirrorConfig(url, require_signature=not args.unsigned) for url in args.mirror]
+    for path in args.spack_mirrors:
+        found, notices = read_spack_mirrors(path, require_signature=not args.unsigned)
+        for notice in notices:
+            print(f"lazymount: {notice}", file=sys.stderr)
+        mirrors += found
+    unique: dict[str, MirrorConfig] = {}
+    for mirror in mirrors:
+        unique.setdefault(mirror.url, mirror)
+    return list(unique.values())
+
+
 def build_config(args: argparse.Namespace) -> MountConfig:
-    if not args.mirror:
-        raise UsageError("give at least one --mirror URL")
+    mirrors = mirror_configs(args)
+    if not mirrors:
+        raise UsageError("give at least one --mirror URL (or a --spack-mirrors FILE with a "
+                         "binary mirror)")
     store = args.store or default_store_dir()
     allow_other = args.allow_other if args.allow_other is not None else os.geteuid() == 0
     return MountConfig(
         mountpoint=args.mountpoint,
-        mirrors=tuple(MirrorConfig(url, require_signature=not args.unsigned)
-                      for url in args.mirror),
+        mirrors=tuple(mirrors),
         trust_keys=tuple(path.resolve() for path in args.trust_key),
+        keyring=(args.keyring or default_keyring_dir()).resolve(),
         store=store.resolve(),
         projection=args.projection,
         allow_other=allow_other,
@@ -219,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_umount(argv[1:])
         if argv and argv[0] == "demo":
             return run_demo(argv[1:])
+        if argv and argv[0] == "keys":
+            return run_keys(argv[1:])
+        if argv and argv[0] == "spack-config":
+            return run_spack_config(argv[1:])
         return run_mount(argv)
     except LazymountError as exc:
         print(f"lazymount: {exc}", file=sys.stderr)
