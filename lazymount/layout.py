@@ -7,6 +7,7 @@ Pure functions of names and hashes; no I/O.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from .errors import FormatError
@@ -26,6 +27,11 @@ KEY_INDEX_MANIFEST = "v3/manifests/key/keys.manifest.json"
 V2_INDEX = "build_cache/index.json"
 V2_INDEX_HASH = "build_cache/index.json.hash"
 V2_KEY_INDEX = "build_cache/_pgp/index.json"
+
+# Spack 1.x: a node's compiler is the dependency providing the first of these virtuals
+COMPILER_LANGUAGES = ("c", "cxx", "fortran")
+NO_COMPILER = "none"  # {compiler.name} of a node built without any compiler
+NodeLookup = Callable[[str], "dict[str, Any] | None"]  # DAG hash -> spec node, if known
 
 # Spack 1.x: install_tree:projections:all
 DEFAULT_PROJECTION = "{architecture.platform}-{architecture.target}/{name}-{version}-{hash}"
@@ -79,6 +85,25 @@ def node_compiler(node: dict[str, Any]) -> tuple[str, str]:
     return "", ""
 
 
+def compiler_from_dependencies(node: dict[str, Any], lookup: NodeLookup) -> tuple[str, str]:
+    """(name, version) of a spec-v5 node's compiler, or ("", "") if it has none.
+
+    Spack 1.x has no compiler attribute: a node's compiler is its direct dependency that
+    provides the ``c`` virtual, else ``cxx``, else ``fortran`` (``compiler_spec``). The
+    dependency's own node (found with ``lookup`` by hash) gives the version; a dependency
+    missing from the catalog gives its name only.
+    """
+    edges = [d for d in node.get("dependencies") or () if isinstance(d, dict)]
+    for language in COMPILER_LANGUAGES:
+        for edge in edges:
+            if language in ((edge.get("parameters") or {}).get("virtuals") or ()):
+                found = lookup(str(edge.get("hash", "")))
+                if found is not None:
+                    return str(found.get("name", "")), str(found.get("version", ""))
+                return str(edge.get("name", "")), ""
+    return "", ""
+
+
 def _architecture(arch: dict[str, Any]) -> str:
     """Spack's ``{architecture}``: platform-os-target."""
     return "-".join([str(arch.get("platform", "")), str(arch.get("platform_os", "")),
@@ -125,14 +150,21 @@ def _target_name(arch: dict[str, Any]) -> str:
     return str(target)
 
 
-def project(projection: str, node: dict[str, Any]) -> str:
+def project(projection: str, node: dict[str, Any], lookup: NodeLookup | None = None) -> str:
     """Install-tree relative path of a spec node under a projection.
 
     Supports Spack's common tokens; each path component is lower-cased and made polite, as
-    Spack's directory layout does. Raises FormatError for an unknown token.
+    Spack's directory layout does. ``{compiler.name}`` and ``{compiler.version}`` come from
+    the node (spec v4, migrated caches) or else from its c/cxx/fortran dependency, found
+    with ``lookup`` (hash -> node); a node built without a compiler gets ``none`` so that
+    its path stays usable. Raises FormatError for an unknown token.
     """
     arch = node.get("arch") or {}
     compiler_name, compiler_version = node_compiler(node)
+    if not compiler_name and lookup is not None:
+        compiler_name, compiler_version = compiler_from_dependencies(node, lookup)
+    if not compiler_name:
+        compiler_name = compiler_version = NO_COMPILER
     values = {
         "name": node.get("name", ""),
         "version": node.get("version", ""),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import FormatError
 from .index import SpecRecord
@@ -35,7 +36,7 @@ class InstallTree:
 
     def _place(self, dag_hash: str, record: SpecRecord) -> None:
         try:
-            relative = project(self.projection, record.node)
+            relative = project(self.projection, record.node, self.node_of)
         except FormatError as exc:
             log.warning("%s-%s: not shown: %s", record.name, record.version, exc)
             return
@@ -54,6 +55,11 @@ class InstallTree:
         for depth, name in enumerate(parts):
             self.dirs.setdefault("/".join(parts[:depth]), set()).add(name)
 
+    def node_of(self, dag_hash: str) -> dict[str, Any] | None:
+        """The index's spec node of a hash, if the catalog has it."""
+        record = self.catalog.get(dag_hash)
+        return record.node if record is not None else None
+
     def prefix_of(self, dag_hash: str) -> str | None:
         """Absolute prefix under the mount for any non-external spec of the index, cached or not
         (a dependency missing from the cache still gets the path Spack would give it)."""
@@ -63,7 +69,7 @@ class InstallTree:
             if record is None or record.external_path is not None:
                 return None
             try:
-                relative = project(self.projection, record.node)
+                relative = project(self.projection, record.node, self.node_of)
             except FormatError:
                 return None
         return f"{self.root.rstrip('/')}/{relative}"
