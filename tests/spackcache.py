@@ -1,9 +1,16 @@
-"""Write layout-v3 Spack build caches exactly as Spack 1.1 does, for tests and benchmarks.
+"""Write Spack build caches exactly as Spack writes them, for tests and benchmarks.
 
 Independent of the ``lazymount`` package on purpose: it is the oracle the daemon is tested
-against. The formats follow Spack 1.1 (``url_buildcache.py``, ``binary_distribution.py``,
-``util/archive.py``, ``database.py``) and are checked byte for byte against the real cache in
-``tests/data/v3-own-only`` by ``tests/test_spackcache.py``.
+against. :class:`CacheWriter` writes layout v3 as Spack 1.1 does (``url_buildcache.py``,
+``binary_distribution.py``, ``util/archive.py``, ``database.py``), checked byte for byte against
+the real cache in ``tests/data/v3-own-only`` by ``tests/test_spackcache.py``.
+:class:`V2CacheWriter` writes the old layout v2 as Spack 0.23 did (``build_cache/``, signed
+``.spec.json.sig`` files with spec v4 nodes, ``.spack`` tarballs, DB v7 index) and
+``V2CacheWriter.migrate`` adds what ``spack buildcache migrate`` writes next to it; those follow
+SPACK-FORMAT §8 (no real v2 cache is available to compare with). ``padded_length`` pads the
+build root like ``config:install_tree:padded_length``; overlong shebangs are rewritten at
+"build" time by Spack's sbang hook (``#!/bin/sh <unpadded root>/bin/sbang``), as a real build
+would have done before the push.
 
 Typical use::
 
@@ -35,7 +42,7 @@ import subprocess
 import tarfile
 import tempfile
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path, PurePosixPath
@@ -51,6 +58,9 @@ MEDIA_KEY_INDEX = "application/vnd.spack.keyindex.v1+json"
 
 DEFAULT_ARCH = ("linux", "debian12", "x86_64")
 DEFAULT_BUILD_ROOT = "/tmp/lmt/opt/spack"
+DEFAULT_COMPILER = ("gcc", "12.2.0")  # spec v4 nodes (Spack <= 0.23) name their compiler
+SHEBANG_LIMIT = 127  # Spack's system_shebang_limit on Linux
+SHEBANG_READ_LIMIT = 4096  # Spack's spack_shebang_limit
 DEPTYPE_ORDER = ("build", "link", "run", "test")
 PADDING_CHARS = "__spack_path_placeholder__"
 GENERIC_PARAMETERS: dict[str, Any] = {
@@ -152,6 +162,9 @@ class Package:
     replaces the computed DAG hash (Spack's external hashes are not reproducible from the
     node dict; also handy for mismatch tests). The DAG hash is cached on first use: don't
     change the spec fields afterwards (``files`` may change, they are not hashed).
+
+    ``compiler`` = ``(name, version)`` makes it a spec-v4 node as Spack <= 0.23 wrote them
+    (per-node ``compiler``, no ``annotations``; for :class:`V2CacheWriter`).
     """
 
     name: str
@@ -166,6 +179,7 @@ class Package:
     external: dict[str, Any] | None = None
     annotations: dict[str, Any] = field(default_factory=lambda: {"original_specfile_version": 5})
     hash_override: str | None = None
+    compiler: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         self.deps = [_as_dep(d) for d in self.deps]
@@ -178,23 +192,42 @@ class Package:
         """Dependency edges sorted as Spack serializes them (by name, then hash)."""
         return sorted(self.deps, key=lambda d: (d.pkg.name, d.pkg.dag_hash))
 
+    @property
+    def specfile_version(self) -> int:
+        """5 (Spack 1.x), or 4 for a node with a ``compiler`` (Spack 0.20-0.23)."""
+        return 4 if self.compiler is not None else 5
+
     def node_without_hash(self) -> dict[str, Any]:
-        """The spec node dict in Spack's key order, without ``hash``."""
+        """The spec node dict in Spack's key order, without ``hash`` (spec v5, or v4 with
+        ``compiler`` after ``arch`` and no ``annotations``, as ``Spec.to_node_dict`` wrote)."""
         platform, platform_os, target = self.arch
         node: dict[str, Any] = {
             "name": self.name,
             "version": self.version,
             "arch": {"platform": platform, "platform_os": platform_os, "target": target},
-            "namespace": self.namespace,
-            "parameters": self.parameters,
         }
+        if self.compiler is not None:
+            node["compiler"] = {"name": self.compiler[0], "version": self.compiler[1]}
+        node["namespace"] = self.namespace
+        node["parameters"] = self.parameters
         if self.external is not None:
             node["external"] = self.external
         node["package_hash"] = self.package_hash
         if self.deps:
             node["dependencies"] = [_edge_dict(e) for e in self.edges()]
-        node["annotations"] = self.annotations
+        if self.compiler is None:
+            node["annotations"] = self.annotations
         return node
+
+    def upgraded_node(self) -> dict[str, Any]:
+        """The node as Spack 1.x re-serializes an old (v4) one, e.g. in the index of a migrated
+        cache: no ``compiler`` key, ``annotations`` keep it, the stored hash is kept."""
+        if self.compiler is None:
+            return self.node()
+        node = {k: v for k, v in self.node_without_hash().items() if k != "compiler"}
+        name, version = self.compiler
+        node["annotations"] = {"original_specfile_version": 4, "compiler": f"{name}@={version}"}
+        return {**node, "hash": self.dag_hash}
 
     @cached_property
     def dag_hash(self) -> str:
@@ -219,7 +252,8 @@ class Package:
 
     def spec_dict(self) -> dict[str, Any]:
         """``Spec.to_dict()``: the whole DAG, root first."""
-        return {"spec": {"_meta": {"version": 5}, "nodes": [p.node() for p in self.traverse()]}}
+        meta = {"version": self.specfile_version}
+        return {"spec": {"_meta": meta, "nodes": [p.node() for p in self.traverse()]}}
 
     @property
     def is_external(self) -> bool:
@@ -261,6 +295,7 @@ def packages_from_nodes(nodes: Sequence[dict[str, Any]]) -> dict[str, Package]:
                 for d in n.get("dependencies", [])
             ]
             a = n["arch"]
+            compiler = n.get("compiler")
             built[h] = Package(
                 n["name"],
                 n["version"],
@@ -272,6 +307,7 @@ def packages_from_nodes(nodes: Sequence[dict[str, Any]]) -> dict[str, Package]:
                 external=n.get("external"),
                 annotations=n.get("annotations", {}),
                 hash_override=h if "external" in n else None,
+                compiler=(compiler["name"], compiler["version"]) if compiler else None,
             )
         return built[h]
 
@@ -311,6 +347,47 @@ def projection(pkg: Package) -> str:
 def install_prefix(build_root: str, pkg: Package) -> str:
     """Build-time install prefix of ``pkg`` under ``build_root``."""
     return f"{build_root.rstrip('/')}/{projection(pkg)}"
+
+
+def architecture(pkg: Package) -> str:
+    """Spack's ``{architecture}``: ``platform-os-target``."""
+    platform, platform_os, target = pkg.arch
+    return f"{platform}-{platform_os}-{target['name'] if isinstance(target, dict) else target}"
+
+
+def _v2_compiler(pkg: Package) -> tuple[str, str]:
+    if pkg.compiler is None:
+        raise ValueError(f"{pkg.name}: a layout-v2 package needs a compiler (spec v4)")
+    return pkg.compiler
+
+
+def v2_projection(pkg: Package) -> str:
+    """Spack 0.23's default projection
+    ``{architecture}/{compiler.name}-{compiler.version}/{name}-{version}-{hash}``."""
+    cname, cversion = _v2_compiler(pkg)
+    parts = [architecture(pkg), f"{cname}-{cversion}", f"{pkg.name}-{pkg.version}-{pkg.dag_hash}"]
+    return "/".join(polite_filename(p) for p in parts)
+
+
+def v2_tarball_name(pkg: Package, ext: str) -> str:
+    """Spack 0.23's ``tarball_name``: ``<arch>-<compiler>-<cver>-<name>-<ver>-<hash><ext>``."""
+    cname, cversion = _v2_compiler(pkg)
+    stem = f"{architecture(pkg)}-{cname}-{cversion}-{pkg.name}-{pkg.version}-{pkg.dag_hash}"
+    return polite_filename(stem) + ext
+
+
+def v2_specfile_relpath(pkg: Package, signed: bool = True) -> str:
+    """Cache-relative path of a layout-v2 spec file."""
+    return "build_cache/" + v2_tarball_name(pkg, ".spec.json.sig" if signed else ".spec.json")
+
+
+def v2_tarball_relpath(pkg: Package) -> str:
+    """Cache-relative path of a layout-v2 ``.spack`` tarball (Spack 0.23's
+    ``tarball_path_name``: ``<arch>/<compiler>-<cver>/<name>-<ver>/<tarball_name>``)."""
+    cname, cversion = _v2_compiler(pkg)
+    parts = [architecture(pkg), f"{cname}-{cversion}", f"{pkg.name}-{pkg.version}"]
+    directory = "/".join(polite_filename(p) for p in parts)
+    return f"build_cache/{directory}/{v2_tarball_name(pkg, '.spack')}"
 
 
 def manifest_relpath(pkg: Package) -> str:
@@ -437,6 +514,45 @@ def stage_files(pkg: Package, dest: Path) -> None:
     for rel, value in items:
         if isinstance(value, Hardlink):
             os.link(dest / value.target, dest / rel)
+
+
+def sbang_line(sbang_path: str) -> bytes:
+    """Spack's ``sbang_shebang_line()`` plus newline."""
+    return f"#!/bin/sh {sbang_path}\n".encode()
+
+
+def filter_shebangs(staged: Path, sbang_path: str) -> list[str]:
+    """Spack's sbang post-install hook, as a build runs it before the push.
+
+    Every executable regular file (symlinks skipped) whose first line, newline included, is
+    longer than 127 bytes (and has its newline within 4096 bytes) gets ``#!/bin/sh
+    <sbang_path>`` prepended; the old line stays as line 2 (``--!`` for lua, ``//!`` for
+    node, ``<?php #!... ?>`` for php). Returns the changed relpaths, sorted.
+    """
+    new_line = sbang_line(sbang_path)
+    changed = []
+    for root, _dirs, names in os.walk(staged):
+        for name in names:
+            path = Path(root) / name
+            st = path.lstat()
+            if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111:
+                continue
+            data = path.read_bytes()
+            first = data[: data.find(b"\n", 0, SHEBANG_READ_LIMIT) + 1]
+            if not first.startswith(b"#!") or len(first) <= SHEBANG_LIMIT or first == new_line:
+                continue  # also: no newline within the limit (first is then empty)
+            if re.match(rb"#!(/[^/\n]*)*lua\b", first):
+                first_out = b"--!" + first[2:]
+            elif re.match(rb"#!(/[^/\n]*)*node\b", first):
+                first_out = b"//!" + first[2:]
+            elif re.match(rb"#!(/[^/\n]*)*php\b", first):
+                first_out = b"<?php " + first + b" ?>"
+            else:
+                first_out = first
+            path.write_bytes(new_line + first_out + data[len(first):])
+            os.chmod(path, stat.S_IMODE(st.st_mode))
+            changed.append(path.relative_to(staged).as_posix())
+    return sorted(changed)
 
 
 def read_tree(directory: Path) -> tuple[dict[str, FileValue], set[str]]:
@@ -719,7 +835,9 @@ class CacheWriter:
 
     ``build_root`` is the build-time install root (``padded_length`` pads it like Spack's
     ``config:install_tree:padded_length``). Spec manifests are clearsigned with ``signer``
-    if given (``sign_time`` fixes the signature time), plain JSON otherwise.
+    if given (``sign_time`` fixes the signature time), plain JSON otherwise. ``build_sbang``
+    applies Spack's sbang hook to each prefix before it is packed (as the build did);
+    turn it off to push overlong shebangs unchanged.
     """
 
     def __init__(
@@ -731,6 +849,7 @@ class CacheWriter:
         padded_length: int | None = None,
         spack_prefix: str = "/tmp/spack",
         sign_time: int | None = None,
+        build_sbang: bool = True,
     ) -> None:
         self.root = Path(root)
         self.unpadded_root = build_root.rstrip("/")
@@ -738,6 +857,7 @@ class CacheWriter:
         self.signer = signer
         self.spack_prefix = spack_prefix
         self.sign_time = sign_time
+        self.build_sbang = build_sbang
         self.entries: dict[str, Entry] = {}
         self._records: dict[str, Package] = {}
         self._in_buildcache: set[str] = set()
@@ -857,17 +977,7 @@ class CacheWriter:
         True = the writer's signer (if any), False = plain JSON, or another Signer.
         Returns the DAG hash.
         """
-        if pkg.is_external:
-            raise ValueError(f"{pkg.name} is external: externals have no tarball")
-        with tempfile.TemporaryDirectory(prefix="lmstage-") as tmp:
-            staged = Path(tmp) / "prefix"
-            stage_files(pkg, staged)
-            spec_json = staged / ".spack" / "spec.json"
-            if not spec_json.exists() and not spec_json.is_symlink():
-                spec_json.parent.mkdir(parents=True, exist_ok=True)
-                spec_json.write_bytes(compact_json(pkg.spec_dict()).encode())
-                spec_json.chmod(0o644)
-            tarball, info_bytes = self.tarball_bytes(pkg, staged)
+        tarball, info_bytes = self.pack(pkg)
         tar_rec = self.write_blob(tarball, MEDIA_TARBALL, "gzip")
         spec_rec = self.write_blob(spec_blob_bytes(pkg), MEDIA_SPEC, "gzip")
         path = self.write_spec_manifest(pkg, [tar_rec, spec_rec], sign=sign, sign_time=sign_time)
@@ -876,6 +986,23 @@ class CacheWriter:
         )
         self.add_record(pkg, in_buildcache=True)
         return pkg.dag_hash
+
+    def pack(self, pkg: Package) -> tuple[bytes, bytes]:
+        """(gzip'd tarball, buildinfo bytes) of ``pkg`` as a build leaves its prefix: files
+        staged, sbang hook applied, ``.spack/spec.json`` added unless ``pkg.files`` has one."""
+        if pkg.is_external:
+            raise ValueError(f"{pkg.name} is external: externals have no tarball")
+        with tempfile.TemporaryDirectory(prefix="lmstage-") as tmp:
+            staged = Path(tmp) / "prefix"
+            stage_files(pkg, staged)
+            if self.build_sbang:
+                filter_shebangs(staged, self.sbang_install_path)
+            spec_json = staged / ".spack" / "spec.json"
+            if not spec_json.exists() and not spec_json.is_symlink():
+                spec_json.parent.mkdir(parents=True, exist_ok=True)
+                spec_json.write_bytes(compact_json(pkg.spec_dict()).encode())
+                spec_json.chmod(0o644)
+            return self.tarball_bytes(pkg, staged)
 
     def add_prefix_dir(self, pkg: Package, directory: Path, **kw: Any) -> str:
         """Push ``pkg`` with the contents of a real directory (built for ``prefix_of(pkg)``).
@@ -900,20 +1027,26 @@ class CacheWriter:
         return pkg
 
     def build_c_package(self, name: str, **kw: Any) -> Package:
-        """:func:`build_c_package` for this writer's build root."""
-        return build_c_package(name, self.build_root, **kw)
+        """:func:`build_c_package` for this writer's build root and prefixes."""
+        return build_c_package(name, self.build_root, prefix_of=self.prefix_of, **kw)
 
     # -- index, keys, layout ----------------------------------------------------------------
 
-    def index_records(self) -> dict[str, dict[str, Any]]:
-        """Index records in Spack's order (post-order DFS as specs were added)."""
+    def index_records(self, upgraded: bool = False) -> dict[str, dict[str, Any]]:
+        """Index records in Spack's order (post-order DFS as specs were added).
+
+        ``upgraded``: nodes as Spack 1.x re-serializes old (v4) ones (a migrated index)."""
         refs: dict[str, int] = dict.fromkeys(self._records, 0)
         for pkg in self._records.values():
             for dep_hash in {e.pkg.dag_hash for e in pkg.deps}:
                 if dep_hash in refs:
                     refs[dep_hash] += 1
         return {
-            h: {"spec": p.node(), "ref_count": refs[h], "in_buildcache": h in self._in_buildcache}
+            h: {
+                "spec": p.upgraded_node() if upgraded else p.node(),
+                "ref_count": refs[h],
+                "in_buildcache": h in self._in_buildcache,
+            }
             for h, p in self._records.items()
         }
 
@@ -953,6 +1086,147 @@ class CacheWriter:
         self.write_index(records)
         self.write_keys()
         self.write_layout()
+        return self.root
+
+
+@dataclass
+class V2Entry:
+    """What :meth:`V2CacheWriter.add` wrote for one package."""
+
+    pkg: Package
+    prefix: str
+    tarball: Path  # the .spack file
+    checksum: str  # its sha256, as the spec file says
+    specfile: Path  # .spec.json.sig (or .spec.json when unsigned)
+    spec_text: bytes  # the spec file's JSON (what is signed)
+    buildinfo: bytes
+
+
+class V2CacheWriter(CacheWriter):
+    """Writes an old layout-v2 build cache under ``root`` as Spack 0.20-0.23 did.
+
+    Packages need a ``compiler`` (spec v4 nodes; :data:`DEFAULT_COMPILER` is a good one) and
+    live at 0.23's projection (:func:`v2_projection`) under the build root. Per package: the
+    ``.spack`` tarball at :func:`v2_tarball_relpath`, and the spec file at
+    :func:`v2_specfile_relpath` (clearsigned ``.spec.json.sig``; ``.spec.json`` unsigned)
+    holding ``spec.to_dict()`` + layout version 2 + the ``.spack``'s sha256, written with
+    ``json.dump(indent=0, separators=(",", ":"))``.
+    :meth:`finish` writes ``build_cache/index.json`` (DB v7), ``index.json.hash`` and the
+    ``_pgp/`` keys; :meth:`migrate` then adds what ``spack buildcache migrate`` writes.
+    """
+
+    def __init__(self, root: Path, build_root: str = DEFAULT_BUILD_ROOT,
+                 signer: Signer | None = None, **kw: Any) -> None:
+        super().__init__(root, build_root, signer, **kw)
+        self.v2_entries: dict[str, V2Entry] = {}
+
+    def prefix_of(self, pkg: Package) -> str:
+        return f"{self.build_root.rstrip('/')}/{v2_projection(pkg)}"
+
+    def buildinfo(self, pkg: Package, rel: _Relocations) -> dict[str, Any]:
+        """``get_buildinfo_dict`` of Spack 0.23 (its key order differs from 1.x)."""
+        info = super().buildinfo(pkg, rel)
+        order = ("sbang_install_path", "buildpath", "spackprefix", "relative_prefix",
+                 "relocate_textfiles", "relocate_binaries", "relocate_links",
+                 "hardlinks_deduped", "hash_to_prefix")
+        return {key: info[key] for key in order}
+
+    def specfile_path(self, pkg: Package, signed: bool = True) -> Path:
+        return self.root / v2_specfile_relpath(pkg, signed)
+
+    def tarball_path(self, pkg: Package) -> Path:
+        return self.root / v2_tarball_relpath(pkg)
+
+    def add(self, pkg: Package, *, sign: bool | Signer = True, sign_time: int | None = None) -> str:
+        """Push ``pkg``: its ``.spack`` tarball and its spec file; record its DAG in the index.
+        ``sign`` as for :meth:`CacheWriter.add`. Returns the DAG hash."""
+        _v2_compiler(pkg)
+        tarball, info_bytes = self.pack(pkg)
+        spack_file = self.tarball_path(pkg)
+        spack_file.parent.mkdir(parents=True, exist_ok=True)
+        spack_file.write_bytes(tarball)
+        checksum = hashlib.sha256(tarball).hexdigest()
+        doc = {**pkg.spec_dict(), "buildcache_layout_version": 2,
+               "binary_cache_checksum": {"hash_algorithm": "sha256", "hash": checksum}}
+        text = json.dumps(doc, indent=0, separators=(",", ":")).encode()
+        specfile = self.write_spec_file(pkg, text, sign=sign, sign_time=sign_time)
+        self.v2_entries[pkg.dag_hash] = V2Entry(
+            pkg, self.prefix_of(pkg), spack_file, checksum, specfile, text, info_bytes)
+        self.add_record(pkg, in_buildcache=True)
+        return pkg.dag_hash
+
+    def write_spec_file(self, pkg: Package, text: bytes, *, sign: bool | Signer = True,
+                        sign_time: int | None = None) -> Path:
+        """(Re)write ``pkg``'s spec file with ``text``: clearsigned as ``.spec.json.sig`` if
+        ``sign`` resolves to a Signer, else plain as ``.spec.json``. The other form is removed
+        (Spack's push deletes both before writing one)."""
+        signer = self._resolve_signer(sign)
+        for signed in (True, False):
+            self.specfile_path(pkg, signed).unlink(missing_ok=True)
+        path = self.specfile_path(pkg, signer is not None)
+        if signer is not None:
+            text = signer.clearsign(text, sign_time if sign_time is not None else self.sign_time)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text)
+        return path
+
+    def write_v2_index(self, records: dict[str, dict[str, Any]] | None = None) -> bytes:
+        """``build_cache/index.json`` (DB v7, compact) and ``index.json.hash`` (its sha256)."""
+        installs = self.index_records() if records is None else records
+        data = compact_json({"database": {"version": "7", "installs": installs}}).encode()
+        (self.root / "build_cache").mkdir(parents=True, exist_ok=True)
+        (self.root / "build_cache" / "index.json").write_bytes(data)
+        digest = hashlib.sha256(data).hexdigest()
+        (self.root / "build_cache" / "index.json.hash").write_bytes(digest.encode())
+        return data
+
+    def write_v2_keys(self, signers: Iterable[Signer] | None = None) -> None:
+        """``build_cache/_pgp/<FPR>.pub`` (``gpg --armor --export``) and ``_pgp/index.json``."""
+        if signers is None:
+            signers = [self.signer] if self.signer is not None else []
+        chosen = list(signers)
+        if not chosen:
+            return
+        keys = self.root / "build_cache" / "_pgp"
+        keys.mkdir(parents=True, exist_ok=True)
+        for s in chosen:
+            (keys / f"{s.fingerprint}.pub").write_bytes(s.public_key_armor)
+        index = {"keys": {fpr: {} for fpr in sorted({s.fingerprint for s in chosen})}}
+        (keys / "index.json").write_bytes(compact_json(index).encode())
+
+    def finish(self, records: dict[str, dict[str, Any]] | None = None) -> Path:
+        """Write the v2 index, its hash and the keys (no ``v3/`` at all); return ``root``."""
+        self.write_v2_index(records)
+        self.write_v2_keys()
+        return self.root
+
+    def migrate(self, *, sign: bool | Signer = True, sign_time: int | None = None,
+                delete_existing: bool = False) -> Path:
+        """What ``spack buildcache migrate`` adds next to the untouched ``build_cache/``.
+
+        Per package: the ``.spack`` bytes as the tarball blob; the spec file's JSON minus
+        ``binary_cache_checksum``, plus ``archive_size``, gzip'd as the spec blob (still spec
+        v4, under the spec.v5 mediaType); a (signed) manifest. Then a DB v8 index whose nodes
+        carry ``annotations: {original_specfile_version: 4, compiler: "gcc@=12.2.0"}``, the
+        key manifests and ``v3/layout.json``. ``delete_existing`` removes ``build_cache/``.
+        """
+        for entry in self.v2_entries.values():
+            tarball = entry.tarball.read_bytes()
+            tar_rec = self.write_blob(tarball, MEDIA_TARBALL, "gzip")
+            doc = {**entry.pkg.spec_dict(), "buildcache_layout_version": 2,
+                   "archive_size": len(tarball)}
+            spec_blob = gzip_bytes(compact_json(doc).encode(), sync_flush=True)
+            spec_rec = self.write_blob(spec_blob, MEDIA_SPEC, "gzip")
+            path = self.write_spec_manifest(entry.pkg, [tar_rec, spec_rec], sign=sign,
+                                            sign_time=sign_time)
+            self.entries[entry.pkg.dag_hash] = Entry(
+                entry.pkg, entry.prefix, tar_rec, spec_rec, path, entry.buildinfo)
+        self.write_index(self.index_records(upgraded=True))
+        signer = self._resolve_signer(sign)
+        self.write_keys([signer] if signer is not None else [])
+        self.write_layout()
+        if delete_existing:
+            shutil.rmtree(self.root / "build_cache")
         return self.root
 
 
@@ -1042,6 +1316,7 @@ def build_c_package(
     deps: Sequence[Any] = (),
     message: str | None = None,
     cc: str = "gcc",
+    prefix_of: Callable[[Package], str] | None = None,
     **pkg_kw: Any,
 ) -> Package:
     """Compile a tiny C package for its build prefix under ``build_root``.
@@ -1051,12 +1326,14 @@ def build_c_package(
     Spack's wrapper; prints the message, its prefix, a data path and each C dep's prefix),
     ``include/<name>.h`` and ``share/<name>/data.txt`` (text mentioning the prefix).
     Link-time uses ``-L`` to a scratch dir, so only the RPATHs name build prefixes.
+    ``prefix_of`` gives build prefixes (default: Spack 1.x's projection under ``build_root``).
     """
     pkg = Package(name, version, deps=list(deps), **pkg_kw)
-    prefix = install_prefix(build_root, pkg)
+    where = prefix_of or (lambda p: install_prefix(build_root, p))
+    prefix = where(pkg)
     sym, msg = c_symbol(name), message or f"Hello from {name}"
     cdeps = _c_deps(pkg)
-    rpaths = [f"{prefix}/lib", *(f"{install_prefix(build_root, d)}/lib" for d in cdeps)]
+    rpaths = [f"{prefix}/lib", *(f"{where(d)}/lib" for d in cdeps)]
     rflags = ["-Wl,--disable-new-dtags," + ",".join(f"-rpath,{r}" for r in rpaths)]
     with tempfile.TemporaryDirectory(prefix="lmcc-") as tmp:
         work = Path(tmp)
@@ -1088,6 +1365,7 @@ def _file_bytes(value: FileValue) -> bytes:
 
 
 __all__ = [
+    "DEFAULT_COMPILER",
     "CacheWriter",
     "Dep",
     "Dir",
@@ -1096,11 +1374,14 @@ __all__ = [
     "Package",
     "Signer",
     "Symlink",
+    "V2CacheWriter",
+    "V2Entry",
     "Verified",
     "b32_hash",
     "blob_record",
     "build_c_package",
     "external",
+    "filter_shebangs",
     "gzip_bytes",
     "index_bytes",
     "install_prefix",
@@ -1109,5 +1390,8 @@ __all__ = [
     "padded_root",
     "read_tree",
     "spec_blob_bytes",
+    "v2_projection",
+    "v2_specfile_relpath",
+    "v2_tarball_relpath",
     "verify_clearsigned",
 ]
