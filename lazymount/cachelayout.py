@@ -198,6 +198,8 @@ def _json(data: bytes, what: str) -> Any:
         return json.loads(data)
     except ValueError as exc:  # UnicodeDecodeError is a ValueError too
         raise FormatError(f"{what} is not JSON ({exc})") from None
+    except RecursionError:  # deep nesting: not a ValueError
+        raise FormatError(f"{what} is not JSON (nested too deeply)") from None
 
 
 def gunzip_bounded(data: bytes, limit: int, what: str) -> bytes:

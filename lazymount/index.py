@@ -7,6 +7,7 @@ manifest and spec blob say wins when it is materialized.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,9 @@ from .layout import is_dag_hash
 
 RUNTIME_DEPTYPES = frozenset({"link", "run"})
 SUPPORTED_DB_VERSIONS = ("6", "7", "8")
+MAX_SKIP_WARNINGS = 10  # dropped records logged one by one; the rest are counted
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,42 @@ def _check_name(value: Any, what: str, dag_hash: str) -> str:
     if not isinstance(value, str) or not value:
         raise FormatError(f"index record {dag_hash}: {what} is missing or not a string")
     if "/" in value or "\0" in value or value in (".", ".."):
-        raise FormatError(f"index record {dag_hash}: {what} {value!r} is not a valid name")
+        raise FormatError(f"index record {dag_hash}: {what} {value!r:.80} is not a valid name")
     return value
+
+
+def _check_version(value: Any, dag_hash: str) -> str:
+    # Spack writes versions as strings; very old databases may hold a bare number
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise FormatError(f"index record {dag_hash}: version is missing or not a string")
+    return _check_name(str(value), "version", dag_hash)
+
+
+def _check_shape(node: dict[str, Any], dag_hash: str) -> None:
+    """Refuse a node whose fields, used to place and fetch it, have the wrong types."""
+
+    def bad(reason: str) -> FormatError:
+        return FormatError(f"index record {dag_hash}: {reason}")
+
+    arch = node.get("arch")
+    if arch is not None:
+        if not isinstance(arch, dict):
+            raise bad("arch is not a mapping")
+        if not all(isinstance(arch.get(k, ""), str) for k in ("platform", "platform_os")):
+            raise bad("arch platform is not a name")
+        target = arch.get("target", "")
+        if isinstance(target, dict):
+            target = target.get("name", "")
+        if not isinstance(target, str):
+            raise bad("arch target is not a name")
+    for key in ("compiler", "external", "parameters"):
+        if node.get(key) is not None and not isinstance(node[key], dict):
+            raise bad(f"{key} is not a mapping")
+    if not isinstance(node.get("namespace", ""), str):
+        raise bad("namespace is not a name")
+    deps = node.get("dependencies")
+    if deps is not None and not isinstance(deps, list):
+        raise bad("dependencies is not a list")
 
 
 def _runtime_deps(node: dict[str, Any]) -> tuple[str, ...]:
@@ -51,46 +89,79 @@ def _runtime_deps(node: dict[str, Any]) -> tuple[str, ...]:
     for dep in node.get("dependencies") or ():
         if not isinstance(dep, dict):
             continue
-        deptypes = (dep.get("parameters") or {}).get("deptypes") or dep.get("type") or ()
-        if RUNTIME_DEPTYPES.intersection(deptypes) and isinstance(dep.get("hash"), str):
+        parameters = dep.get("parameters")
+        deptypes = (parameters.get("deptypes") if isinstance(parameters, dict) else None) or \
+            dep.get("type") or ()
+        if isinstance(deptypes, str):
+            deptypes = (deptypes,)
+        if not isinstance(deptypes, list | tuple):
+            continue
+        if RUNTIME_DEPTYPES.intersection(t for t in deptypes if isinstance(t, str)) and \
+                isinstance(dep.get("hash"), str):
             deps.append(dep["hash"])
     return tuple(deps)
+
+
+def _count(value: Any) -> int:
+    """ref_count is informational: anything but a whole number counts as 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _record(dag_hash: str, entry: Any, mirror: int) -> SpecRecord:
+    """One record, checked. Raises FormatError naming the record."""
+    if not is_dag_hash(dag_hash) or not isinstance(entry, dict):
+        raise FormatError(f"the index has a malformed record {str(dag_hash)[:40]!r}")
+    node = entry.get("spec")
+    if not isinstance(node, dict):
+        raise FormatError(f"index record {dag_hash} has no spec")
+    # the path under the mount shows the node's hash; the signed spec is bound to the key
+    if node.get("hash", dag_hash) != dag_hash:
+        raise FormatError(f"index record {dag_hash}: spec hash {str(node['hash'])[:40]} "
+                          "is not the record's key")
+    _check_shape(node, dag_hash)
+    return SpecRecord(
+        dag_hash=dag_hash,
+        name=_check_name(node.get("name"), "name", dag_hash),
+        version=_check_version(node.get("version"), dag_hash),
+        node=node if "hash" in node else {**node, "hash": dag_hash},
+        in_buildcache=bool(entry.get("in_buildcache", False)),
+        ref_count=_count(entry.get("ref_count", 0)),
+        mirror=mirror,
+        runtime_deps=_runtime_deps(node),
+    )
 
 
 def parse_index(data: bytes, mirror: int = 0) -> dict[str, SpecRecord]:
     """Parse an index blob (database v6-v8 JSON) into records keyed by DAG hash.
 
-    Raises FormatError for anything that is not such a document. Records whose hash or
-    names are unusable are refused as a whole: an index that lies about names is broken.
+    Raises FormatError for anything that is not such a document. A record whose hash, names
+    or fields are unusable is dropped with a warning, and the others are kept: the index is
+    only a hint, and one bad record must not hide a whole mirror. Pure but for the log;
+    any thread.
     """
     try:
         doc = json.loads(data)
         database = doc["database"]
         version = str(database["version"])
         installs = database["installs"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise FormatError(f"the index is not a Spack database document ({exc})") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise FormatError(f"the index is not a Spack database document ({reason})") from None
     if version not in SUPPORTED_DB_VERSIONS:
-        raise FormatError(f"the index has database version {version}; supported: 6, 7, 8")
+        raise FormatError(f"the index has database version {version:.20}; supported: 6, 7, 8")
     if not isinstance(installs, dict):
         raise FormatError("the index's installs is not a mapping")
     records: dict[str, SpecRecord] = {}
+    dropped = 0
     for dag_hash, entry in installs.items():
-        if not is_dag_hash(dag_hash) or not isinstance(entry, dict):
-            raise FormatError(f"the index has a malformed record {str(dag_hash)[:40]!r}")
-        node = entry.get("spec")
-        if not isinstance(node, dict):
-            raise FormatError(f"index record {dag_hash} has no spec")
-        records[dag_hash] = SpecRecord(
-            dag_hash=dag_hash,
-            name=_check_name(node.get("name"), "name", dag_hash),
-            version=_check_name(str(node.get("version", "")), "version", dag_hash),
-            node=node,
-            in_buildcache=bool(entry.get("in_buildcache", False)),
-            ref_count=int(entry.get("ref_count", 0) or 0),
-            mirror=mirror,
-            runtime_deps=_runtime_deps(node),
-        )
+        try:
+            records[dag_hash] = _record(dag_hash, entry, mirror)
+        except FormatError as exc:
+            dropped += 1
+            if dropped <= MAX_SKIP_WARNINGS:
+                log.warning("%s; not shown", exc)
+    if dropped > MAX_SKIP_WARNINGS:
+        log.warning("%d more malformed index records not shown", dropped - MAX_SKIP_WARNINGS)
     return records
 
 

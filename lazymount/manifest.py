@@ -41,6 +41,8 @@ def parse_manifest(plaintext: bytes, what: str) -> list[BlobRecord]:
         doc = json.loads(plaintext)
     except ValueError as exc:
         raise FormatError(f"{what}: manifest is not JSON ({exc})") from None
+    except RecursionError:  # not a ValueError: json gives up on deep nesting with this
+        raise FormatError(f"{what}: manifest is not JSON (nested too deeply)") from None
     if not isinstance(doc, dict) or doc.get("version") != MANIFEST_VERSION:
         raise FormatError(f"{what}: not a version {MANIFEST_VERSION} manifest")
     data = doc.get("data")

@@ -104,6 +104,8 @@ def _reason(result: gnupg.Crypt, signer: str) -> str:
         return "BAD signature: the manifest was altered after signing"
     if "no data" in status or "no valid openpgp data" in status:
         return "the signature block is unreadable"
+    if "crc error" in (result.stderr or "").lower():
+        return "the signature block is corrupt (armor checksum mismatch)"
     if "expired" in status or "revoked" in status:
         return f"signature by {key_id} not accepted ({status})"
     return f"signature not valid ({status or 'gpg gave no verdict'})"
