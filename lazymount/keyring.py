@@ -29,12 +29,17 @@ from pathlib import Path
 
 from .errors import FormatError, LazymountError, NotInMirror, UsageError
 from .fetch import fetch_bytes
-from .layout import KEY_INDEX_MANIFEST, MEDIA_KEY, MEDIA_KEY_INDEX, key_manifest_path
+from .layout import (
+    KEY_INDEX_MANIFEST,
+    MEDIA_KEY,
+    MEDIA_KEY_INDEX,
+    V2_KEY_INDEX,
+    key_manifest_path,
+)
 from .manifest import MAX_MANIFEST_BYTES, parse_manifest, pick
 from .transport import Mirror
 from .verify import MAX_KEY_BYTES, PublicKey, read_key_file, read_public_keys
 
-V2_KEY_INDEX = "build_cache/_pgp/index.json"
 KEY_SUFFIX = ".asc"
 _FINGERPRINT = re.compile(r"[0-9A-F]{40}|[0-9A-F]{64}")
 
