@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -157,3 +158,29 @@ def test_command_line_mirrors_come_before_the_spack_mirrors(http_server, mount_c
     # a hash in several mirrors comes from the first
     assert any("manifests/spec" in r for r in first.requests)
     assert not any("manifests/spec" in r for r in second.requests)
+
+
+def test_stackinator_sub_cache_per_mount_point(mount_cache, tmp_path):
+    """A Stackinator cache root holds one cache per mount point; the sub-directory is the
+    mirror (here named relative to the mirrors.yaml beside the cache root)."""
+    root = tmp_path / "uenv-cache"
+    shutil.copytree(FIXTURE_CACHE, root / "user-environment")
+    config = tmp_path / "mirrors.yaml"
+    config.write_text("mirrors:\n  uenv:\n    url: uenv-cache/user-environment\n")
+    mount = mount_cache([], extra=(f"--spack-mirrors={config}",))
+    result = subprocess.run([str(mount.prefix() / "bin" / "hello")], capture_output=True,
+                            text=True, timeout=60)
+    assert "Hello from lmgreet" in result.stdout, mount.log_text()
+    assert str(root / "user-environment") in mount.log_text()
+
+
+def test_help_lists_the_subcommands():
+    result = subprocess.run(lazymount_command("--help"), capture_output=True, text=True,
+                            timeout=60)
+    for text in ("keys list", "keys install [--trust] MIRROR", "spack-config MOUNTPOINT",
+                 "--spack-mirrors", "--keyring"):
+        assert text in result.stdout
+    keys_help = subprocess.run(lazymount_command("keys", "--help"), capture_output=True,
+                               text=True, timeout=60)
+    for action in ("list", "install", "add", "remove"):
+        assert action in keys_help.stdout
