@@ -13,6 +13,7 @@ deterministic once the time is fixed with --faked-system-time).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -560,3 +561,204 @@ def test_build_c_package_runs_at_its_build_prefix(tmp_path):
     assert info["relocate_binaries"] == ["bin/capp", "lib/libcapp.so"]
     assert info["relocate_textfiles"] == ["share/capp/data.txt"]
     assert w.prefix_of(app).encode() in app.files["lib/libcapp.so"]  # type: ignore[operator]
+
+
+# ---------------------------------------------------------------------------------------------
+# Build-time sbang (Spack's post-install hook ran before the push)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_build_time_sbang_rewrites_only_long_executable_shebangs(tmp_path):
+    w = sc.CacheWriter(tmp_path, "/tmp/lmp/opt/spack", padded_length=128)
+    long_line = f"#!{w.prefix_of(sc.Package('s'))}/bin/python3 -u\n"
+    lua_line = "#!" + "/l" * 70 + "/lua\n"
+    pkg = sc.Package("s", files={
+        "bin/long": long_line + "print(1)\n",
+        "bin/lua": lua_line + "print(1)\n",
+        "bin/short": "#!/bin/sh\necho hi\n",
+        "share/not-executable": long_line,
+        "bin/link": sc.Symlink("long"),
+    }, executable={"bin/long", "bin/lua", "bin/short"})
+    staged = tmp_path / "staged"
+    sc.stage_files(pkg, staged)
+    changed = sc.filter_shebangs(staged, w.sbang_install_path)
+    assert changed == ["bin/long", "bin/lua"]
+    sbang = b"#!/bin/sh /tmp/lmp/opt/spack/bin/sbang\n"
+    assert (staged / "bin/long").read_bytes() == sbang + long_line.encode() + b"print(1)\n"
+    lua = sbang + b"--!" + lua_line[2:].encode() + b"print(1)\n"
+    assert (staged / "bin/lua").read_bytes() == lua
+    assert (staged / "bin/short").read_bytes() == b"#!/bin/sh\necho hi\n"
+    assert (staged / "share/not-executable").read_bytes() == long_line.encode()
+    assert os.stat(staged / "bin/long").st_mode & 0o777 == 0o755
+    assert sc.filter_shebangs(staged, w.sbang_install_path) == []  # idempotent
+
+
+def test_writer_packs_what_the_build_hook_left(tmp_path):
+    long_line = "#!/" + "p" * 140 + "/python\n"
+    for build_sbang, expected in ((True, 2), (False, 1)):
+        w = sc.CacheWriter(tmp_path / str(build_sbang), build_sbang=build_sbang)
+        pkg = sc.Package("hooked", files={"bin/x": long_line + "pass\n"})
+        w.add(pkg)
+        tarball = w.blob_path(w.entries[pkg.dag_hash].tarball["checksum"]).read_bytes()
+        member = dict(tar_members(tarball))
+        data = next(d for m, d in member.items() if m.name.endswith("/bin/x"))
+        assert data is not None and data.count(b"#!") == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout v2 (Spack 0.23) and migration (SPACK-FORMAT §8)
+# ---------------------------------------------------------------------------------------------
+
+V2_ROOT = "/tmp/lm/opt/spack"
+
+
+def v2_dag() -> tuple[sc.Package, sc.Package, sc.Package]:
+    """lmhello -> lmgreet (build, link), lmhello/lmgreet -> gcc-runtime (link): 0.23's DAG."""
+    runtime = sc.Package("gcc-runtime", "12.2.0", compiler=sc.DEFAULT_COMPILER,
+                         files={"lib/libgcc_s.so.1": b"\x7fELF runtime"})
+    greet = sc.Package("lmgreet", deps=[(runtime, ["link"])], compiler=sc.DEFAULT_COMPILER,
+                       files={"lib/pkgconfig/greet.pc": f"prefix={V2_ROOT}/x\n"})
+    hello = sc.Package("lmhello", deps=[(runtime, ["link"]), greet],
+                       compiler=sc.DEFAULT_COMPILER, namespace="lazymount",
+                       files={"bin/hello-script": "#!/bin/sh\necho hello\n"})
+    return runtime, greet, hello
+
+
+def test_spec_v4_nodes_as_spack_023_wrote_them():
+    runtime, greet, hello = v2_dag()
+    node = hello.node()
+    assert list(node) == ["name", "version", "arch", "compiler", "namespace", "parameters",
+                          "package_hash", "dependencies", "hash"]
+    assert node["compiler"] == {"name": "gcc", "version": "12.2.0"}
+    assert hello.dag_hash == sc.b32_hash(sc.compact_json(hello.node_without_hash()))
+    assert [n["name"] for n in hello.spec_dict()["spec"]["nodes"]] == [
+        "lmhello", "gcc-runtime", "lmgreet"]
+    assert hello.spec_dict()["spec"]["_meta"] == {"version": 4}
+    up = hello.upgraded_node()
+    assert list(up) == ["name", "version", "arch", "namespace", "parameters", "package_hash",
+                        "dependencies", "annotations", "hash"]
+    assert up["annotations"] == {"original_specfile_version": 4, "compiler": "gcc@=12.2.0"}
+    assert up["hash"] == hello.dag_hash  # Spack keeps the stored hash of an old spec
+    rebuilt = sc.packages_from_nodes(hello.spec_dict()["spec"]["nodes"])
+    assert set(rebuilt) == {p.dag_hash for p in (runtime, greet, hello)}
+
+
+@pytest.fixture
+def v2_cache(tmp_path, signer) -> tuple[sc.V2CacheWriter, tuple[sc.Package, ...]]:
+    w = sc.V2CacheWriter(tmp_path / "v2", V2_ROOT, signer)
+    dag = v2_dag()
+    for pkg in dag:
+        w.add(pkg)
+    w.finish()
+    return w, dag
+
+
+@needs_gpg
+def test_v2_cache_files_and_names(v2_cache):
+    w, (runtime, greet, hello) = v2_cache
+    stem = f"linux-debian12-x86_64-gcc-12.2.0-lmhello-1.0-{hello.dag_hash}"
+    assert sc.v2_specfile_relpath(hello) == f"build_cache/{stem}.spec.json.sig"
+    assert sc.v2_tarball_relpath(hello) == (
+        f"build_cache/linux-debian12-x86_64/gcc-12.2.0/lmhello-1.0/{stem}.spack")
+    assert w.prefix_of(hello) == (
+        f"{V2_ROOT}/linux-debian12-x86_64/gcc-12.2.0/lmhello-1.0-{hello.dag_hash}")
+    expected = {"build_cache/index.json", "build_cache/index.json.hash",
+                f"build_cache/_pgp/{FPR}.pub", "build_cache/_pgp/index.json"}
+    for pkg in (runtime, greet, hello):
+        expected |= {sc.v2_specfile_relpath(pkg), sc.v2_tarball_relpath(pkg)}
+    assert set(tree_bytes(w.root)) == expected  # nothing of layout v3
+
+
+@needs_gpg
+def test_v2_spec_file_signs_spec_and_tarball_checksum(v2_cache):
+    w, (_, _, hello) = v2_cache
+    entry = w.v2_entries[hello.dag_hash]
+    signed = entry.specfile.read_bytes()
+    assert signed.startswith(b"-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA512\n\n{\n")
+    verified = sc.verify_clearsigned(signed, PUBLIC_KEY.read_bytes())
+    assert verified.plaintext == entry.spec_text + b"\n"  # gpg ends the last line
+    doc = json.loads(entry.spec_text)
+    assert list(doc) == ["spec", "buildcache_layout_version", "binary_cache_checksum"]
+    assert doc["buildcache_layout_version"] == 2
+    tarball = entry.tarball.read_bytes()
+    assert doc["binary_cache_checksum"] == {
+        "hash_algorithm": "sha256", "hash": hashlib.sha256(tarball).hexdigest()}
+    # json.dump(..., indent=0, separators=(",", ":")): one value per line, no indent
+    assert entry.spec_text == json.dumps(doc, indent=0, separators=(",", ":")).encode()
+    assert entry.spec_text.startswith(b'{\n"spec":{\n"_meta":{\n"version":4\n},\n"nodes":[\n{\n')
+    assert doc["spec"] == hello.spec_dict()["spec"]
+
+
+@needs_gpg
+def test_v2_tarball_is_the_v3_format_at_the_023_prefix(v2_cache):
+    w, (_, greet, hello) = v2_cache
+    entry = w.v2_entries[hello.dag_hash]
+    members = tar_members(entry.tarball.read_bytes())
+    prefix = w.prefix_of(hello).lstrip("/")
+    assert members[0][0].name == "tmp" and members[-1][0].name == (
+        f"{prefix}/.spack/binary_distribution")
+    spec_json = next(d for m, d in members if m.name == f"{prefix}/.spack/spec.json")
+    assert spec_json == sc.compact_json(hello.spec_dict()).encode()
+    info = yaml.safe_load(entry.buildinfo)
+    assert list(info) == ["sbang_install_path", "buildpath", "spackprefix", "relative_prefix",
+                          "relocate_textfiles", "relocate_binaries", "relocate_links",
+                          "hardlinks_deduped", "hash_to_prefix"]
+    assert info["relative_prefix"] == sc.v2_projection(hello)
+    assert info["hash_to_prefix"][greet.dag_hash] == w.prefix_of(greet)
+    assert gzip.decompress(entry.tarball.read_bytes())  # one gzip member
+
+
+@needs_gpg
+def test_v2_index_hash_and_keys(v2_cache, signer):
+    w, dag = v2_cache
+    index = (w.root / "build_cache/index.json").read_bytes()
+    assert index.startswith(b'{"database":{"version":"7","installs":{')
+    assert json.loads(index)["database"]["installs"] == w.index_records()
+    assert [r["spec"]["name"] for r in w.index_records().values()] == [
+        "gcc-runtime", "lmgreet", "lmhello"]
+    digest = (w.root / "build_cache/index.json.hash").read_bytes()
+    assert digest == hashlib.sha256(index).hexdigest().encode()  # no newline
+    keys = w.root / "build_cache/_pgp"
+    assert (keys / f"{FPR}.pub").read_bytes() == PUBLIC_KEY.read_bytes()
+    assert (keys / "index.json").read_bytes() == b'{"keys":{"%s":{}}}' % FPR.encode()
+
+
+def test_v2_unsigned_spec_files(tmp_path):
+    w = sc.V2CacheWriter(tmp_path)
+    _, _, hello = v2_dag()
+    w.add(hello)
+    w.finish()
+    entry = w.v2_entries[hello.dag_hash]
+    assert entry.specfile == tmp_path / sc.v2_specfile_relpath(hello, signed=False)
+    assert entry.specfile.read_bytes() == entry.spec_text
+    assert not (tmp_path / "build_cache/_pgp").exists()
+    with pytest.raises(ValueError, match="needs a compiler"):
+        w.add(sc.Package("nocompiler"))
+
+
+@needs_gpg
+def test_migration_adds_v3_next_to_the_untouched_v2(v2_cache):
+    w, (runtime, greet, hello) = v2_cache
+    before = tree_bytes(w.root)
+    w.migrate()
+    after = tree_bytes(w.root)
+    assert {k: after[k] for k in before} == before  # build_cache/ untouched
+    for pkg in (runtime, greet, hello):
+        v2, v3 = w.v2_entries[pkg.dag_hash], w.entries[pkg.dag_hash]
+        tarball = v2.tarball.read_bytes()
+        assert w.blob_path(v3.tarball["checksum"]).read_bytes() == tarball  # same bytes
+        assert v3.tarball == sc.blob_record(tarball, sc.MEDIA_TARBALL, "gzip")
+        spec_blob = w.blob_path(v3.spec["checksum"]).read_bytes()
+        doc = json.loads(gzip.decompress(spec_blob))
+        assert list(doc) == ["spec", "buildcache_layout_version", "archive_size"]
+        assert doc["spec"]["_meta"]["version"] == 4 and doc["archive_size"] == len(tarball)
+        assert v3.spec["mediaType"] == sc.MEDIA_SPEC
+        manifest = sc.verify_clearsigned(v3.manifest.read_bytes(), PUBLIC_KEY.read_bytes())
+        assert json.loads(manifest.plaintext)["data"] == [v3.tarball, v3.spec]
+    index_manifest = json.loads((w.root / "v3/manifests/index/index.manifest.json").read_bytes())
+    index = json.loads(w.blob_path(index_manifest["data"][0]["checksum"]).read_bytes())
+    assert index["database"]["version"] == "8"
+    node = index["database"]["installs"][hello.dag_hash]["spec"]
+    assert "compiler" not in node and node["annotations"]["compiler"] == "gcc@=12.2.0"
+    assert (w.root / f"v3/manifests/key/{FPR}.key.manifest.json").exists()
+    assert (w.root / "v3/layout.json").exists()
