@@ -14,7 +14,8 @@ A mirror migrated with ``spack buildcache migrate`` has both; v3 is used, as Spa
 For the materializer, a layout answers one question: what do the signed documents of a spec say
 — the tarball's blob record and the spec's root node (an ``Entry``). Checking a signature is
 the caller's job (``Unsign``), so this module never runs gpg; binding the root node to the hash
-that was asked for is also the caller's. Everything here runs on the trio thread.
+that was asked for is also the caller's. Everything here runs on the trio thread (parsing a
+spec document hops to a worker thread).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+
+import trio
 
 from .errors import FormatError, IntegrityError, MirrorError, NotInMirror
 from .fetch import fetch_bytes
@@ -45,7 +48,7 @@ from .transport import Mirror
 
 MAX_INDEX_BYTES = 2 << 30
 MAX_SPEC_BLOB = 64 << 20  # compressed spec JSON; real ones are a few KiB
-MAX_SPEC_JSON = 256 << 20  # expanded spec JSON (v3 blob or v2 spec file)
+MAX_SPEC_JSON = 64 << 20  # expanded spec JSON (v3 blob or v2 spec file); real ones: < 1 MiB
 V2_SPEC_LAYOUTS = (1, 2)  # buildcache_layout_version of v2 spec files whose .spack we can read
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -61,7 +64,8 @@ class Entry:
     """What the signed documents of one spec say."""
 
     tarball: BlobRecord  # where the tarball is, its sha256 and (v3 only) its length
-    root: dict[str, Any]  # the first node of the signed spec: must be the spec asked for
+    root: Any  # the first node of the signed spec (a mapping if well formed); the caller
+    # checks that it is the spec asked for
     signed: str  # what carried the signature, for messages: "manifest" or "spec file"
 
 
@@ -105,12 +109,12 @@ class LayoutV3(CacheLayout):
         blobs = parse_manifest(await unsign(text, "manifest"), label)
         tarball = pick(blobs, MEDIA_TARBALL, label)
         spec = pick(blobs, MEDIA_SPEC, label)
-        raw = await fetch_bytes(mirror, spec, label, MAX_SPEC_BLOB)
-        if spec.compression == "gzip":
-            raw = gunzip_bounded(raw, MAX_SPEC_JSON, f"{label}: spec blob")
-        elif spec.compression != "none":
+        if spec.compression not in ("gzip", "none"):
             raise FormatError(f"{label}: unsupported spec blob compression {spec.compression!r}")
-        return Entry(tarball, root_node(_json(raw, f"{label}: spec blob"), label), "manifest")
+        raw = await fetch_bytes(mirror, spec, label, MAX_SPEC_BLOB)
+        doc = await trio.to_thread.run_sync(
+            parse_spec_document, raw, spec.compression == "gzip", f"{label}: spec blob")
+        return Entry(tarball, doc["spec"]["nodes"][0], "manifest")
 
 
 class LayoutV2(CacheLayout):
@@ -132,8 +136,10 @@ class LayoutV2(CacheLayout):
         except NotInMirror:  # Spack prefers the signed file and falls back to the plain one
             text = await mirror.read(v2_spec_file_path(record.node, record.dag_hash, False),
                                      MAX_SPEC_JSON)
-        doc = _json(await unsign(text, "spec file"), f"{label}: spec file")
-        root = root_node(doc, label)
+        plaintext = await unsign(text, "spec file")
+        doc = await trio.to_thread.run_sync(
+            parse_spec_document, plaintext, False, f"{label}: spec file")
+        root = doc["spec"]["nodes"][0]
         layout = doc.get("buildcache_layout_version")
         if layout not in V2_SPEC_LAYOUTS:
             raise FormatError(f"{label}: spec file of build cache layout {layout!r} is not "
@@ -141,8 +147,7 @@ class LayoutV2(CacheLayout):
         return Entry(_v2_tarball(doc, root, record.dag_hash, label), root, "spec file")
 
 
-def _v2_tarball(doc: dict[str, Any], root: dict[str, Any], dag_hash: str, label: str
-                ) -> BlobRecord:
+def _v2_tarball(doc: dict[str, Any], root: Any, dag_hash: str, label: str) -> BlobRecord:
     """The tarball record a v2 spec file signs: sha256 only, at the path its spec gives."""
     checksum = doc.get("binary_cache_checksum")
     if not isinstance(checksum, dict):
@@ -152,6 +157,8 @@ def _v2_tarball(doc: dict[str, Any], root: dict[str, Any], dag_hash: str, label:
         raise FormatError(f"{label}: unsupported tarball checksum algorithm {algorithm!r}")
     if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
         raise FormatError(f"{label}: tarball checksum {str(digest)[:80]!r} is not a sha256")
+    if not isinstance(root, dict):
+        raise FormatError(f"{label}: the spec file's root node is not a mapping")
     return BlobRecord(MEDIA_TARBALL, "gzip", digest, None, v2_tarball_path(root, dag_hash))
 
 
@@ -182,36 +189,49 @@ async def _exists(mirror: Mirror, path: str) -> bool:
         return False
 
 
-def root_node(doc: Any, label: str) -> dict[str, Any]:
-    """The first node of a spec document (``{"spec": {"nodes": [root, ...]}}``, spec v2-v5)."""
-    try:
-        root = doc["spec"]["nodes"][0]
-    except (KeyError, IndexError, TypeError) as exc:
-        raise FormatError(f"{label}: the signed document holds no Spack spec ({exc})") from None
-    if not isinstance(root, dict):
-        raise FormatError(f"{label}: the spec's root node is not a mapping")
-    return root
+def parse_spec_document(data: bytes, gzipped: bool, what: str) -> dict[str, Any]:
+    """A spec document (``{"spec": {"nodes": [root, ...]}, ...}``, spec v2-v5; gzip'd if
+    ``gzipped``) whose node list is not empty. ``what`` starts every message.
 
-
-def _json(data: bytes, what: str) -> Any:
+    Raises FormatError ("<what> is not a Spack spec (...)") for anything else, and
+    IntegrityError past MAX_SPEC_JSON expanded bytes. Blocking: run it in a worker thread.
+    """
+    if gzipped:
+        data = gunzip_bounded(data, MAX_SPEC_JSON, what)
+    elif len(data) > MAX_SPEC_JSON:
+        raise IntegrityError(f"{what} is larger than {MAX_SPEC_JSON} bytes")
     try:
-        return json.loads(data)
-    except ValueError as exc:  # UnicodeDecodeError is a ValueError too
-        raise FormatError(f"{what} is not JSON ({exc})") from None
-    except RecursionError:  # deep nesting: not a ValueError
-        raise FormatError(f"{what} is not JSON (nested too deeply)") from None
+        doc = json.loads(data)
+        nodes = doc["spec"]["nodes"]
+        if not isinstance(nodes, list) or not nodes:
+            raise ValueError("it lists no nodes")
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        # ValueError covers bad UTF-8; RecursionError JSON nested too deeply
+        raise FormatError(f"{what} is not a Spack spec ({str(exc)[:200]})") from None
+    return doc
 
 
 def gunzip_bounded(data: bytes, limit: int, what: str) -> bytes:
-    """Decompress a gzip member, refusing more than ``limit`` bytes of output (a bomb) or
-    anything that is not exactly one well-formed member. Raises FormatError/IntegrityError."""
-    inflater = zlib.decompressobj(wbits=31)
-    try:
-        out = inflater.decompress(data, limit + 1)
-    except zlib.error as exc:
-        raise FormatError(f"{what} is not valid gzip ({exc})") from None
-    if len(out) > limit:
-        raise IntegrityError(f"{what} expands past {limit} bytes")
-    if not inflater.eof or inflater.unused_data:
-        raise FormatError(f"{what} is truncated or has trailing data")
-    return out
+    """Decompress gzip data (one or more members, as ``gzip.decompress`` accepts), refusing
+    more than ``limit`` bytes of output before holding them (a bomb). Raises IntegrityError
+    past the limit, FormatError ("<what> is not a Spack spec") for broken gzip."""
+    out: list[bytes] = []
+    size = 0
+    while data:
+        inflater = zlib.decompressobj(wbits=31)
+        try:
+            chunk = inflater.decompress(data, limit + 1 - size)
+            while True:
+                size += len(chunk)
+                if size > limit:
+                    raise IntegrityError(f"{what} expands past {limit} bytes")
+                out.append(chunk)
+                if inflater.eof or not inflater.unconsumed_tail:
+                    break
+                chunk = inflater.decompress(inflater.unconsumed_tail, limit + 1 - size)
+        except zlib.error as exc:
+            raise FormatError(f"{what} is not a Spack spec (bad gzip: {exc})") from None
+        if not inflater.eof:
+            raise FormatError(f"{what} is not a Spack spec (truncated gzip)")
+        data = inflater.unused_data
+    return b"".join(out)

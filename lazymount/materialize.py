@@ -202,7 +202,7 @@ class Materializer:
     def _bind(self, entry: Entry, dag_hash: str, label: str) -> None:
         """Bind the signed document to the hash asked for: its spec's root node must be it
         (the signature does not cover the document's path)."""
-        root = entry.root
+        root = entry.root if isinstance(entry.root, dict) else {}
         if root.get("hash") != dag_hash:
             raise IntegrityError(f"{label}: the signed {entry.signed} is for spec "
                                  f"{root.get('hash')}, not {dag_hash}")

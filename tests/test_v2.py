@@ -271,3 +271,21 @@ def test_signature_errors_name_the_spec_file(built):
 
     with pytest.raises(SignatureError, match="spec file is not signed"):
         trio.run(main)
+
+
+def test_spec_documents_are_parsed_within_bounds():
+    from lazymount.cachelayout import MAX_SPEC_JSON, parse_spec_document
+    from lazymount.errors import FormatError
+
+    doc = b'{"spec":{"nodes":[{"name":"a"}]}}'
+    half = len(doc) // 2
+    two_members = sc.gzip_bytes(doc[:half]) + sc.gzip_bytes(doc[half:])
+    assert parse_spec_document(two_members, True, "x")["spec"]["nodes"][0] == {"name": "a"}
+    bomb = sc.gzip_bytes(b" " * (MAX_SPEC_JSON + 1))
+    with pytest.raises(IntegrityError, match=f"x expands past {MAX_SPEC_JSON} bytes"):
+        parse_spec_document(bomb, True, "x")
+    for bad in (sc.gzip_bytes(doc)[:-9], b"not gzip", sc.gzip_bytes(b"[" * 100_000)):
+        with pytest.raises(FormatError, match="x is not a Spack spec"):
+            parse_spec_document(bad, True, "x")
+    with pytest.raises(FormatError, match="x is not a Spack spec"):
+        parse_spec_document(b'{"spec":{"nodes":[]}}', False, "x")
