@@ -123,10 +123,7 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path,
         sources = [MirrorSource(m, c.require_signature)
                    for m, c in zip(mirrors, config.mirrors, strict=True)]
         materializer = Materializer(tree, sources, verifier, store)
-        # the upstream database Spack reads: written once per mount, served from the store
-        database = await trio.to_thread.run_sync(
-            write_database, tree, store.root / "spackdb" / materializer.root_digest, time.time())
-        files = {f"{DB_DIR}/{name}": path for name, path in database.items()}
+        files = await _spack_database(tree, store, materializer.root_digest)
         operations = InstallTreeFS(tree, materializer, sbang, files)
         try:
             pyfuse3.init(operations, root, mount_options(config))
@@ -151,6 +148,19 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path,
     finally:
         for mirror in mirrors:
             await mirror.aclose()
+
+
+async def _spack_database(tree: InstallTree, store: Store, digest: str) -> dict[str, Path]:
+    """The upstream database Spack reads (``.spack-db/``), written into the store in a
+    worker thread; without it (logged) the mount still serves its packages."""
+    try:
+        database = await trio.to_thread.run_sync(
+            write_database, tree, store.root / "spackdb" / digest, time.time())
+    except LazymountError as exc:
+        log.warning("no Spack database (%s): the mount works, but not as a Spack upstream",
+                    exc)
+        return {}
+    return {f"{DB_DIR}/{name}": path for name, path in database.items()}
 
 
 async def _stop_on_signal() -> None:

@@ -20,7 +20,8 @@ replaced by the install-record fields):
   recounted over the merged catalog of all mirrors; ``explicit`` for roots (ref_count 0).
 
 Nothing here fetches a package: the database is written into the store when the mount starts
-and served read-only from there. Blocking functions (file writes): call from a worker thread.
+(kept from an earlier mount of the same tree) and served read-only from there. Blocking
+functions (file writes): call from a worker thread.
 """
 
 from __future__ import annotations
@@ -39,14 +40,16 @@ from .tree import InstallTree
 DB_DIR = ".spack-db"
 INDEX = "index.json"
 VERIFIER = "index_verifier"
+KEY = "tree.key"  # tree_key of what the files were written for (ours, not served)
 DB_VERSION = "8"  # Spack 1.x; Spack 0.x (DB version 7) refuses newer databases
 
 
-def ref_counts(tree: InstallTree) -> dict[str, int]:
-    """How many records of the catalog list each hash as a dependency (one per edge)."""
-    counts = dict.fromkeys(tree.catalog, 0)
-    for record in tree.catalog.values():
-        for dep in record.node.get("dependencies") or ():
+def ref_counts(nodes: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """How many of ``nodes`` (hash -> spec node) list each hash as a dependency, one per
+    edge of any type."""
+    counts = dict.fromkeys(nodes, 0)
+    for node in nodes.values():
+        for dep in node.get("dependencies") or ():
             dep_hash = dep.get("hash") if isinstance(dep, dict) else None
             if dep_hash in counts:
                 counts[dep_hash] += 1
@@ -54,8 +57,12 @@ def ref_counts(tree: InstallTree) -> dict[str, int]:
 
 
 def install_records(tree: InstallTree, installation_time: float) -> dict[str, dict[str, Any]]:
-    """The ``installs`` mapping of the upstream database, keyed by DAG hash."""
-    counts = ref_counts(tree)
+    """The ``installs`` mapping of the upstream database, keyed by DAG hash.
+
+    Reads every record's whole node once. Raises FormatError if a stored node is damaged.
+    """
+    nodes = {dag_hash: record.node for dag_hash, record in tree.catalog.items()}
+    counts = ref_counts(nodes)
     installs: dict[str, dict[str, Any]] = {}
     for dag_hash, record in tree.catalog.items():
         external = record.external_path
@@ -66,7 +73,7 @@ def install_records(tree: InstallTree, installation_time: float) -> dict[str, di
             path = tree.prefix_of(dag_hash)
             installed = dag_hash in tree.prefixes  # served by the mount
         installs[dag_hash] = {
-            "spec": record.node,
+            "spec": nodes[dag_hash],
             "ref_count": counts[dag_hash],
             "path": path,
             "installed": installed,
@@ -90,16 +97,39 @@ def verifier_text(index: bytes) -> str:
     return str(uuid.UUID(bytes=hashlib.sha256(index).digest()[:16], version=4))
 
 
+def tree_key(tree: InstallTree) -> str:
+    """A digest of everything the database says apart from the nodes themselves: mount
+    root, projection, and each hash's mirror, cached/external state and place. A DAG hash
+    names its node, so equal keys mean an equal database (up to installation_time)."""
+    digest = hashlib.sha256(f"{DB_VERSION}\0{tree.root}\0{tree.projection}\0".encode())
+    for dag_hash, record in tree.catalog.items():
+        line = (f"{dag_hash} {record.mirror} {int(record.in_buildcache)} "
+                f"{record.external_path} {tree.prefixes.get(dag_hash)}\n")
+        digest.update(line.encode())
+    return digest.hexdigest()
+
+
 def write_database(tree: InstallTree, directory: Path, installation_time: float
                    ) -> dict[str, Path]:
-    """Write index.json and index_verifier into ``directory`` (each atomically, the index
-    first); returns {file name: path}. Raises StoreError if the disk refuses."""
-    index = database_bytes(tree, installation_time)
+    """index.json and index_verifier in ``directory``; returns {file name: path}.
+
+    A database written earlier for the same tree (same ``tree_key``) is kept as it is, so a
+    remount reads no node. Otherwise both files are written, each atomically, the index
+    first. Raises StoreError if the disk refuses, FormatError for a damaged stored node.
+    """
     paths = {INDEX: directory / INDEX, VERIFIER: directory / VERIFIER}
+    key = tree_key(tree)
+    try:
+        if (directory / KEY).read_text() == key and all(p.is_file() for p in paths.values()):
+            return paths
+    except OSError:
+        pass
+    index = database_bytes(tree, installation_time)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         _write_atomically(paths[INDEX], index)
         _write_atomically(paths[VERIFIER], verifier_text(index).encode())
+        _write_atomically(directory / KEY, key.encode())
     except OSError as exc:
         raise StoreError(f"cannot write the Spack database into {directory}: "
                          f"{exc.strerror}") from None

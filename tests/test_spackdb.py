@@ -185,7 +185,8 @@ def test_uncached_and_build_only_specs_are_missing_where_they_would_be():
 def test_ref_counts_match_spack_and_only_roots_are_explicit():
     index = json.loads(INDEX_BLOB.read_bytes())["database"]["installs"]
     tree = fixture_tree()
-    assert ref_counts(tree) == {h: r["ref_count"] for h, r in index.items()}
+    nodes = {h: r.node for h, r in tree.catalog.items()}
+    assert ref_counts(nodes) == {h: r["ref_count"] for h, r in index.items()}
     explicit = {h for h, r in install_records(tree, 1.0).items() if r["explicit"]}
     assert explicit == {HELLO}
 
@@ -246,8 +247,16 @@ def test_write_database_writes_both_files_read_only(tmp_path: Path):
     assert paths["index.json"].stat().st_mode & 0o222 == 0
     write_database(fixture_tree("/tmp/lmy"), tmp_path / "db", 1.0)  # replaces, atomically
     assert b"/tmp/lmy/" in paths["index.json"].read_bytes()
-    assert sorted(p.name for p in (tmp_path / "db").iterdir()) == ["index.json",
-                                                                   "index_verifier"]
+    assert sorted(p.name for p in (tmp_path / "db").iterdir()) == [
+        "index.json", "index_verifier", "tree.key"]
+
+
+def test_a_remount_of_the_same_tree_keeps_the_database(tmp_path: Path):
+    first = write_database(fixture_tree(), tmp_path / "db", 1.0)["index.json"].read_bytes()
+    again = write_database(fixture_tree(), tmp_path / "db", 2.0)["index.json"].read_bytes()
+    assert again == first  # not rewritten: installation_time of the first write
+    moved = write_database(fixture_tree(projection="{name}-{hash}"), tmp_path / "db", 3.0)
+    assert b"/lmhello-3vga" in moved["index.json"].read_bytes()
 
 
 # ---- through a real mount ----------------------------------------------------------------
@@ -293,3 +302,15 @@ def test_database_is_read_only(http_server, mount_cache):
         with pytest.raises(OSError) as info:
             action()
         assert info.value.errno == errno.EROFS
+
+
+def test_mount_without_a_writable_database_still_serves(http_server, mount_cache, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "spackdb").write_text("not a directory\n")  # the database cannot be written
+    mount = mount_cache([http_server(FIXTURE_CACHE).url], store=store)
+    assert ".spack-db" not in os.listdir(mount.root)
+    assert "not as a Spack upstream" in mount.log_text()
+    result = subprocess.run([str(mount.prefix() / "bin" / "hello")], capture_output=True,
+                            text=True, timeout=60)
+    assert "Hello from lmgreet" in result.stdout
