@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import posixpath
 import stat
 import tarfile
 import zlib
@@ -716,6 +717,7 @@ def extract_tarball(
         src.drain()
         prefix = writer.prefix()
         buildinfo = parse_buildinfo(writer.read_buildinfo(), what)
+        check_build_prefix(buildinfo, "/" + prefix, what)
         writer.finish()
     except OSError as exc:
         raise _store_error(exc, what, name) from None
@@ -765,6 +767,21 @@ def parse_buildinfo(text: bytes, what: str) -> dict[str, Any]:
             raise FormatError(f"{what}: {BUILDINFO}: {key} is not a list")
         info[key] = [_rel(entry, key, what) for entry in entries]
     return info
+
+
+def check_build_prefix(info: dict[str, Any], build_prefix: str, what: str) -> None:
+    """Refuse a buildinfo whose install root cannot be the tarball's: relocation maps paths
+    under ``buildpath`` and ``relative_prefix``, so they must describe where the members are.
+
+    ``build_prefix``: the absolute prefix the tarball's members hold. Raises FormatError.
+    """
+    root = info["buildpath"].rstrip("/")
+    if not root:  # "/" would make every absolute path of the package a build path
+        raise FormatError(f"{what}: {BUILDINFO}: buildpath '/' is not a usable install root")
+    claimed = posixpath.normpath(posixpath.join(root, info["relative_prefix"] or ""))
+    if info["relative_prefix"] and claimed != posixpath.normpath(build_prefix):
+        raise FormatError(f"{what}: {BUILDINFO} says the prefix is {claimed[:200]!r}, but the "
+                          f"tarball holds {build_prefix[:200]!r}")
 
 
 def _abs(value: object, key: str, what: str) -> str:

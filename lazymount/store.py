@@ -29,6 +29,8 @@ from .errors import StoreError
 
 RECEIPT = "receipt.json"
 TREE = "tree"
+MAX_RECEIPT_BYTES = 1 << 20
+_TAKEN = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR)  # rename: something is at the target
 
 
 def default_store_dir() -> Path:
@@ -83,9 +85,14 @@ class Store:
             raise StoreError(f"cannot create the store at {root}: {exc.strerror}") from None
 
     def tree(self, key: str) -> Path | None:
-        """The published tree of ``key``, or None."""
+        """The published tree of ``key``, or None.
+
+        A package counts only with a readable receipt and a tree: publish writes both before
+        the one rename, so anything less was damaged afterwards (a deleted or corrupted
+        receipt, a removed tree) and is materialized again; publish then replaces it.
+        """
         published = self.pkgs / key
-        if (published / RECEIPT).is_file():
+        if self.receipt(key) is not None and (published / TREE).is_dir():
             return published / TREE
         return None
 
@@ -109,14 +116,25 @@ class Store:
             receipt = dict(receipt, published=time.time())
             (staging / RECEIPT).write_text(json.dumps(receipt, indent=1) + "\n")
             _syncfs(staging)
-            os.rename(staging, self.pkgs / key)
+            self._rename_into_place(staging, key)
         except OSError as exc:
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and self.tree(key):
+            if exc.errno in _TAKEN and self.tree(key):
                 self.discard(staging)
                 return self.pkgs / key / TREE
             self.discard(staging)
             raise StoreError(f"cannot publish {key} in the store: {exc.strerror}") from None
         return self.pkgs / key / TREE
+
+    def _rename_into_place(self, staging: Path, key: str) -> None:
+        """Rename ``staging`` to ``pkgs/<key>``; a damaged entry in the way (no valid receipt
+        or tree) is moved to the trash first. OSError if a valid one is there."""
+        try:
+            os.rename(staging, self.pkgs / key)
+        except OSError as exc:
+            if exc.errno not in _TAKEN or self.tree(key) is not None:
+                raise
+            self.discard(self.pkgs / key)
+            os.rename(staging, self.pkgs / key)
 
     def discard(self, path: Path) -> None:
         """Remove a staging directory or published package off the caller's hot path."""
@@ -139,11 +157,21 @@ class Store:
                 if _owner_alive(entry.name):
                     continue
                 count += 1
-                shutil.rmtree(entry, ignore_errors=True)
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:  # stray files and links: nothing of ours, but not in the way either
+                    entry.unlink(missing_ok=True)
         return count
 
     def receipt(self, key: str) -> dict[str, Any] | None:
+        """The receipt of a published ``key``, or None if it is missing or not one of ours."""
         try:
-            return dict(json.loads((self.pkgs / key / RECEIPT).read_text()))
-        except (OSError, ValueError):
+            with open(self.pkgs / key / RECEIPT, "rb") as handle:
+                receipt = json.loads(handle.read(MAX_RECEIPT_BYTES))
+        except (OSError, ValueError, RecursionError):
             return None
+        if not isinstance(receipt, dict) or not isinstance(receipt.get("published"), int | float):
+            return None
+        if not key.startswith(str(receipt.get("hash", ""))):  # a receipt of another package
+            return None
+        return receipt

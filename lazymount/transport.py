@@ -29,12 +29,22 @@ class Timeouts:
     connect: float = 10.0  # seconds to open a connection
     read: float = 30.0  # seconds without a byte before giving up
     min_rate: float = 256 * 1024  # bytes/s a download must average, past its base allowance
-    base: float = 30.0  # seconds every request may take regardless of size
+    base: float | None = None  # seconds every request may take regardless of size (None: read)
     retries: int = 2  # extra attempts after a connection failure or a 5xx answer
+
+    @property
+    def allowance(self) -> float:
+        """Seconds a request may take before its rate counts (``base``, else ``read``)."""
+        return self.read if self.base is None else self.base
 
     def deadline(self, length: int | None) -> float:
         """Seconds a transfer of ``length`` bytes may take in all."""
-        return self.base + (length or 0) / self.min_rate
+        return self.allowance + (length or 0) / self.min_rate
+
+    def too_slow(self, received: int, elapsed: float) -> bool:
+        """True when a transfer is behind ``min_rate`` past its allowance: a trickle ends
+        after about ``allowance`` seconds, however large the blob it pretends to send."""
+        return received < (elapsed - self.allowance) * self.min_rate
 
 
 class Mirror:
@@ -101,7 +111,8 @@ class LocalMirror(Mirror):
 
 
 class HttpMirror(Mirror):
-    """A mirror served over HTTP(S). Retries connection failures and 5xx answers."""
+    """A mirror served over HTTP(S). Retries connection failures and 5xx answers; a server
+    that accepts and then stays silent is given up at once (another mirror may answer)."""
 
     def __init__(self, url: str, timeouts: Timeouts):
         self.url = url.rstrip("/")
@@ -122,10 +133,27 @@ class HttpMirror(Mirror):
             deadline = trio.current_time() + self.timeouts.deadline(expected)
 
         async def chunks() -> AsyncIterator[bytes]:
+            started, received = trio.current_time(), 0
+            pending: list[bytes] = []  # network pieces, handed on in chunks of about CHUNK
+            size = 0
             try:
                 with trio.fail_at(deadline):
-                    async for chunk in response.aiter_bytes(CHUNK):
-                        yield chunk
+                    # pieces as they arrive (not httpx's fixed-size chunks, which wait for a
+                    # whole chunk), so the rate is checked at every read
+                    async for piece in response.aiter_bytes():
+                        received += len(piece)
+                        elapsed = trio.current_time() - started
+                        if self.timeouts.too_slow(received, elapsed):
+                            raise MirrorError(
+                                f"{url}: transfer too slow ({received} bytes in {elapsed:.0f} s,"
+                                f" below {self.timeouts.min_rate / 1024:.0f} KiB/s)")
+                        pending.append(piece)
+                        size += len(piece)
+                        if size >= CHUNK:
+                            yield b"".join(pending)
+                            pending, size = [], 0
+                    if pending:
+                        yield b"".join(pending)
             except trio.TooSlowError:
                 raise MirrorError(f"{url}: transfer too slow, gave up after "
                                   f"{self.timeouts.deadline(expected):.0f} s") from None
@@ -138,7 +166,7 @@ class HttpMirror(Mirror):
             await response.aclose()
 
     async def _send(self, url: str, deadline: float) -> httpx.Response:
-        last = ""
+        last, began = "", trio.current_time()
         for attempt in range(self.timeouts.retries + 1):
             if attempt:
                 await trio.sleep(min(2.0 ** attempt / 4, max(0.0, deadline - trio.current_time())))
@@ -147,7 +175,11 @@ class HttpMirror(Mirror):
                     request = self.client.build_request("GET", url)
                     response = await self.client.send(request, stream=True)
             except trio.TooSlowError:
-                raise MirrorError(f"{url}: no answer in time ({last or 'timed out'})") from None
+                raise MirrorError(f"{url}: no answer in {deadline - began:.0f} s "
+                                  f"({last or 'timed out'})") from None
+            except httpx.ReadTimeout as exc:  # connected, then silence: a hung server
+                raise MirrorError(f"{url}: no answer in {self.timeouts.read:.0f} s "
+                                  f"({_describe(exc)})") from None
             except httpx.HTTPError as exc:
                 last = _describe(exc)
                 continue
