@@ -45,9 +45,9 @@ async def load_catalog(mirrors: list[Mirror]) -> dict[str, SpecRecord]:
         for position, mirror in enumerate(mirrors):
             nursery.start_soon(one, position, mirror)
     indexes = [r for r in results if isinstance(r, dict)]
-    for result in results:
+    for mirror, result in zip(mirrors, results, strict=True):
         if isinstance(result, LazymountError):
             if not indexes:
                 raise result
-            log.warning("skipping a mirror: %s", result)
+            log.warning("skipping mirror %s: %s", mirror.url, result)
     return merge_indexes(indexes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 from . import __version__
 from .config import MirrorConfig, MountConfig
 from .errors import LazymountError, UsageError
+from .extract import Limits
 from .keyring import default_keyring_dir
 from .layout import DEFAULT_PROJECTION
 from .spackconfig import read_spack_mirrors
@@ -108,12 +110,44 @@ def mount_parser() -> argparse.ArgumentParser:
                         help="where the background process logs (default: "
                              "STORE/lazymount.log)")
     parser.add_argument("--timeout", metavar="SECONDS", type=float, default=30.0,
-                        help="give up on a mirror that sends nothing for this long "
+                        help="give up on a mirror that sends nothing for this long, or whose "
+                             "download is still below 256 KiB/s on average after it "
                              "(default: 30)")
+    parser.add_argument("--max-package-size", metavar="BYTES", type=byte_size, default=None,
+                        help="refuse a package whose files expand to more than this (a "
+                             "decompression bomb); K, M, G, T suffixes (default: "
+                             f"{_show_size(Limits.max_bytes)})")
+    parser.add_argument("--max-package-files", metavar="N", type=positive_int, default=None,
+                        help="refuse a package whose tarball has more members than this "
+                             f"(default: {Limits.max_members})")
     parser.add_argument("--verbose", "-v", action="store_true", help="log more")
     parser.add_argument("--version", action="version", version=f"lazymount {__version__}")
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     return parser
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def byte_size(text: str) -> int:
+    """``"64G"`` -> 68719476736: a positive byte count with an optional binary-unit suffix."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match or int(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (like 512M or 64G)")
+    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+def positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def _show_size(size: int) -> str:
+    for suffix in ("T", "G", "M", "K"):
+        if size % _UNITS[suffix] == 0:
+            return f"{size // _UNITS[suffix]}{suffix}"
+    return str(size)
 
 
 def mirror_configs(args: argparse.Namespace) -> list[MirrorConfig]:
@@ -147,6 +181,8 @@ def build_config(args: argparse.Namespace) -> MountConfig:
         projection=args.projection,
         allow_other=allow_other,
         timeouts=Timeouts(read=args.timeout, connect=min(args.timeout, 10.0)),
+        limits=Limits(max_bytes=args.max_package_size or Limits.max_bytes,
+                      max_members=args.max_package_files or Limits.max_members),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .extract import Limits
 from .layout import DEFAULT_PROJECTION
 from .transport import Timeouts
 
@@ -25,3 +26,4 @@ class MountConfig:
     projection: str = DEFAULT_PROJECTION
     allow_other: bool = False
     timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)  # bounds on one package's tarball

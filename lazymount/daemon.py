@@ -122,7 +122,7 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path,
         tree = InstallTree(root, catalog, config.projection)
         sources = [MirrorSource(m, c.require_signature)
                    for m, c in zip(mirrors, config.mirrors, strict=True)]
-        materializer = Materializer(tree, sources, verifier, store)
+        materializer = Materializer(tree, sources, verifier, store, config.limits)
         files = await _spack_database(tree, store, materializer.root_digest)
         operations = InstallTreeFS(tree, materializer, sbang, files)
         try:
