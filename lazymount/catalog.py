@@ -10,6 +10,7 @@ import logging
 import trio
 
 from .cachelayout import MAX_INDEX_BYTES, discover
+from .catalog_store import CatalogStore
 from .errors import LazymountError, MirrorError
 from .index import SpecRecord, merge_indexes, parse_index
 from .transport import Mirror
@@ -19,16 +20,21 @@ log = logging.getLogger(__name__)
 __all__ = ["MAX_INDEX_BYTES", "load_catalog", "load_index"]
 
 
-async def load_index(mirror: Mirror, position: int) -> dict[str, SpecRecord]:
-    """The records of one mirror's index, whichever layout (v3, or the old v2) it has.
-    Raises a LazymountError naming the mirror."""
+async def load_index(mirror: Mirror, position: int, store: CatalogStore | None = None
+                     ) -> dict[str, SpecRecord]:
+    """The records of one mirror's index, whichever layout (v3, or the old v2) it has; with
+    a ``store``, parsed once and reused while unchanged. Raises a LazymountError naming the
+    mirror."""
+    if store is not None:
+        return await store.load(mirror, position)
     layout = await discover(mirror)
     blob = await layout.read_index(mirror)
     return await trio.to_thread.run_sync(parse_index, blob, position)
 
 
-async def load_catalog(mirrors: list[Mirror]) -> dict[str, SpecRecord]:
-    """Merged catalog of all mirrors, first mirror first.
+async def load_catalog(mirrors: list[Mirror], store: CatalogStore | None = None
+                       ) -> dict[str, SpecRecord]:
+    """Merged catalog of all mirrors, first mirror first (kept in ``store`` if given).
 
     A mirror whose index cannot be read is skipped with a warning; if none can be read, the
     first error is raised.
@@ -37,7 +43,7 @@ async def load_catalog(mirrors: list[Mirror]) -> dict[str, SpecRecord]:
 
     async def one(position: int, mirror: Mirror) -> None:
         try:
-            results[position] = await load_index(mirror, position)
+            results[position] = await load_index(mirror, position, store)
         except LazymountError as exc:
             results[position] = exc
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import FormatError
-from .layout import is_dag_hash
+from .layout import COMPILER_LANGUAGES, is_dag_hash
 
 RUNTIME_DEPTYPES = frozenset({"link", "run"})
 SUPPORTED_DB_VERSIONS = ("6", "7", "8")
@@ -21,25 +21,79 @@ MAX_SKIP_WARNINGS = 10  # dropped records logged one by one; the rest are counte
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SpecRecord:
-    """One node of the index: a spec and what we need to place and fetch it."""
+    """One node of the index: a spec and what we need to place and fetch it.
+
+    ``place`` holds the node's fields that place it under a projection and in a v2 cache
+    (see ``placement``); ``node`` is the whole node, which a record loaded from the
+    catalog store reads from disk on use, so 100,000 records stay small in memory.
+    """
 
     dag_hash: str
     name: str
     version: str
-    node: dict[str, Any] = field(repr=False, compare=False)
+    place: dict[str, Any] = field(repr=False, compare=False)
     in_buildcache: bool = False
     ref_count: int = 0
     mirror: int = 0  # position of the mirror that lists it, in the order given
     runtime_deps: tuple[str, ...] = ()  # hashes of link/run dependencies
+    source: dict[str, Any] | NodeSource | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def node(self) -> dict[str, Any]:
+        """The index's whole spec node. Raises FormatError if a stored index is damaged."""
+        if isinstance(self.source, dict):
+            return self.source
+        if self.source is not None:
+            return self.source.node(self.dag_hash)
+        return self.place
 
     @property
     def external_path(self) -> str | None:
-        external = self.node.get("external")
+        external = self.place.get("external")
         if isinstance(external, dict) and isinstance(external.get("path"), str):
             return str(external["path"])
         return None
+
+
+class NodeSource(Protocol):
+    """Where the whole nodes of stored records are read from (the catalog store)."""
+
+    def node(self, dag_hash: str) -> dict[str, Any]: ...
+
+
+def placement(node: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a (checked) node that ``layout.project`` and the v2 cache paths read:
+    name, version, hash, namespace, arch, compiler (a v4 field or a migration annotation),
+    the path of an external, and the edges that provide a compiler. Shares nothing mutable
+    with ``node``."""
+    place: dict[str, Any] = {key: node[key] for key in ("name", "version", "hash", "namespace")
+                             if key in node}
+    arch = node.get("arch")
+    if isinstance(arch, dict):
+        target = arch.get("target", "")
+        place["arch"] = {"platform": arch.get("platform", ""),
+                         "platform_os": arch.get("platform_os", ""),
+                         "target": target.get("name", "") if isinstance(target, dict) else target}
+    if isinstance(node.get("compiler"), dict):
+        place["compiler"] = dict(node["compiler"])
+    annotations = node.get("annotations")
+    if isinstance(annotations, dict) and "compiler" in annotations:
+        place["annotations"] = {"compiler": annotations["compiler"]}
+    external = node.get("external")
+    if isinstance(external, dict):
+        place["external"] = {"path": external.get("path")}
+    edges = []
+    for dep in node.get("dependencies") or ():
+        parameters = dep.get("parameters") if isinstance(dep, dict) else None
+        virtuals = parameters.get("virtuals") if isinstance(parameters, dict) else None
+        if isinstance(virtuals, list) and any(v in COMPILER_LANGUAGES for v in virtuals):
+            edges.append({"name": dep.get("name"), "hash": dep.get("hash"),
+                          "parameters": {"virtuals": list(virtuals)}})
+    if edges:
+        place["dependencies"] = edges
+    return place
 
 
 def _check_name(value: Any, what: str, dag_hash: str) -> str:
@@ -107,15 +161,18 @@ def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def _record(dag_hash: str, entry: Any, mirror: int) -> SpecRecord:
-    """One record, checked. Raises FormatError naming the record."""
+def parse_record(dag_hash: str, entry: Any, mirror: int) -> SpecRecord:
+    """One record of ``installs``, checked; its ``place`` and ``source`` are the node itself.
+    Raises FormatError naming the record."""
     if not is_dag_hash(dag_hash) or not isinstance(entry, dict):
         raise FormatError(f"the index has a malformed record {str(dag_hash)[:40]!r}")
     node = entry.get("spec")
     if not isinstance(node, dict):
         raise FormatError(f"index record {dag_hash} has no spec")
     # the path under the mount shows the node's hash; the signed spec is bound to the key
-    if node.get("hash", dag_hash) != dag_hash:
+    if "hash" not in node:
+        node = {**node, "hash": dag_hash}
+    elif node["hash"] != dag_hash:
         raise FormatError(f"index record {dag_hash}: spec hash {str(node['hash'])[:40]} "
                           "is not the record's key")
     _check_shape(node, dag_hash)
@@ -123,7 +180,8 @@ def _record(dag_hash: str, entry: Any, mirror: int) -> SpecRecord:
         dag_hash=dag_hash,
         name=_check_name(node.get("name"), "name", dag_hash),
         version=_check_version(node.get("version"), dag_hash),
-        node=node if "hash" in node else {**node, "hash": dag_hash},
+        place=node,
+        source=node,
         in_buildcache=bool(entry.get("in_buildcache", False)),
         ref_count=_count(entry.get("ref_count", 0)),
         mirror=mirror,
@@ -155,7 +213,7 @@ def parse_index(data: bytes, mirror: int = 0) -> dict[str, SpecRecord]:
     dropped = 0
     for dag_hash, entry in installs.items():
         try:
-            records[dag_hash] = _record(dag_hash, entry, mirror)
+            records[dag_hash] = parse_record(dag_hash, entry, mirror)
         except FormatError as exc:
             dropped += 1
             if dropped <= MAX_SKIP_WARNINGS:

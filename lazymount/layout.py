@@ -6,6 +6,7 @@ Pure functions of names and hashes; no I/O.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -160,35 +161,70 @@ def project(projection: str, node: dict[str, Any], lookup: NodeLookup | None = N
     its path stays usable. Raises FormatError for an unknown token.
     """
     arch = node.get("arch") or {}
-    compiler_name, compiler_version = node_compiler(node)
-    if not compiler_name and lookup is not None:
-        compiler_name, compiler_version = compiler_from_dependencies(node, lookup)
-    if not compiler_name:
-        compiler_name = compiler_version = NO_COMPILER
-    values = {
-        "name": node.get("name", ""),
-        "version": node.get("version", ""),
-        "hash": node.get("hash", ""),
-        "namespace": node.get("namespace", ""),
-        "architecture.platform": arch.get("platform", ""),
-        "architecture.os": arch.get("platform_os", ""),
-        "architecture.target": _target_name(arch),
-        "architecture": _architecture(arch),
-        "compiler.name": compiler_name,
-        "compiler.version": compiler_version,
-    }
-
-    def substitute(match: re.Match[str]) -> str:
-        token = match.group(1)
-        hash_len = re.fullmatch(r"hash:(\d+)", token)
-        if hash_len:
-            return str(values["hash"])[: int(hash_len.group(1))]
-        if token not in values:
-            raise FormatError(f"unknown projection token {{{token}}}")
-        return str(values[token])
-
+    compiler: tuple[str, str] | None = None  # looked up only if the projection names it
     parts = []
-    for component in projection.split("/"):
-        text = re.sub(r"\{([^}]*)\}", substitute, component)
+    for pieces in _template(projection):
+        text = ""
+        for piece in pieces:
+            if isinstance(piece, str):
+                text += piece
+                continue
+            token, length = piece
+            if token in _COMPILER_TOKENS:
+                if compiler is None:
+                    compiler = _compiler(node, lookup)
+                value = str(compiler[_COMPILER_TOKENS[token]])
+            else:
+                value = str(_FIELDS[token](node, arch))
+            text += value if length is None else value[:length]
         parts.append(polite_filename(text.lower()))
     return "/".join(parts)
+
+
+def _compiler(node: dict[str, Any], lookup: NodeLookup | None) -> tuple[str, str]:
+    name, version = node_compiler(node)
+    if not name and lookup is not None:
+        name, version = compiler_from_dependencies(node, lookup)
+    if not name:
+        name = version = NO_COMPILER
+    return name, version
+
+
+_FIELDS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Any]] = {
+    "name": lambda node, arch: node.get("name", ""),
+    "version": lambda node, arch: node.get("version", ""),
+    "hash": lambda node, arch: node.get("hash", ""),
+    "namespace": lambda node, arch: node.get("namespace", ""),
+    "architecture.platform": lambda node, arch: arch.get("platform", ""),
+    "architecture.os": lambda node, arch: arch.get("platform_os", ""),
+    "architecture.target": lambda node, arch: _target_name(arch),
+    "architecture": lambda node, arch: _architecture(arch),
+}
+_COMPILER_TOKENS = {"compiler.name": 0, "compiler.version": 1}
+_TOKEN = re.compile(r"\{([^}]*)\}")
+_HASH_PREFIX = re.compile(r"hash:(\d+)")
+Piece = str | tuple[str, int | None]  # literal text, or (token, length of a {hash:N})
+
+
+@functools.lru_cache(maxsize=32)
+def _template(projection: str) -> tuple[tuple[Piece, ...], ...]:
+    """A projection parsed once (it is applied to every spec of the index): each path
+    component as literals and tokens. Raises FormatError for an unknown token."""
+    components = []
+    for component in projection.split("/"):
+        pieces: list[Piece] = []
+        last = 0
+        for match in _TOKEN.finditer(component):
+            pieces.append(component[last:match.start()])
+            token = match.group(1)
+            prefix = _HASH_PREFIX.fullmatch(token)
+            if prefix:
+                pieces.append(("hash", int(prefix.group(1))))
+            elif token in _FIELDS or token in _COMPILER_TOKENS:
+                pieces.append((token, None))
+            else:
+                raise FormatError(f"unknown projection token {{{token}}}")
+            last = match.end()
+        pieces.append(component[last:])
+        components.append(tuple(pieces))
+    return tuple(components)

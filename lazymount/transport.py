@@ -64,6 +64,13 @@ class Mirror:
                 chunks.append(chunk)
         return b"".join(chunks)
 
+    async def read_if_changed(self, path: str, max_bytes: int, etag: str | None
+                              ) -> tuple[bytes | None, str | None]:
+        """A small file unless it still has the entity tag ``etag``: ``(None, etag)`` when the
+        mirror says it is unchanged, else ``(its bytes, its ETag or None)``. Only HTTP mirrors
+        have ETags; other mirrors always read the file. Raises like ``read``."""
+        return await self.read(path, max_bytes), None
+
     def open(
         self, path: str, expected: int | None
     ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
@@ -165,14 +172,38 @@ class HttpMirror(Mirror):
         finally:
             await response.aclose()
 
-    async def _send(self, url: str, deadline: float) -> httpx.Response:
+    async def read_if_changed(self, path: str, max_bytes: int, etag: str | None
+                              ) -> tuple[bytes | None, str | None]:
+        url = f"{self.url}/{path}"
+        deadline = trio.current_time() + self.timeouts.deadline(max_bytes)
+        response = await self._send(url, deadline, {"If-None-Match": etag} if etag else None)
+        try:
+            if response.status_code == 304:
+                return None, etag
+            data = bytearray()
+            with trio.fail_at(deadline):
+                async for chunk in response.aiter_bytes(CHUNK):
+                    data += chunk
+                    if len(data) > max_bytes:
+                        raise MirrorError(f"{url} is larger than {max_bytes} bytes")
+            return bytes(data), response.headers.get("etag")
+        except trio.TooSlowError:
+            raise MirrorError(f"{url}: transfer too slow") from None
+        except httpx.HTTPError as exc:
+            raise MirrorError(f"{url}: transfer failed: {_describe(exc)}") from None
+        finally:
+            await response.aclose()
+
+    async def _send(self, url: str, deadline: float,
+                    headers: dict[str, str] | None = None) -> httpx.Response:
+        """The response to a GET: 200, or 304 for a conditional one (``headers``)."""
         last, began = "", trio.current_time()
         for attempt in range(self.timeouts.retries + 1):
             if attempt:
                 await trio.sleep(min(2.0 ** attempt / 4, max(0.0, deadline - trio.current_time())))
             try:
                 with trio.fail_at(deadline):
-                    request = self.client.build_request("GET", url)
+                    request = self.client.build_request("GET", url, headers=headers)
                     response = await self.client.send(request, stream=True)
             except trio.TooSlowError:
                 raise MirrorError(f"{url}: no answer in {deadline - began:.0f} s "
@@ -183,7 +214,7 @@ class HttpMirror(Mirror):
             except httpx.HTTPError as exc:
                 last = _describe(exc)
                 continue
-            if response.status_code == 200:
+            if response.status_code == 200 or (response.status_code == 304 and headers):
                 return response
             await response.aclose()
             if response.status_code == 404:

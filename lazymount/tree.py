@@ -36,7 +36,7 @@ class InstallTree:
 
     def _place(self, dag_hash: str, record: SpecRecord) -> None:
         try:
-            relative = project(self.projection, record.node, self.node_of)
+            relative = project(self.projection, record.place, self.node_of)
         except FormatError as exc:
             log.warning("%s-%s: not shown: %s", record.name, record.version, exc)
             return
@@ -56,9 +56,10 @@ class InstallTree:
             self.dirs.setdefault("/".join(parts[:depth]), set()).add(name)
 
     def node_of(self, dag_hash: str) -> dict[str, Any] | None:
-        """The index's spec node of a hash, if the catalog has it."""
+        """The placing fields of a hash's index node (``SpecRecord.place``), if the catalog
+        has it: enough for a projection, without reading whole nodes."""
         record = self.catalog.get(dag_hash)
-        return record.node if record is not None else None
+        return record.place if record is not None else None
 
     def prefix_of(self, dag_hash: str) -> str | None:
         """Absolute prefix under the mount for any non-external spec of the index, cached or not
@@ -69,7 +70,7 @@ class InstallTree:
             if record is None or record.external_path is not None:
                 return None
             try:
-                relative = project(self.projection, record.node, self.node_of)
+                relative = project(self.projection, record.place, self.node_of)
             except FormatError:
                 return None
         return f"{self.root.rstrip('/')}/{relative}"
