@@ -158,7 +158,9 @@ class CatalogStore:
         try:
             with _gc_paused():
                 rows = marshal.loads(payload)
-                return _records(rows, position, StoredIndex(document, header["checksum"]))
+                source = StoredIndex(document, header["checksum"],
+                                     records=self.records_path(header["url"]))
+                return _records(rows, position, source)
         except (ValueError, EOFError, TypeError, IndexError) as exc:
             log.warning("the stored catalog of %s is damaged (%s); rebuilding it",
                         header["url"], exc)
@@ -231,9 +233,10 @@ class StoredIndex:
     the file)."""
 
     def __init__(self, path: Path, checksum: str, *, verified: bool = False,
-                 data: bytes | None = None):
+                 data: bytes | None = None, records: Path | None = None):
         self.path = path
         self.checksum = checksum
+        self.records = records  # the stored records made from it: dropped if it is damaged
         self.spans: dict[str, tuple[int, int]] = {}
         self._data = data  # the document itself, when it could not be stored
         self._lock = threading.Lock()
@@ -258,6 +261,8 @@ class StoredIndex:
                 with open(self.path, "rb") as handle:
                     if not self._checked:
                         if hashlib.file_digest(handle, "sha256").hexdigest() != self.checksum:
+                            if self.records is not None:  # the next mount downloads it again
+                                self.records.unlink(missing_ok=True)
                             raise FormatError(f"the stored index {self.path} is damaged")
                         self._checked = True
                     return os.pread(handle.fileno(), end - start, start)
