@@ -1,6 +1,6 @@
 """Which build-cache layout a mirror has, and how each layout is read.
 
-Two layouts exist (SPACK-FORMAT §3 and §8):
+Two layouts exist (Spack 1.x ``url_buildcache.py``; Spack 0.23 ``binary_distribution.py``):
 
 * **v3** (Spack >= 1.0): an unsigned index manifest points at a DB v8 index blob; each spec has
   a signed manifest listing typed, checksummed blobs (the tarball and the spec JSON).

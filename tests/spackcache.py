@@ -7,10 +7,11 @@ the real cache in ``tests/data/v3-own-only`` by ``tests/test_spackcache.py``.
 :class:`V2CacheWriter` writes the old layout v2 as Spack 0.23 did (``build_cache/``, signed
 ``.spec.json.sig`` files with spec v4 nodes, ``.spack`` tarballs, DB v7 index) and
 ``V2CacheWriter.migrate`` adds what ``spack buildcache migrate`` writes next to it; those follow
-SPACK-FORMAT §8 (no real v2 cache is available to compare with). ``padded_length`` pads the
-build root like ``config:install_tree:padded_length``; overlong shebangs are rewritten at
-"build" time by Spack's sbang hook (``#!/bin/sh <unpadded root>/bin/sbang``), as a real build
-would have done before the push.
+Spack 0.23's ``binary_distribution.py`` and 1.x's ``buildcache_migrate.py`` (no real v2 cache
+is available to compare with). ``padded_length`` pads the build root like
+``config:install_tree:padded_length``; overlong shebangs are rewritten at "build" time by
+Spack's sbang hook (``#!/bin/sh <unpadded root>/bin/sbang``), as a real build would have done
+before the push.
 
 Typical use::
 

@@ -606,7 +606,7 @@ def test_writer_packs_what_the_build_hook_left(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Layout v2 (Spack 0.23) and migration (SPACK-FORMAT §8)
+# Layout v2 (Spack 0.23) and migration (spack buildcache migrate)
 # ---------------------------------------------------------------------------------------------
 
 V2_ROOT = "/tmp/lm/opt/spack"
