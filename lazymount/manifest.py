@@ -65,7 +65,10 @@ def parse_manifest(plaintext: bytes, what: str) -> list[BlobRecord]:
         length = record.length
         if not isinstance(length, int) or isinstance(length, bool) or length < 0:
             raise FormatError(f"{what}: contentLength {record.length!r} is not a size")
-        record.path  # noqa: B018  (validates the checksum's form)
+        try:
+            record.path  # noqa: B018  (validates the checksum's form)
+        except FormatError as exc:
+            raise FormatError(f"{what}: {exc}") from None
         records.append(record)
     return records
 
