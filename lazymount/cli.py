@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .bindmount import unmount_below
 from .config import MirrorConfig, MountConfig
 from .errors import LazymountError, UsageError
 from .extract import Limits
@@ -120,6 +121,10 @@ def mount_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-package-files", metavar="N", type=positive_int, default=None,
                         help="refuse a package whose tarball has more members than this "
                              f"(default: {Limits.max_members})")
+    parser.add_argument("--bind-ready", action="store_true",
+                        help="once a package is materialized, bind-mount its store tree "
+                             "read-only on its prefix, so the kernel serves it at local-disk "
+                             "speed without FUSE (needs root; unmount with lazymount umount)")
     parser.add_argument("--verbose", "-v", action="store_true", help="log more")
     parser.add_argument("--version", action="version", version=f"lazymount {__version__}")
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -183,6 +188,7 @@ def build_config(args: argparse.Namespace) -> MountConfig:
         timeouts=Timeouts(read=args.timeout, connect=min(args.timeout, 10.0)),
         limits=Limits(max_bytes=args.max_package_size or Limits.max_bytes,
                       max_members=args.max_package_files or Limits.max_members),
+        bind_ready=args.bind_ready,
     )
 
 
@@ -276,6 +282,9 @@ def run_umount(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not os.path.ismount(args.mountpoint):
         raise UsageError(f"{args.mountpoint} is not mounted")
+    if os.geteuid() == 0:  # packages bind-mounted by --bind-ready go first
+        for busy in unmount_below(str(args.mountpoint)):
+            log.warning("%s is busy", busy)
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     command = [tool, "-u", str(args.mountpoint)] if tool else ["umount", str(args.mountpoint)]
     return subprocess.call(command)

@@ -27,3 +27,4 @@ class MountConfig:
     allow_other: bool = False
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)  # bounds on one package's tarball
+    bind_ready: bool = False  # bind-mount ready packages on their prefixes (root only)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from .bindmount import PrefixBinder, unescape
 from .catalog import load_catalog
 from .catalog_store import CatalogStore
 from .config import MountConfig
@@ -37,6 +38,9 @@ from .verify import Verifier, read_key_file
 log = logging.getLogger(__name__)
 
 Ready = Callable[[str | None], None]  # None when mounted, else the reason it failed
+# FUSE's default read-ahead (128 KiB) halves the speed of a cold sequential read: 1 MiB
+# made a cold 48 MiB read 2x faster (bench/, metric 5)
+READ_AHEAD_KB = 1024
 
 
 def sd_notify(message: str) -> None:
@@ -131,7 +135,8 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path,
                    for m, c in zip(mirrors, config.mirrors, strict=True)]
         materializer = Materializer(tree, sources, verifier, store, config.limits)
         files = await _spack_database(tree, store, materializer.root_digest)
-        operations = InstallTreeFS(tree, materializer, sbang, files)
+        binder = PrefixBinder(root) if config.bind_ready else None
+        operations = InstallTreeFS(tree, materializer, sbang, files, binder)
         try:
             pyfuse3.init(operations, root, mount_options(config))
         except RuntimeError as exc:
@@ -141,6 +146,10 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path,
         try:
             async with trio.open_nursery() as nursery:
                 materializer.nursery = nursery
+                if binder is not None:
+                    binder.nursery = nursery
+                # the kernel clamps read-ahead when it hears our INIT answer: raise it after
+                operations.after_init = lambda: nursery.start_soon(_raise_readahead, root)
                 ready(None)
                 sd_notify("READY=1")
                 nursery.start_soon(_stop_on_signal)
@@ -168,6 +177,27 @@ async def _spack_database(tree: InstallTree, store: Store, digest: str) -> dict[
                     exc)
         return {}
     return {f"{DB_DIR}/{name}": path for name, path in database.items()}
+
+
+async def _raise_readahead(root: str) -> None:
+    await trio.to_thread.run_sync(raise_readahead, root)
+
+
+def raise_readahead(root: str, kib: int = READ_AHEAD_KB) -> None:
+    """Raise the read-ahead of the FUSE mount at ``root`` (its bdi in sysfs; root only,
+    else a no-op). Reads the device from mountinfo: a stat of our own mount before it is
+    served would wait forever."""
+    device = None
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if unescape(fields[4]) == root and " - fuse" in line:
+            device = fields[2]  # the last one is ours: mounts stack
+    if device is None:
+        return
+    try:
+        Path(f"/sys/class/bdi/{device}/read_ahead_kb").write_text(f"{kib}\n")
+    except OSError as exc:
+        log.debug("read-ahead of %s left as it is: %s", root, exc.strerror)
 
 
 async def _stop_on_signal() -> None:

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
+from .bindmount import PrefixBinder
 from .errors import LazymountError
 from .materialize import Materializer
 from .tree import InstallTree
@@ -94,10 +95,13 @@ class InstallTreeFS(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, tree: InstallTree, materializer: Materializer, sbang: Path,
-                 files: dict[str, Path] | None = None):
+                 files: dict[str, Path] | None = None, binder: PrefixBinder | None = None):
         """``files``: more store files to serve read-only, by path under the mount
-        (e.g. ``.spack-db/index.json``); ``bin/sbang`` is always served."""
+        (e.g. ``.spack-db/index.json``); ``bin/sbang`` is always served. ``binder``:
+        bind-mounts each ready package on its prefix (``--bind-ready``)."""
         super().__init__()
+        self.binder = binder
+        self.after_init: Callable[[], object] | None = None  # runs once the kernel says hello
         self.tree = tree
         self.materializer = materializer
         self.sbang = sbang
@@ -114,6 +118,12 @@ class InstallTreeFS(pyfuse3.Operations):
         self.next_handle = 1
         self.next_inode = pyfuse3.ROOT_INODE + 1
         self.uid, self.gid = os.getuid(), os.getgid()
+
+    def init(self) -> None:
+        """FUSE INIT, before it is answered: hands over to ``after_init`` (which must not
+        block; it schedules work to run once the answer is in)."""
+        if self.after_init is not None:
+            self.after_init()
 
     # ---- inode table ----------------------------------------------------------------
 
@@ -153,14 +163,16 @@ class InstallTreeFS(pyfuse3.Operations):
         """Store path of a directory node's contents; materializes a prefix. None if virtual."""
         if isinstance(node, PrefixDir):
             ready = self.materializer.ready_tree(node.dag_hash)
-            if ready is not None:
-                return str(ready)
-            if ctx is not None and _is_own_thread(ctx.pid):
-                # our own worker reaching into the mount would wait on itself forever
-                log.error("%s: the daemon itself looked inside the package it is "
-                          "materializing; refused", self.tree.label(node.dag_hash))
-                raise pyfuse3.FUSEError(errno.EDEADLK)
-            return str(await self.materializer.ensure(node.dag_hash))
+            if ready is None:
+                if ctx is not None and _is_own_thread(ctx.pid):
+                    # our own worker reaching into the mount would wait on itself forever
+                    log.error("%s: the daemon itself looked inside the package it is "
+                              "materializing; refused", self.tree.label(node.dag_hash))
+                    raise pyfuse3.FUSEError(errno.EDEADLK)
+                ready = await self.materializer.ensure(node.dag_hash)
+            if self.binder is not None:  # from now on the kernel serves it from the store
+                self.binder.request(node.relative, str(ready))
+            return str(ready)
         if isinstance(node, RealNode):
             return node.path
         return None

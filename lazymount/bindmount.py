@@ -1,0 +1,131 @@
+"""Serving ready packages natively: a read-only bind mount of the store tree on the prefix.
+
+A materialized package never changes, so once it is in the store the kernel can serve it
+without us: ``mount --bind -o ro pkgs/<key>/tree <mount>/<prefix>`` makes every later path
+walk into the prefix land on the store's own file system, and lookups, ``stat``, ``open``
+and reads there cost what they cost on local disk (pyfuse3 adds about 60 µs a request, and
+cached reads through FUSE go at about half the speed of the page cache). Processes that
+already hold FUSE inodes inside the prefix keep using them; both views show the same bytes.
+
+Needs CAP_SYS_ADMIN in the mount's namespace (a root service, ``--bind-ready``); if the
+kernel refuses, binding is switched off with one warning and FUSE keeps serving. Bind
+mounts sit on top of the FUSE mount, so a plain ``fusermount3 -u`` of it is refused as
+busy: ``unmount_below`` (used by ``lazymount umount``) removes them first. The daemon's own
+unmount is lazy (MNT_DETACH), which takes the binds with it. FUSE passthrough (libfuse 3.17)
+would reach the same speed without root, but Debian 12 ships libfuse 3.14 and pyfuse3 does
+not expose it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+from pathlib import Path
+
+import trio
+
+log = logging.getLogger(__name__)
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND = 1, 2, 4, 32, 4096
+MNT_DETACH = 2
+STATUS_XATTR = "user.lazymount.status"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def bind_readonly(source: str, target: str) -> None:
+    """Bind ``source`` on ``target``, then make that mount read-only, nosuid, nodev (a bind
+    takes its flags only from a remount). Raises OSError; blocking: a worker thread, since
+    resolving ``target`` inside our own mount needs the trio thread to answer."""
+    _check(_libc.mount(source.encode(), target.encode(), None, MS_BIND, None), "bind")
+    try:
+        flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
+        _check(_libc.mount(None, target.encode(), None, flags, None), "read-only remount")
+    except OSError:
+        _libc.umount2(target.encode(), MNT_DETACH)
+        raise
+
+
+def mounts_below(path: str) -> list[str]:
+    """Mount points strictly below ``path`` in this mount namespace, deepest first."""
+    below = os.path.realpath(path).rstrip("/") + "/"
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = unescape(line.split()[4])
+        if point.startswith(below):
+            found.append(point)
+    return sorted(found, key=lambda p: p.count("/"), reverse=True)
+
+
+def unmount_below(path: str) -> list[str]:
+    """Unmount what is mounted below ``path`` (the binds of a ``--bind-ready`` daemon), so
+    that ``path`` itself can be unmounted; returns the ones the kernel refused (busy).
+    Blocking."""
+    refused = []
+    for point in mounts_below(path):
+        if _libc.umount2(point.encode(), 0) != 0 and ctypes.get_errno() != errno.EINVAL:
+            refused.append(point)
+    return refused
+
+
+def unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    return field.replace("\\040", " ").replace("\\011", "\t").replace(
+        "\\012", "\n").replace("\\134", "\\")
+
+
+class PrefixBinder:
+    """Bind-mounts each ready package tree on its prefix under ``root``, once.
+
+    ``request`` is called on the trio thread (by the FUSE layer, when it serves a ready
+    prefix); the mount itself runs in a worker thread in ``nursery`` (set by the daemon).
+    """
+
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+        self.bound: dict[str, str] = {}  # relative prefix -> store tree
+        self.pending: set[str] = set()
+        self.enabled = True
+        self.nursery: trio.Nursery | None = None
+
+    def request(self, relative: str, tree: str) -> None:
+        """Bind ``tree`` on ``<root>/<relative>`` in the background, unless done or asked."""
+        if (not self.enabled or self.nursery is None or relative in self.bound
+                or relative in self.pending):
+            return
+        self.pending.add(relative)
+        self.nursery.start_soon(self._bind, relative, tree)
+
+    async def _bind(self, relative: str, tree: str) -> None:
+        target = f"{self.root}/{relative}"
+        try:
+            await trio.to_thread.run_sync(_mark_ready, tree)
+            await trio.to_thread.run_sync(bind_readonly, tree, target)
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.EACCES) and self.enabled:
+                self.enabled = False
+                log.warning("cannot bind-mount ready packages (%s); serving them through "
+                            "FUSE", exc.strerror)
+            elif self.enabled:
+                log.warning("%s: not bind-mounted (%s); served through FUSE", relative,
+                            exc.strerror)
+            return
+        finally:
+            self.pending.discard(relative)
+        self.bound[relative] = tree
+
+
+def _mark_ready(tree: str) -> None:
+    """The status attribute a bound prefix shows (it is the store tree's own, then)."""
+    try:
+        os.setxattr(tree, STATUS_XATTR, b"ready")
+    except OSError:
+        pass  # a store on a file system without user attributes: no status, still served
