@@ -7,6 +7,7 @@ through a callback once the kernel mount exists, so the command can return only 
 
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import gc
 import logging
@@ -29,7 +30,7 @@ from .errors import LazymountError, UsageError
 from .fs import InstallTreeFS
 from .keyring import Keyring
 from .materialize import Materializer, MirrorSource
-from .spackdb import DB_DIR, write_database
+from .spackdb import DB_DIR, INDEX, VERIFIER, write_database
 from .store import Store
 from .transport import Mirror, open_mirror
 from .tree import InstallTree
@@ -130,13 +131,16 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path,
         # the catalog and tree live as long as the mount: keep them out of every later
         # garbage-collection pass (100,000 records made each pass take ~0.1 s)
         gc.freeze()
+        release_memory()  # what parsing the index left in worker-thread arenas
         log.info("catalog of %d specs ready in %.2f s", len(catalog), time.monotonic() - started)
         sources = [MirrorSource(m, c.require_signature)
                    for m, c in zip(mirrors, config.mirrors, strict=True)]
         materializer = Materializer(tree, sources, verifier, store, config.limits)
-        files = await _spack_database(tree, store, materializer.root_digest)
+        database = store.root / "spackdb" / materializer.root_digest
+        files = _spack_database_files(database)
         binder = PrefixBinder(root) if config.bind_ready else None
         operations = InstallTreeFS(tree, materializer, sbang, files, binder)
+        operations.files_pending = trio.Event() if files else None
         try:
             pyfuse3.init(operations, root, mount_options(config))
         except RuntimeError as exc:
@@ -153,6 +157,8 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path,
                 ready(None)
                 sd_notify("READY=1")
                 nursery.start_soon(_stop_on_signal)
+                if files:  # written while already serving: 100,000 specs take seconds
+                    nursery.start_soon(_write_spack_database, tree, database, operations)
                 # returns on terminate() or when the mount goes away (fusermount3 -u)
                 await pyfuse3.main(min_tasks=4, max_tasks=256)
                 nursery.cancel_scope.cancel()
@@ -166,17 +172,41 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path,
             await mirror.aclose()
 
 
-async def _spack_database(tree: InstallTree, store: Store, digest: str) -> dict[str, Path]:
-    """The upstream database Spack reads (``.spack-db/``), written into the store in a
-    worker thread; without it (logged) the mount still serves its packages."""
+def _spack_database_files(directory: Path) -> dict[str, Path]:
+    """Where the upstream database Spack reads (``.spack-db/``) will be, by path under the
+    mount; empty (logged) if its directory cannot be made: the mount still serves packages."""
     try:
-        database = await trio.to_thread.run_sync(
-            write_database, tree, store.root / "spackdb" / digest, time.time())
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("no Spack database (cannot create %s: %s): the mount works, but not as a "
+                    "Spack upstream", directory, exc.strerror)
+        return {}
+    return {f"{DB_DIR}/{name}": directory / name for name in (INDEX, VERIFIER)}
+
+
+async def _write_spack_database(tree: InstallTree, directory: Path,
+                                operations: InstallTreeFS) -> None:
+    """Write (or keep, if unchanged) the database in a worker thread, then let lookups of
+    ``.spack-db/`` through; on failure (logged) it is not served."""
+    assert operations.files_pending is not None
+    try:
+        await trio.to_thread.run_sync(write_database, tree, directory, time.time())
     except LazymountError as exc:
         log.warning("no Spack database (%s): the mount works, but not as a Spack upstream",
                     exc)
-        return {}
-    return {f"{DB_DIR}/{name}": path for name, path in database.items()}
+        operations.drop_files([f"{DB_DIR}/{name}" for name in (INDEX, VERIFIER)])
+    finally:
+        operations.files_pending.set()
+    release_memory()
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the system. Big one-off work in worker threads (the database
+    of 100,000 specs) leaves glibc's per-thread arenas holding ~130 MB otherwise."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
 
 
 async def _raise_readahead(root: str) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
 from .bindmount import PrefixBinder
 from .errors import LazymountError
@@ -107,10 +108,10 @@ class InstallTreeFS(pyfuse3.Operations):
         self.sbang = sbang
         self.files = {"bin/sbang": str(sbang), **{k: str(v) for k, v in (files or {}).items()}}
         self.file_dirs: dict[str, set[str]] = {}  # directories that hold those files
-        for relative in self.files:
-            parts = relative.split("/")
-            for depth, name in enumerate(parts):
-                self.file_dirs.setdefault("/".join(parts[:depth]), set()).add(name)
+        self._index_files()
+        # set while ``files`` are still being written (the Spack database, after mounting):
+        # a lookup of one of them waits for it
+        self.files_pending: trio.Event | None = None
         self.mounted_at = time.time_ns()
         self.nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: VirtualDir("")}
         self.inodes: dict[Node, int] = {VirtualDir(""): pyfuse3.ROOT_INODE}
@@ -118,6 +119,25 @@ class InstallTreeFS(pyfuse3.Operations):
         self.next_handle = 1
         self.next_inode = pyfuse3.ROOT_INODE + 1
         self.uid, self.gid = os.getuid(), os.getgid()
+
+    def _index_files(self) -> None:
+        self.file_dirs.clear()
+        for relative in self.files:
+            parts = relative.split("/")
+            for depth, name in enumerate(parts):
+                self.file_dirs.setdefault("/".join(parts[:depth]), set()).add(name)
+
+    def drop_files(self, names: list[str]) -> None:
+        """Stop serving some of ``files`` (they could not be written)."""
+        for name in names:
+            self.files.pop(name, None)
+        self._index_files()
+
+    async def _written(self, child: Node | None) -> None:
+        """Wait until an extra store file exists, if ``child`` is one still being written."""
+        if (self.files_pending is not None and isinstance(child, RealNode)
+                and child.path != str(self.sbang)):
+            await self.files_pending.wait()
 
     def init(self) -> None:
         """FUSE INIT, before it is answered: hands over to ``after_init`` (which must not
@@ -228,6 +248,9 @@ class InstallTreeFS(pyfuse3.Operations):
         text = os.fsdecode(name)
         if isinstance(parent, VirtualDir):
             child = self._child(parent, text)
+            if isinstance(child, RealNode):
+                await self._written(child)
+                child = self._child(parent, text)  # it may have been dropped meanwhile
             if child is None:
                 return self._negative()
         else:
@@ -260,6 +283,8 @@ class InstallTreeFS(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: Any = None) -> int:
         node = self._node(inode)
         if isinstance(node, VirtualDir):
+            for name in self._children(node):
+                await self._written(self._child(node, name))
             entries = [(os.fsencode(n), self._child(node, n)) for n in self._children(node)]
             listing = [(n, c) for n, c in entries if c is not None]
         else:
