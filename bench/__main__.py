@@ -1,0 +1,7 @@
+"""``python -m bench [--quick]``: see bench/run.py."""
+
+import sys
+
+from .run import main
+
+sys.exit(main())

@@ -1,0 +1,462 @@
+"""The benchmark suite: ``python -m bench [--quick]`` (``bash bench/run.sh`` sets up first).
+
+Every figure is a ratio of two timings taken side by side in this run: lazymount against
+GNU tar, curl, or the same tree on local disk. Repeated measurements are interleaved (lazy,
+baseline, lazy, baseline, ...) and the median is reported, so a busy machine skews both
+sides alike. Results go to ``bench/out/results.json`` and ``bench/out/results.md``.
+
+Needs root (FUSE, dropping the page cache for cold figures), nginx, curl, GNU tar, gcc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import generate, report
+from .harness import (
+    REPO,
+    Mount,
+    Nginx,
+    drop_caches,
+    machine,
+    median,
+    remove_tree,
+    short_dir,
+    timed,
+)
+
+OUT = REPO / "bench" / "out"
+STRIP = len(generate.BUILD_ROOT.strip("/").split("/"))  # tar members start with the build root
+SMALL_FILES = 10_000
+
+
+@dataclass
+class Result:
+    """One row of the table."""
+
+    metric: str  # "1a", "2", ...
+    what: str
+    lazy: str  # lazymount's figure, formatted
+    baseline: str  # what it is compared with, formatted
+    ratio: float | None
+    reading: str  # how to read the ratio ("x the speed of", ...)
+    goal: str = "-"
+    met: bool | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Bench:
+    caches: generate.Caches
+    server: Nginx
+    work: Path
+    reps: int
+    log: Callable[[str], None]
+    results: list[Result] = field(default_factory=list)
+    roots: dict[str, Path] = field(default_factory=dict)  # one install root per cache
+
+    def url(self, cache: str) -> str:
+        return f"{self.server.url}/{cache}/mirror"
+
+    def root(self, cache: str) -> Path:
+        """The same mount path for every mount of a cache: relocated trees depend on it."""
+        if cache not in self.roots:
+            self.roots[cache] = short_dir("lmb")
+        path = self.roots[cache]
+        path.mkdir(exist_ok=True)
+        return path
+
+    def mount(self, cache: str, store: Path, *extra: str) -> Mount:
+        return Mount(self.url(cache), store, generate.PUBLIC_KEY, root=self.root(cache),
+                     extra=extra)
+
+    def add(self, result: Result) -> None:
+        self.results.append(result)
+        self.log(f"  {result.metric:>3} {result.what}: {result.lazy} vs {result.baseline}"
+                 f" -> {report.ratio_text(result)}")
+
+
+def _mib(size: float) -> str:
+    return f"{size / 2**20:.0f} MiB"
+
+
+def _rate(size: float, seconds: float) -> str:
+    return f"{size / 2**20 / seconds:.0f} MiB/s"
+
+
+def _blob_url(bench: Bench, cache: str, record: dict[str, Any]) -> str:
+    checksum = record["checksum"]
+    return f"{bench.url(cache)}/blobs/sha256/{checksum[:2]}/{checksum}"
+
+
+def _store_tree(store: Path, dag_hash: str) -> Path:
+    (tree,) = store.glob(f"pkgs/{dag_hash}.*/tree")
+    return tree
+
+
+def _run(path: Path, expect: str) -> None:
+    result = subprocess.run([str(path)], capture_output=True, text=True, timeout=600)
+    if result.returncode != 0 or expect not in result.stdout:
+        raise RuntimeError(f"{path} did not run as expected:\n{result.stdout}{result.stderr}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Eager baseline: curl | tar xz, then Spack-style relocation (lazymount's own code), then run
+
+
+def eager_install(bench: Bench, cache: str, entries: list[dict[str, Any]], root: Path,
+                  projected: dict[str, str]) -> dict[str, float]:
+    """Install ``entries`` under ``root`` the eager way, one after the other, as a script
+    around ``curl | tar xz`` would. Returns seconds for download+extract and relocation."""
+    from lazymount import extract, relocate
+
+    fetch = timed(lambda: [subprocess.run(
+        f"curl -sSf {_blob_url(bench, cache, e['tarball'])} | "
+        f"tar xzf - -C {root} --strip-components={STRIP}", shell=True, check=True)
+        for e in entries])
+
+    def relocate_all() -> None:
+        for entry in entries:
+            prefix = root / entry["projected"]
+            info = extract.parse_buildinfo(
+                (prefix / ".spack" / "binary_distribution").read_bytes(), entry["name"])
+            mapping = relocate.prefix_map(
+                info, str(root), lambda h: f"{root}/{projected[h]}" if h in projected else None,
+                f"{root}/bin/sbang")
+            relocate.relocate_prefix(prefix, info, mapping, entry["name"])
+            relocate.add_sbang(prefix, f"{root}/bin/sbang", entry["name"])
+
+    return {"fetch_extract_s": fetch, "relocate_s": timed(relocate_all)}
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) the big package: metrics 1a, 2, 3, 4, 5
+
+
+def bench_big(bench: Bench) -> Path:
+    """Cold first access and materialization (1a, 2); returns a store holding the package."""
+    info = bench.caches.big
+    app = Path(info["projected"]) / "bin" / "app"
+    blob = (bench.caches.root / "big" / "mirror" / "blobs" / "sha256" /
+            info["tarball"]["checksum"][:2] / info["tarball"]["checksum"])
+    label = re.escape(f"{info['name']}-{info['version']}-{info['hash'][:7]}")
+    lazy_runs, materialize, eager_runs, tar_runs = [], [], [], []
+    store = bench.work / "store-big"
+    for rep in range(bench.reps):
+        remove_tree(store)
+        with bench.mount("big", store) as mount:
+            lazy_runs.append(timed(lambda m=mount: _run(m.root / app, str(m.root))))
+            materialize += mount.logged_seconds(rf"{label}: materialized in ([\d.]+) s")
+        eager_root = short_dir("lme")
+        try:
+            parts = eager_install(bench, "big", [info], eager_root,
+                                  {info["hash"]: info["projected"]})
+            parts["run_s"] = timed(lambda r=eager_root: _run(r / app, str(r)))
+            eager_runs.append(sum(parts.values()))
+        finally:
+            remove_tree(eager_root)
+        tar_dir = bench.work / f"tar-{rep}"
+        tar_dir.mkdir(parents=True)
+        tar_runs.append(timed(lambda d=tar_dir: subprocess.run(
+            ["tar", "xzf", str(blob), "-C", str(d)], check=True)))
+        remove_tree(tar_dir)
+        bench.log(f"  rep {rep + 1}: lazy run {lazy_runs[-1]:.2f} s (materialized in "
+                  f"{materialize[-1] if materialize else float('nan'):.2f} s), eager "
+                  f"{eager_runs[-1]:.2f} s, tar xzf {tar_runs[-1]:.2f} s")
+    lazy, eager = median(lazy_runs), median(eager_runs)
+    bench.add(Result("1a", "cold first access, 200 MB package: `bin/app` runs", f"{lazy:.2f} s",
+                     f"curl | tar xz + relocate + run: {eager:.2f} s", eager / lazy,
+                     "x faster", details={"lazy_s": lazy_runs, "eager_s": eager_runs}))
+    size = info["bytes"]
+    seconds = median(materialize)
+    tar = median(tar_runs)
+    bench.add(Result("2", "materialization throughput, 200 MB package",
+                     f"{_rate(size, seconds)} ({seconds:.2f} s)",
+                     f"GNU tar xzf: {_rate(size, tar)} ({tar:.2f} s)", tar / seconds,
+                     "x GNU tar", "≥ 1.0x", tar / seconds >= 1.0,
+                     {"materialize_s": materialize, "tar_s": tar_runs, "bytes": size}))
+    return store
+
+
+def _interleaved(bench: Bench, lazy: Callable[[], float], native: Callable[[], float],
+                 reps: int) -> tuple[float, float, list[float], list[float]]:
+    lazies, natives = [], []
+    for _ in range(reps):
+        lazies.append(lazy())
+        natives.append(native())
+    return median(lazies), median(natives), lazies, natives
+
+
+def bench_warm_tree(bench: Bench, store: Path, bind: bool) -> None:
+    """Metrics 3 (find -ls, stat), 4 (small files) and 5 (large file) over the big package,
+    through a fresh mount of a store that holds it, against the store's tree itself; served
+    through FUSE, or (``bind``) from a bind mount once ready (``--bind-ready``)."""
+    info = bench.caches.big
+    mode = "--bind-ready" if bind else "FUSE"
+    suffix = "b" if bind else ""
+    native = _store_tree(store, info["hash"])
+    files = sorted(str(p.relative_to(native)) for p in native.rglob("*")
+                   if p.is_file() and not p.is_symlink())
+    small = [f for f in files if f.endswith((".h", ".py"))]
+    step = max(1, len(small) // SMALL_FILES)
+    small = small[::step][:SMALL_FILES]
+    big_file = "share/bigpkg/data/big.dat"
+    listing = bench.work / "paths"
+    reps = max(3, bench.reps)
+
+    def stat_all(base: Path) -> float:
+        listing.write_bytes(b"\0".join(os.fsencode(base / f) for f in files))
+        return timed(lambda: subprocess.run(
+            f"xargs -0 -a {listing} stat --format=%s > /dev/null", shell=True, check=True))
+
+    def find_ls(base: Path) -> float:
+        return timed(lambda: subprocess.run(f"find {base} -ls > /dev/null", shell=True,
+                                            check=True))
+
+    def read_small(base: Path) -> float:
+        def run() -> None:
+            for name in small:
+                fd = os.open(base / name, os.O_RDONLY)
+                while os.read(fd, 1 << 20):
+                    pass
+                os.close(fd)
+        return timed(run)
+
+    buffer = bytearray(1 << 20)
+
+    def read_big(base: Path) -> float:
+        def run() -> None:
+            with open(base / big_file, "rb", buffering=0) as handle:
+                while handle.readinto(buffer):  # type: ignore[attr-defined]
+                    pass
+        return timed(run)
+
+    cold = drop_caches()
+    native_first = read_small(native)
+    native_second = read_small(native)
+    native_big_cold = read_big(native)
+    drop_caches()
+    with bench.mount("big", store, *(["--bind-ready"] if bind else [])) as mount:
+        prefix = mount.root / info["projected"]
+        lazy_first = read_small(prefix)  # the first access to the package is in here
+        deadline = time.monotonic() + 30
+        while bind and not os.path.ismount(prefix) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the bind is made in the background after the first access
+        lazy_second = read_small(prefix)
+        lazy_big_cold = read_big(prefix)
+        for tool in (find_ls, stat_all):  # warm up both sides
+            tool(prefix), tool(native)
+        find = _interleaved(bench, lambda: find_ls(prefix), lambda: find_ls(native), reps)
+        stats = _interleaved(bench, lambda: stat_all(prefix), lambda: stat_all(native), reps)
+        second = _interleaved(bench, lambda: read_small(prefix), lambda: read_small(native),
+                              reps)
+        big = _interleaved(bench, lambda: read_big(prefix), lambda: read_big(native), reps)
+        memory = mount.memory()
+    entries = len(files)
+    bench.add(Result(f"3a{suffix}", f"warm `find -ls` over the package ({entries} files), {mode}",
+                     f"{find[0] * 1000:.0f} ms", f"local disk: {find[1] * 1000:.0f} ms",
+                     find[0] / find[1], "x native time", "≤ 1.3x", find[0] / find[1] <= 1.3,
+                     {"lazy_s": find[2], "native_s": find[3]}))
+    bench.add(Result(f"3b{suffix}", f"warm `stat` of every file ({entries}), {mode}",
+                     f"{stats[0] * 1000:.0f} ms", f"local disk: {stats[1] * 1000:.0f} ms",
+                     stats[0] / stats[1], "x native time", "≤ 1.3x",
+                     stats[0] / stats[1] <= 1.3, {"lazy_s": stats[2], "native_s": stats[3]}))
+    label = "cold" if cold else "first (page cache not dropped: not root?)"
+    bench.add(Result(f"4a{suffix}", f"open+read {len(small)} small files, {label} pass, {mode}",
+                     f"{lazy_first:.2f} s", f"local disk: {native_first:.2f} s",
+                     lazy_first / native_first, "x native time",
+                     details={"lazy_s": lazy_first, "native_s": native_first}))
+    bench.add(Result(f"4b{suffix}", f"open+read {len(small)} small files, second pass, {mode}",
+                     f"{second[0]:.2f} s", f"local disk: {second[1]:.2f} s",
+                     second[0] / second[1], "x native time", "≤ 2x", second[0] / second[1] <= 2,
+                     {"lazy_s": [lazy_second, *second[2]], "native_s": [native_second,
+                                                                        *second[3]]}))
+    size = (native / big_file).stat().st_size
+    bench.add(Result(f"5{suffix}", f"re-read of a {_mib(size)} file (1 MiB reads), {mode}",
+                     _rate(size, big[0]), f"local disk: {_rate(size, big[1])}",
+                     big[1] / big[0], "x native speed", "≥ 0.9x", big[1] / big[0] >= 0.9,
+                     {"lazy_s": big[2], "native_s": big[3], "cold_lazy_s": lazy_big_cold,
+                      "cold_native_s": native_big_cold, **memory}))
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) the 100,000-spec index: metric 6
+
+
+def bench_index(bench: Bench) -> None:
+    specs = bench.caches.index["specs"]
+    store = bench.work / "store-index"
+    remove_tree(store)
+    with bench.mount("index", store) as mount:
+        first = mount.seconds
+        first_catalog = mount.logged_seconds(r"catalog of \d+ specs ready in ([\d.]+) s")
+        # the upstream database is written after the mount is up: wait for it, so the
+        # memory figures are those of a daemon that has done all its start-up work
+        database = timed(lambda m=mount: (m.root / ".spack-db" / "index_verifier").read_text())
+        first_memory = mount.memory()
+        platform = next(p for p in mount.root.iterdir() if p.name.startswith("linux-"))
+        listed = len(os.listdir(platform))
+        listed_memory = mount.memory()
+    remounts, catalogs, asked = [], [], []
+    for _ in range(max(3, bench.reps)):
+        mark = bench.server.mark()
+        with bench.mount("index", store) as mount:
+            remounts.append(mount.seconds)
+            catalogs += mount.logged_seconds(r"catalog of \d+ specs ready in ([\d.]+) s")
+            (mount.root / ".spack-db" / "index_verifier").read_text()
+            memory = mount.memory()
+        asked.append(bench.server.requests_since(mark))
+    remount = median(remounts)
+    requests = asked[-1]
+    bench.add(Result("6a", f"first mount, index of {specs} specs", f"{first:.2f} s",
+                     f"goal 3 s (catalog ready after {first_catalog[0]:.2f} s; Spack "
+                     f"database {database:.1f} s later)", first / 3.0,
+                     "x the goal", "≤ 3 s", first <= 3.0,
+                     {"mount_s": first, "catalog_s": first_catalog, "database_s": database,
+                      **first_memory}))
+    bench.add(Result("6b", "remount with the stored catalog", f"{remount:.2f} s",
+                     f"first mount {first:.2f} s; {len(requests)} request(s), "
+                     f"{sum(r[2] for r in requests)} bytes", remount / 0.3, "x the goal",
+                     "≤ 0.3 s", remount <= 0.3,
+                     {"mount_s": remounts, "catalog_s": catalogs, "requests": requests,
+                      **memory}))
+    rss = max(first_memory["rss_mib"], listed_memory["rss_mib"], memory["rss_mib"])
+    bench.add(Result("6c", f"daemon RSS (after start-up; after listing {listed} entries)",
+                     f"{first_memory['rss_mib']:.0f} MiB; {listed_memory['rss_mib']:.0f} MiB",
+                     f"goal 300 MiB; peak {first_memory['peak_mib']:.0f} MiB during start-up",
+                     rss / 300, "x the goal", "≤ 300 MB", rss <= 300,
+                     {"first": first_memory, "listed": listed_memory, "remount": memory}))
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) the stack: metrics 1b and 7
+
+
+def _wait_ready(prefixes: list[Path], timeout: float = 300) -> None:
+    """Wait until the background prefetch of every prefix is done (its status xattr)."""
+    deadline = time.monotonic() + timeout
+    for prefix in prefixes:
+        while True:
+            status = os.getxattr(prefix, "user.lazymount.status").decode()
+            if status == "ready" or status.startswith("failed"):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{prefix} still {status}")
+            time.sleep(0.05)
+
+
+def bench_stack(bench: Bench) -> None:
+    info = bench.caches.stack
+    packages = info["packages"]
+    app = packages[info["app"]]
+    closure = [packages[i] for i in info["closure"]]
+    binary = Path(app["projected"]) / "bin" / app["name"]
+    projected = {p["hash"]: p["projected"] for p in packages}
+    by_checksum = {p["tarball"]["checksum"]: p for p in packages}
+    whole = sum(p["tarball"]["contentLength"] + p["spec_blob"]["contentLength"]
+                for p in packages)
+    lazy_runs, eager_runs, fetched_bytes, fetched_sets = [], [], [], []
+    store = bench.work / "store-stack"
+    for _ in range(bench.reps):
+        remove_tree(store)
+        with bench.mount("stack", store) as mount:
+            mark = bench.server.mark()
+            lazy_runs.append(timed(lambda m=mount: _run(m.root / binary, f"Hello from "
+                                                                        f"{app['name']}")))
+            _wait_ready([mount.root / p["projected"] for p in closure])
+            time.sleep(0.5)  # anything else the prefetch would start
+            requests = bench.server.requests_since(mark)
+        blobs = [r for r in requests if r[0].startswith("/stack/mirror/blobs/")]
+        fetched_bytes.append(sum(r[2] for r in blobs))
+        fetched_sets.append({by_checksum[r[0].rsplit("/", 1)[1]]["name"] for r in blobs
+                             if r[0].rsplit("/", 1)[1] in by_checksum})
+        eager_root = short_dir("lme")
+        try:
+            parts = eager_install(bench, "stack", closure, eager_root, projected)
+            parts["run_s"] = timed(lambda r=eager_root: _run(r / binary, "Hello from"))
+            eager_runs.append(sum(parts.values()))
+        finally:
+            remove_tree(eager_root)
+    lazy, eager = median(lazy_runs), median(eager_runs)
+    bench.add(Result("1b", f"cold first access, app of the stack ({len(closure)} packages "
+                           "in its link/run closure)", f"{lazy:.2f} s",
+                     f"curl | tar xz + relocate of the closure + run: {eager:.2f} s",
+                     eager / lazy, "x faster", details={"lazy_s": lazy_runs,
+                                                        "eager_s": eager_runs}))
+    wanted = {p["name"] for p in closure}
+    exact = all(s == wanted for s in fetched_sets)
+    fetched = median(fetched_bytes)
+    extra = sorted(set().union(*fetched_sets) - wanted)
+    missing = sorted(wanted - set.intersection(*fetched_sets))
+    bench.add(Result("7", f"bytes fetched to run the app ({len(packages)}-package stack)",
+                     f"{_mib(fetched)} ({len(fetched_sets[-1])} packages)",
+                     f"whole stack: {_mib(whole)}", fetched / whole, "of the stack",
+                     "closure only", exact,
+                     {"fetched": fetched_bytes, "whole": whole, "extra": extra,
+                      "missing": missing}))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller caches and one repetition (under 3 minutes)")
+    parser.add_argument("--only", default="index,big,stack",
+                        help="comma-separated parts to run: index, big, stack")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("the benchmark needs root (FUSE mounts, dropping the page cache)", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    sizes = generate.Sizes.quick() if args.quick else generate.Sizes.full()
+    caches = generate.generate(OUT / "caches" / ("quick" if args.quick else "full"), sizes)
+    work = OUT / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    host = machine()
+    print(f"machine: {host['nproc']} x {host['cpu']}, kernel {host['kernel']}, "
+          f"disk {host['disk']}, load {host['load']}")
+    parts = args.only.split(",")
+    with Nginx(caches.root, work / "nginx") as server:
+        bench = Bench(caches, server, work, 1 if args.quick else 3, print)
+        try:
+            if "index" in parts:
+                print("(c) index of 100,000 specs: mount time and memory")
+                bench_index(bench)
+            if "big" in parts:
+                print("(a) the 200 MB package: first access, materialization")
+                store = bench_big(bench)
+                print("(a) the 200 MB package: warm metadata, small files, large file")
+                bench_warm_tree(bench, store, bind=False)
+                bench_warm_tree(bench, store, bind=True)
+            if "stack" in parts:
+                print("(b) the stack: the app's first run, bytes fetched")
+                bench_stack(bench)
+        finally:
+            for root in bench.roots.values():
+                subprocess.run(["fusermount3", "-u", "-z", str(root)], check=False,
+                               capture_output=True)
+                shutil.rmtree(root, ignore_errors=True)
+    elapsed = time.monotonic() - started
+    document = {"machine": host, "quick": args.quick, "seconds": round(elapsed),
+                "sizes": asdict(sizes), "results": [asdict(r) for r in bench.results]}
+    (OUT / "results.json").write_text(json.dumps(document, indent=1))
+    table = report.markdown(document)
+    (OUT / "results.md").write_text(table)
+    print()
+    print(table)
+    print(f"(ran in {elapsed:.0f} s; written to {OUT}/results.json and results.md)")
+    return 0
