@@ -126,8 +126,10 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path,
     mirrors: list[Mirror] = [open_mirror(m.url, config.timeouts) for m in config.mirrors]
     try:
         started = time.monotonic()
-        catalog = await load_catalog(mirrors, CatalogStore(store.root / "catalog"))
-        tree = InstallTree(root, catalog, config.projection)
+        catalogs = CatalogStore(store.root / "catalog")
+        catalog = await load_catalog(mirrors, catalogs)
+        tree = await trio.to_thread.run_sync(
+            catalogs.tree, root, catalog, config.projection, [m.url for m in mirrors])
         # the catalog and tree live as long as the mount: keep them out of every later
         # garbage-collection pass (100,000 records made each pass take ~0.1 s)
         gc.freeze()

@@ -34,6 +34,17 @@ class InstallTree:
             if record.in_buildcache and record.external_path is None:
                 self._place(dag_hash, record)
 
+    @classmethod
+    def placed(cls, root: str, catalog: dict[str, SpecRecord], projection: str,
+               prefixes: dict[str, str], by_path: dict[str, str], dirs: dict[str, set[str]]
+               ) -> InstallTree:
+        """A tree whose placement was computed by an earlier mount of the same catalog and
+        projection (kept by the catalog store): nothing is projected again."""
+        tree = cls.__new__(cls)
+        tree.root, tree.catalog, tree.projection = root, catalog, projection
+        tree.prefixes, tree.by_path, tree.dirs = prefixes, by_path, dirs
+        return tree
+
     def _place(self, dag_hash: str, record: SpecRecord) -> None:
         try:
             relative = project(self.projection, record.place, self.node_of)

@@ -14,11 +14,13 @@ import spackcache as sc
 import trio
 from conftest import FIXTURE_CACHE, LMGREET, LMHELLO
 
+from lazymount.catalog import load_catalog
 from lazymount.catalog_store import CatalogStore, scan_index
 from lazymount.errors import FormatError, MirrorError
 from lazymount.index import SpecRecord, parse_index
 from lazymount.layout import DEFAULT_PROJECTION, project
 from lazymount.transport import Timeouts, open_mirror
+from lazymount.tree import InstallTree
 
 INDEX_MANIFEST = "/v3/manifests/index/index.manifest.json"
 
@@ -236,6 +238,47 @@ def test_scan_drops_malformed_records_like_parse_index(tmp_path, caplog):
 def test_scan_refuses_what_is_not_a_database(text):
     with pytest.raises(FormatError):
         scan_index(text)
+
+
+def load_tree(store: Path, urls: list[str], projection: str = DEFAULT_PROJECTION
+              ) -> InstallTree:
+    """What the daemon does: every mirror's records, merged, then placed."""
+
+    async def main() -> InstallTree:
+        mirrors = [open_mirror(url) for url in urls]
+        catalogs = CatalogStore(store)
+        catalog = await load_catalog(mirrors, catalogs)
+        for mirror in mirrors:
+            await mirror.aclose()
+        return catalogs.tree("/tmp/x", catalog, projection, urls)
+
+    return trio.run(main)
+
+
+def same_tree(ours: InstallTree, fresh: InstallTree) -> None:
+    assert (ours.prefixes, ours.by_path, ours.dirs) == (fresh.prefixes, fresh.by_path, fresh.dirs)
+
+
+def test_placement_is_kept_for_the_same_indexes_and_projection(tmp_path, caplog):
+    cache = tmp_path / "cache"
+    write_cache(cache, ["alpha", "beta"])
+    fresh = InstallTree("/tmp/x", parse_index(index_blob(cache)))
+    store = tmp_path / "store"
+    same_tree(load_tree(store, [str(cache)]), fresh)
+    (kept,) = (store / "trees").iterdir()
+    same_tree(load_tree(store, [str(cache)]), fresh)  # from the kept placement
+    other = load_tree(store, [str(cache)], "{name}/{hash}")  # another projection: placed anew
+    assert sorted(other.by_path) == sorted(f"{r.name}/{h}" for h, r in fresh.catalog.items()
+                                           if r.in_buildcache)
+    assert len(list((store / "trees").iterdir())) == 2
+    write_cache(cache, ["alpha", "beta", "gamma"])  # a changed index: placed anew
+    assert "gamma" in {p.split("-")[0] for p in
+                       load_tree(store, [str(cache)]).dirs["linux-x86_64"]}
+    kept.write_bytes(kept.read_bytes()[:-5])  # damaged: placed again, with a warning
+    write_cache(cache, ["alpha", "beta"])
+    with caplog.at_level(logging.WARNING):
+        same_tree(load_tree(store, [str(cache)]), fresh)
+    assert "placing again" in caplog.text
 
 
 def test_remount_serves_from_the_stored_catalog(tmp_path, http_server, mount_cache):
