@@ -28,7 +28,8 @@ def markdown(document: dict[str, Any]) -> str:
         "| # | metric | lazymount | compared with | ratio | goal | met |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in document["results"]:
+    for r in sorted(document["results"], key=lambda r: (r["metric"].rstrip("+"),
+                                                         r["metric"].endswith("+"))):
         met = {True: "yes", False: "**no**", None: ""}[r["met"]]
         cells = [r["metric"], r["what"], r["lazy"], r["baseline"], ratio_text(r), r["goal"], met]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
