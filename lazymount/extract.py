@@ -13,10 +13,12 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
+import queue
 import stat
 import tarfile
+import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -91,6 +93,52 @@ def _decompressed(stream: BinaryIO, compression: str, what: str) -> Iterator[byt
     if compression == "none":
         return iter(lambda: stream.read(CHUNK), b"")
     raise FormatError(f"{what}: unknown tarball compression {compression!r}")
+
+
+_END = object()
+
+
+def _read_ahead(chunks: Iterator[bytes], depth: int = 8) -> Generator[bytes, None, None]:
+    """Run ``chunks`` in a thread of its own, up to ``depth`` chunks ahead of the consumer.
+
+    zlib and zstd release the GIL while they work, so decompression overlaps the tar parsing
+    and file writes of the extracting thread. Errors of the producer are raised here, in order.
+    The caller must close() this generator, which stops and joins the producer.
+    """
+    ahead: queue.Queue[object] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                ahead.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                if not put(chunk):
+                    return
+            put(_END)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(exc)
+
+    producer = threading.Thread(target=produce, name="decompress", daemon=True)
+    producer.start()
+    try:
+        while True:
+            item = ahead.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        producer.join()
 
 
 def _gunzip(stream: BinaryIO) -> Iterator[bytes]:
@@ -704,7 +752,15 @@ def extract_tarball(
     StoreError (disk full, cannot write). On error ``staging`` may hold a partial tree: the
     caller removes it.
     """
-    src = _Source(_decompressed(stream, compression, what), what)
+    chunks = _read_ahead(_decompressed(stream, compression, what))
+    try:
+        return _extract(_Source(chunks, what), staging, limits, what)
+    finally:
+        chunks.close()
+
+
+def _extract(src: _Source, staging: Path, limits: Limits, what: str) -> Extracted:
+    """The body of extract_tarball, on an already decompressing source."""
     raw = staging / "raw"
     writer = _Writer(raw, limits, what)
     name = str(raw)
