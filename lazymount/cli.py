@@ -279,7 +279,13 @@ def run_umount(argv: list[str]) -> int:
                                      description="Unmount a lazymount mount point; its "
                                                  "background process then exits.")
     parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    parser.add_argument("--abort", action="store_true",
+                        help="for a mount whose daemon hangs or is stopped: abort its FUSE "
+                             "connection (every waiting and later request fails with "
+                             "ENOTCONN instead of hanging), then detach it; root only")
     args = parser.parse_args(argv)
+    if args.abort:
+        return _abort(args.mountpoint)
     if not os.path.ismount(args.mountpoint):
         raise UsageError(f"{args.mountpoint} is not mounted")
     if os.geteuid() == 0:  # packages bind-mounted by --bind-ready go first
@@ -287,6 +293,41 @@ def run_umount(argv: list[str]) -> int:
             log.warning("%s is busy", busy)
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     command = [tool, "-u", str(args.mountpoint)] if tool else ["umount", str(args.mountpoint)]
+    return subprocess.call(command)
+
+
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def _fuse_device(mountpoint: Path) -> str | None:
+    """The "major:minor" of a lazymount mount, read from mountinfo: a stat of a hung mount
+    would hang too."""
+    target = os.path.abspath(mountpoint)
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            point = fields[4].encode().decode("unicode_escape")  # mountinfo escapes spaces
+            if point == target and "fuse.lazymount" in line.split(" - ", 1)[1]:
+                return fields[2]
+    return None
+
+
+def _abort(mountpoint: Path) -> int:
+    """Abort the FUSE connection of ``mountpoint`` and detach the mount lazily."""
+    device = _fuse_device(mountpoint)
+    if device is None:
+        raise UsageError(f"{mountpoint} is not a lazymount mount")
+    if os.geteuid() != 0:
+        raise UsageError("aborting a FUSE connection needs root")
+    if not os.path.ismount(FUSECTL):
+        subprocess.call(["mount", "-t", "fusectl", "fusectl", str(FUSECTL)])
+    abort = FUSECTL / device.split(":")[1] / "abort"
+    try:
+        abort.write_text("1")
+    except OSError as exc:
+        raise UsageError(f"cannot abort the connection of {mountpoint}: {exc.strerror}") from None
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    command = [tool, "-u", "-z", str(mountpoint)] if tool else ["umount", "-l", str(mountpoint)]
     return subprocess.call(command)
 
 

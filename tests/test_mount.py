@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -180,3 +181,21 @@ def test_unreachable_mirror_fails_the_mount_in_bounded_time(tmp_path):
     finally:
         unmount(root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_umount_abort_frees_a_mount_whose_daemon_hangs(http_server, mount_cache):
+    mount = mount_cache([http_server(FIXTURE_CACHE).url])
+    mount.process.send_signal(signal.SIGSTOP)  # a daemon that no longer answers
+    try:
+        waiting = subprocess.Popen(["ls", str(mount.prefix() / "bin")],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(0.5)
+        assert waiting.poll() is None  # stuck on the daemon
+        result = subprocess.run(lazymount_command("umount", "--abort", str(mount.root)),
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        waiting.wait(10)  # released, with an error instead of hanging
+        assert waiting.returncode != 0
+        assert not os.path.ismount(mount.root)
+    finally:
+        mount.process.send_signal(signal.SIGCONT)
