@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import yaml
-
+from . import yamlio
 from .config import MirrorConfig
 from .errors import UsageError
 from .layout import DEFAULT_PROJECTION
@@ -47,8 +46,8 @@ def read_spack_mirrors(path: Path, require_signature: bool = True
     if len(text) > MAX_CONFIG_BYTES:
         raise UsageError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+        doc = yamlio.safe_load(text)
+    except yamlio.YamlError as exc:
         raise UsageError(f"{path} is not valid YAML ({_first_line(exc)})") from None
     return parse_mirrors(doc, path.resolve().parent, str(path), require_signature)
 
@@ -140,6 +139,6 @@ def upstreams_yaml(root: str, projection: str, name: str = "lazymount") -> str:
             "# Spack takes an upstream's prefixes from its database (.spack-db/index.json),",
             "# so your own install_tree:projections need not match.",
         ]
-    body = yaml.safe_dump({"upstreams": {name: {"install_tree": root}}},
-                          default_flow_style=False)
+    body = yamlio.safe_dump({"upstreams": {name: {"install_tree": root}}},
+                            default_flow_style=False)
     return "\n".join(lines) + "\n" + body

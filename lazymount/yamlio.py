@@ -1,0 +1,24 @@
+"""The one door to PyYAML: safe loading and dumping only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+
+class YamlError(ValueError):
+    """Text that is not valid YAML; ``str()`` is PyYAML's own message."""
+
+
+def safe_load(text: bytes | str) -> Any:
+    """The document in ``text`` (plain data only: no Python objects). Raises YamlError. Pure."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise YamlError(str(exc)) from None
+
+
+def safe_dump(data: Any, **options: Any) -> str:
+    """``data`` as YAML text; ``options`` are PyYAML's ``safe_dump`` keywords. Pure."""
+    return str(yaml.safe_dump(data, **options))
