@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 from conftest import FIXTURE_CACHE, LMGREET, LMHELLO
 
+from lazymount.catalog_store import CatalogStore, Identity
+from lazymount.errors import FormatError
 from lazymount.index import merge_indexes, parse_index
 from lazymount.spackdb import (
     database_bytes,
@@ -257,6 +259,63 @@ def test_a_remount_of_the_same_tree_keeps_the_database(tmp_path: Path):
     assert again == first  # not rewritten: installation_time of the first write
     moved = write_database(fixture_tree(projection="{name}-{hash}"), tmp_path / "db", 3.0)
     assert b"/lmhello-3vga" in moved["index.json"].read_bytes()
+
+
+def stored_catalog_tree(store: Path, blob: bytes) -> InstallTree:
+    """The tree of ``blob`` as a mount has it: records kept by the catalog store, whose
+    whole nodes are read back from the stored index one at a time."""
+    identity = Identity(unchanged=False, checksum=None, etag=None)
+    catalog = CatalogStore(store)._build("http://mirror.invalid/", 3, identity, blob, 0, None)
+    return InstallTree(ROOT, catalog)
+
+
+def expected_document(index: dict[str, Any], installation_time: float) -> dict[str, Any]:
+    """The database the fixture index must give, field by field (its ref_counts are Spack's)."""
+    where = {HELLO: (f"{ROOT}/linux-x86_64/{LMHELLO}", True),
+             GREET: (f"{ROOT}/linux-x86_64/{LMGREET}", True),
+             GLIBC: ("/usr", True), GCC: ("/tmp/lm/gccwrap", True),
+             RUNTIME: (f"{ROOT}/linux-x86_64/gcc-runtime-12.2.0-{RUNTIME}", False),
+             WRAPPER: (f"{ROOT}/linux-x86_64/compiler-wrapper-1.0-{WRAPPER}", False)}
+    installs = {}
+    for dag_hash, entry in index["database"]["installs"].items():
+        path, installed = where[dag_hash]
+        installs[dag_hash] = {"spec": entry["spec"], "ref_count": entry["ref_count"],
+                              "path": path, "installed": installed,
+                              "explicit": entry["ref_count"] == 0,
+                              "installation_time": installation_time, "deprecated_for": None}
+    return {"database": {"version": "8", "installs": installs}}
+
+
+def test_the_streamed_database_of_a_stored_catalog_is_the_expected_document(tmp_path: Path):
+    """Written record by record from nodes read back from the store: the file parses to the
+    expected document and is its compact serialization, byte for byte (non-ASCII text
+    escaped as json.dumps does); the verifier is that of the bytes written."""
+    index = json.loads(INDEX_BLOB.read_bytes())
+    index["database"]["installs"][HELLO]["spec"]["parameters"]["cflags"] = ["-DWHO=\"wörld ✓\""]
+    blob = json.dumps(index, indent=1, ensure_ascii=False).encode()
+    tree = stored_catalog_tree(tmp_path / "catalog", blob)
+    paths = write_database(tree, tmp_path / "db", 1700000000.5)
+    data = paths["index.json"].read_bytes()
+    expected = expected_document(index, 1700000000.5)
+    assert json.loads(data) == expected
+    assert data == json.dumps(expected, separators=(",", ":")).encode()
+    assert paths["index_verifier"].read_text() == verifier_text(data)
+    assert data == database_bytes(tree, 1700000000.5)
+    assert spack_read(data).warnings == []
+
+
+def test_a_damaged_node_leaves_the_last_database_and_no_temporary_file(tmp_path: Path):
+    tree = stored_catalog_tree(tmp_path / "catalog", INDEX_BLOB.read_bytes())
+    paths = write_database(fixture_tree("/tmp/lmy"), tmp_path / "db", 1.0)
+    before = {name: path.read_bytes() for name, path in paths.items()}
+    for document in (tmp_path / "catalog" / "indexes").iterdir():  # its last records cut off
+        data = document.read_bytes()
+        document.write_bytes(data[:len(data) // 2])
+    with pytest.raises(FormatError, match="is damaged"):
+        write_database(tree, tmp_path / "db", 2.0)
+    assert {name: path.read_bytes() for name, path in paths.items()} == before
+    assert sorted(p.name for p in (tmp_path / "db").iterdir()) == [
+        "index.json", "index_verifier", "tree.key"]
 
 
 # ---- through a real mount ----------------------------------------------------------------
