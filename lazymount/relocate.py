@@ -1,7 +1,7 @@
 """Rewrite build-time paths in an extracted package prefix, the way Spack does on install.
 
-A re-implementation of Spack 1.x ``binary_distribution.relocate_package`` and the sbang
-post-install hook (rules in SPACK-FORMAT.md §5). In Spack's order:
+A re-implementation of Spack 1.x ``binary_distribution.relocate_package`` (rules in
+SPACK-FORMAT.md §5; the sbang post-install hook is in ``sbang``). In Spack's order:
 
 1. ELF RPATH/RUNPATH and PT_INTERP, in place (never longer: we do not ship patchelf);
 2. absolute symlinks listed in ``relocate_links``;
@@ -11,38 +11,32 @@ post-install hook (rules in SPACK-FORMAT.md §5). In Spack's order:
 Everything here is blocking and meant for a worker thread; calls share no state. Files are
 rewritten in place, so modes, inodes and hard links are kept, and a file whose bytes do not
 change is not written at all (its mtime stays 0). Entries are opened relative to the prefix
-with ``O_NOFOLLOW`` one component at a time, so nothing outside the prefix is ever touched.
+with ``O_NOFOLLOW`` one component at a time (``prefixfiles``), so nothing outside the prefix is
+ever touched.
 """
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 import posixpath
 import re
 import secrets
 import stat
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, cast
 
 from . import elf
 from .errors import FormatError, MountPathTooLong, RelocationError, StoreError
+from .prefixfiles import Prefix, patch, reader, rewrite
+from .sbang import add_sbang as add_sbang  # re-exported: callers run it after relocate_prefix
 
 SUFFIX_SAFETY = 7  # Spack's suffix_safety_size: C-string tail bytes that must survive a rewrite
-SHEBANG_LIMIT = 127  # Spack's system_shebang_limit on Linux
-SHEBANG_READ_LIMIT = 4096  # Spack's spack_shebang_limit: longer first lines are left alone
 
 # bytes of the regex class [\w\-_] (bytes patterns are ASCII-only)
 _WORD = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_-"
-_SBANG = b"#!/bin/sh "  # Spack's sbang_shebang_line, without the path
-_INTERPRETER = re.compile(rb"#![ \t]*?([^ \t\0\n]+)")
-_EXEC_BITS = stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
-_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
-_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW
 
 
 @dataclass
@@ -110,7 +104,7 @@ def relocate_prefix(
         return report
     changed: dict[str, None] = {}
     try:
-        with _Prefix(prefix_dir, what) as pfx:
+        with Prefix(prefix_dir, what) as pfx:
             texts, binaries = _dedupe_hardlinks(pfx, buildinfo)
             links = _rel_list(buildinfo, "relocate_links", what)
             steps = (
@@ -127,63 +121,6 @@ def relocate_prefix(
         raise StoreError(f"{what}: cannot relocate {prefix_dir}: {exc}") from None
     report.changed = list(changed)
     return report
-
-
-def add_sbang(prefix_dir: Path, sbang_path: str, what: str) -> list[str]:
-    """Spack's sbang hook: make overlong shebangs run through ``sbang_path``.
-
-    Input: the (relocated) prefix; the sbang script's path under the mount; ``what`` for errors.
-    Every regular executable file outside the top-level ``.spack/`` whose first line starts with
-    ``#!`` and, counted like Spack (with its newline), is longer than 127 bytes gets
-    ``#!/bin/sh <sbang_path>`` prepended; the old line becomes line 2 (``--!`` for lua/luajit,
-    ``//!`` for node, ``<?php #!… ?>`` for php, exactly as Spack writes them). First lines
-    without a newline in 4096 bytes are left alone.
-    Output: the relative paths changed, sorted per directory. Errors: ``RelocationError`` when a
-    file needs sbang but ``sbang_path`` itself is longer than 127 bytes; ``StoreError`` on I/O
-    failure. Thread: blocking, any worker thread.
-    """
-    line = _SBANG + os.fsencode(sbang_path) + b"\n"
-    changed: list[str] = []
-    try:
-        for rel, dir_fd, name, st in _executables(os.fspath(prefix_dir)):
-            if _filter_shebang(dir_fd, name, st, line, rel, what):
-                changed.append(rel)
-    except OSError as exc:
-        raise StoreError(f"{what}: cannot add sbang lines in {prefix_dir}: {exc}") from None
-    return changed
-
-
-def _executables(top: str) -> Iterator[tuple[str, int, str, os.stat_result]]:
-    """(relative path, dir fd, name, lstat) of every regular executable file under ``top``,
-    outside the top-level ``.spack/``, in sorted order.
-
-    Never follows a symlink, not even to ask whether it points at a directory: relocated
-    links point into the mount this process serves, and stat-ing through one would wait
-    on the very package being materialized (``os.walk``/``os.fwalk`` do follow there).
-    """
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-    stack = [("", os.open(top, flags))]
-    try:
-        while stack:
-            rel_dir, dir_fd = stack[-1]
-            with os.scandir(dir_fd) as entries:
-                listing = sorted(entries, key=lambda e: e.name)
-            subdirs = []
-            for entry in listing:
-                rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-                st = entry.stat(follow_symlinks=False)
-                if stat.S_ISDIR(st.st_mode):
-                    if rel != ".spack":  # Spack's metadata dir
-                        subdirs.append((rel, entry.name))
-                elif stat.S_ISREG(st.st_mode) and st.st_mode & _EXEC_BITS:
-                    yield rel, dir_fd, entry.name, st
-            stack.pop()
-            for rel, name in reversed(subdirs):
-                stack.append((rel, os.open(name, flags, dir_fd=dir_fd)))
-            os.close(dir_fd)
-    finally:
-        for _, dir_fd in stack:
-            os.close(dir_fd)
 
 
 # ---------------------------------------------------------------------------- the mapping
@@ -220,79 +157,6 @@ class _Rules:
         return None if m is None else self.new_of[m.group()] + path[m.end() :]
 
 
-# ------------------------------------------------------------------- files of the prefix
-
-
-class _Prefix:
-    """Opens entries of one prefix by relative path, never leaving it or following symlinks."""
-
-    def __init__(self, root: Path, what: str) -> None:
-        self.root, self.what = root, what
-        self.fd = -1
-
-    def __enter__(self) -> _Prefix:
-        self.fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)
-
-    @contextmanager
-    def parent(self, rel: str) -> Iterator[tuple[int, str]]:
-        """Yield (fd of the directory holding ``rel``, its last component)."""
-        parts = self._parts(rel)
-        fd = self.fd
-        try:
-            for name in parts[:-1]:
-                nxt = self._open_dir(fd, name, rel)
-                if fd != self.fd:
-                    os.close(fd)
-                fd = nxt
-            yield fd, parts[-1]
-        finally:
-            if fd != self.fd:
-                os.close(fd)
-
-    def lstat(self, dir_fd: int, name: str, rel: str) -> os.stat_result:
-        try:
-            return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            raise self._missing(rel) from None
-
-    def files(self, rels: list[str]) -> Iterator[tuple[str, int, str, os.stat_result]]:
-        """Yield (rel, dir fd, name, lstat) for the regular files among ``rels``."""
-        for rel in rels:
-            with self.parent(rel) as (dir_fd, name):
-                st = self.lstat(dir_fd, name, rel)
-                if stat.S_ISREG(st.st_mode):
-                    yield rel, dir_fd, name, st
-
-    def _parts(self, rel: str) -> list[str]:
-        if not isinstance(rel, str) or rel.startswith("/") or "\0" in rel:
-            raise RelocationError(f"{self.what}: refusing to relocate {rel!r}: not a path "
-                                  "inside the package")
-        parts = [p for p in rel.split("/") if p not in ("", ".")]
-        if not parts or ".." in parts:
-            raise RelocationError(f"{self.what}: refusing to relocate {rel!r}: not a path "
-                                  "inside the package")
-        return parts
-
-    def _open_dir(self, fd: int, name: str, rel: str) -> int:
-        try:
-            return os.open(name, _OPEN_DIR, dir_fd=fd)
-        except FileNotFoundError:
-            raise self._missing(rel) from None
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise RelocationError(f"{self.what}: refusing to relocate {rel}: {name} is a "
-                                      "symlink or not a directory") from None
-            raise
-
-    def _missing(self, rel: str) -> RelocationError:
-        return RelocationError(f"{self.what}: {rel} is listed for relocation but not in the "
-                               "package")
-
-
 def _rel_list(buildinfo: dict[str, Any], key: str, what: str) -> list[str]:
     value = buildinfo.get(key) or []
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -300,7 +164,7 @@ def _rel_list(buildinfo: dict[str, Any], key: str, what: str) -> list[str]:
     return value
 
 
-def _dedupe_hardlinks(pfx: _Prefix, buildinfo: dict[str, Any]) -> tuple[list[str], list[str]]:
+def _dedupe_hardlinks(pfx: Prefix, buildinfo: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(text files, binaries), each multiply-linked inode kept once, as Spack does for old
     tarballs: relocating an inode twice would apply the mapping to already-new paths."""
     texts = _rel_list(buildinfo, "relocate_textfiles", pfx.what)
@@ -325,69 +189,14 @@ def _dedupe_hardlinks(pfx: _Prefix, buildinfo: dict[str, Any]) -> tuple[list[str
     return keep(texts), keep(binaries)
 
 
-@contextmanager
-def _reader(dir_fd: int, name: str) -> Iterator[BinaryIO]:
-    fd = os.open(name, os.O_RDONLY | _NOFOLLOW, dir_fd=dir_fd)
-    with os.fdopen(fd, "rb") as f:
-        yield f
-
-
-@contextmanager
-def _writer(dir_fd: int, name: str, st: os.stat_result) -> Iterator[int]:
-    """A read-write fd of regular file ``name``. A read-only file is made owner-writable for
-    the duration and gets its mode back (the owner may always chmod)."""
-    mode = stat.S_IMODE(st.st_mode)
-    restore = False
-    try:
-        fd = os.open(name, os.O_RDWR | _NOFOLLOW, dir_fd=dir_fd)
-    except PermissionError:
-        ro = os.open(name, os.O_RDONLY | _NOFOLLOW, dir_fd=dir_fd)
-        try:
-            os.fchmod(ro, mode | stat.S_IWUSR)
-            try:
-                fd = os.open(name, os.O_RDWR | _NOFOLLOW, dir_fd=dir_fd)
-            except BaseException:
-                os.fchmod(ro, mode)
-                raise
-            restore = True
-        finally:
-            os.close(ro)
-    try:
-        yield fd
-    finally:
-        if restore:
-            os.fchmod(fd, mode)
-        os.close(fd)
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        done = os.pwrite(fd, view, offset)
-        view, offset = view[done:], offset + done
-
-
-def _patch(dir_fd: int, name: str, st: os.stat_result, edits: list[tuple[int, bytes]]) -> None:
-    """Overwrite byte ranges in place (same file length)."""
-    with _writer(dir_fd, name, st) as fd:
-        for offset, data in edits:
-            _pwrite_all(fd, data, offset)
-
-
-def _rewrite(dir_fd: int, name: str, st: os.stat_result, data: bytes) -> None:
-    """Replace the whole content in place (the inode, so hard links, stay)."""
-    with _writer(dir_fd, name, st) as fd:
-        _pwrite_all(fd, data, 0)
-        os.ftruncate(fd, len(data))
-
 
 # ---------------------------------------------------------------------- step 1: ELF
 
 
-def _elf_step(pfx: _Prefix, rules: _Rules, binaries: list[str]) -> list[str]:
+def _elf_step(pfx: Prefix, rules: _Rules, binaries: list[str]) -> list[str]:
     changed = []
     for rel, dir_fd, name, st in pfx.files(binaries):
-        with _reader(dir_fd, name) as f:
+        with reader(dir_fd, name) as f:
             if f.read(4) != elf.MAGIC:  # Mach-O and friends: only the C-string step applies
                 continue
             paths = elf.read_elf_paths(f)
@@ -395,7 +204,7 @@ def _elf_step(pfx: _Prefix, rules: _Rules, binaries: list[str]) -> list[str]:
             continue
         edits = _elf_edits(paths, rules, rel, pfx.what)
         if edits:
-            _patch(dir_fd, name, st, edits)
+            patch(dir_fd, name, st, edits)
             changed.append(rel)
     return changed
 
@@ -434,7 +243,7 @@ def _new_rpath(value: bytes, rules: _Rules) -> bytes | None:
 # -------------------------------------------------------------------- step 2: symlinks
 
 
-def _links_step(pfx: _Prefix, rules: _Rules, links: list[str]) -> list[str]:
+def _links_step(pfx: Prefix, rules: _Rules, links: list[str]) -> list[str]:
     changed = []
     for rel in links:
         with pfx.parent(rel) as (dir_fd, name):
@@ -463,14 +272,14 @@ def _replace_symlink(dir_fd: int, name: str, target: bytes) -> None:
 # ------------------------------------------------------------------ step 3: text files
 
 
-def _text_step(pfx: _Prefix, rules: _Rules, texts: list[str]) -> list[str]:
+def _text_step(pfx: Prefix, rules: _Rules, texts: list[str]) -> list[str]:
     changed = []
     for rel, dir_fd, name, st in pfx.files(texts):
-        with _reader(dir_fd, name) as f:
+        with reader(dir_fd, name) as f:
             data = f.read()
         new = _replace_text(data, rules)
         if new is not None and new != data:
-            _rewrite(dir_fd, name, st, new)
+            rewrite(dir_fd, name, st, new)
             changed.append(rel)
     return changed
 
@@ -519,20 +328,20 @@ def _word_run_start(data: bytes, end: int, low: int) -> int:
 
 
 def _cstring_step(
-    pfx: _Prefix, rules: _Rules, binaries: list[str], buildinfo: dict[str, Any]
+    pfx: Prefix, rules: _Rules, binaries: list[str], buildinfo: dict[str, Any]
 ) -> list[str]:
     changed = []
     for rel, dir_fd, name, st in pfx.files(binaries):
         if st.st_size == 0:
             continue
-        with _reader(dir_fd, name) as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        with reader(dir_fd, name) as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             if buf.find(rules.needle) < 0:
                 continue
             # plain tuples: no Match may outlive the map (closing it would fail)
             found = [(m.start(), m[1], m[2]) for m in rules.cstring.finditer(buf)]
         edits = _cstring_edits(found, rules, rel, pfx.what, buildinfo.get("buildpath"))
         if edits:
-            _patch(dir_fd, name, st, edits)
+            patch(dir_fd, name, st, edits)
             changed.append(rel)
     return changed
 
@@ -583,39 +392,3 @@ def _cstring_edits(
 
 def _show(path: bytes) -> str:
     return repr(path.decode("utf-8", "backslashreplace"))
-
-
-# ---------------------------------------------------------------------------- sbang
-
-
-def _filter_shebang(
-    dir_fd: int, name: str, st: os.stat_result, line: bytes, rel: str, what: str
-) -> bool:
-    """Prepend the sbang line to one file if its shebang is too long; True if rewritten."""
-    with _reader(dir_fd, name) as f:
-        first = f.read(2)
-        if first != b"#!":
-            return False
-        first += f.readline(SHEBANG_READ_LIMIT - 2)  # keeps its newline, and Spack counts it
-        if len(first) <= SHEBANG_LIMIT or len(first) >= SHEBANG_READ_LIMIT or first == line:
-            return False
-        m = _INTERPRETER.match(first)
-        if m is None:  # "#!" and blanks only
-            return False
-        rest = f.read()
-    if len(line) - len(_SBANG) - 1 > SHEBANG_LIMIT:  # Spack: SbangPathError
-        raise RelocationError(f"{what}: {rel} needs sbang, but the sbang path is longer than "
-                              f"{SHEBANG_LIMIT} bytes; use a shorter mount path")
-    _rewrite(dir_fd, name, st, line + _second_line(first, m[1]) + rest)
-    return True
-
-
-def _second_line(first: bytes, interpreter: bytes) -> bytes:
-    """The old shebang as line 2, in a form the interpreter ignores (Spack's variants)."""
-    if interpreter.endswith((b"/lua", b"/luajit")):
-        return b"--!" + first[2:]
-    if interpreter.endswith(b"/node"):
-        return b"//!" + first[2:]
-    if interpreter.endswith(b"/php"):
-        return b"<?php " + first + b" ?>"  # as Spack writes it: " ?>" after the newline
-    return first
