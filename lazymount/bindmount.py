@@ -76,6 +76,17 @@ def unmount_below(path: str) -> list[str]:
     return refused
 
 
+def fuse_device(root: str) -> str | None:
+    """The "major:minor" of the FUSE mount at ``root`` (the last one: mounts stack), read from
+    mountinfo, because a stat of a mount that is not (or no longer) served would hang."""
+    device = None
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if unescape(fields[4]) == root and " - fuse" in line:
+            device = fields[2]
+    return device
+
+
 def unescape(field: str) -> str:
     """mountinfo writes space, tab, newline and backslash as octal escapes."""
     return field.replace("\\040", " ").replace("\\011", "\t").replace(

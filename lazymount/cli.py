@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .bindmount import unmount_below
+from .bindmount import fuse_device, unmount_below
 from .config import MirrorConfig, MountConfig
 from .errors import LazymountError, UsageError
 from .extract import Limits
@@ -299,24 +299,11 @@ def run_umount(argv: list[str]) -> int:
 FUSECTL = Path("/sys/fs/fuse/connections")
 
 
-def _fuse_device(mountpoint: Path) -> str | None:
-    """The "major:minor" of a lazymount mount, read from mountinfo: a stat of a hung mount
-    would hang too."""
-    target = os.path.abspath(mountpoint)
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            point = fields[4].encode().decode("unicode_escape")  # mountinfo escapes spaces
-            if point == target and "fuse.lazymount" in line.split(" - ", 1)[1]:
-                return fields[2]
-    return None
-
-
 def _abort(mountpoint: Path) -> int:
     """Abort the FUSE connection of ``mountpoint`` and detach the mount lazily."""
-    device = _fuse_device(mountpoint)
+    device = fuse_device(os.path.abspath(mountpoint))
     if device is None:
-        raise UsageError(f"{mountpoint} is not a lazymount mount")
+        raise UsageError(f"{mountpoint} is not a FUSE mount")
     if os.geteuid() != 0:
         raise UsageError("aborting a FUSE connection needs root")
     if not os.path.ismount(FUSECTL):

@@ -22,7 +22,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from .bindmount import PrefixBinder, unescape
+from .bindmount import PrefixBinder, fuse_device
 from .catalog import load_catalog
 from .catalog_store import CatalogStore
 from .config import MountConfig
@@ -219,11 +219,7 @@ def raise_readahead(root: str, kib: int = READ_AHEAD_KB) -> None:
     """Raise the read-ahead of the FUSE mount at ``root`` (its bdi in sysfs; root only,
     else a no-op). Reads the device from mountinfo: a stat of our own mount before it is
     served would wait forever."""
-    device = None
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        if unescape(fields[4]) == root and " - fuse" in line:
-            device = fields[2]  # the last one is ours: mounts stack
+    device = fuse_device(root)
     if device is None:
         return
     try:
