@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from spackcache import Signer
 
 DATA = Path(__file__).parent / "data"
 FIXTURE_CACHE = DATA / "v3-own-only"
@@ -26,6 +27,13 @@ FIXTURE_SECRET_KEY = DATA / "keys" / "lazymount-fixtures.secret.asc"
 LMHELLO = "lmhello-1.0-3vgakfze5q7cw5gke5wbrfotzhh2tstq"
 LMGREET = "lmgreet-1.0-2zsd6bn2ih6gpzltutvgh5zkxjjtlqml"
 MOUNT_WAIT = 60.0
+
+
+@pytest.fixture(scope="module")
+def signer() -> Iterator[Signer]:
+    """The throw-away fixture key, ready to sign manifests (a private GNUPGHOME)."""
+    with Signer(FIXTURE_SECRET_KEY) as trusted:
+        yield trusted
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import tarfactory as tf
-from conftest import DATA, Mount
+from conftest import DATA, FIXTURE_SECRET_KEY, Mount
 from spackcache import (
     MEDIA_SPEC,
     MEDIA_TARBALL,
@@ -33,7 +33,7 @@ from spackcache import (
     Signer,
 )
 
-SECRET_KEY = DATA / "keys" / "lazymount-fixtures.secret.asc"
+SECRET_KEY = FIXTURE_SECRET_KEY
 OTHER_SECRET_KEY = DATA / "keys" / "other.secret.asc"
 ARCH_DIR = "linux-x86_64"
 

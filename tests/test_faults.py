@@ -26,7 +26,6 @@ import pytest
 from conftest import FIXTURE_KEY, lazymount_command, unmount
 from hostile import (
     ARCH_DIR,
-    SECRET_KEY,
     Fault,
     FaultyServer,
     HostileCache,
@@ -41,12 +40,6 @@ from spackcache import CacheWriter, Package, Signer
 
 HANG = 60.0  # seconds after which a file operation counts as hung (a bound, not a speed check)
 TIMEOUT = "--timeout=2"  # the daemon's mirror timeout in these tests
-
-
-@pytest.fixture(scope="module")
-def signer():
-    with Signer(SECRET_KEY) as trusted:
-        yield trusted
 
 
 @pytest.fixture

@@ -29,7 +29,6 @@ from conftest import FIXTURE_KEY, lazymount_command, short_dir, unmount
 from hostile import (
     ARCH_DIR,
     OTHER_SECRET_KEY,
-    SECRET_KEY,
     HostileCache,
     assert_empty,
     assert_no_trace,
@@ -41,12 +40,6 @@ from hostile import (
 from spackcache import MEDIA_INDEX, MEDIA_SPEC, Signer, buildinfo_bytes, gzip_bytes
 
 EACCES, EIO = errno.EACCES, errno.EIO
-
-
-@pytest.fixture(scope="module")
-def signer():
-    with Signer(SECRET_KEY) as trusted:
-        yield trusted
 
 
 @pytest.fixture(scope="module")

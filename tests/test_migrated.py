@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import spackcache as sc
-from conftest import FIXTURE_SECRET_KEY
 
 from lazymount.index import parse_index
 from lazymount.layout import node_compiler, project
@@ -44,12 +43,6 @@ def build(root: Path, signer: sc.Signer, delete_existing: bool = False) -> Migra
     writer.finish()
     writer.migrate(delete_existing=delete_existing)
     return Migrated(root, writer, greet, hello)
-
-
-@pytest.fixture(scope="module")
-def signer():
-    with sc.Signer(FIXTURE_SECRET_KEY) as trusted:
-        yield trusted
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import spackcache as sc
-from conftest import FIXTURE_SECRET_KEY
 
 PADDED_ROOT = "/tmp/lmp/opt/spack"
 PADDED_LENGTH = 128
@@ -34,12 +33,6 @@ class PaddedCache:
     writer: sc.CacheWriter
     lib: sc.Package
     app: sc.Package
-
-
-@pytest.fixture(scope="module")
-def signer():
-    with sc.Signer(FIXTURE_SECRET_KEY) as trusted:
-        yield trusted
 
 
 @pytest.fixture(scope="module")

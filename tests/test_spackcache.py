@@ -26,11 +26,11 @@ from pathlib import Path
 import pytest
 import spackcache as sc
 import yaml
+from conftest import FIXTURE_CACHE, FIXTURE_KEY, FIXTURE_SECRET_KEY
 
-DATA = Path(__file__).parent / "data"
-REAL = DATA / "v3-own-only"
-SECRET_KEY = DATA / "keys" / "lazymount-fixtures.secret.asc"
-PUBLIC_KEY = DATA / "keys" / "lazymount-fixtures.pub.asc"
+REAL = FIXTURE_CACHE
+SECRET_KEY = FIXTURE_SECRET_KEY
+PUBLIC_KEY = FIXTURE_KEY
 FPR = "1556299A23063ADC6D944541DF5162CFF05DB8B3"
 BUILD_ROOT = "/tmp/lm/opt/spack"
 HASHES = {
@@ -111,14 +111,6 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 # ---------------------------------------------------------------------------------------------
 # Fixtures
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def signer():
-    if not (shutil.which("gpg") and shutil.which("gpgconf")):
-        pytest.skip("gpg not installed")
-    with sc.Signer(SECRET_KEY) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

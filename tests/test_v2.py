@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import spackcache as sc
 import trio
-from conftest import FIXTURE_SECRET_KEY
 
 from lazymount.cachelayout import LayoutV2, discover
 from lazymount.errors import IntegrityError, SignatureError
@@ -64,12 +63,6 @@ def build_v2_cache(root: Path, signer: sc.Signer | None) -> V2Cache:
     writer.add(hello)
     writer.finish()
     return V2Cache(root, writer, greet, hello)
-
-
-@pytest.fixture(scope="module")
-def signer():
-    with sc.Signer(FIXTURE_SECRET_KEY) as trusted:
-        yield trusted
 
 
 @pytest.fixture(scope="module")
