@@ -54,15 +54,8 @@ class Mirror:
 
     async def read(self, path: str, max_bytes: int) -> bytes:
         """Whole small file; refuses files over ``max_bytes``."""
-        chunks = []
-        size = 0
         async with self.open(path, expected=None) as stream:
-            async for chunk in stream:
-                size += len(chunk)
-                if size > max_bytes:
-                    raise MirrorError(f"{self.url}/{path} is larger than {max_bytes} bytes")
-                chunks.append(chunk)
-        return b"".join(chunks)
+            return await _gather(stream, max_bytes, f"{self.url}/{path}")
 
     async def read_if_changed(self, path: str, max_bytes: int, etag: str | None
                               ) -> tuple[bytes | None, str | None]:
@@ -132,9 +125,17 @@ class HttpMirror(Mirror):
 
     @asynccontextmanager
     async def open(self, path: str, expected: int | None):  # type: ignore[override]
+        async with self._exchange(path, expected, None) as (_, chunks):
+            yield chunks
+
+    @asynccontextmanager
+    async def _exchange(self, path: str, expected: int | None, headers: dict[str, str] | None
+                        ) -> AsyncIterator[tuple[httpx.Response, AsyncIterator[bytes]]]:
+        """(response, its body in chunks) of a GET, bounded by the deadline and the rate
+        check; ``headers`` make it conditional (the response may then be a 304)."""
         url = f"{self.url}/{path}"
         deadline = trio.current_time() + self.timeouts.deadline(expected)
-        response = await self._send(url, deadline)
+        response = await self._send(url, deadline, headers)
         if expected is None:  # size the deadline by what the server announces (v2 tarballs)
             expected = _content_length(response)
             deadline = trio.current_time() + self.timeouts.deadline(expected)
@@ -168,31 +169,18 @@ class HttpMirror(Mirror):
                 raise MirrorError(f"{url}: transfer failed: {_describe(exc)}") from None
 
         try:
-            yield chunks()
+            yield response, chunks()
         finally:
             await response.aclose()
 
     async def read_if_changed(self, path: str, max_bytes: int, etag: str | None
                               ) -> tuple[bytes | None, str | None]:
-        url = f"{self.url}/{path}"
-        deadline = trio.current_time() + self.timeouts.deadline(max_bytes)
-        response = await self._send(url, deadline, {"If-None-Match": etag} if etag else None)
-        try:
+        headers = {"If-None-Match": etag} if etag else None
+        async with self._exchange(path, max_bytes, headers) as (response, chunks):
             if response.status_code == 304:
                 return None, etag
-            data = bytearray()
-            with trio.fail_at(deadline):
-                async for chunk in response.aiter_bytes(CHUNK):
-                    data += chunk
-                    if len(data) > max_bytes:
-                        raise MirrorError(f"{url} is larger than {max_bytes} bytes")
-            return bytes(data), response.headers.get("etag")
-        except trio.TooSlowError:
-            raise MirrorError(f"{url}: transfer too slow") from None
-        except httpx.HTTPError as exc:
-            raise MirrorError(f"{url}: transfer failed: {_describe(exc)}") from None
-        finally:
-            await response.aclose()
+            data = await _gather(chunks, max_bytes, f"{self.url}/{path}")
+            return data, response.headers.get("etag")
 
     async def _send(self, url: str, deadline: float,
                     headers: dict[str, str] | None = None) -> httpx.Response:
@@ -226,6 +214,17 @@ class HttpMirror(Mirror):
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+async def _gather(chunks: AsyncIterator[bytes], max_bytes: int, where: str) -> bytes:
+    """A whole small body from ``chunks``; refuses more than ``max_bytes``."""
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > max_bytes:
+            raise MirrorError(f"{where} is larger than {max_bytes} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def _content_length(response: httpx.Response) -> int | None:
