@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv gnupg nginx curl)
+# environment-modules and Lmod's own dependencies: the module tests run both module systems
+packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv gnupg nginx curl
+          environment-modules lua5.3 lua-posix lua-filesystem lua-json lua-term tcl)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
@@ -21,6 +23,17 @@ python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv"
     "$python" -m venv .venv
+fi
+# Debian's lmod conflicts with environment-modules (both provide `module`), so Lmod is unpacked
+# into .venv/lmod instead of installed; the tests run it from there (it finds its files itself).
+lmod_exec=usr/share/lmod/lmod/libexec/lmod
+if [ ! -x "/$lmod_exec" ] && [ ! -x ".venv/lmod/$lmod_exec" ]; then
+    echo "setup: unpacking Lmod into .venv/lmod"
+    download=$(mktemp -d)
+    (cd "$download" && apt-get download -qq -o APT::Sandbox::User=root lmod)
+    mkdir -p .venv/lmod
+    dpkg-deb --fsys-tarfile "$download"/lmod_*.deb | tar -x -C .venv/lmod ./usr
+    rm -rf "$download"
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'

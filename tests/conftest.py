@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from spackcache import Signer
 
+pytest_plugins = ("realspack",)  # the real Spack tier: real_spack and spack fixtures
+
 DATA = Path(__file__).parent / "data"
 FIXTURE_CACHE = DATA / "v3-own-only"
 FIXTURE_KEY = DATA / "keys" / "lazymount-fixtures.pub.asc"
