@@ -17,8 +17,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from . import __version__
+from . import __version__, configfile
 from .bindmount import fuse_device, unmount_below
 from .config import MirrorConfig, MountConfig
 from .errors import LazymountError, UsageError
@@ -77,43 +78,19 @@ def mount_parser() -> argparse.ArgumentParser:
                              "becomes the install root packages are relocated to, so it must "
                              "be no longer than the cache's build root unless the cache was "
                              "built with padded_length")
-    parser.add_argument("--mirror", metavar="URL", action="append", default=[],
-                        help="build cache to mount: a directory, file:// or http(s):// URL. "
-                             "Repeat to search several mirrors in the order given; a package "
-                             "is taken from the first mirror that has it")
-    parser.add_argument("--trust-key", metavar="FILE", action="append", default=[], type=Path,
-                        help="ASCII-armored public key whose signatures are trusted (repeat "
-                             "for several keys). Only manifests signed by these keys are used")
-    parser.add_argument("--spack-mirrors", metavar="FILE", action="append", default=[],
-                        type=Path,
-                        help="Spack mirrors.yaml whose binary mirrors to mount, in its order, "
-                             "after any --mirror (source-only mirrors are skipped; "
-                             "signed: false lifts the signature check for that mirror)")
-    parser.add_argument("--keyring", metavar="DIR", type=Path, default=None,
-                        help="directory of trusted public keys, managed with `lazymount "
-                             f"keys` (default: {default_keyring_dir()}); its keys are "
-                             "trusted in addition to any --trust-key")
-    parser.add_argument("--unsigned", action="store_true",
-                        help="accept packages whose manifests are not signed (for mirrors you "
-                             "control end to end); signed manifests are still verified")
-    parser.add_argument("--store", metavar="DIR", type=Path, default=None,
-                        help="local content store of materialized packages (default: "
-                             f"{default_store_dir()}); a remount reuses what it holds")
-    parser.add_argument("--projection", metavar="TEMPLATE", default=DEFAULT_PROJECTION,
-                        help=f"install tree projection (default: {DEFAULT_PROJECTION})")
+    parser.add_argument("--config", metavar="FILE", type=Path, default=None,
+                        help="configuration file (default: "
+                             f"{configfile.default_config_file()}, if it exists); its "
+                             "[mounts.\"MOUNTPOINT\"] table, over its [defaults], says what "
+                             "to mount; the options below override it")
+    configfile.add_options(parser)
     parser.add_argument("--foreground", "-f", action="store_true",
                         help="stay attached and log to stderr until unmounted (for systemd "
                              "and debugging); without it the command returns once the mount "
                              "is ready and a background process keeps serving it")
-    parser.add_argument("--allow-other", action=argparse.BooleanOptionalAction, default=None,
-                        help="let other users see the mount (default: on when run as root)")
     parser.add_argument("--log-file", metavar="FILE", type=Path, default=None,
                         help="where the background process logs (default: "
                              "STORE/lazymount.log)")
-    parser.add_argument("--timeout", metavar="SECONDS", type=float, default=30.0,
-                        help="give up on a mirror that sends nothing for this long, or whose "
-                             "download is still below 256 KiB/s on average after it "
-                             "(default: 30)")
     parser.add_argument("--max-package-size", metavar="BYTES", type=byte_size, default=None,
                         help="refuse a package whose files expand to more than this (a "
                              "decompression bomb); K, M, G, T suffixes (default: "
@@ -121,10 +98,6 @@ def mount_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-package-files", metavar="N", type=positive_int, default=None,
                         help="refuse a package whose tarball has more members than this "
                              f"(default: {Limits.max_members})")
-    parser.add_argument("--bind-ready", action="store_true",
-                        help="once a package is materialized, bind-mount its store tree "
-                             "read-only on its prefix, so the kernel serves it at local-disk "
-                             "speed without FUSE (needs root; unmount with lazymount umount)")
     parser.add_argument("--verbose", "-v", action="store_true", help="log more")
     parser.add_argument("--version", action="version", version=f"lazymount {__version__}")
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -155,12 +128,13 @@ def _show_size(size: int) -> str:
     return str(size)
 
 
-def mirror_configs(args: argparse.Namespace) -> list[MirrorConfig]:
-    """--mirror URLs first, then the binary mirrors of each --spack-mirrors file; a URL
+def mirror_configs(values: dict[str, Any]) -> list[MirrorConfig]:
+    """The mirrors first, then the binary mirrors of each Spack mirrors file; a URL
     given twice is kept at its first place. Prints a notice for each skipped mirror."""
-    mirrors = [MirrorConfig(url, require_signature=not args.unsigned) for url in args.mirror]
-    for path in args.spack_mirrors:
-        found, notices = read_spack_mirrors(path, require_signature=not args.unsigned)
+    signed = not values["unsigned"]
+    mirrors = [MirrorConfig(url, require_signature=signed) for url in values["mirrors"]]
+    for path in values["spack_mirrors"]:
+        found, notices = read_spack_mirrors(path, require_signature=signed)
         for notice in notices:
             print(f"lazymount: {notice}", file=sys.stderr)
         mirrors += found
@@ -171,24 +145,34 @@ def mirror_configs(args: argparse.Namespace) -> list[MirrorConfig]:
 
 
 def build_config(args: argparse.Namespace) -> MountConfig:
-    mirrors = mirror_configs(args)
+    """The mount's configuration: the command line over the configuration file."""
+    config = configfile.load(args.config)
+    values = configfile.settings(args, config, args.mountpoint)
+    mirrors = mirror_configs(values)
     if not mirrors:
-        raise UsageError("give at least one --mirror URL (or a --spack-mirrors FILE with a "
-                         "binary mirror)")
-    store = args.store or default_store_dir()
-    allow_other = args.allow_other if args.allow_other is not None else os.geteuid() == 0
+        where = (f"nor in a [mounts.\"{configfile.mount_key(args.mountpoint)}\"] table of "
+                 f"{config.path}" if config.path is not None else
+                 f"and there is no configuration file {configfile.default_config_file()}")
+        raise UsageError("no mirror to mount: give --mirror URL (or --spack-mirrors FILE) "
+                         f"on the command line, {where}")
+    allow_other = values["allow_other"]
+    if allow_other is None:
+        allow_other = os.geteuid() == 0
+    timeout = values["timeout"]
     return MountConfig(
         mountpoint=args.mountpoint,
         mirrors=tuple(mirrors),
-        trust_keys=tuple(path.resolve() for path in args.trust_key),
-        keyring=(args.keyring or default_keyring_dir()).resolve(),
-        store=store.resolve(),
-        projection=args.projection,
+        trust_keys=tuple(path.resolve() for path in values["trust_keys"]),
+        keyring=(values["keyring"] or default_keyring_dir()).resolve(),
+        store=(values["store"] or default_store_dir()).resolve(),
+        projection=values["projection"] or DEFAULT_PROJECTION,
         allow_other=allow_other,
-        timeouts=Timeouts(read=args.timeout, connect=min(args.timeout, 10.0)),
+        timeouts=Timeouts(read=timeout, connect=min(timeout, 10.0)),
         limits=Limits(max_bytes=args.max_package_size or Limits.max_bytes,
                       max_members=args.max_package_files or Limits.max_members),
-        bind_ready=args.bind_ready,
+        bind_ready=values["bind_ready"],
+        ca_certs=values["ca_certs"],
+        config_file=config.path,
     )
 
 

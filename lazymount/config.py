@@ -28,3 +28,5 @@ class MountConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)  # bounds on one package's tarball
     bind_ready: bool = False  # bind-mount ready packages on their prefixes (root only)
+    ca_certs: Path | None = None  # CA bundle trusted for https mirrors, besides the default
+    config_file: Path | None = None  # the file read (for reloads), if any

@@ -123,7 +123,8 @@ def serve(config: MountConfig, ready: Ready) -> int:
 
 async def _serve(config: MountConfig, root: str, store: Store, sbang: Path,
                  verifier: Verifier | None, ready: Ready) -> int:
-    mirrors: list[Mirror] = [open_mirror(m.url, config.timeouts) for m in config.mirrors]
+    mirrors: list[Mirror] = [open_mirror(m.url, config.timeouts, config.ca_certs)
+                           for m in config.mirrors]
     try:
         started = time.monotonic()
         catalogs = CatalogStore(store.root / "catalog")

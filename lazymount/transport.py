@@ -8,7 +8,8 @@ reads hop to a worker thread).
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,11 +115,12 @@ class HttpMirror(Mirror):
     """A mirror served over HTTP(S). Retries connection failures and 5xx answers; a server
     that accepts and then stays silent is given up at once (another mirror may answer)."""
 
-    def __init__(self, url: str, timeouts: Timeouts):
+    def __init__(self, url: str, timeouts: Timeouts, ca_certs: Path | None = None):
         self.url = url.rstrip("/")
         self.timeouts = timeouts
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeouts.read, connect=timeouts.connect),
+            verify=tls_context(ca_certs),
             follow_redirects=True,
             headers={"User-Agent": "lazymount"},
         )
@@ -234,17 +236,77 @@ def _content_length(response: httpx.Response) -> int | None:
         return None
 
 
+def tls_context(ca_certs: Path | None) -> ssl.SSLContext:
+    """The CAs an https mirror may be signed by: the default ones (``SSL_CERT_FILE`` /
+    ``SSL_CERT_DIR`` if set, else certifi's), plus ``ca_certs`` (a PEM file or a directory
+    of hashed certificates; a site's private CA). Raises UsageError for an unusable one."""
+    context = httpx.create_ssl_context()
+    if ca_certs is not None:
+        try:
+            if ca_certs.is_dir():
+                context.load_verify_locations(capath=str(ca_certs))
+            else:
+                context.load_verify_locations(cafile=str(ca_certs))
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"cannot use the CA bundle {ca_certs}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+    return context
+
+
+CA_CERTS_HINT = ("if the mirror uses a private CA, set ca_certs = \"/path/to/ca.pem\" in the "
+                 "configuration file (or --ca-certs FILE)")
+
+
 def _describe(exc: Exception) -> str:
+    """What went wrong, in words a user can act on: a TLS certificate the CAs do not
+    vouch for, a refused connection, else the exception's own text."""
+    for cause in _causes(exc):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            reason = cause.verify_message or "certificate verify failed"
+            return f"certificate verify failed ({reason}); {CA_CERTS_HINT}"
+    for cause in _causes(exc):
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
     name = type(exc).__name__
     text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return f"certificate verify failed ({text}); {CA_CERTS_HINT}"
     return f"{name}: {text}" if text else name
 
 
-def open_mirror(url: str, timeouts: Timeouts | None = None) -> Mirror:
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, what caused it, and the members of exception groups among them."""
+    pending, seen = [exc], set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending += [c for c in (current.__cause__, current.__context__) if c is not None]
+        if isinstance(current, BaseExceptionGroup):
+            pending += list(current.exceptions)
+
+
+def redact(url: str) -> str:
+    """``url`` without the user name and password it may carry, for logs and status."""
+    parsed = urlparse(url)
+    if parsed.username is None and parsed.password is None:
+        return url
+    host = parsed.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if parsed.port is not None:
+        host = f"{host}:{parsed.port}"
+    return parsed._replace(netloc=f"***@{host}").geturl()
+
+
+def open_mirror(url: str, timeouts: Timeouts | None = None,
+                ca_certs: Path | None = None) -> Mirror:
     """A Mirror for a local path, ``file://`` URL or ``http(s)://`` URL."""
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https"):
-        return HttpMirror(url, timeouts or Timeouts())
+        return HttpMirror(url, timeouts or Timeouts(), ca_certs)
     if parsed.scheme == "file":
         return LocalMirror(Path(unquote(parsed.path)))
     if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):

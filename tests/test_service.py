@@ -1,0 +1,76 @@
+"""Running as a service: a mount made from the configuration file alone, and what an admin
+meets on the way (bad files refused before mounting)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from conftest import FIXTURE_CACHE, FIXTURE_KEY, LMHELLO, lazymount_command, short_dir, unmount
+
+
+def write_config(path: Path, mountpoint: Path, **keys: object) -> Path:
+    """A config file with one [mounts."MOUNTPOINT"] table of ``keys`` (TOML by hand: the
+    values here are strings, lists of strings and booleans)."""
+    def value(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = [f'[mounts."{mountpoint}"]'] + [f"{k} = {value(v)}" for k, v in keys.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_config_file_alone_says_what_to_mount(http_server, tmp_path):
+    server = http_server(FIXTURE_CACHE)
+    root = short_dir()
+    config = write_config(tmp_path / "config.toml", root, mirrors=[server.url],
+                          trust_keys=[str(FIXTURE_KEY)], store=str(tmp_path / "store"),
+                          keyring=str(tmp_path / "no-keys"))
+    try:
+        # no --foreground: the command returns once the background daemon has mounted
+        result = subprocess.run(lazymount_command("--config", str(config), str(root)),
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert os.path.ismount(root)
+        hello = root / "linux-x86_64" / LMHELLO / "bin" / "hello"
+        assert "Hello from lmgreet" in subprocess.run([str(hello)], capture_output=True,
+                                                      text=True, timeout=60).stdout
+        # the store named by the file was used
+        assert any((tmp_path / "store" / "pkgs").iterdir())
+    finally:
+        unmount(root)
+    assert not os.path.ismount(root)
+    root.rmdir()
+
+
+def test_bad_key_is_refused_before_mounting(tmp_path):
+    root = short_dir()
+    config = write_config(tmp_path / "config.toml", root, mirrors=["http://127.0.0.1:1"],
+                          trust_key=str(FIXTURE_KEY))
+    try:
+        result = subprocess.run(lazymount_command("--config", str(config), str(root)),
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2
+        assert f'{config}: [mounts."{root}"] trust_key: unknown key' in result.stderr
+        assert not os.path.ismount(root)
+    finally:
+        unmount(root)
+        root.rmdir()
+
+
+def test_no_mirror_anywhere_names_the_table_to_write(tmp_path):
+    root = short_dir()
+    config = tmp_path / "config.toml"
+    config.write_text('[defaults]\ntimeout = "5s"\n')
+    try:
+        result = subprocess.run(lazymount_command("--config", str(config), str(root)),
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2
+        assert f'[mounts."{root}"] table of {config}' in result.stderr
+    finally:
+        root.rmdir()
