@@ -127,7 +127,7 @@ def eager_install(bench: Bench, cache: str, entries: list[dict[str, Any]], root:
                   projected: dict[str, str]) -> dict[str, float]:
     """Install ``entries`` under ``root`` the eager way, one after the other, as a script
     around ``curl | tar xz`` would. Returns seconds for download+extract and relocation."""
-    from lazymount import extract, relocate
+    from lazymount.install import extract, relocate
 
     fetch = timed(lambda: [subprocess.run(
         f"curl -sSf {_blob_url(bench, cache, e['tarball'])} | "

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .extract import Limits
-from .layout import DEFAULT_PROJECTION
-from .transport import Timeouts
+from lazymount.buildcache.layout import DEFAULT_PROJECTION
+from lazymount.install.extract import Limits
+from lazymount.mirror.transport import Timeouts
 
 
 @dataclass(frozen=True)

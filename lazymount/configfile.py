@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .errors import UsageError
+from lazymount.errors import UsageError
 
 DEFAULTS_TABLE = "defaults"
 MOUNTS_TABLE = "mounts"

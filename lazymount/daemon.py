@@ -19,22 +19,22 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-import pyfuse3
 import trio
 
-from .bindmount import PrefixBinder, fuse_device
-from .catalog import load_catalog
-from .catalog_store import CatalogStore
-from .config import MountConfig
-from .errors import LazymountError, UsageError
-from .fs import InstallTreeFS
-from .keyring import Keyring
-from .materialize import Materializer, MirrorSource
-from .spackdb import DB_DIR, INDEX, VERIFIER, write_database
-from .store import Store
-from .transport import Mirror, open_mirror
-from .tree import InstallTree
-from .verify import Verifier, read_key_file
+from lazymount.catalog.installtree import InstallTree
+from lazymount.catalog.loader import load_catalog
+from lazymount.catalog.stored import CatalogStore
+from lazymount.config import MountConfig
+from lazymount.errors import LazymountError, UsageError
+from lazymount.materialize import Materializer, MirrorSource
+from lazymount.mirror.transport import Mirror, open_mirror
+from lazymount.serve import session
+from lazymount.serve.bindmount import PrefixBinder, fuse_device
+from lazymount.serve.fs import InstallTreeFS
+from lazymount.spack.upstreamdb import DB_DIR, INDEX, VERIFIER, write_database
+from lazymount.store.content import Store
+from lazymount.trust.keyring import Keyring
+from lazymount.trust.verify import Verifier, read_key_file
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +144,7 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path,
         binder = PrefixBinder(root) if config.bind_ready else None
         operations = InstallTreeFS(tree, materializer, sbang, files, binder)
         operations.files_pending = trio.Event() if files else None
-        try:
-            pyfuse3.init(operations, root, mount_options(config))
-        except RuntimeError as exc:
-            raise UsageError(f"cannot mount on {root}: {exc}") from None
+        session.mount(operations, root, mount_options(config))
         log.info("mounted %d packages from %s at %s", len(tree.prefixes),
                  ", ".join(m.url for m in mirrors), root)
         try:
@@ -163,11 +160,11 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path,
                 if files:  # written while already serving: 100,000 specs take seconds
                     nursery.start_soon(_write_spack_database, tree, database, operations)
                 # returns on terminate() or when the mount goes away (fusermount3 -u)
-                await pyfuse3.main(min_tasks=4, max_tasks=256)
+                await session.serve()
                 nursery.cancel_scope.cancel()
         finally:
             sd_notify("STOPPING=1")
-            pyfuse3.close(unmount=os.path.ismount(root))
+            session.close(unmount=os.path.ismount(root))
         log.info("unmounted %s", root)
         return 0
     finally:
@@ -233,5 +230,5 @@ async def _stop_on_signal() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("got %s: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
+            session.terminate()
             return

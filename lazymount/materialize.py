@@ -17,9 +17,11 @@ from typing import Any
 
 import trio
 
-from . import extract, relocate
-from .cachelayout import Entry, discover
-from .errors import (
+from lazymount.buildcache.fetch import stream_blob
+from lazymount.buildcache.formats import Entry, discover
+from lazymount.buildcache.manifest import BlobRecord, is_clearsigned
+from lazymount.catalog.installtree import InstallTree
+from lazymount.errors import (
     FormatError,
     IntegrityError,
     LazymountError,
@@ -27,12 +29,10 @@ from .errors import (
     MountPathTooLong,
     SignatureError,
 )
-from .fetch import stream_blob
-from .manifest import BlobRecord, is_clearsigned
-from .store import Store
-from .transport import Mirror
-from .tree import InstallTree
-from .verify import Verifier
+from lazymount.install import extract, relocate
+from lazymount.mirror.transport import Mirror
+from lazymount.store.content import Store
+from lazymount.trust.verify import Verifier
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import subprocess
 import pytest
 from conftest import FIXTURE_CACHE, short_dir
 
-from lazymount.layout import DEFAULT_PROJECTION
+from lazymount.buildcache.layout import DEFAULT_PROJECTION
 
 
 def test_database_is_served_once_written(http_server, mount_cache):

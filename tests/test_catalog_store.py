@@ -14,13 +14,13 @@ import spackcache as sc
 import trio
 from conftest import FIXTURE_CACHE, LMGREET, LMHELLO
 
-from lazymount.catalog import load_catalog
-from lazymount.catalog_store import CatalogStore, scan_index
+from lazymount.buildcache.index import SpecRecord, parse_index
+from lazymount.buildcache.layout import DEFAULT_PROJECTION, project
+from lazymount.catalog.installtree import InstallTree
+from lazymount.catalog.loader import load_catalog
+from lazymount.catalog.stored import CatalogStore, scan_index
 from lazymount.errors import FormatError, MirrorError
-from lazymount.index import SpecRecord, parse_index
-from lazymount.layout import DEFAULT_PROJECTION, project
-from lazymount.transport import Timeouts, open_mirror
-from lazymount.tree import InstallTree
+from lazymount.mirror.transport import Timeouts, open_mirror
 
 INDEX_MANIFEST = "/v3/manifests/index/index.manifest.json"
 

@@ -1,4 +1,4 @@
-"""lazymount.extract: real Spack tarballs extract faithfully; hostile ones are refused."""
+"""lazymount.install.extract: real Spack tarballs extract faithfully; hostile ones are refused."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import tarfactory as tf
 
 from lazymount.errors import FormatError, StoreError, UnsafeArchiveError
-from lazymount.extract import Extracted, Limits, extract_tarball, parse_buildinfo
+from lazymount.install.extract import Extracted, Limits, extract_tarball, parse_buildinfo
 
 BLOBS = Path(__file__).parent / "data" / "v3-own-only" / "blobs" / "sha256"
 LMHELLO_BLOB = BLOBS / "ff" / "ffbd89d56eecaba88ffc49d210360e40b083fd45dbadde88109d48a4ede7988f"

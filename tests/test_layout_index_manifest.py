@@ -7,17 +7,17 @@ import json
 import pytest
 from conftest import FIXTURE_CACHE, LMGREET, LMHELLO
 
-from lazymount.errors import FormatError
-from lazymount.index import merge_indexes, parse_index
-from lazymount.layout import (
+from lazymount.buildcache.index import merge_indexes, parse_index
+from lazymount.buildcache.layout import (
     DEFAULT_PROJECTION,
     blob_path,
     polite_filename,
     project,
     spec_manifest_path,
 )
-from lazymount.manifest import is_clearsigned, parse_manifest, pick
-from lazymount.tree import InstallTree
+from lazymount.buildcache.manifest import is_clearsigned, parse_manifest, pick
+from lazymount.catalog.installtree import InstallTree
+from lazymount.errors import FormatError
 
 INDEX_SHA = "371e373d1420f06e93b3853bdd35c0b810f8f18913ca67e6999c5c332b61bdb0"
 INDEX_BLOB = FIXTURE_CACHE / "blobs/sha256/37" / INDEX_SHA

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import spackcache as sc
 
-from lazymount.index import parse_index
-from lazymount.layout import node_compiler, project
+from lazymount.buildcache.index import parse_index
+from lazymount.buildcache.layout import node_compiler, project
 
 BUILD_ROOT = "/tmp/lmm/opt/spack"
 OLD_PROJECTION = "{architecture}/{compiler.name}-{compiler.version}/{name}-{version}-{hash}"

@@ -14,7 +14,10 @@ import pytest
 import trio
 from conftest import DATA, FIXTURE_CACHE, FIXTURE_KEY, FIXTURE_SECRET_KEY
 
-from lazymount.catalog import load_catalog
+from lazymount.buildcache.fetch import fetch_bytes, stream_blob
+from lazymount.buildcache.manifest import BlobRecord
+from lazymount.catalog.installtree import InstallTree
+from lazymount.catalog.loader import load_catalog
 from lazymount.errors import (
     IntegrityError,
     MirrorError,
@@ -22,13 +25,10 @@ from lazymount.errors import (
     SignatureError,
     UsageError,
 )
-from lazymount.fetch import fetch_bytes, stream_blob
-from lazymount.manifest import BlobRecord
 from lazymount.materialize import Materializer, MirrorSource
-from lazymount.store import Store
-from lazymount.transport import LocalMirror, Timeouts, open_mirror
-from lazymount.tree import InstallTree
-from lazymount.verify import Verifier, read_key_file
+from lazymount.mirror.transport import LocalMirror, Timeouts, open_mirror
+from lazymount.store.content import Store
+from lazymount.trust.verify import Verifier, read_key_file
 
 HELLO_HASH = "3vgakfze5q7cw5gke5wbrfotzhh2tstq"
 GREET_HASH = "2zsd6bn2ih6gpzltutvgh5zkxjjtlqml"

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from conftest import FIXTURE_CACHE, lazymount_command
 
-from lazymount.index import parse_index
-from lazymount.layout import project
-from lazymount.tree import InstallTree
+from lazymount.buildcache.index import parse_index
+from lazymount.buildcache.layout import project
+from lazymount.catalog.installtree import InstallTree
 
 INDEX_BLOB = (FIXTURE_CACHE / "blobs/sha256/37"
               / "371e373d1420f06e93b3853bdd35c0b810f8f18913ca67e6999c5c332b61bdb0")

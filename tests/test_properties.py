@@ -31,7 +31,10 @@ from spackcache import (
     manifest_text,
 )
 
-from lazymount.cachelayout import parse_spec_document
+from lazymount.buildcache.formats import parse_spec_document
+from lazymount.buildcache.index import parse_index
+from lazymount.buildcache.manifest import BlobRecord, is_clearsigned, parse_manifest
+from lazymount.catalog.installtree import InstallTree
 from lazymount.errors import (
     FormatError,
     IntegrityError,
@@ -40,12 +43,9 @@ from lazymount.errors import (
     SignatureError,
     UnsafeArchiveError,
 )
-from lazymount.extract import Limits, extract_tarball, parse_buildinfo
-from lazymount.index import parse_index
-from lazymount.manifest import BlobRecord, is_clearsigned, parse_manifest
-from lazymount.relocate import relocate_prefix
-from lazymount.tree import InstallTree
-from lazymount.verify import Verifier
+from lazymount.install.extract import Limits, extract_tarball, parse_buildinfo
+from lazymount.install.relocate import relocate_prefix
+from lazymount.trust.verify import Verifier
 
 DATA = Path(__file__).parent / "data" / "keys"
 HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large]

@@ -18,8 +18,8 @@ from elftools.elf.elffile import ELFFile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lazymount import relocate
 from lazymount.errors import FormatError, MountPathTooLong, RelocationError
+from lazymount.install import relocate
 
 BLOBS = Path(__file__).parent / "data" / "v3-own-only" / "blobs" / "sha256"
 TARBALLS = {

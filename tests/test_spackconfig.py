@@ -11,10 +11,10 @@ import pytest
 import yaml
 from conftest import FIXTURE_CACHE, lazymount_command
 
+from lazymount.buildcache.layout import DEFAULT_PROJECTION
 from lazymount.config import MirrorConfig
 from lazymount.errors import UsageError
-from lazymount.layout import DEFAULT_PROJECTION
-from lazymount.spackconfig import parse_mirrors, read_spack_mirrors, upstreams_yaml
+from lazymount.spack.spackconfig import parse_mirrors, read_spack_mirrors, upstreams_yaml
 
 BASE = Path("/etc/spack")
 

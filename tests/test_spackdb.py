@@ -15,17 +15,17 @@ from typing import Any
 import pytest
 from conftest import FIXTURE_CACHE, LMGREET, LMHELLO
 
-from lazymount.catalog_store import CatalogStore, Identity
+from lazymount.buildcache.index import merge_indexes, parse_index
+from lazymount.catalog.installtree import InstallTree
+from lazymount.catalog.stored import CatalogStore, Identity
 from lazymount.errors import FormatError
-from lazymount.index import merge_indexes, parse_index
-from lazymount.spackdb import (
+from lazymount.spack.upstreamdb import (
     database_bytes,
     install_records,
     ref_counts,
     verifier_text,
     write_database,
 )
-from lazymount.tree import InstallTree
 
 INDEX_SHA = "371e373d1420f06e93b3853bdd35c0b810f8f18913ca67e6999c5c332b61bdb0"
 INDEX_BLOB = FIXTURE_CACHE / "blobs/sha256/37" / INDEX_SHA

@@ -20,13 +20,13 @@ import pytest
 import spackcache as sc
 import trio
 
-from lazymount.cachelayout import LayoutV2, discover
+from lazymount.buildcache.fetch import fetch_bytes, stream_blob
+from lazymount.buildcache.formats import LayoutV2, discover
+from lazymount.buildcache.index import parse_index
+from lazymount.buildcache.layout import project, v2_spec_file_path, v2_tarball_path
+from lazymount.buildcache.manifest import BlobRecord
 from lazymount.errors import IntegrityError, SignatureError
-from lazymount.fetch import fetch_bytes, stream_blob
-from lazymount.index import parse_index
-from lazymount.layout import project, v2_spec_file_path, v2_tarball_path
-from lazymount.manifest import BlobRecord
-from lazymount.transport import open_mirror
+from lazymount.mirror.transport import open_mirror
 
 BUILD_ROOT = "/tmp/lmv2/opt/spack"  # 19 characters: any short_dir() mount fits
 OLD_PROJECTION = "{architecture}/{compiler.name}-{compiler.version}/{name}-{version}-{hash}"
@@ -267,7 +267,7 @@ def test_signature_errors_name_the_spec_file(built):
 
 
 def test_spec_documents_are_parsed_within_bounds():
-    from lazymount.cachelayout import MAX_SPEC_JSON, parse_spec_document
+    from lazymount.buildcache.formats import MAX_SPEC_JSON, parse_spec_document
     from lazymount.errors import FormatError
 
     doc = b'{"spec":{"nodes":[{"name":"a"}]}}'

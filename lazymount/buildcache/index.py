@@ -1,0 +1,235 @@
+"""The mirror's index: which specs exist and how they depend on each other.
+
+The index is unsigned, so it is only a hint of what to show; whatever a package's signed
+manifest and spec blob say wins when it is materialized.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from lazymount.buildcache.layout import COMPILER_LANGUAGES, is_dag_hash
+from lazymount.errors import FormatError
+
+RUNTIME_DEPTYPES = frozenset({"link", "run"})
+SUPPORTED_DB_VERSIONS = ("6", "7", "8")
+MAX_SKIP_WARNINGS = 10  # dropped records logged one by one; the rest are counted
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SpecRecord:
+    """One node of the index: a spec and what we need to place and fetch it.
+
+    ``place`` holds the node's fields that place it under a projection and in a v2 cache
+    (see ``placement``); ``node`` is the whole node, which a record loaded from the
+    catalog store reads from disk on use, so 100,000 records stay small in memory.
+    """
+
+    dag_hash: str
+    name: str
+    version: str
+    place: dict[str, Any] = field(repr=False, compare=False)
+    in_buildcache: bool = False
+    ref_count: int = 0
+    mirror: int = 0  # position of the mirror that lists it, in the order given
+    runtime_deps: tuple[str, ...] = ()  # hashes of link/run dependencies
+    source: dict[str, Any] | NodeSource | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def node(self) -> dict[str, Any]:
+        """The index's whole spec node. Raises FormatError if a stored index is damaged."""
+        if isinstance(self.source, dict):
+            return self.source
+        if self.source is not None:
+            return self.source.node(self.dag_hash)
+        return self.place
+
+    @property
+    def external_path(self) -> str | None:
+        external = self.place.get("external")
+        if isinstance(external, dict) and isinstance(external.get("path"), str):
+            return str(external["path"])
+        return None
+
+
+class NodeSource(Protocol):
+    """Where the whole nodes of stored records are read from (the catalog store)."""
+
+    def node(self, dag_hash: str) -> dict[str, Any]: ...
+
+
+def placement(node: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a (checked) node that ``layout.project`` and the v2 cache paths read:
+    name, version, hash, namespace, arch, compiler (a v4 field or a migration annotation),
+    the path of an external, and the edges that provide a compiler. Shares nothing mutable
+    with ``node``."""
+    place: dict[str, Any] = {key: node[key] for key in ("name", "version", "hash", "namespace")
+                             if key in node}
+    arch = node.get("arch")
+    if isinstance(arch, dict):
+        target = arch.get("target", "")
+        place["arch"] = {"platform": arch.get("platform", ""),
+                         "platform_os": arch.get("platform_os", ""),
+                         "target": target.get("name", "") if isinstance(target, dict) else target}
+    if isinstance(node.get("compiler"), dict):
+        place["compiler"] = dict(node["compiler"])
+    annotations = node.get("annotations")
+    if isinstance(annotations, dict) and "compiler" in annotations:
+        place["annotations"] = {"compiler": annotations["compiler"]}
+    external = node.get("external")
+    if isinstance(external, dict):
+        place["external"] = {"path": external.get("path")}
+    edges = []
+    for dep in node.get("dependencies") or ():
+        parameters = dep.get("parameters") if isinstance(dep, dict) else None
+        virtuals = parameters.get("virtuals") if isinstance(parameters, dict) else None
+        if isinstance(virtuals, list) and any(v in COMPILER_LANGUAGES for v in virtuals):
+            edges.append({"name": dep.get("name"), "hash": dep.get("hash"),
+                          "parameters": {"virtuals": list(virtuals)}})
+    if edges:
+        place["dependencies"] = edges
+    return place
+
+
+def _check_name(value: Any, what: str, dag_hash: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise FormatError(f"index record {dag_hash}: {what} is missing or not a string")
+    if "/" in value or "\0" in value or value in (".", ".."):
+        raise FormatError(f"index record {dag_hash}: {what} {value!r:.80} is not a valid name")
+    return value
+
+
+def _check_version(value: Any, dag_hash: str) -> str:
+    # Spack writes versions as strings; very old databases may hold a bare number
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise FormatError(f"index record {dag_hash}: version is missing or not a string")
+    return _check_name(str(value), "version", dag_hash)
+
+
+def _check_shape(node: dict[str, Any], dag_hash: str) -> None:
+    """Refuse a node whose fields, used to place and fetch it, have the wrong types."""
+
+    def bad(reason: str) -> FormatError:
+        return FormatError(f"index record {dag_hash}: {reason}")
+
+    arch = node.get("arch")
+    if arch is not None:
+        if not isinstance(arch, dict):
+            raise bad("arch is not a mapping")
+        if not all(isinstance(arch.get(k, ""), str) for k in ("platform", "platform_os")):
+            raise bad("arch platform is not a name")
+        target = arch.get("target", "")
+        if isinstance(target, dict):
+            target = target.get("name", "")
+        if not isinstance(target, str):
+            raise bad("arch target is not a name")
+    for key in ("compiler", "external", "parameters"):
+        if node.get(key) is not None and not isinstance(node[key], dict):
+            raise bad(f"{key} is not a mapping")
+    if not isinstance(node.get("namespace", ""), str):
+        raise bad("namespace is not a name")
+    deps = node.get("dependencies")
+    if deps is not None and not isinstance(deps, list):
+        raise bad("dependencies is not a list")
+
+
+def _runtime_deps(node: dict[str, Any]) -> tuple[str, ...]:
+    deps = []
+    for dep in node.get("dependencies") or ():
+        if not isinstance(dep, dict):
+            continue
+        parameters = dep.get("parameters")
+        deptypes = (parameters.get("deptypes") if isinstance(parameters, dict) else None) or \
+            dep.get("type") or ()
+        if isinstance(deptypes, str):
+            deptypes = (deptypes,)
+        if not isinstance(deptypes, list | tuple):
+            continue
+        if RUNTIME_DEPTYPES.intersection(t for t in deptypes if isinstance(t, str)) and \
+                isinstance(dep.get("hash"), str):
+            deps.append(dep["hash"])
+    return tuple(deps)
+
+
+def _count(value: Any) -> int:
+    """ref_count is informational: anything but a whole number counts as 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def parse_record(dag_hash: str, entry: Any, mirror: int) -> SpecRecord:
+    """One record of ``installs``, checked; its ``place`` and ``source`` are the node itself.
+    Raises FormatError naming the record."""
+    if not is_dag_hash(dag_hash) or not isinstance(entry, dict):
+        raise FormatError(f"the index has a malformed record {str(dag_hash)[:40]!r}")
+    node = entry.get("spec")
+    if not isinstance(node, dict):
+        raise FormatError(f"index record {dag_hash} has no spec")
+    # the path under the mount shows the node's hash; the signed spec is bound to the key
+    if "hash" not in node:
+        node = {**node, "hash": dag_hash}
+    elif node["hash"] != dag_hash:
+        raise FormatError(f"index record {dag_hash}: spec hash {str(node['hash'])[:40]} "
+                          "is not the record's key")
+    _check_shape(node, dag_hash)
+    return SpecRecord(
+        dag_hash=dag_hash,
+        name=_check_name(node.get("name"), "name", dag_hash),
+        version=_check_version(node.get("version"), dag_hash),
+        place=node,
+        source=node,
+        in_buildcache=bool(entry.get("in_buildcache", False)),
+        ref_count=_count(entry.get("ref_count", 0)),
+        mirror=mirror,
+        runtime_deps=_runtime_deps(node),
+    )
+
+
+def parse_index(data: bytes, mirror: int = 0) -> dict[str, SpecRecord]:
+    """Parse an index blob (database v6-v8 JSON) into records keyed by DAG hash.
+
+    Raises FormatError for anything that is not such a document. A record whose hash, names
+    or fields are unusable is dropped with a warning, and the others are kept: the index is
+    only a hint, and one bad record must not hide a whole mirror. Pure but for the log;
+    any thread.
+    """
+    try:
+        doc = json.loads(data)
+        database = doc["database"]
+        version = str(database["version"])
+        installs = database["installs"]
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise FormatError(f"the index is not a Spack database document ({reason})") from None
+    if version not in SUPPORTED_DB_VERSIONS:
+        raise FormatError(f"the index has database version {version:.20}; supported: 6, 7, 8")
+    if not isinstance(installs, dict):
+        raise FormatError("the index's installs is not a mapping")
+    records: dict[str, SpecRecord] = {}
+    dropped = 0
+    for dag_hash, entry in installs.items():
+        try:
+            records[dag_hash] = parse_record(dag_hash, entry, mirror)
+        except FormatError as exc:
+            dropped += 1
+            if dropped <= MAX_SKIP_WARNINGS:
+                log.warning("%s; not shown", exc)
+    if dropped > MAX_SKIP_WARNINGS:
+        log.warning("%d more malformed index records not shown", dropped - MAX_SKIP_WARNINGS)
+    return records
+
+
+def merge_indexes(indexes: list[dict[str, SpecRecord]]) -> dict[str, SpecRecord]:
+    """Merge per-mirror indexes in mirror order: a hash is taken from the first mirror that
+    has it in its build cache (or that lists it at all, when none has it)."""
+    merged: dict[str, SpecRecord] = {}
+    for records in indexes:
+        for dag_hash, record in records.items():
+            current = merged.get(dag_hash)
+            if current is None or (record.in_buildcache and not current.in_buildcache):
+                merged[dag_hash] = record
+    return merged

@@ -1,0 +1,59 @@
+"""Loading the index of every mirror into one catalog (hash -> SpecRecord).
+
+Runs on the trio thread; JSON parsing of a large index hops to a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from lazymount.buildcache.formats import MAX_INDEX_BYTES, discover
+from lazymount.buildcache.index import SpecRecord, merge_indexes, parse_index
+from lazymount.catalog.stored import CatalogStore
+from lazymount.errors import LazymountError, MirrorError
+from lazymount.mirror.transport import Mirror
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MAX_INDEX_BYTES", "load_catalog", "load_index"]
+
+
+async def load_index(mirror: Mirror, position: int, store: CatalogStore | None = None
+                     ) -> dict[str, SpecRecord]:
+    """The records of one mirror's index, whichever layout (v3, or the old v2) it has; with
+    a ``store``, parsed once and reused while unchanged. Raises a LazymountError naming the
+    mirror."""
+    if store is not None:
+        return await store.load(mirror, position)
+    layout = await discover(mirror)
+    blob = await layout.read_index(mirror)
+    return await trio.to_thread.run_sync(parse_index, blob, position)
+
+
+async def load_catalog(mirrors: list[Mirror], store: CatalogStore | None = None
+                       ) -> dict[str, SpecRecord]:
+    """Merged catalog of all mirrors, first mirror first (kept in ``store`` if given).
+
+    A mirror whose index cannot be read is skipped with a warning; if none can be read, the
+    first error is raised.
+    """
+    results: list[dict[str, SpecRecord] | LazymountError] = [MirrorError("not read")] * len(mirrors)
+
+    async def one(position: int, mirror: Mirror) -> None:
+        try:
+            results[position] = await load_index(mirror, position, store)
+        except LazymountError as exc:
+            results[position] = exc
+
+    async with trio.open_nursery() as nursery:
+        for position, mirror in enumerate(mirrors):
+            nursery.start_soon(one, position, mirror)
+    indexes = [r for r in results if isinstance(r, dict)]
+    for mirror, result in zip(mirrors, results, strict=True):
+        if isinstance(result, LazymountError):
+            if not indexes:
+                raise result
+            log.warning("skipping mirror %s: %s", mirror.url, result)
+    return merge_indexes(indexes)

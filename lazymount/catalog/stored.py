@@ -1,0 +1,466 @@
+"""The catalog kept on disk: each mirror's index is parsed once and reused while unchanged.
+
+Under ``STORE/catalog/``::
+
+    indexes/<sha256>.json      an index document as the mirror served it (content-addressed)
+    mirrors/<url digest>.bin   the parsed records of one mirror: one JSON header line (format,
+                               mirror URL, layout, index checksum, ETag, payload sha256), then
+                               the records as a ``marshal`` payload
+
+A mount first asks the mirror one small question: has the document that names the index
+changed (the v3 index manifest, or v2's ``index.json.hash``)? It asks with If-None-Match when
+the server gave an ETag, so an unchanged index costs one small request and a 304. If the
+index is the one stored, the records are loaded from here: no download, no JSON parsing.
+Otherwise the index is downloaded, parsed, and stored for the next time.
+
+Records are light (``SpecRecord.place``): a record's whole node is read back from the stored
+index document, by byte offsets, when something asks for it. A stored file that does not
+check out (format, Python version, sha256) is ignored and rebuilt from the mirror. If the
+mirror cannot be reached, the last stored catalog is used, with a warning: the index is only a
+hint, and packages already in the store keep working.
+
+Async functions run on the trio thread; parsing, loading and writing run in worker threads.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import json.decoder
+import logging
+import marshal
+import os
+import re
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from lazymount.buildcache.formats import discover
+from lazymount.buildcache.index import (
+    MAX_SKIP_WARNINGS,
+    SUPPORTED_DB_VERSIONS,
+    SpecRecord,
+    parse_record,
+    placement,
+)
+from lazymount.buildcache.layout import INDEX_MANIFEST, MEDIA_INDEX, V2_INDEX_HASH
+from lazymount.buildcache.manifest import MAX_MANIFEST_BYTES, parse_manifest, pick
+from lazymount.catalog.installtree import InstallTree
+from lazymount.errors import FormatError, LazymountError, NotInMirror, StoreError
+from lazymount.mirror.transport import Mirror
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when the payload changes shape
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_WS = re.compile(r"[ \t\n\r]*")
+_scan = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+_scan_string = json.decoder.scanstring  # type: ignore[attr-defined]
+
+# one stored record: hash, name, version, place, in_buildcache, ref_count, runtime deps,
+# then the byte offsets of its entry in the stored index document
+Row = tuple[str, str, str, dict[str, Any], bool, int, tuple[str, ...], int, int]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What the mirror says about its index, from the small document that names it."""
+
+    unchanged: bool  # the server answered 304 to our ETag
+    checksum: str | None  # sha256 of the index document, if the mirror names one
+    etag: str | None
+
+
+class CatalogStore:
+    """The on-disk catalog of every mirror a store has mounted. Safe to share between
+    concurrent loads of different mirrors; several daemons may share a store (every file
+    is replaced atomically)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.indexes = root / "indexes"
+        self.mirrors = root / "mirrors"
+        self.trees = root / "trees"
+        self.loaded: dict[str, str] = {}  # mirror URL -> checksum of the index its records are of
+
+    def records_path(self, url: str) -> Path:
+        return self.mirrors / f"{hashlib.sha256(url.encode()).hexdigest()[:32]}.bin"
+
+    async def load(self, mirror: Mirror, position: int) -> dict[str, SpecRecord]:
+        """The records of one mirror's index, from the store when the index is unchanged.
+        Raises a LazymountError naming the mirror (only if there is no stored catalog to
+        fall back on)."""
+        saved = await trio.to_thread.run_sync(self._read_saved, mirror.url)
+        identity: Identity | None = None
+        if saved is not None:
+            header, payload = saved
+            try:
+                identity = await _identity(mirror, header["layout"], header.get("etag"))
+            except NotInMirror:
+                identity = None  # the index moved (another layout?): look again
+            except LazymountError as exc:
+                log.warning("%s; using the catalog stored at the last mount", exc)
+                identity = Identity(True, None, header.get("etag"))
+            if identity is not None and (identity.unchanged
+                                         or identity.checksum == header["checksum"]):
+                records = await trio.to_thread.run_sync(
+                    self._load_records, header, payload, position)
+                if records is not None:
+                    if identity.etag != header.get("etag"):
+                        await trio.to_thread.run_sync(
+                            self._save, dict(header, etag=identity.etag), payload)
+                    return records
+                saved = None
+        layout = await discover(mirror)
+        if identity is None or identity.unchanged:
+            identity = await _identity(mirror, layout.version, None)
+        blob = await layout.read_index(mirror)
+        return await trio.to_thread.run_sync(
+            self._build, mirror.url, layout.version, identity, blob, position, saved)
+
+    def tree(self, root: str, catalog: dict[str, SpecRecord], projection: str,
+             urls: list[str]) -> InstallTree:
+        """The install tree of a catalog loaded from the mirrors ``urls`` (in order): placed
+        as an earlier mount placed it when the same indexes and projection were used, else
+        computed (a second or more for 100,000 specs) and kept. Blocking; any thread."""
+        identity = json.dumps([FORMAT, projection, [(u, self.loaded.get(u)) for u in urls]])
+        path = self.trees / f"{hashlib.sha256(identity.encode()).hexdigest()[:32]}.bin"
+        try:
+            data = path.read_bytes()
+            line, _, payload = data.partition(b"\n")
+            header = json.loads(line)
+            if (header.get("identity") == identity
+                    and header.get("python") == list(sys.version_info[:2])):
+                if header.get("payload") != hashlib.sha256(payload).hexdigest():
+                    raise ValueError("sha256 mismatch")
+                with _gc_paused():
+                    prefixes, by_path, dirs = marshal.loads(payload)
+                return InstallTree.placed(root, catalog, projection, prefixes, by_path, dirs)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, EOFError, TypeError) as exc:
+            log.warning("the stored placement %s is damaged (%s); placing again", path, exc)
+        with _gc_paused():
+            tree = InstallTree(root, catalog, projection)
+            payload = marshal.dumps((tree.prefixes, tree.by_path, tree.dirs))
+        header = {"identity": identity, "python": list(sys.version_info[:2]),
+                  "payload": hashlib.sha256(payload).hexdigest()}
+        try:
+            _write_atomically(path, json.dumps(header).encode() + b"\n" + payload)
+        except OSError as exc:
+            log.warning("cannot store the placement of the catalog: %s", exc.strerror)
+        return tree
+
+    # ---- worker threads -------------------------------------------------------------------
+
+    def _read_saved(self, url: str) -> tuple[dict[str, Any], bytes] | None:
+        """The stored header and payload for ``url``, if they check out."""
+        path = self.records_path(url)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("cannot read the stored catalog %s (%s); rebuilding it", path,
+                        exc.strerror)
+            return None
+        line, _, payload = data.partition(b"\n")
+        try:
+            header = json.loads(line)
+            good = (isinstance(header, dict) and header.get("format") == FORMAT
+                    and header.get("python") == list(sys.version_info[:2])
+                    and header.get("url") == url and header.get("layout") in (2, 3)
+                    and _HEX64.fullmatch(str(header.get("checksum")))
+                    and header.get("payload") == hashlib.sha256(payload).hexdigest())
+        except ValueError:
+            good = False
+        if not good:
+            log.warning("the stored catalog of %s is damaged or out of date; rebuilding it", url)
+            path.unlink(missing_ok=True)
+            return None
+        return header, payload
+
+    def _load_records(self, header: dict[str, Any], payload: bytes, position: int
+                      ) -> dict[str, SpecRecord] | None:
+        document = self.indexes / f"{header['checksum']}.json"
+        self.loaded[header["url"]] = header["checksum"]
+        try:
+            with _gc_paused():
+                rows = marshal.loads(payload)
+                source = StoredIndex(document, header["checksum"],
+                                     records=self.records_path(header["url"]))
+                return _records(rows, position, source)
+        except (ValueError, EOFError, TypeError, IndexError) as exc:
+            log.warning("the stored catalog of %s is damaged (%s); rebuilding it",
+                        header["url"], exc)
+            return None
+
+    def _build(self, url: str, layout: int, identity: Identity, blob: bytes, position: int,
+               saved: tuple[dict[str, Any], bytes] | None) -> dict[str, SpecRecord]:
+        """Records of a downloaded index: the stored ones if it is the stored index (a v2
+        mirror without index.json.hash), else parsed and stored for the next mount."""
+        checksum = hashlib.sha256(blob).hexdigest()
+        # an ETag read before a newer index was published must not vouch for this one
+        etag = identity.etag if identity.checksum in (None, checksum) else None
+        if saved is not None and saved[0]["checksum"] == checksum:
+            records = self._load_records(saved[0], saved[1], position)
+            if records is not None:
+                return records
+        with _gc_paused():
+            rows = scan_index(blob)
+            payload = marshal.dumps(rows)
+        self.loaded[url] = checksum
+        header = {"format": FORMAT, "python": list(sys.version_info[:2]), "url": url,
+                  "layout": layout, "checksum": checksum, "etag": etag, "records": len(rows)}
+        document = self.indexes / f"{checksum}.json"
+        source = StoredIndex(document, checksum, verified=True)
+        try:
+            _write_atomically(document, blob)
+            self._save(header, payload)
+        except OSError as exc:  # the mount works without it; the next one parses again
+            log.warning("cannot store the catalog of %s: %s", url, exc.strerror)
+            source = StoredIndex(document, checksum, data=blob)
+        with _gc_paused():
+            return _records(rows, position, source)
+
+    def _save(self, header: dict[str, Any], payload: bytes) -> None:
+        header = dict(header, payload=hashlib.sha256(payload).hexdigest())
+        data = json.dumps(header).encode() + b"\n" + payload
+        _write_atomically(self.records_path(header["url"]), data)
+
+
+async def _identity(mirror: Mirror, layout: int, etag: str | None) -> Identity:
+    """Ask the mirror which index it has now: one small request (a 304 if ``etag`` holds).
+    Raises a LazymountError if the mirror fails."""
+    what = f"index of {mirror.url}"
+    if layout == 3:
+        text, new_etag = await mirror.read_if_changed(INDEX_MANIFEST, MAX_MANIFEST_BYTES, etag)
+        if text is None:
+            return Identity(True, None, etag)
+        return Identity(False, pick(parse_manifest(text, what), MEDIA_INDEX, what).checksum,
+                        new_etag)
+    try:  # v2: Spack publishes the index's sha256 beside it
+        text, new_etag = await mirror.read_if_changed(V2_INDEX_HASH, 1024, etag)
+    except NotInMirror:
+        return Identity(False, None, None)
+    if text is None:
+        return Identity(True, None, etag)
+    checksum = text.decode(errors="replace").strip()
+    return Identity(False, checksum if _HEX64.fullmatch(checksum) else None, new_etag)
+
+
+def _records(rows: list[Row], position: int, source: StoredIndex) -> dict[str, SpecRecord]:
+    """SpecRecords of stored rows; whole nodes come from ``source``."""
+    source.spans = {row[0]: (row[7], row[8]) for row in rows}
+    return {row[0]: SpecRecord(row[0], row[1], row[2], row[3], row[4], row[5], position,
+                               row[6], source) for row in rows}
+
+
+class StoredIndex:
+    """Whole index nodes, read back from a stored index document by byte offsets.
+
+    The document's sha256 is checked once, on the first read. Thread: any (a lock guards
+    the file)."""
+
+    def __init__(self, path: Path, checksum: str, *, verified: bool = False,
+                 data: bytes | None = None, records: Path | None = None):
+        self.path = path
+        self.checksum = checksum
+        self.records = records  # the stored records made from it: dropped if it is damaged
+        self.spans: dict[str, tuple[int, int]] = {}
+        self._data = data  # the document itself, when it could not be stored
+        self._lock = threading.Lock()
+        self._checked = verified
+
+    def node(self, dag_hash: str) -> dict[str, Any]:
+        start, end = self.spans[dag_hash]
+        text = self._read(start, end)
+        try:
+            node = json.loads(text)["spec"]
+        except (ValueError, KeyError, TypeError):
+            node = None
+        if not isinstance(node, dict) or node.get("hash", dag_hash) != dag_hash:
+            raise FormatError(f"the stored index {self.path} is damaged (record {dag_hash})")
+        return node if "hash" in node else {**node, "hash": dag_hash}
+
+    def _read(self, start: int, end: int) -> bytes:
+        with self._lock:
+            if self._data is not None:
+                return self._data[start:end]
+            try:
+                with open(self.path, "rb") as handle:
+                    if not self._checked:
+                        if hashlib.file_digest(handle, "sha256").hexdigest() != self.checksum:
+                            if self.records is not None:  # the next mount downloads it again
+                                self.records.unlink(missing_ok=True)
+                            raise FormatError(f"the stored index {self.path} is damaged")
+                        self._checked = True
+                    return os.pread(handle.fileno(), end - start, start)
+            except OSError as exc:
+                raise StoreError(f"cannot read the stored index {self.path}: "
+                                 f"{exc.strerror}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing an index once: every record with the byte span of its entry
+
+
+def scan_index(blob: bytes) -> list[Row]:
+    """The checked records of an index document (Spack database v6-v8 JSON), each with the
+    byte offsets of its ``installs`` entry. Malformed records are dropped with a warning, as
+    ``index.parse_index`` does. Raises FormatError for anything that is not such a document.
+    Blocking (about a second per 100 MB); any thread."""
+    try:
+        text = blob.decode()
+    except UnicodeDecodeError:
+        raise FormatError("the index is not UTF-8 JSON") from None
+    cursor = _Cursor(text)
+    rows: list[Row] = []
+    version: Any = None
+    installs = False
+    try:
+        for key in cursor.members():
+            if key != "database":
+                cursor.value()
+                continue
+            for field in cursor.members():
+                if field == "version":
+                    version = cursor.value()
+                elif field == "installs":
+                    installs = True
+                    _scan_installs(cursor, rows)
+                else:
+                    cursor.value()
+    except (ValueError, RecursionError) as exc:
+        raise FormatError(f"the index is not a Spack database document ({exc})") from None
+    if not installs or str(version) not in SUPPORTED_DB_VERSIONS:
+        raise FormatError("the index is not a Spack database document of version 6, 7 or 8")
+    if not blob.isascii():
+        rows = _byte_offsets(text, rows)
+    return rows
+
+
+def _scan_installs(cursor: _Cursor, rows: list[Row]) -> None:
+    dropped = 0
+    for dag_hash in cursor.members():
+        start = cursor.skip()
+        entry = cursor.value()
+        try:
+            record = parse_record(dag_hash, entry, 0)
+        except FormatError as exc:
+            dropped += 1
+            if dropped <= MAX_SKIP_WARNINGS:
+                log.warning("%s; not shown", exc)
+            continue
+        intern = sys.intern  # hashes repeat as dependencies: keep one string each
+        rows.append((intern(dag_hash), record.name, record.version, placement(record.place),
+                     record.in_buildcache, record.ref_count,
+                     tuple(intern(h) for h in record.runtime_deps), start, cursor.pos))
+    if dropped > MAX_SKIP_WARNINGS:
+        log.warning("%d more malformed index records not shown", dropped - MAX_SKIP_WARNINGS)
+
+
+def _byte_offsets(text: str, rows: list[Row]) -> list[Row]:
+    """Rows with character offsets turned into UTF-8 byte offsets (rows are in text order)."""
+    out: list[Row] = []
+    chars = octets = 0
+    for row in rows:
+        octets += len(text[chars:row[7]].encode())
+        start = octets
+        octets += len(text[row[7]:row[8]].encode())
+        chars = row[8]
+        out.append((*row[:7], start, octets))
+    return out
+
+
+class _Cursor:
+    """A position in a JSON text; values are decoded by the json module's C scanner."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.pos = 0
+
+    def skip(self) -> int:
+        """Skip whitespace; returns the position."""
+        self.pos = _WS.match(self.text, self.pos).end()  # type: ignore[union-attr]
+        return self.pos
+
+    def _take(self) -> str:
+        char = self.text[self.skip():self.pos + 1]
+        self.pos += 1
+        return char
+
+    def value(self) -> Any:
+        try:
+            value, self.pos = _scan(self.text, self.skip())
+        except StopIteration:
+            raise ValueError(f"no JSON value at character {self.pos}") from None
+        return value
+
+    def members(self) -> Iterator[str]:
+        """The keys of the object at the cursor; the caller consumes each key's value."""
+        if self._take() != "{":
+            raise ValueError(f"no JSON object at character {self.pos - 1}")
+        if self.text[self.skip():self.pos + 1] == "}":
+            self.pos += 1
+            return
+        while True:
+            if self._take() != '"':
+                raise ValueError(f"no key at character {self.pos - 1}")
+            key, self.pos = _scan_string(self.text, self.pos)
+            if self._take() != ":":
+                raise ValueError(f"no ':' at character {self.pos - 1}")
+            yield key
+            separator = self._take()
+            if separator == "}":
+                return
+            if separator != ",":
+                raise ValueError(f"no ',' or '}}' at character {self.pos - 1}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+_gc_lock = threading.Lock()
+_gc_pauses = 0
+_gc_was_enabled = False
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while 100,000s of containers are made: a collection
+    pass over all of them every few thousand allocations made parsing 4x slower. Nested and
+    concurrent uses are counted; the collector is restored by the last one."""
+    global _gc_pauses, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pauses == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_was_enabled:
+                gc.enable()
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, target)
+    except BaseException:
+        os.unlink(temporary)
+        raise

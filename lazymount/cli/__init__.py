@@ -1,0 +1,1 @@
+"""The command line: mounting, subcommands, the demo."""

@@ -1,0 +1,331 @@
+"""Command line: ``lazymount [options] MOUNTPOINT`` and its subcommands.
+
+Mounting returns once the mount is ready: a background child serves it and reports back
+through a pipe (or ``--foreground`` serves in this process). Exit codes: 0 success,
+1 failure, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lazymount import __version__, configfile
+from lazymount.buildcache.layout import DEFAULT_PROJECTION
+from lazymount.cli.subcommands import run_keys, run_spack_config
+from lazymount.config import MirrorConfig, MountConfig
+from lazymount.errors import LazymountError, UsageError
+from lazymount.install.extract import Limits
+from lazymount.mirror.transport import Timeouts
+from lazymount.serve.bindmount import fuse_device, unmount_below
+from lazymount.spack.spackconfig import read_spack_mirrors
+from lazymount.store.content import default_store_dir
+from lazymount.trust.keyring import default_keyring_dir
+
+log = logging.getLogger("lazymount")
+
+SUBCOMMANDS = {
+    "umount": "unmount a lazymount mount point",
+    "demo": "serve the embedded demo cache on loopback, mount it, run a relocated binary",
+    "keys": "manage the keyring of trusted keys (list, install, add, remove)",
+    "spack-config": "print the upstreams.yaml that makes Spack use a mount",
+}
+READY_TIMEOUT = 600.0  # seconds the command waits for a background mount to come up
+
+DESCRIPTION = """\
+Mount a Spack binary build cache read-only as an install tree. Every package of the
+mirror's index appears at MOUNTPOINT/<platform>-<target>/<name>-<version>-<hash>; the
+first access inside a package verifies its signed manifest, downloads and checks its
+tarball, extracts and relocates it into the local store, and then serves it from there.
+"""
+
+EPILOG = """\
+subcommands:
+  lazymount umount MOUNTPOINT   unmount (same as fusermount3 -u MOUNTPOINT)
+  lazymount demo                run the built-in demo (needs root or FUSE access)
+  lazymount keys list [MIRROR]  the keyring's keys, or the keys MIRROR publishes
+  lazymount keys install [--trust] MIRROR
+                                import MIRROR's keys into the keyring (see keys --help)
+  lazymount keys add FILE | remove FINGERPRINT
+  lazymount spack-config MOUNTPOINT
+                                print the upstreams.yaml that makes Spack use the mount
+
+examples:
+  lazymount keys install --trust https://cache.example.org/spack
+  lazymount --mirror https://cache.example.org/spack /opt/spack
+  /opt/spack/linux-x86_64/lmhello-1.0-<hash>/bin/hello -v
+  lazymount spack-config /opt/spack > ~/.spack/upstreams.yaml
+  lazymount umount /opt/spack
+"""
+
+
+def mount_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lazymount", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path,
+                        help="existing directory to mount the install tree on; its path "
+                             "becomes the install root packages are relocated to, so it must "
+                             "be no longer than the cache's build root unless the cache was "
+                             "built with padded_length")
+    parser.add_argument("--config", metavar="FILE", type=Path, default=None,
+                        help="configuration file (default: "
+                             f"{configfile.default_config_file()}, if it exists); its "
+                             "[mounts.\"MOUNTPOINT\"] table, over its [defaults], says what "
+                             "to mount; the options below override it")
+    configfile.add_options(parser)
+    parser.add_argument("--foreground", "-f", action="store_true",
+                        help="stay attached and log to stderr until unmounted (for systemd "
+                             "and debugging); without it the command returns once the mount "
+                             "is ready and a background process keeps serving it")
+    parser.add_argument("--log-file", metavar="FILE", type=Path, default=None,
+                        help="where the background process logs (default: "
+                             "STORE/lazymount.log)")
+    parser.add_argument("--max-package-size", metavar="BYTES", type=byte_size, default=None,
+                        help="refuse a package whose files expand to more than this (a "
+                             "decompression bomb); K, M, G, T suffixes (default: "
+                             f"{_show_size(Limits.max_bytes)})")
+    parser.add_argument("--max-package-files", metavar="N", type=positive_int, default=None,
+                        help="refuse a package whose tarball has more members than this "
+                             f"(default: {Limits.max_members})")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log more")
+    parser.add_argument("--version", action="version", version=f"lazymount {__version__}")
+    parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def byte_size(text: str) -> int:
+    """``"64G"`` -> 68719476736: a positive byte count with an optional binary-unit suffix."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match or int(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (like 512M or 64G)")
+    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+def positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def _show_size(size: int) -> str:
+    for suffix in ("T", "G", "M", "K"):
+        if size % _UNITS[suffix] == 0:
+            return f"{size // _UNITS[suffix]}{suffix}"
+    return str(size)
+
+
+def mirror_configs(values: dict[str, Any]) -> list[MirrorConfig]:
+    """The mirrors first, then the binary mirrors of each Spack mirrors file; a URL
+    given twice is kept at its first place. Prints a notice for each skipped mirror."""
+    signed = not values["unsigned"]
+    mirrors = [MirrorConfig(url, require_signature=signed) for url in values["mirrors"]]
+    for path in values["spack_mirrors"]:
+        found, notices = read_spack_mirrors(path, require_signature=signed)
+        for notice in notices:
+            print(f"lazymount: {notice}", file=sys.stderr)
+        mirrors += found
+    unique: dict[str, MirrorConfig] = {}
+    for mirror in mirrors:
+        unique.setdefault(mirror.url, mirror)
+    return list(unique.values())
+
+
+def build_config(args: argparse.Namespace) -> MountConfig:
+    """The mount's configuration: the command line over the configuration file."""
+    config = configfile.load(args.config)
+    values = configfile.settings(args, config, args.mountpoint)
+    mirrors = mirror_configs(values)
+    if not mirrors:
+        where = (f"nor in a [mounts.\"{configfile.mount_key(args.mountpoint)}\"] table of "
+                 f"{config.path}" if config.path is not None else
+                 f"and there is no configuration file {configfile.default_config_file()}")
+        raise UsageError("no mirror to mount: give --mirror URL (or --spack-mirrors FILE) "
+                         f"on the command line, {where}")
+    allow_other = values["allow_other"]
+    if allow_other is None:
+        allow_other = os.geteuid() == 0
+    timeout = values["timeout"]
+    return MountConfig(
+        mountpoint=args.mountpoint,
+        mirrors=tuple(mirrors),
+        trust_keys=tuple(path.resolve() for path in values["trust_keys"]),
+        keyring=(values["keyring"] or default_keyring_dir()).resolve(),
+        store=(values["store"] or default_store_dir()).resolve(),
+        projection=values["projection"] or DEFAULT_PROJECTION,
+        allow_other=allow_other,
+        timeouts=Timeouts(read=timeout, connect=min(timeout, 10.0)),
+        limits=Limits(max_bytes=args.max_package_size or Limits.max_bytes,
+                      max_members=args.max_package_files or Limits.max_members),
+        bind_ready=values["bind_ready"],
+        ca_certs=values["ca_certs"],
+        config_file=config.path,
+    )
+
+
+def setup_logging(verbose: bool, log_file: Path | None = None) -> None:
+    handler: logging.Handler
+    if log_file is not None:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("lazymount: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    for noisy in ("httpx", "httpcore", "gnupg", "trio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_mount(argv: list[str]) -> int:
+    args = mount_parser().parse_args(argv)
+    config = build_config(args)
+    if args.foreground or args.ready_fd is not None:
+        return _serve_here(config, args)
+    return _serve_in_background(config, args, argv)
+
+
+def _serve_here(config: MountConfig, args: argparse.Namespace) -> int:
+    from lazymount.daemon import serve  # imports pyfuse3: only where a mount is made
+
+    if args.ready_fd is None:
+        setup_logging(args.verbose)
+    else:
+        setup_logging(args.verbose, args.log_file or config.store / "lazymount.log")
+
+    def ready(error: str | None) -> None:
+        if error is not None:
+            log.error("%s", error)
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, f"error: {error}\n".encode() if error else b"ok\n")
+            os.close(args.ready_fd)
+            args.ready_fd = None
+
+    return serve(config, ready)
+
+
+def _serve_in_background(config: MountConfig, args: argparse.Namespace, argv: list[str]) -> int:
+    """Start a detached child that serves the mount; return once it says it is ready."""
+    config.store.mkdir(parents=True, exist_ok=True)
+    log_file = (args.log_file or config.store / "lazymount.log").resolve()
+    read_fd, write_fd = os.pipe()
+    command = [sys.executable, "-m", "lazymount", *argv, "--ready-fd", str(write_fd),
+               "--log-file", str(log_file)]
+    child = subprocess.Popen(command, pass_fds=(write_fd,), start_new_session=True,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=open(log_file, "ab"))
+    os.close(write_fd)
+    message = _wait_for_child(read_fd, child)
+    if message == "ok":
+        print(f"lazymount: mounted at {config.mountpoint} (pid {child.pid}, log {log_file})")
+        return 0
+    print(f"lazymount: {message or 'the mount process ended without a word; see ' + str(log_file)}",
+          file=sys.stderr)
+    return 1
+
+
+def _wait_for_child(read_fd: int, child: subprocess.Popen[bytes]) -> str:
+    deadline = time.monotonic() + READY_TIMEOUT
+    data = b""
+    with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([pipe], [], [], 1.0)
+            if readable:
+                chunk = pipe.read(4096)
+                if not chunk:
+                    break
+                data += chunk
+                if data.endswith(b"\n"):
+                    break
+            elif child.poll() is not None:
+                break
+        else:
+            child.terminate()
+            return f"the mount was not ready after {READY_TIMEOUT:.0f} s; stopped it"
+    text = data.decode(errors="replace").strip()
+    return text.removeprefix("error: ")
+
+
+def run_umount(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lazymount umount",
+                                     description="Unmount a lazymount mount point; its "
+                                                 "background process then exits.")
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    parser.add_argument("--abort", action="store_true",
+                        help="for a mount whose daemon hangs or is stopped: abort its FUSE "
+                             "connection (every waiting and later request fails with "
+                             "ENOTCONN instead of hanging), then detach it; root only")
+    args = parser.parse_args(argv)
+    if args.abort:
+        return _abort(args.mountpoint)
+    if not os.path.ismount(args.mountpoint):
+        raise UsageError(f"{args.mountpoint} is not mounted")
+    if os.geteuid() == 0:  # packages bind-mounted by --bind-ready go first
+        for busy in unmount_below(str(args.mountpoint)):
+            log.warning("%s is busy", busy)
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    command = [tool, "-u", str(args.mountpoint)] if tool else ["umount", str(args.mountpoint)]
+    return subprocess.call(command)
+
+
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def _abort(mountpoint: Path) -> int:
+    """Abort the FUSE connection of ``mountpoint`` and detach the mount lazily."""
+    device = fuse_device(os.path.abspath(mountpoint))
+    if device is None:
+        raise UsageError(f"{mountpoint} is not a FUSE mount")
+    if os.geteuid() != 0:
+        raise UsageError("aborting a FUSE connection needs root")
+    if not os.path.ismount(FUSECTL):
+        subprocess.call(["mount", "-t", "fusectl", "fusectl", str(FUSECTL)])
+    abort = FUSECTL / device.split(":")[1] / "abort"
+    try:
+        abort.write_text("1")
+    except OSError as exc:
+        raise UsageError(f"cannot abort the connection of {mountpoint}: {exc.strerror}") from None
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    command = [tool, "-u", "-z", str(mountpoint)] if tool else ["umount", "-l", str(mountpoint)]
+    return subprocess.call(command)
+
+
+def run_demo(argv: list[str]) -> int:
+    from lazymount.cli.demo import main as demo_main
+
+    return demo_main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "umount":
+            return run_umount(argv[1:])
+        if argv and argv[0] == "demo":
+            return run_demo(argv[1:])
+        if argv and argv[0] == "keys":
+            return run_keys(argv[1:])
+        if argv and argv[0] == "spack-config":
+            return run_spack_config(argv[1:])
+        return run_mount(argv)
+    except LazymountError as exc:
+        print(f"lazymount: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Parsing and checking ``.spack/binary_distribution``, the last member of a Spack tarball."""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any
+
+from lazymount.errors import FormatError
+from lazymount.system import yamlio
+
+BUILDINFO = ".spack/binary_distribution"
+MAX_BUILDINFO_BYTES = 1 << 20
+
+_LISTS = ("relocate_binaries", "relocate_links", "relocate_textfiles")
+
+
+def parse_buildinfo(text: bytes, what: str) -> dict[str, Any]:
+    """Parse and validate ``.spack/binary_distribution`` (a one-line YAML flow mapping).
+
+    Returns ``sbang_install_path`` (str or None), ``buildpath`` (absolute str),
+    ``relative_prefix`` (str, "" if absent), ``hash_to_prefix`` ({hash: absolute prefix}, from
+    ``prefix_to_hash`` in old caches), the ``relocate_binaries``, ``relocate_links`` and
+    ``relocate_textfiles`` lists of prefix-relative paths, and ``hardlinks_deduped`` (bool).
+    Missing optional keys are empty. Raises FormatError naming ``what``. Pure; any thread.
+    """
+    if len(text) > MAX_BUILDINFO_BYTES:
+        raise FormatError(f"{what}: {BUILDINFO} is larger than {MAX_BUILDINFO_BYTES} bytes")
+    try:
+        doc = yamlio.safe_load(text)
+    except yamlio.YamlError as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise FormatError(f"{what}: {BUILDINFO} is not valid YAML ({reason})") from None
+    if not isinstance(doc, dict):
+        raise FormatError(f"{what}: {BUILDINFO} is not a mapping")
+    sbang = doc.get("sbang_install_path")
+    relative_prefix = doc.get("relative_prefix") or ""
+    deduped = doc.get("hardlinks_deduped")
+    deduped = False if deduped is None else deduped
+    if not isinstance(deduped, bool):
+        raise FormatError(f"{what}: {BUILDINFO}: hardlinks_deduped is not a boolean")
+    info: dict[str, Any] = {
+        "sbang_install_path": None if sbang is None else _abs(sbang, "sbang_install_path", what),
+        "buildpath": _abs(doc.get("buildpath"), "buildpath", what),
+        "relative_prefix": relative_prefix and _rel(relative_prefix, "relative_prefix", what),
+        "hash_to_prefix": _hash_to_prefix(doc, what),
+        "hardlinks_deduped": deduped,
+    }
+    for key in _LISTS:
+        entries = doc.get(key) or []
+        if not isinstance(entries, list):
+            raise FormatError(f"{what}: {BUILDINFO}: {key} is not a list")
+        info[key] = [_rel(entry, key, what) for entry in entries]
+    return info
+
+
+def check_build_prefix(info: dict[str, Any], build_prefix: str, what: str) -> None:
+    """Refuse a buildinfo whose install root cannot be the tarball's: relocation maps paths
+    under ``buildpath`` and ``relative_prefix``, so they must describe where the members are.
+
+    ``build_prefix``: the absolute prefix the tarball's members hold. Raises FormatError.
+    """
+    root = info["buildpath"].rstrip("/")
+    if not root:  # "/" would make every absolute path of the package a build path
+        raise FormatError(f"{what}: {BUILDINFO}: buildpath '/' is not a usable install root")
+    claimed = posixpath.normpath(posixpath.join(root, info["relative_prefix"] or ""))
+    if info["relative_prefix"] and claimed != posixpath.normpath(build_prefix):
+        raise FormatError(f"{what}: {BUILDINFO} says the prefix is {claimed[:200]!r}, but the "
+                          f"tarball holds {build_prefix[:200]!r}")
+
+
+def _abs(value: object, key: str, what: str) -> str:
+    """``value`` as an absolute, '..'-free path string, else FormatError."""
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise FormatError(f"{what}: {BUILDINFO}: {key} {value!r:.200} is not an absolute path")
+    if ".." in value.split("/"):
+        raise FormatError(f"{what}: {BUILDINFO}: {key} {value!r:.200} contains '..'")
+    return value
+
+
+def _rel(value: object, key: str, what: str) -> str:
+    """``value`` as a relative path that stays inside the prefix, else FormatError."""
+    if not isinstance(value, str) or not value or value.startswith("/") or "\0" in value:
+        raise FormatError(f"{what}: {BUILDINFO}: {key} entry {value!r:.200} is not a relative path")
+    if ".." in value.split("/"):
+        raise FormatError(f"{what}: {BUILDINFO}: {key} entry {value!r:.200} leaves the prefix")
+    return value
+
+
+def _hash_to_prefix(doc: dict[Any, Any], what: str) -> dict[str, str]:
+    """hash -> build-time prefix; inverts ``prefix_to_hash`` (Spack <= 0.19)."""
+    if doc.get("hash_to_prefix") is not None:
+        mapping, inverted = doc["hash_to_prefix"], False
+    else:
+        mapping, inverted = doc.get("prefix_to_hash") or {}, True
+    if not isinstance(mapping, dict):
+        raise FormatError(f"{what}: {BUILDINFO}: hash_to_prefix is not a mapping")
+    result = {}
+    for key, value in mapping.items():
+        dag_hash, prefix = (value, key) if inverted else (key, value)
+        if not isinstance(dag_hash, str) or not dag_hash:
+            raise FormatError(f"{what}: {BUILDINFO}: hash {dag_hash!r:.80} is not a string")
+        result[dag_hash] = _abs(prefix, f"prefix of {dag_hash}", what)
+    return result

@@ -1,0 +1,235 @@
+"""Reading the members of a decompressed tar stream, front to back, in bounded memory.
+
+The headers are parsed here, not by ``tarfile.TarFile``, whose stream mode reads any extended
+header whole into memory, however large it claims to be. Pax and GNU long-name headers are
+applied to the member they describe; device nodes, FIFOs and sparse files are refused.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from lazymount.errors import FormatError, StoreError, UnsafeArchiveError
+from lazymount.install.decompress import CHUNK, Fault
+
+BLOCK = tarfile.BLOCKSIZE
+ZERO_BLOCK = bytes(BLOCK)
+MAX_EXTENDED_HEADER = 1 << 20  # one pax / GNU long-name body; real ones are < 1 KiB
+MAX_EXTENDED_RUN = 4  # local pax + global pax + GNU long name + long link before one member
+MAX_TRAILING_ZEROS = 16 << 20  # tar pads to its record size (10 KiB for Python and GNU tar)
+
+_FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
+_PAX_TYPES = (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE)
+_GNU_LONG_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+_EXTENDED_TYPES = (*_PAX_TYPES, tarfile.XGLTYPE, *_GNU_LONG_TYPES)
+_REFUSED_TYPES = {
+    tarfile.CHRTYPE: "a character device node",
+    tarfile.BLKTYPE: "a block device node",
+    tarfile.FIFOTYPE: "a FIFO",
+    tarfile.GNUTYPE_SPARSE: "a sparse file",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds that make a decompression bomb or a hostile archive fail early."""
+
+    max_bytes: int = 64 * 2**30  # total expanded bytes of regular files
+    max_members: int = 2_000_000
+    max_name_length: int = 4096
+
+
+class Source:
+    """The decompressed tar stream, read forward once. Raises only LazymountError."""
+
+    def __init__(self, chunks: Iterator[bytes], what: str) -> None:
+        self._chunks = chunks
+        self._what = what
+        self._buf = memoryview(b"")
+
+    def _refill(self) -> bool:
+        try:
+            chunk = next(self._chunks, b"")
+        except Fault as fault:
+            if fault.kind == "trailing":  # bytes outside what was checked: refuse, not ignore
+                raise UnsafeArchiveError(f"{self._what}: {fault.reason}") from None
+            raise FormatError(f"{self._what}: {fault.reason}") from None
+        except OSError as exc:
+            raise StoreError(f"{self._what}: cannot read the tarball ({exc})") from None
+        self._buf = memoryview(chunk)
+        return bool(chunk)
+
+    def read(self, n: int) -> memoryview:
+        """Up to ``n`` bytes (a view, valid until the next call); empty only at the end."""
+        if not self._buf and not self._refill():
+            return self._buf
+        view, self._buf = self._buf[:n], self._buf[n:]
+        return view
+
+    def read_exact(self, n: int, inside: str) -> bytes:
+        """Exactly ``n`` bytes, or FormatError saying the archive ends inside ``inside``."""
+        parts = []
+        while n:
+            view = self.read(n)
+            if not view:
+                raise FormatError(f"{self._what}: tarball is truncated (ends inside {inside})")
+            parts.append(view)
+            n -= len(view)
+        return b"".join(parts)
+
+    def drain(self) -> None:
+        """Read past the end-of-archive block: only zero padding may follow, then the end."""
+        seen = 0
+        while view := self.read(CHUNK):
+            seen += len(view)
+            if seen > MAX_TRAILING_ZEROS or view.tobytes().count(0) != len(view):
+                raise UnsafeArchiveError(
+                    f"{self._what}: trailing data after the end of the tar archive"
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tar headers
+
+
+@dataclass
+class Member:
+    name: str
+    kind: str  # "file", "dir", "symlink" or "hardlink"
+    mode: int
+    size: int
+    linkname: str
+
+
+def show(name: str) -> str:
+    """A member name fit for a one-line message."""
+    return repr(name if len(name) <= 160 else name[:160] + "...")
+
+
+def unsafe(what: str, name: str, reason: str) -> UnsafeArchiveError:
+    return UnsafeArchiveError(f"{what}: tarball member {show(name)} {reason}; refused")
+
+
+def _padded(size: int) -> int:
+    return -(-size // BLOCK) * BLOCK
+
+
+def _parse_pax(body: bytes, what: str) -> dict[str, str]:
+    """The ``"<length> <key>=<value>\\n"`` records of a pax extended header."""
+    records: dict[str, str] = {}
+    pos = 0
+    while pos < len(body) and body[pos] != 0:  # tolerate NUL padding at the end
+        space = body.find(b" ", pos)
+        digits = body[pos:space] if space > 0 else b""
+        end = pos + int(digits) if digits.isdigit() else -1
+        if end <= space + 1 or end > len(body) or body[end - 1] != 0x0A:
+            raise FormatError(f"{what}: malformed pax extended header")
+        key, equals, value = body[space + 1 : end - 1].partition(b"=")
+        if not equals:
+            raise FormatError(f"{what}: malformed pax extended header")
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos = end
+    return records
+
+
+def _member_kind(info: tarfile.TarInfo, name: str, what: str) -> str:
+    if info.type in _FILE_TYPES:
+        return "file"
+    kind = {
+        tarfile.DIRTYPE: "dir",
+        tarfile.SYMTYPE: "symlink",
+        tarfile.LNKTYPE: "hardlink",
+    }.get(info.type)
+    if kind is None:
+        reason = _REFUSED_TYPES.get(info.type, f"of unsupported type {info.type!r}")
+        raise unsafe(what, name, f"is {reason}")
+    return kind
+
+
+class _Overrides:
+    """Extended headers (pax, GNU long name/link) waiting for the member they describe."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.pax: dict[str, str] = {}
+        self.longname: str | None = None
+        self.longlink: str | None = None
+        self.run = 0
+        self.total = 0
+
+    def take(self, info: tarfile.TarInfo, src: Source, limits: Limits) -> None:
+        """Read the body of the extended header ``info`` and remember what it sets."""
+        self.run += 1
+        self.total += info.size
+        if self.run > MAX_EXTENDED_RUN or info.size > MAX_EXTENDED_HEADER:
+            raise UnsafeArchiveError(f"{self.what}: oversized or repeated tar extended headers")
+        if self.total > limits.max_bytes:
+            raise UnsafeArchiveError(f"{self.what}: tar extended headers exceed the size limit")
+        body = src.read_exact(_padded(info.size), "a tar extended header")[: info.size]
+        if info.type in _PAX_TYPES:
+            self.pax.update(_parse_pax(body, self.what))
+        elif info.type == tarfile.XGLTYPE:
+            self._check_global(_parse_pax(body, self.what))
+        else:  # GNU: the body is a NUL-terminated name
+            text = body.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            if info.type == tarfile.GNUTYPE_LONGNAME:
+                self.longname = text
+            else:
+                self.longlink = text
+
+    def _check_global(self, records: dict[str, str]) -> None:
+        # a global path/size would apply to every later member: nobody writes that legitimately
+        for key in ("path", "linkpath", "size"):
+            if key in records:
+                raise FormatError(f"{self.what}: a global pax header sets {key!r}; refused")
+
+    def member(self, info: tarfile.TarInfo) -> Member:
+        """The member ``info`` describes, with the pending overrides applied (then cleared)."""
+        pax = self.pax
+        name = pax.get("path", self.longname if self.longname is not None else info.name)
+        linkname = pax.get(
+            "linkpath", self.longlink if self.longlink is not None else info.linkname
+        )
+        if any(key.startswith("GNU.sparse.") for key in pax):
+            raise unsafe(self.what, name, "is a sparse file")
+        size = info.size
+        if "size" in pax:
+            if not (pax["size"].isascii() and pax["size"].isdigit()):
+                raise FormatError(f"{self.what}: bad pax size for member {show(name)}")
+            size = int(pax["size"])
+        self.pax, self.longname, self.longlink, self.run = {}, None, None, 0
+        kind = _member_kind(info, name, self.what)
+        if kind == "dir" and name != "/":
+            name = name.rstrip("/")
+        if kind != "file" and size:
+            raise FormatError(f"{self.what}: {kind} member {show(name)} carries data")
+        return Member(name, kind, info.mode, size, linkname)
+
+
+def members(src: Source, limits: Limits, what: str) -> Iterator[Member]:
+    """Yield each member of the tar stream up to the end-of-archive block.
+
+    The consumer must read a file member's ``size`` data bytes before asking for the next one.
+    Raises FormatError for a malformed stream, UnsafeArchiveError past ``max_members``.
+    """
+    overrides = _Overrides(what)
+    count = 0
+    while True:
+        header = src.read_exact(BLOCK, "a tar header")
+        if header == ZERO_BLOCK:
+            return
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise FormatError(f"{what}: bad tar header ({exc})") from None
+        if info.type in _EXTENDED_TYPES:
+            overrides.take(info, src, limits)
+            continue
+        count += 1
+        if count > limits.max_members:
+            raise UnsafeArchiveError(f"{what}: tarball has more than {limits.max_members} members")
+        member = overrides.member(info)
+        yield member
+        src.read_exact(_padded(member.size) - member.size, "a member's padding")

@@ -1,0 +1,315 @@
+"""Getting bytes from a mirror: a local directory, ``file://`` or ``http(s)://``.
+
+Every call has a bound: a dead or trickling mirror ends in a ``MirrorError`` with the URL
+and the reason, never in a hang. All functions here run on the trio thread (local file
+reads hop to a worker thread).
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import httpx
+import trio
+
+from lazymount.errors import MirrorError, NotInMirror, UsageError
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Bounds on talking to a mirror."""
+
+    connect: float = 10.0  # seconds to open a connection
+    read: float = 30.0  # seconds without a byte before giving up
+    min_rate: float = 256 * 1024  # bytes/s a download must average, past its base allowance
+    base: float | None = None  # seconds every request may take regardless of size (None: read)
+    retries: int = 2  # extra attempts after a connection failure or a 5xx answer
+
+    @property
+    def allowance(self) -> float:
+        """Seconds a request may take before its rate counts (``base``, else ``read``)."""
+        return self.read if self.base is None else self.base
+
+    def deadline(self, length: int | None) -> float:
+        """Seconds a transfer of ``length`` bytes may take in all."""
+        return self.allowance + (length or 0) / self.min_rate
+
+    def too_slow(self, received: int, elapsed: float) -> bool:
+        """True when a transfer is behind ``min_rate`` past its allowance: a trickle ends
+        after about ``allowance`` seconds, however large the blob it pretends to send."""
+        return received < (elapsed - self.allowance) * self.min_rate
+
+
+class Mirror:
+    """One mirror root. ``path`` arguments are mirror-relative ("v3/manifests/...")."""
+
+    url: str
+
+    async def read(self, path: str, max_bytes: int) -> bytes:
+        """Whole small file; refuses files over ``max_bytes``."""
+        async with self.open(path, expected=None) as stream:
+            return await _gather(stream, max_bytes, f"{self.url}/{path}")
+
+    async def read_if_changed(self, path: str, max_bytes: int, etag: str | None
+                              ) -> tuple[bytes | None, str | None]:
+        """A small file unless it still has the entity tag ``etag``: ``(None, etag)`` when the
+        mirror says it is unchanged, else ``(its bytes, its ETag or None)``. Only HTTP mirrors
+        have ETags; other mirrors always read the file. Raises like ``read``."""
+        return await self.read(path, max_bytes), None
+
+    def open(
+        self, path: str, expected: int | None
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """Stream a file in chunks; ``expected`` (its length, if known) sizes the deadline."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        pass
+
+
+class LocalMirror(Mirror):
+    """A mirror on a local or network filesystem."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.url = str(root)
+
+    def _resolve(self, path: str) -> Path:
+        # mirror-relative paths are built by layout.py; refuse anything that could climb out
+        if path.startswith("/") or ".." in path.split("/"):
+            raise MirrorError(f"refusing mirror path {path!r}")
+        return self.root / path
+
+    @asynccontextmanager
+    async def open(self, path: str, expected: int | None):  # type: ignore[override]
+        target = self._resolve(path)
+        try:
+            handle = await trio.to_thread.run_sync(open, target, "rb")
+        except FileNotFoundError:
+            raise NotInMirror(f"{target} does not exist") from None
+        except OSError as exc:
+            raise MirrorError(f"cannot read {target}: {exc.strerror}") from None
+
+        async def chunks() -> AsyncIterator[bytes]:
+            while True:
+                chunk = await trio.to_thread.run_sync(handle.read, CHUNK)
+                if not chunk:
+                    return
+                yield chunk
+
+        try:
+            yield chunks()
+        finally:
+            handle.close()
+
+
+class HttpMirror(Mirror):
+    """A mirror served over HTTP(S). Retries connection failures and 5xx answers; a server
+    that accepts and then stays silent is given up at once (another mirror may answer)."""
+
+    def __init__(self, url: str, timeouts: Timeouts, ca_certs: Path | None = None):
+        self.url = url.rstrip("/")
+        self.timeouts = timeouts
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeouts.read, connect=timeouts.connect),
+            verify=tls_context(ca_certs),
+            follow_redirects=True,
+            headers={"User-Agent": "lazymount"},
+        )
+
+    @asynccontextmanager
+    async def open(self, path: str, expected: int | None):  # type: ignore[override]
+        async with self._exchange(path, expected, None) as (_, chunks):
+            yield chunks
+
+    @asynccontextmanager
+    async def _exchange(self, path: str, expected: int | None, headers: dict[str, str] | None
+                        ) -> AsyncIterator[tuple[httpx.Response, AsyncIterator[bytes]]]:
+        """(response, its body in chunks) of a GET, bounded by the deadline and the rate
+        check; ``headers`` make it conditional (the response may then be a 304)."""
+        url = f"{self.url}/{path}"
+        deadline = trio.current_time() + self.timeouts.deadline(expected)
+        response = await self._send(url, deadline, headers)
+        if expected is None:  # size the deadline by what the server announces (v2 tarballs)
+            expected = _content_length(response)
+            deadline = trio.current_time() + self.timeouts.deadline(expected)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            started, received = trio.current_time(), 0
+            pending: list[bytes] = []  # network pieces, handed on in chunks of about CHUNK
+            size = 0
+            try:
+                with trio.fail_at(deadline):
+                    # pieces as they arrive (not httpx's fixed-size chunks, which wait for a
+                    # whole chunk), so the rate is checked at every read
+                    async for piece in response.aiter_bytes():
+                        received += len(piece)
+                        elapsed = trio.current_time() - started
+                        if self.timeouts.too_slow(received, elapsed):
+                            raise MirrorError(
+                                f"{url}: transfer too slow ({received} bytes in {elapsed:.0f} s,"
+                                f" below {self.timeouts.min_rate / 1024:.0f} KiB/s)")
+                        pending.append(piece)
+                        size += len(piece)
+                        if size >= CHUNK:
+                            yield b"".join(pending)
+                            pending, size = [], 0
+                    if pending:
+                        yield b"".join(pending)
+            except trio.TooSlowError:
+                raise MirrorError(f"{url}: transfer too slow, gave up after "
+                                  f"{self.timeouts.deadline(expected):.0f} s") from None
+            except httpx.HTTPError as exc:
+                raise MirrorError(f"{url}: transfer failed: {_describe(exc)}") from None
+
+        try:
+            yield response, chunks()
+        finally:
+            await response.aclose()
+
+    async def read_if_changed(self, path: str, max_bytes: int, etag: str | None
+                              ) -> tuple[bytes | None, str | None]:
+        headers = {"If-None-Match": etag} if etag else None
+        async with self._exchange(path, max_bytes, headers) as (response, chunks):
+            if response.status_code == 304:
+                return None, etag
+            data = await _gather(chunks, max_bytes, f"{self.url}/{path}")
+            return data, response.headers.get("etag")
+
+    async def _send(self, url: str, deadline: float,
+                    headers: dict[str, str] | None = None) -> httpx.Response:
+        """The response to a GET: 200, or 304 for a conditional one (``headers``)."""
+        last, began = "", trio.current_time()
+        for attempt in range(self.timeouts.retries + 1):
+            if attempt:
+                await trio.sleep(min(2.0 ** attempt / 4, max(0.0, deadline - trio.current_time())))
+            try:
+                with trio.fail_at(deadline):
+                    request = self.client.build_request("GET", url, headers=headers)
+                    response = await self.client.send(request, stream=True)
+            except trio.TooSlowError:
+                raise MirrorError(f"{url}: no answer in {deadline - began:.0f} s "
+                                  f"({last or 'timed out'})") from None
+            except httpx.ReadTimeout as exc:  # connected, then silence: a hung server
+                raise MirrorError(f"{url}: no answer in {self.timeouts.read:.0f} s "
+                                  f"({_describe(exc)})") from None
+            except httpx.HTTPError as exc:
+                last = _describe(exc)
+                continue
+            if response.status_code == 200 or (response.status_code == 304 and headers):
+                return response
+            await response.aclose()
+            if response.status_code == 404:
+                raise NotInMirror(f"{url}: not found (HTTP 404)")
+            last = f"HTTP {response.status_code}"
+            if response.status_code < 500:
+                break
+        raise MirrorError(f"{url}: {last}")
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+async def _gather(chunks: AsyncIterator[bytes], max_bytes: int, where: str) -> bytes:
+    """A whole small body from ``chunks``; refuses more than ``max_bytes``."""
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > max_bytes:
+            raise MirrorError(f"{where} is larger than {max_bytes} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    try:
+        return max(0, int(response.headers["content-length"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def tls_context(ca_certs: Path | None) -> ssl.SSLContext:
+    """The CAs an https mirror may be signed by: the default ones (``SSL_CERT_FILE`` /
+    ``SSL_CERT_DIR`` if set, else certifi's), plus ``ca_certs`` (a PEM file or a directory
+    of hashed certificates; a site's private CA). Raises UsageError for an unusable one."""
+    context = httpx.create_ssl_context()
+    if ca_certs is not None:
+        try:
+            if ca_certs.is_dir():
+                context.load_verify_locations(capath=str(ca_certs))
+            else:
+                context.load_verify_locations(cafile=str(ca_certs))
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"cannot use the CA bundle {ca_certs}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+    return context
+
+
+CA_CERTS_HINT = ("if the mirror uses a private CA, set ca_certs = \"/path/to/ca.pem\" in the "
+                 "configuration file (or --ca-certs FILE)")
+
+
+def _describe(exc: Exception) -> str:
+    """What went wrong, in words a user can act on: a TLS certificate the CAs do not
+    vouch for, a refused connection, else the exception's own text."""
+    for cause in _causes(exc):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            reason = cause.verify_message or "certificate verify failed"
+            return f"certificate verify failed ({reason}); {CA_CERTS_HINT}"
+    for cause in _causes(exc):
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+    name = type(exc).__name__
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return f"certificate verify failed ({text}); {CA_CERTS_HINT}"
+    return f"{name}: {text}" if text else name
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, what caused it, and the members of exception groups among them."""
+    pending, seen = [exc], set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending += [c for c in (current.__cause__, current.__context__) if c is not None]
+        if isinstance(current, BaseExceptionGroup):
+            pending += list(current.exceptions)
+
+
+def redact(url: str) -> str:
+    """``url`` without the user name and password it may carry, for logs and status."""
+    parsed = urlparse(url)
+    if parsed.username is None and parsed.password is None:
+        return url
+    host = parsed.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if parsed.port is not None:
+        host = f"{host}:{parsed.port}"
+    return parsed._replace(netloc=f"***@{host}").geturl()
+
+
+def open_mirror(url: str, timeouts: Timeouts | None = None,
+                ca_certs: Path | None = None) -> Mirror:
+    """A Mirror for a local path, ``file://`` URL or ``http(s)://`` URL."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("http", "https"):
+        return HttpMirror(url, timeouts or Timeouts(), ca_certs)
+    if parsed.scheme == "file":
+        return LocalMirror(Path(unquote(parsed.path)))
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
+        return LocalMirror(Path(url).resolve())
+    raise UsageError(f"mirror {url}: unsupported scheme {parsed.scheme!r} (use a path, file:// or http(s)://)")
+

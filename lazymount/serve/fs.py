@@ -1,0 +1,360 @@
+"""The FUSE filesystem: a read-only install tree backed by the index and the store.
+
+Three kinds of node:
+  * virtual directories (the root, ``<platform>-<target>/``, ...), answered from the index;
+  * prefix directories (one per cached spec): stat answered from the index, but looking
+    inside one awaits its materialization;
+  * real nodes: files, links and directories of a materialized tree in the store (and our
+    ``bin/sbang``), served straight from the store.
+
+Everything served is immutable, so the kernel is told to cache entries, attributes and
+pages for long. Handlers run on the trio thread; none talks to the network or gpg: they
+await the materializer and read the store. Any error becomes an errno, never an exception
+that would end the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from lazymount.catalog.installtree import InstallTree
+from lazymount.errors import LazymountError
+from lazymount.materialize import Materializer
+from lazymount.serve.bindmount import PrefixBinder
+
+log = logging.getLogger(__name__)
+
+TIMEOUT = 24 * 3600.0  # immutable content: the kernel may keep entries and attributes a day
+STATUS_XATTR = b"user.lazymount.status"
+PROJECTION_XATTR = b"user.lazymount.projection"  # on the root: for `lazymount spack-config`
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def errors_to_errno(handler: F) -> F:
+    """Turn every failure of a handler into a FUSEError: a raise of anything else would
+    end the whole mount."""
+
+    @functools.wraps(handler)
+    async def wrapper(*args: Any) -> Any:
+        try:
+            return await handler(*args)
+        except pyfuse3.FUSEError:
+            raise
+        except LazymountError as exc:  # logged once by whoever raised it
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _is_own_thread(tid: int) -> bool:
+    """True if the kernel request came from a thread of this process."""
+    return os.path.exists(f"/proc/self/task/{tid}")
+
+
+@dataclass(frozen=True)
+class VirtualDir:
+    relative: str  # path under the mount root, "" for the root
+
+
+@dataclass(frozen=True)
+class PrefixDir:
+    relative: str
+    dag_hash: str
+
+
+@dataclass(frozen=True)
+class RealNode:
+    path: str  # absolute path in the store
+
+
+Node = VirtualDir | PrefixDir | RealNode
+
+
+class InstallTreeFS(pyfuse3.Operations):
+    """pyfuse3 operations over an InstallTree and a Materializer."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, tree: InstallTree, materializer: Materializer, sbang: Path,
+                 files: dict[str, Path] | None = None, binder: PrefixBinder | None = None):
+        """``files``: more store files to serve read-only, by path under the mount
+        (e.g. ``.spack-db/index.json``); ``bin/sbang`` is always served. ``binder``:
+        bind-mounts each ready package on its prefix (``--bind-ready``)."""
+        super().__init__()
+        self.binder = binder
+        self.after_init: Callable[[], object] | None = None  # runs once the kernel says hello
+        self.tree = tree
+        self.materializer = materializer
+        self.sbang = sbang
+        self.files = {"bin/sbang": str(sbang), **{k: str(v) for k, v in (files or {}).items()}}
+        self.file_dirs: dict[str, set[str]] = {}  # directories that hold those files
+        self._index_files()
+        # set while ``files`` are still being written (the Spack database, after mounting):
+        # a lookup of one of them waits for it
+        self.files_pending: trio.Event | None = None
+        self.mounted_at = time.time_ns()
+        self.nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: VirtualDir("")}
+        self.inodes: dict[Node, int] = {VirtualDir(""): pyfuse3.ROOT_INODE}
+        self.listings: dict[int, list[tuple[bytes, Node]]] = {}
+        self.next_handle = 1
+        self.next_inode = pyfuse3.ROOT_INODE + 1
+        self.uid, self.gid = os.getuid(), os.getgid()
+
+    def _index_files(self) -> None:
+        self.file_dirs.clear()
+        for relative in self.files:
+            parts = relative.split("/")
+            for depth, name in enumerate(parts):
+                self.file_dirs.setdefault("/".join(parts[:depth]), set()).add(name)
+
+    def drop_files(self, names: list[str]) -> None:
+        """Stop serving some of ``files`` (they could not be written)."""
+        for name in names:
+            self.files.pop(name, None)
+        self._index_files()
+
+    async def _written(self, child: Node | None) -> None:
+        """Wait until an extra store file exists, if ``child`` is one still being written."""
+        if (self.files_pending is not None and isinstance(child, RealNode)
+                and child.path != str(self.sbang)):
+            await self.files_pending.wait()
+
+    def init(self) -> None:
+        """FUSE INIT, before it is answered: hands over to ``after_init`` (which must not
+        block; it schedules work to run once the answer is in)."""
+        if self.after_init is not None:
+            self.after_init()
+
+    # ---- inode table ----------------------------------------------------------------
+
+    def _inode(self, node: Node) -> int:
+        ino = self.inodes.get(node)
+        if ino is None:
+            ino = self.next_inode
+            self.next_inode += 1
+            self.nodes[ino] = node
+            self.inodes[node] = ino
+        return ino
+
+    def _node(self, ino: int) -> Node:
+        try:
+            return self.nodes[ino]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    def _child(self, parent: VirtualDir, name: str) -> Node | None:
+        relative = f"{parent.relative}/{name}" if parent.relative else name
+        if relative in self.tree.by_path:
+            return PrefixDir(relative, self.tree.by_path[relative])
+        if relative in self.tree.dirs:
+            return VirtualDir(relative)
+        if relative in self.files:
+            return RealNode(self.files[relative])
+        if relative in self.file_dirs:
+            return VirtualDir(relative)
+        return None
+
+    def _children(self, parent: VirtualDir) -> list[str]:
+        names = set(self.tree.dirs.get(parent.relative, ()))
+        names.update(self.file_dirs.get(parent.relative, ()))
+        return sorted(names)
+
+    async def _real_dir(self, node: Node, ctx: Any) -> str | None:
+        """Store path of a directory node's contents; materializes a prefix. None if virtual."""
+        if isinstance(node, PrefixDir):
+            ready = self.materializer.ready_tree(node.dag_hash)
+            if ready is None:
+                if ctx is not None and _is_own_thread(ctx.pid):
+                    # our own worker reaching into the mount would wait on itself forever
+                    log.error("%s: the daemon itself looked inside the package it is "
+                              "materializing; refused", self.tree.label(node.dag_hash))
+                    raise pyfuse3.FUSEError(errno.EDEADLK)
+                ready = await self.materializer.ensure(node.dag_hash)
+            if self.binder is not None:  # from now on the kernel serves it from the store
+                self.binder.request(node.relative, str(ready))
+            return str(ready)
+        if isinstance(node, RealNode):
+            return node.path
+        return None
+
+    # ---- attributes -------------------------------------------------------------------
+
+    def _dir_attr(self, ino: int) -> pyfuse3.EntryAttributes:
+        attr = self._timeouts(pyfuse3.EntryAttributes())
+        attr.st_ino = ino
+        attr.st_mode = stat.S_IFDIR | 0o755
+        attr.st_nlink = 2
+        attr.st_uid, attr.st_gid = self.uid, self.gid
+        attr.st_blksize = 4096
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self.mounted_at
+        return attr
+
+    def _real_attr(self, ino: int, path: str) -> pyfuse3.EntryAttributes:
+        st = os.lstat(path)
+        attr = self._timeouts(pyfuse3.EntryAttributes())
+        attr.st_ino = ino
+        attr.st_mode = st.st_mode
+        attr.st_nlink = st.st_nlink
+        attr.st_uid, attr.st_gid = st.st_uid, st.st_gid
+        attr.st_size = st.st_size
+        attr.st_blocks = st.st_blocks
+        attr.st_blksize = 1 << 17  # invite large reads
+        attr.st_atime_ns, attr.st_mtime_ns = st.st_atime_ns, st.st_mtime_ns
+        attr.st_ctime_ns = st.st_ctime_ns
+        return attr
+
+    @staticmethod
+    def _timeouts(attr: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
+        attr.entry_timeout = TIMEOUT
+        attr.attr_timeout = TIMEOUT
+        return attr
+
+    def _attr(self, ino: int, node: Node) -> pyfuse3.EntryAttributes:
+        if isinstance(node, RealNode):
+            return self._real_attr(ino, node.path)
+        return self._dir_attr(ino)
+
+    def _negative(self) -> pyfuse3.EntryAttributes:
+        """A cached 'no such entry': st_ino 0 with a timeout."""
+        attr = self._timeouts(pyfuse3.EntryAttributes())
+        attr.st_ino = 0
+        return attr
+
+    # ---- lookups ---------------------------------------------------------------------
+
+    @errors_to_errno
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+        parent = self._node(parent_inode)
+        text = os.fsdecode(name)
+        if isinstance(parent, VirtualDir):
+            child = self._child(parent, text)
+            if isinstance(child, RealNode):
+                await self._written(child)
+                child = self._child(parent, text)  # it may have been dropped meanwhile
+            if child is None:
+                return self._negative()
+        else:
+            directory = await self._real_dir(parent, ctx)
+            assert directory is not None
+            path = os.path.join(directory, text)
+            if not os.path.lexists(path):
+                return self._negative()
+            child = RealNode(path)
+        ino = self._inode(child)
+        return self._attr(ino, child)
+
+    @errors_to_errno
+    async def getattr(self, inode: int, ctx: Any = None) -> Any:
+        return self._attr(inode, self._node(inode))
+
+    async def forget(self, inode_list: Any) -> None:
+        pass  # inodes stay valid for the life of the mount: the content never changes
+
+    @errors_to_errno
+    async def readlink(self, inode: int, ctx: Any = None) -> bytes:
+        node = self._node(inode)
+        if not isinstance(node, RealNode):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(os.readlink(node.path))
+
+    # ---- directories -------------------------------------------------------------------
+
+    @errors_to_errno
+    async def opendir(self, inode: int, ctx: Any = None) -> int:
+        node = self._node(inode)
+        if isinstance(node, VirtualDir):
+            for name in self._children(node):
+                await self._written(self._child(node, name))
+            entries = [(os.fsencode(n), self._child(node, n)) for n in self._children(node)]
+            listing = [(n, c) for n, c in entries if c is not None]
+        else:
+            directory = await self._real_dir(node, ctx)
+            assert directory is not None
+            names = sorted(os.listdir(directory))
+            listing = [(os.fsencode(n), RealNode(os.path.join(directory, n))) for n in names]
+        handle = self.next_handle
+        self.next_handle += 1
+        self.listings[handle] = listing
+        return handle
+
+    @errors_to_errno
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        listing = self.listings.get(fh, [])
+        for index in range(start_id, len(listing)):
+            name, child = listing[index]
+            ino = self._inode(child)
+            if not pyfuse3.readdir_reply(token, name, self._attr(ino, child), index + 1):
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        self.listings.pop(fh, None)
+
+    # ---- files ------------------------------------------------------------------------
+
+    @errors_to_errno
+    async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if not isinstance(node, RealNode):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        fd = os.open(node.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # immutable content: the kernel may keep its pages across opens
+        return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+
+    @errors_to_errno
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return os.pread(fh, size, off)
+
+    async def release(self, fh: int) -> None:
+        try:
+            os.close(fh)
+        except OSError:
+            pass
+
+    # ---- the rest ---------------------------------------------------------------------
+
+    @errors_to_errno
+    async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
+        st = os.statvfs(self.materializer.store.root)
+        data = pyfuse3.StatvfsData()
+        data.f_bsize, data.f_frsize = st.f_bsize, st.f_frsize
+        data.f_blocks, data.f_bfree, data.f_bavail = st.f_blocks, 0, 0
+        data.f_files, data.f_ffree, data.f_favail = st.f_files, 0, 0
+        data.f_namemax = 255
+        return data
+
+    @errors_to_errno
+    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        node = self._node(inode)
+        if name == PROJECTION_XATTR and inode == pyfuse3.ROOT_INODE:
+            return self.tree.projection.encode()
+        if name != STATUS_XATTR or not isinstance(node, PrefixDir):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return self.materializer.status(node.dag_hash).encode()
+
+    @errors_to_errno
+    async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        if inode == pyfuse3.ROOT_INODE:
+            return [PROJECTION_XATTR]
+        return [STATUS_XATTR] if isinstance(self._node(inode), PrefixDir) else []

@@ -1,0 +1,1 @@
+"""The local content store: relocated package trees, published atomically."""

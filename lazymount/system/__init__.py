@@ -1,0 +1,1 @@
+"""Small helpers over the operating system that every layer may use (YAML, files, mounts)."""

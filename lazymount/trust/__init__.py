@@ -1,0 +1,1 @@
+"""The trust decision: lazymount's keyring and signature checks of clearsigned manifests."""

@@ -1,0 +1,264 @@
+"""lazymount's own keyring: a directory of ASCII-armored public keys, and the keys a mirror
+publishes.
+
+The keyring is a plain directory (never ``~/.gnupg``; no gpg-agent): every ``*.asc`` file in
+it holds trusted public keys, and ``add`` writes one ``<FINGERPRINT>.asc`` per key. The daemon
+trusts all of them (plus any ``--trust-key`` file). A keyring that others could write to
+would let them add keys, so it is refused unless only its owner (root or the caller) can
+write it.
+
+A mirror publishes its keys like ``spack buildcache keys`` reads them: layout v3 under
+``v3/manifests/key/`` (key index manifest -> key index blob -> one key manifest per
+fingerprint -> the armored key blob, every blob checked against its manifest's length and
+sha256), layout v2 under ``build_cache/_pgp/`` (``index.json`` and ``<FINGERPRINT>.pub``,
+no checksums). Fetching keys is not trusting them: the command line shows what it found and
+imports only when told to (``--trust``).
+
+Directory functions block (gpg runs); ``mirror_keys`` runs on the trio thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lazymount.buildcache.fetch import fetch_bytes
+from lazymount.buildcache.layout import (
+    KEY_INDEX_MANIFEST,
+    MEDIA_KEY,
+    MEDIA_KEY_INDEX,
+    V2_KEY_INDEX,
+    key_manifest_path,
+)
+from lazymount.buildcache.manifest import MAX_MANIFEST_BYTES, parse_manifest, pick
+from lazymount.errors import FormatError, LazymountError, NotInMirror, UsageError
+from lazymount.mirror.transport import Mirror
+from lazymount.trust.verify import MAX_KEY_BYTES, PublicKey, read_key_file, read_public_keys
+
+KEY_SUFFIX = ".asc"
+_FINGERPRINT = re.compile(r"[0-9A-F]{40}|[0-9A-F]{64}")
+
+
+def default_keyring_dir() -> Path:
+    """/etc/lazymount/keys for root, ``$XDG_CONFIG_HOME/lazymount/keys`` otherwise."""
+    if os.geteuid() == 0:
+        return Path("/etc/lazymount/keys")
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return Path(base) / "lazymount" / "keys"
+
+
+@dataclass(frozen=True)
+class StoredKey:
+    """A key of the keyring and the file that holds it."""
+
+    key: PublicKey
+    path: Path
+
+
+class Keyring:
+    """The trusted keys in one directory. Methods block (they run gpg)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def files(self) -> list[Path]:
+        """The key files, sorted; none if the directory does not exist.
+
+        Raises UsageError if the directory or a file is writable by anyone but its owner,
+        or owned by another user than root or us.
+        """
+        if not self.directory.exists():
+            return []
+        _check_private(self.directory)
+        files = sorted(p for p in self.directory.iterdir()
+                       if p.name.endswith(KEY_SUFFIX) and p.is_file())
+        for path in files:
+            _check_private(path)
+        return files
+
+    def key_texts(self) -> list[tuple[str, bytes]]:
+        """(file, armored text) of every key file, for the Verifier."""
+        return [read_key_file(path) for path in self.files()]
+
+    def keys(self) -> list[StoredKey]:
+        """Every key of the keyring with its file, by fingerprint."""
+        stored: list[StoredKey] = []
+        for path in self.files():
+            source, text = read_key_file(path)
+            stored.extend(StoredKey(key, path) for key in read_public_keys(source, text))
+        return sorted(stored, key=lambda s: s.key.fingerprint)
+
+    def add(self, keys: list[PublicKey]) -> list[tuple[PublicKey, bool]]:
+        """Write each key to ``<FINGERPRINT>.asc``; returns (key, True if it was new).
+
+        Raises UsageError if the directory cannot be written.
+        """
+        known = {s.key.fingerprint for s in self.keys()}
+        try:
+            self.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create the keyring {self.directory}: "
+                             f"{exc.strerror}") from None
+        done = []
+        for key in keys:
+            if key.fingerprint not in known:
+                self._write(self.directory / f"{key.fingerprint}{KEY_SUFFIX}", key.armored)
+                known.add(key.fingerprint)
+                done.append((key, True))
+            else:
+                done.append((key, False))
+        return done
+
+    def _write(self, target: Path, data: bytes) -> None:
+        try:
+            fd, temporary = tempfile.mkstemp(prefix=".key.", dir=self.directory)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(temporary, 0o644)
+            os.replace(temporary, target)
+        except OSError as exc:
+            raise UsageError(f"cannot write {target}: {exc.strerror}") from None
+
+    def remove(self, wanted: str) -> StoredKey:
+        """Delete the file of the key whose fingerprint is, or ends with, ``wanted``
+        (at least 16 hex digits: a long key id).
+
+        Raises UsageError for an unknown or ambiguous fingerprint, or a file that also
+        holds other keys (it is left alone: edit it by hand).
+        """
+        wanted = wanted.upper().replace(" ", "").removeprefix("0X")
+        if not re.fullmatch(r"[0-9A-F]{16,64}", wanted):
+            raise UsageError(f"{wanted!r} is not a fingerprint (give at least 16 hex digits)")
+        stored = self.keys()
+        matches = [s for s in stored if s.key.fingerprint.endswith(wanted)]
+        if not matches:
+            raise UsageError(f"no key {wanted} in the keyring {self.directory}")
+        if len({s.key.fingerprint for s in matches}) > 1:
+            raise UsageError(f"{wanted} matches several keys; give the whole fingerprint")
+        match = matches[0]
+        others = [s.key.fingerprint for s in stored
+                  if s.path == match.path and s.key.fingerprint != match.key.fingerprint]
+        if others:
+            raise UsageError(f"{match.path} also holds {', '.join(others)}; "
+                             "remove or edit that file by hand")
+        try:
+            match.path.unlink()
+        except OSError as exc:
+            raise UsageError(f"cannot remove {match.path}: {exc.strerror}") from None
+        return match
+
+
+def _check_private(path: Path) -> None:
+    """Refuse a keyring entry others could change: that would let them add trusted keys."""
+    st = os.stat(path)
+    if st.st_uid not in (0, os.geteuid()):
+        raise UsageError(f"keyring {path} belongs to uid {st.st_uid}, not to root or to us; "
+                         "its keys are not trusted")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UsageError(f"keyring {path} is writable by group or others "
+                         f"(chmod go-w {path}); its keys are not trusted")
+
+
+def read_key_files(paths: list[Path]) -> list[PublicKey]:
+    """The keys of armored key files. Raises UsageError naming a bad file."""
+    keys: list[PublicKey] = []
+    for path in paths:
+        source, text = read_key_file(path)
+        keys.extend(read_public_keys(source, text))
+    return keys
+
+
+# ---- keys a mirror publishes ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MirrorKey:
+    """A key file a mirror publishes, not yet inspected."""
+
+    fingerprint: str  # as the mirror's key index names it
+    source: str  # where it came from, for messages
+    text: bytes
+
+
+def _fingerprints(data: bytes, what: str) -> list[str]:
+    """Fingerprints of a key index ``{"keys": {FPR: {}}}``; refuses malformed names."""
+    try:
+        keys = json.loads(data)["keys"]
+        names = [str(name) for name in keys]
+    except (ValueError, KeyError, TypeError):
+        raise FormatError(f"{what} is not a key index") from None
+    for name in names:
+        if not _FINGERPRINT.fullmatch(name.upper()):
+            raise FormatError(f"{what} names {name[:80]!r}, which is not a fingerprint")
+    return [name.upper() for name in names]
+
+
+async def _v3_keys(mirror: Mirror, index_manifest: bytes) -> list[MirrorKey]:
+    what = f"key index of {mirror.url}"
+    record = pick(parse_manifest(index_manifest, what), MEDIA_KEY_INDEX, what)
+    index = await fetch_bytes(mirror, record, what, MAX_KEY_BYTES)
+    found = []
+    for fingerprint in _fingerprints(index, what):
+        path = key_manifest_path(fingerprint)
+        where = f"{mirror.url}/{path}"
+        manifest = parse_manifest(await mirror.read(path, MAX_MANIFEST_BYTES), where)
+        blob = pick(manifest, MEDIA_KEY, where)
+        if blob.compression != "none":
+            raise FormatError(f"{where}: unsupported key compression {blob.compression!r}")
+        data = await fetch_bytes(mirror, blob, where, MAX_KEY_BYTES)
+        found.append(MirrorKey(fingerprint, where, data))
+    return found
+
+
+async def _v2_keys(mirror: Mirror, index: bytes) -> list[MirrorKey]:
+    what = f"{mirror.url}/{V2_KEY_INDEX}"
+    found = []
+    for fingerprint in _fingerprints(index, what):
+        path = f"build_cache/_pgp/{fingerprint}.pub"
+        data = await mirror.read(path, MAX_KEY_BYTES)
+        found.append(MirrorKey(fingerprint, f"{mirror.url}/{path}", data))
+    return found
+
+
+async def mirror_keys(mirror: Mirror) -> list[MirrorKey]:
+    """The key files a mirror publishes: layout v3 if it has a key index, else layout v2.
+
+    Raises NotInMirror if it publishes no key index, or another LazymountError naming the
+    file that is missing, malformed or fails its checksum.
+    """
+    try:
+        manifest = await mirror.read(KEY_INDEX_MANIFEST, MAX_MANIFEST_BYTES)
+    except NotInMirror:
+        pass
+    else:
+        return await _v3_keys(mirror, manifest)
+    try:
+        index = await mirror.read(V2_KEY_INDEX, MAX_KEY_BYTES)
+    except NotInMirror:
+        raise NotInMirror(f"{mirror.url} publishes no keys (neither {KEY_INDEX_MANIFEST} "
+                          f"nor {V2_KEY_INDEX})") from None
+    return await _v2_keys(mirror, index)
+
+
+def inspect_mirror_keys(found: list[MirrorKey]) -> list[PublicKey]:
+    """The public keys of a mirror's key files, each checked to be the key its index
+    names (a file that holds another key is refused: the index would be lying).
+
+    Blocks (runs gpg). Raises LazymountError naming the file.
+    """
+    keys: list[PublicKey] = []
+    for item in found:
+        inside = read_public_keys(item.source, item.text)
+        fingerprints = [k.fingerprint for k in inside]
+        if fingerprints != [item.fingerprint]:
+            raise LazymountError(f"{item.source}: the key index names {item.fingerprint}, "
+                                 f"but the file holds {', '.join(fingerprints) or 'no key'}")
+        keys.extend(inside)
+    return keys
