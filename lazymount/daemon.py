@@ -29,7 +29,7 @@ from lazymount.errors import LazymountError, UsageError
 from lazymount.materialize import Materializer, MirrorSource
 from lazymount.mirror.transport import Mirror, open_mirror
 from lazymount.serve import session
-from lazymount.serve.bindmount import PrefixBinder, fuse_device
+from lazymount.serve.bindmount import PrefixBinder, clear_dead_mount, fuse_device
 from lazymount.serve.fs import InstallTreeFS
 from lazymount.spack.upstreamdb import DB_DIR, INDEX, VERIFIER, write_database
 from lazymount.store.content import Store
@@ -70,7 +70,15 @@ def install_sbang(store: Store) -> Path:
 
 
 def check_mountpoint(path: Path) -> str:
-    """The absolute mount root used for relocation; refuses what cannot be mounted on."""
+    """The absolute mount root used for relocation; refuses what cannot be mounted on.
+    A mount left by a daemon that died (ENOTCONN) is detached first: mounting again is how
+    a crashed mount recovers (the store keeps what it had)."""
+    try:
+        if clear_dead_mount(os.path.abspath(path)):
+            log.warning("%s: the daemon that served this mount is gone; detached its dead "
+                        "mount and mounting again", path)
+    except OSError as exc:
+        raise UsageError(f"{path}: a dead mount is in the way: {exc.strerror}") from None
     if not path.is_dir():
         raise UsageError(f"mount point {path} is not a directory")
     if os.path.ismount(path):

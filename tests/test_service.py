@@ -3,11 +3,22 @@ meets on the way (bad files refused before mounting)."""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import signal
 import subprocess
+import time
 from pathlib import Path
 
-from conftest import FIXTURE_CACHE, FIXTURE_KEY, LMHELLO, lazymount_command, short_dir, unmount
+from conftest import FIXTURE_CACHE, FIXTURE_KEY, LMHELLO, lazymount_command, short_dir
+
+
+def unmount(root: Path) -> None:
+    """Detach ``root`` if it is in the mount table, even when its daemon is dead (then
+    os.path.ismount, which stats it, says no)."""
+    if any(line.split()[4] == str(root) for line in open("/proc/self/mountinfo")):
+        subprocess.run(["fusermount3", "-u", "-z", str(root)], check=False)
 
 
 def write_config(path: Path, mountpoint: Path, **keys: object) -> Path:
@@ -74,3 +85,55 @@ def test_no_mirror_anywhere_names_the_table_to_write(tmp_path):
         assert f'[mounts."{root}"] table of {config}' in result.stderr
     finally:
         root.rmdir()
+
+
+def _daemon_pid(stdout: str) -> int:
+    match = re.search(r"\(pid (\d+),", stdout)
+    assert match, stdout
+    return int(match.group(1))
+
+
+def test_kill_9_then_the_same_command_brings_the_mount_back(http_server, tmp_path):
+    server = http_server(FIXTURE_CACHE)
+    root = short_dir()
+    store = tmp_path / "store"
+    config = write_config(tmp_path / "config.toml", root, mirrors=[server.url],
+                          trust_keys=[str(FIXTURE_KEY)], store=str(store),
+                          keyring=str(tmp_path / "no-keys"))
+    command = lazymount_command("--config", str(config), str(root))
+    hello = root / "linux-x86_64" / LMHELLO / "bin" / "hello"
+    try:
+        first = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert first.returncode == 0, first.stderr
+        assert subprocess.run([str(hello)], capture_output=True, timeout=60).returncode == 0
+        assert len([r for r in server.requests if r.startswith("/blobs/")]) >= 2
+        before = len(server.requests)
+        os.kill(_daemon_pid(first.stdout), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:  # the kernel now answers ENOTCONN on the dead mount (not from its cache)
+            try:
+                os.statvfs(root)
+            except OSError as exc:
+                assert exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # what a crash can leave in the store: an unfinished package of a dead process
+        leftover = store / "staging" / "x.4194305.unfinished"
+        leftover.mkdir()
+        (leftover / "half-written").write_bytes(b"x" * 100)
+
+        again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert os.path.ismount(root)
+        result = subprocess.run([str(hello)], capture_output=True, text=True, timeout=60)
+        assert "Hello from lmgreet" in result.stdout
+        # the store was reused: no package blob fetched again, the leftover swept
+        assert not [r for r in server.requests[before:] if r.startswith("/blobs/")]
+        assert not leftover.exists()
+        log = (store / "lazymount.log").read_text()
+        assert "the daemon that served this mount is gone" in log
+    finally:
+        unmount(root)
+    assert not os.path.ismount(root)
+    root.rmdir()

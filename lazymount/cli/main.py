@@ -26,7 +26,7 @@ from lazymount.config import MirrorConfig, MountConfig
 from lazymount.errors import LazymountError, UsageError
 from lazymount.install.extract import Limits
 from lazymount.mirror.transport import Timeouts
-from lazymount.serve.bindmount import fuse_device, unmount_below
+from lazymount.serve.bindmount import clear_dead_mount, fuse_device, unmount_below
 from lazymount.spack.spackconfig import read_spack_mirrors
 from lazymount.store.content import default_store_dir
 from lazymount.trust.keyring import default_keyring_dir
@@ -270,6 +270,9 @@ def run_umount(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.abort:
         return _abort(args.mountpoint)
+    if clear_dead_mount(os.path.abspath(args.mountpoint)):
+        print(f"lazymount: {args.mountpoint}: its daemon was gone; detached the dead mount")
+        return 0
     if not os.path.ismount(args.mountpoint):
         raise UsageError(f"{args.mountpoint} is not mounted")
     if os.geteuid() == 0:  # packages bind-mounted by --bind-ready go first

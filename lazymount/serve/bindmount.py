@@ -22,6 +22,8 @@ import ctypes
 import errno
 import logging
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import trio
@@ -85,6 +87,32 @@ def fuse_device(root: str) -> str | None:
         if unescape(fields[4]) == root and " - fuse" in line:
             device = fields[2]
     return device
+
+
+def is_dead_mount(root: str) -> bool:
+    """True if ``root`` is a FUSE mount whose daemon is gone (killed, crashed): the kernel
+    then answers every request on it with ENOTCONN or ECONNABORTED. Asks with statfs: the
+    kernel may answer a stat from its cache, a statfs always goes to the daemon."""
+    if fuse_device(root) is None:
+        return False
+    try:
+        os.statvfs(root)
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def clear_dead_mount(root: str) -> bool:
+    """Detach the FUSE mount at ``root`` if its daemon is gone (and the bind mounts left on
+    it), so that it can be mounted again; True if there was one. Raises OSError if it
+    cannot be detached."""
+    if not is_dead_mount(root):
+        return False
+    if _libc.umount2(root.encode(), MNT_DETACH) != 0:  # root; else the user's fusermount3
+        tool = shutil.which("fusermount3") or shutil.which("fusermount")
+        if tool is None or subprocess.call([tool, "-u", "-z", root]) != 0:
+            raise OSError(errno.EBUSY, f"cannot detach the dead mount at {root}")
+    return True
 
 
 def unescape(field: str) -> str:
