@@ -14,11 +14,11 @@ import spackcache as sc
 import trio
 from conftest import FIXTURE_CACHE, LMGREET, LMHELLO
 
-from lazymount.buildcache.index import SpecRecord, parse_index
+from lazymount.buildcache.index import SpecRecord, parse_index, scan_index
 from lazymount.buildcache.layout import DEFAULT_PROJECTION, project
 from lazymount.catalog.installtree import InstallTree
 from lazymount.catalog.loader import load_catalog
-from lazymount.catalog.stored import CatalogStore, scan_index
+from lazymount.catalog.stored import CatalogStore
 from lazymount.errors import FormatError, MirrorError
 from lazymount.mirror.transport import Timeouts, open_mirror
 

@@ -7,7 +7,11 @@ manifest and spec blob say wins when it is materialized.
 from __future__ import annotations
 
 import json
+import json.decoder
 import logging
+import re
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -17,6 +21,9 @@ from lazymount.errors import FormatError
 RUNTIME_DEPTYPES = frozenset({"link", "run"})
 SUPPORTED_DB_VERSIONS = ("6", "7", "8")
 MAX_SKIP_WARNINGS = 10  # dropped records logged one by one; the rest are counted
+_WS = re.compile(r"[ \t\n\r]*")
+_scan = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+_scan_string = json.decoder.scanstring  # type: ignore[attr-defined]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,11 @@ class SpecRecord:
         if isinstance(external, dict) and isinstance(external.get("path"), str):
             return str(external["path"])
         return None
+
+
+# one scanned record: hash, name, version, place, in_buildcache, ref_count, runtime deps,
+# then the byte offsets of its entry in the index document
+Row = tuple[str, str, str, dict[str, Any], bool, int, tuple[str, ...], int, int]
 
 
 class NodeSource(Protocol):
@@ -190,37 +202,48 @@ def parse_record(dag_hash: str, entry: Any, mirror: int) -> SpecRecord:
 
 
 def parse_index(data: bytes, mirror: int = 0) -> dict[str, SpecRecord]:
-    """Parse an index blob (database v6-v8 JSON) into records keyed by DAG hash.
+    """Parse an index blob (database v6-v8 JSON) into records keyed by DAG hash: the rows of
+    ``scan_index``, whose whole nodes are read back from ``data`` on use.
 
-    Raises FormatError for anything that is not such a document. A record whose hash, names
-    or fields are unusable is dropped with a warning, and the others are kept: the index is
-    only a hint, and one bad record must not hide a whole mirror. Pure but for the log;
-    any thread.
+    Raises FormatError for anything that is not such a document; malformed records are
+    dropped with a warning (see ``scan_index``). Pure but for the log; any thread.
     """
-    try:
-        doc = json.loads(data)
-        database = doc["database"]
-        version = str(database["version"])
-        installs = database["installs"]
-    except (ValueError, KeyError, TypeError, RecursionError) as exc:
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
-        raise FormatError(f"the index is not a Spack database document ({reason})") from None
-    if version not in SUPPORTED_DB_VERSIONS:
-        raise FormatError(f"the index has database version {version:.20}; supported: 6, 7, 8")
-    if not isinstance(installs, dict):
-        raise FormatError("the index's installs is not a mapping")
-    records: dict[str, SpecRecord] = {}
-    dropped = 0
-    for dag_hash, entry in installs.items():
+    rows = scan_index(data)
+    return records_of(rows, mirror, IndexNodes(data))
+
+
+def records_of(rows: list[Row], mirror: int, source: IndexNodes) -> dict[str, SpecRecord]:
+    """SpecRecords of scanned rows; whole nodes come from ``source``."""
+    source.spans = {row[0]: (row[7], row[8]) for row in rows}
+    return {row[0]: SpecRecord(row[0], row[1], row[2], row[3], row[4], row[5], mirror,
+                               row[6], source) for row in rows}
+
+
+class IndexNodes:
+    """Whole index nodes, read back from an index document by the byte spans of its
+    entries (``scan_index``). This one holds the document in memory; the catalog store's
+    reads it from disk. Thread: any."""
+
+    def __init__(self, data: bytes | None = None, name: str = "the index"):
+        self.spans: dict[str, tuple[int, int]] = {}
+        self.name = name  # for messages
+        self._data = data
+
+    def node(self, dag_hash: str) -> dict[str, Any]:
+        """Raises FormatError if the document does not hold the record where it was."""
+        start, end = self.spans[dag_hash]
+        text = self.read(start, end)
         try:
-            records[dag_hash] = parse_record(dag_hash, entry, mirror)
-        except FormatError as exc:
-            dropped += 1
-            if dropped <= MAX_SKIP_WARNINGS:
-                log.warning("%s; not shown", exc)
-    if dropped > MAX_SKIP_WARNINGS:
-        log.warning("%d more malformed index records not shown", dropped - MAX_SKIP_WARNINGS)
-    return records
+            node = json.loads(text)["spec"]
+        except (ValueError, KeyError, TypeError):
+            node = None
+        if not isinstance(node, dict) or node.get("hash", dag_hash) != dag_hash:
+            raise FormatError(f"{self.name} is damaged (record {dag_hash})")
+        return node if "hash" in node else {**node, "hash": dag_hash}
+
+    def read(self, start: int, end: int) -> bytes:
+        assert self._data is not None
+        return self._data[start:end]
 
 
 def merge_indexes(indexes: list[dict[str, SpecRecord]]) -> dict[str, SpecRecord]:
@@ -233,3 +256,130 @@ def merge_indexes(indexes: list[dict[str, SpecRecord]]) -> dict[str, SpecRecord]
             if current is None or (record.in_buildcache and not current.in_buildcache):
                 merged[dag_hash] = record
     return merged
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing an index once: every record with the byte span of its entry
+
+
+def scan_index(blob: bytes) -> list[Row]:
+    """The checked records of an index document (Spack database v6-v8 JSON), each with the
+    byte offsets of its ``installs`` entry (so that whole nodes need not be kept in memory).
+
+    Raises FormatError for anything that is not such a document. A record whose hash, names
+    or fields are unusable is dropped with a warning, and the others are kept: the index is
+    only a hint, and one bad record must not hide a whole mirror. Blocking (about a second
+    per 100 MB); any thread.
+    """
+    try:
+        text = blob.decode()
+    except UnicodeDecodeError:
+        raise FormatError("the index is not UTF-8 JSON") from None
+    cursor = _Cursor(text)
+    rows: list[Row] = []
+    version: Any = None
+    installs = False
+    try:
+        for key in cursor.members():
+            if key != "database":
+                cursor.value()
+                continue
+            for field in cursor.members():
+                if field == "version":
+                    version = cursor.value()
+                elif field == "installs":
+                    installs = True
+                    _scan_installs(cursor, rows)
+                else:
+                    cursor.value()
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise FormatError(f"the index is not a Spack database document ({reason})") from None
+    if not installs or version is None:
+        raise FormatError("the index is not a Spack database document (it has no "
+                          "database version and installs)")
+    if str(version) not in SUPPORTED_DB_VERSIONS:
+        raise FormatError(f"the index has database version {version!s:.20}; supported: 6, 7, 8")
+    if not blob.isascii():
+        rows = _byte_offsets(text, rows)
+    return rows
+
+
+def _scan_installs(cursor: _Cursor, rows: list[Row]) -> None:
+    if cursor.text[cursor.skip():cursor.pos + 1] != "{":
+        raise FormatError("the index's installs is not a mapping")
+    dropped = 0
+    for dag_hash in cursor.members():
+        start = cursor.skip()
+        entry = cursor.value()
+        try:
+            record = parse_record(dag_hash, entry, 0)
+        except FormatError as exc:
+            dropped += 1
+            if dropped <= MAX_SKIP_WARNINGS:
+                log.warning("%s; not shown", exc)
+            continue
+        intern = sys.intern  # hashes repeat as dependencies: keep one string each
+        rows.append((intern(dag_hash), record.name, record.version, placement(record.place),
+                     record.in_buildcache, record.ref_count,
+                     tuple(intern(h) for h in record.runtime_deps), start, cursor.pos))
+    if dropped > MAX_SKIP_WARNINGS:
+        log.warning("%d more malformed index records not shown", dropped - MAX_SKIP_WARNINGS)
+
+
+def _byte_offsets(text: str, rows: list[Row]) -> list[Row]:
+    """Rows with character offsets turned into UTF-8 byte offsets (rows are in text order)."""
+    out: list[Row] = []
+    chars = octets = 0
+    for row in rows:
+        octets += len(text[chars:row[7]].encode())
+        start = octets
+        octets += len(text[row[7]:row[8]].encode())
+        chars = row[8]
+        out.append((*row[:7], start, octets))
+    return out
+
+
+class _Cursor:
+    """A position in a JSON text; values are decoded by the json module's C scanner."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.pos = 0
+
+    def skip(self) -> int:
+        """Skip whitespace; returns the position."""
+        self.pos = _WS.match(self.text, self.pos).end()  # type: ignore[union-attr]
+        return self.pos
+
+    def _take(self) -> str:
+        char = self.text[self.skip():self.pos + 1]
+        self.pos += 1
+        return char
+
+    def value(self) -> Any:
+        try:
+            value, self.pos = _scan(self.text, self.skip())
+        except StopIteration:
+            raise ValueError(f"no JSON value at character {self.pos}") from None
+        return value
+
+    def members(self) -> Iterator[str]:
+        """The keys of the object at the cursor; the caller consumes each key's value."""
+        if self._take() != "{":
+            raise ValueError(f"no JSON object at character {self.pos - 1}")
+        if self.text[self.skip():self.pos + 1] == "}":
+            self.pos += 1
+            return
+        while True:
+            if self._take() != '"':
+                raise ValueError(f"no key at character {self.pos - 1}")
+            key, self.pos = _scan_string(self.text, self.pos)
+            if self._take() != ":":
+                raise ValueError(f"no ':' at character {self.pos - 1}")
+            yield key
+            separator = self._take()
+            if separator == "}":
+                return
+            if separator != ",":
+                raise ValueError(f"no ',' or '}}' at character {self.pos - 1}")

@@ -44,13 +44,7 @@ from typing import Any
 import trio
 
 from lazymount.buildcache.formats import discover
-from lazymount.buildcache.index import (
-    MAX_SKIP_WARNINGS,
-    SUPPORTED_DB_VERSIONS,
-    SpecRecord,
-    parse_record,
-    placement,
-)
+from lazymount.buildcache.index import IndexNodes, SpecRecord, records_of, scan_index
 from lazymount.buildcache.layout import INDEX_MANIFEST, MEDIA_INDEX, V2_INDEX_HASH
 from lazymount.buildcache.manifest import MAX_MANIFEST_BYTES, parse_manifest, pick
 from lazymount.catalog.installtree import InstallTree
@@ -61,13 +55,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the payload changes shape
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_WS = re.compile(r"[ \t\n\r]*")
-_scan = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
-_scan_string = json.decoder.scanstring  # type: ignore[attr-defined]
-
-# one stored record: hash, name, version, place, in_buildcache, ref_count, runtime deps,
-# then the byte offsets of its entry in the stored index document
-Row = tuple[str, str, str, dict[str, Any], bool, int, tuple[str, ...], int, int]
 
 
 @dataclass(frozen=True)
@@ -197,7 +184,7 @@ class CatalogStore:
                 rows = marshal.loads(payload)
                 source = StoredIndex(document, header["checksum"],
                                      records=self.records_path(header["url"]))
-                return _records(rows, position, source)
+                return records_of(rows, position, source)
         except (ValueError, EOFError, TypeError, IndexError) as exc:
             log.warning("the stored catalog of %s is damaged (%s); rebuilding it",
                         header["url"], exc)
@@ -229,7 +216,7 @@ class CatalogStore:
             log.warning("cannot store the catalog of %s: %s", url, exc.strerror)
             source = StoredIndex(document, checksum, data=blob)
         with _gc_paused():
-            return _records(rows, position, source)
+            return records_of(rows, position, source)
 
     def _save(self, header: dict[str, Any], payload: bytes) -> None:
         header = dict(header, payload=hashlib.sha256(payload).hexdigest())
@@ -257,14 +244,7 @@ async def _identity(mirror: Mirror, layout: int, etag: str | None) -> Identity:
     return Identity(False, checksum if _HEX64.fullmatch(checksum) else None, new_etag)
 
 
-def _records(rows: list[Row], position: int, source: StoredIndex) -> dict[str, SpecRecord]:
-    """SpecRecords of stored rows; whole nodes come from ``source``."""
-    source.spans = {row[0]: (row[7], row[8]) for row in rows}
-    return {row[0]: SpecRecord(row[0], row[1], row[2], row[3], row[4], row[5], position,
-                               row[6], source) for row in rows}
-
-
-class StoredIndex:
+class StoredIndex(IndexNodes):
     """Whole index nodes, read back from a stored index document by byte offsets.
 
     The document's sha256 is checked once, on the first read. Thread: any (a lock guards
@@ -272,26 +252,14 @@ class StoredIndex:
 
     def __init__(self, path: Path, checksum: str, *, verified: bool = False,
                  data: bytes | None = None, records: Path | None = None):
+        super().__init__(data, f"the stored index {path}")
         self.path = path
         self.checksum = checksum
         self.records = records  # the stored records made from it: dropped if it is damaged
-        self.spans: dict[str, tuple[int, int]] = {}
-        self._data = data  # the document itself, when it could not be stored
         self._lock = threading.Lock()
         self._checked = verified
 
-    def node(self, dag_hash: str) -> dict[str, Any]:
-        start, end = self.spans[dag_hash]
-        text = self._read(start, end)
-        try:
-            node = json.loads(text)["spec"]
-        except (ValueError, KeyError, TypeError):
-            node = None
-        if not isinstance(node, dict) or node.get("hash", dag_hash) != dag_hash:
-            raise FormatError(f"the stored index {self.path} is damaged (record {dag_hash})")
-        return node if "hash" in node else {**node, "hash": dag_hash}
-
-    def _read(self, start: int, end: int) -> bytes:
+    def read(self, start: int, end: int) -> bytes:
         with self._lock:
             if self._data is not None:
                 return self._data[start:end]
@@ -307,123 +275,6 @@ class StoredIndex:
             except OSError as exc:
                 raise StoreError(f"cannot read the stored index {self.path}: "
                                  f"{exc.strerror}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Parsing an index once: every record with the byte span of its entry
-
-
-def scan_index(blob: bytes) -> list[Row]:
-    """The checked records of an index document (Spack database v6-v8 JSON), each with the
-    byte offsets of its ``installs`` entry. Malformed records are dropped with a warning, as
-    ``index.parse_index`` does. Raises FormatError for anything that is not such a document.
-    Blocking (about a second per 100 MB); any thread."""
-    try:
-        text = blob.decode()
-    except UnicodeDecodeError:
-        raise FormatError("the index is not UTF-8 JSON") from None
-    cursor = _Cursor(text)
-    rows: list[Row] = []
-    version: Any = None
-    installs = False
-    try:
-        for key in cursor.members():
-            if key != "database":
-                cursor.value()
-                continue
-            for field in cursor.members():
-                if field == "version":
-                    version = cursor.value()
-                elif field == "installs":
-                    installs = True
-                    _scan_installs(cursor, rows)
-                else:
-                    cursor.value()
-    except (ValueError, RecursionError) as exc:
-        raise FormatError(f"the index is not a Spack database document ({exc})") from None
-    if not installs or str(version) not in SUPPORTED_DB_VERSIONS:
-        raise FormatError("the index is not a Spack database document of version 6, 7 or 8")
-    if not blob.isascii():
-        rows = _byte_offsets(text, rows)
-    return rows
-
-
-def _scan_installs(cursor: _Cursor, rows: list[Row]) -> None:
-    dropped = 0
-    for dag_hash in cursor.members():
-        start = cursor.skip()
-        entry = cursor.value()
-        try:
-            record = parse_record(dag_hash, entry, 0)
-        except FormatError as exc:
-            dropped += 1
-            if dropped <= MAX_SKIP_WARNINGS:
-                log.warning("%s; not shown", exc)
-            continue
-        intern = sys.intern  # hashes repeat as dependencies: keep one string each
-        rows.append((intern(dag_hash), record.name, record.version, placement(record.place),
-                     record.in_buildcache, record.ref_count,
-                     tuple(intern(h) for h in record.runtime_deps), start, cursor.pos))
-    if dropped > MAX_SKIP_WARNINGS:
-        log.warning("%d more malformed index records not shown", dropped - MAX_SKIP_WARNINGS)
-
-
-def _byte_offsets(text: str, rows: list[Row]) -> list[Row]:
-    """Rows with character offsets turned into UTF-8 byte offsets (rows are in text order)."""
-    out: list[Row] = []
-    chars = octets = 0
-    for row in rows:
-        octets += len(text[chars:row[7]].encode())
-        start = octets
-        octets += len(text[row[7]:row[8]].encode())
-        chars = row[8]
-        out.append((*row[:7], start, octets))
-    return out
-
-
-class _Cursor:
-    """A position in a JSON text; values are decoded by the json module's C scanner."""
-
-    def __init__(self, text: str):
-        self.text = text
-        self.pos = 0
-
-    def skip(self) -> int:
-        """Skip whitespace; returns the position."""
-        self.pos = _WS.match(self.text, self.pos).end()  # type: ignore[union-attr]
-        return self.pos
-
-    def _take(self) -> str:
-        char = self.text[self.skip():self.pos + 1]
-        self.pos += 1
-        return char
-
-    def value(self) -> Any:
-        try:
-            value, self.pos = _scan(self.text, self.skip())
-        except StopIteration:
-            raise ValueError(f"no JSON value at character {self.pos}") from None
-        return value
-
-    def members(self) -> Iterator[str]:
-        """The keys of the object at the cursor; the caller consumes each key's value."""
-        if self._take() != "{":
-            raise ValueError(f"no JSON object at character {self.pos - 1}")
-        if self.text[self.skip():self.pos + 1] == "}":
-            self.pos += 1
-            return
-        while True:
-            if self._take() != '"':
-                raise ValueError(f"no key at character {self.pos - 1}")
-            key, self.pos = _scan_string(self.text, self.pos)
-            if self._take() != ":":
-                raise ValueError(f"no ':' at character {self.pos - 1}")
-            yield key
-            separator = self._take()
-            if separator == "}":
-                return
-            if separator != ",":
-                raise ValueError(f"no ',' or '}}' at character {self.pos - 1}")
 
 
 # ---------------------------------------------------------------------------------------------
