@@ -30,3 +30,5 @@ class MountConfig:
     bind_ready: bool = False  # bind-mount ready packages on their prefixes (root only)
     ca_certs: Path | None = None  # CA bundle trusted for https mirrors, besides the default
     config_file: Path | None = None  # the file read (for reloads), if any
+    host_target: str | None = None  # archspec name of the CPU to choose builds for; None: detect
+    targets: str = "all"  # "host": hide the builds that CPU cannot run

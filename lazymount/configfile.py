@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from lazymount.catalog.hosttarget import TARGET_CHOICES, unknown_target
 from lazymount.errors import UsageError
 
 DEFAULTS_TABLE = "defaults"
@@ -147,6 +148,22 @@ def parse_listen(value: Any, base: Path) -> tuple[str, int]:
     return (match.group(1) or match.group(2), int(match.group(3)))
 
 
+def parse_host_target(value: Any, base: Path) -> str:
+    """An archspec microarchitecture name (``zen2``, ``x86_64_v3``, ``neoverse_v1``...)."""
+    name = _text(value).strip()
+    problem = unknown_target(name)
+    if problem is not None:
+        raise ValueError(problem)
+    return name
+
+
+def parse_targets(value: Any, base: Path) -> str:
+    text = _text(value).strip()
+    if text not in TARGET_CHOICES:
+        raise ValueError(f"{text!r} is not one of {', '.join(TARGET_CHOICES)}")
+    return text
+
+
 def _kind(value: Any) -> str:
     names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
              list: "a list", dict: "a table"}
@@ -231,14 +248,19 @@ KEYS: dict[str, Key] = {key.name: key for key in (
         help="once a package is materialized, bind-mount its store tree read-only on its "
              "prefix, so the kernel serves it at local-disk speed without FUSE (needs root; "
              "unmount with lazymount umount)"),
+    Key("host_target", parse_host_target, flag="--host-target", metavar="NAME",
+        help="the CPU host/ chooses builds for, as an archspec microarchitecture name (zen2, "
+             "x86_64_v3, neoverse_v1...); default: this machine's, detected by archspec. "
+             "To serve another partition's view"),
+    Key("targets", parse_targets, flag="--targets", metavar="all|host", default="all",
+        help="which builds to show under <platform>-<target>/: all (default), or host: only "
+             "those the host target can run (Spack's upstream database still lists all)"),
 )}
 
 # names a later version gives meaning to: refused rather than silently ignored
 NOT_YET: dict[str, str] = {
     "store_quota": "a size limit on the store",
     "proxies": "HTTP proxies for the mirrors",
-    "host_target": "the host's microarchitecture",
-    "targets": "the microarchitectures to show",
     "index_refresh": "checking the index while mounted",
     "metrics_listen": "serving metrics over HTTP",
 }

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import trio
 
+from lazymount.catalog.hosttarget import HostTarget, runnable_tree
 from lazymount.catalog.installtree import InstallTree
 from lazymount.catalog.loader import load_catalog
 from lazymount.catalog.stored import CatalogStore
@@ -31,6 +32,7 @@ from lazymount.mirror.transport import Mirror, open_mirror
 from lazymount.serve import session
 from lazymount.serve.bindmount import PrefixBinder, clear_dead_mount, fuse_device
 from lazymount.serve.fs import InstallTreeFS
+from lazymount.serve.hostdir import HostDirs
 from lazymount.spack.upstreamdb import DB_DIR, INDEX, VERIFIER, write_database
 from lazymount.store.content import Store
 from lazymount.trust.keyring import Keyring
@@ -150,7 +152,14 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path,
         database = store.root / "spackdb" / materializer.root_digest
         files = _spack_database_files(database)
         binder = PrefixBinder(root) if config.bind_ready else None
-        operations = InstallTreeFS(tree, materializer, sbang, files, binder)
+        host = HostTarget(config.host_target)
+        shown = tree
+        if config.targets == "host":
+            shown = await trio.to_thread.run_sync(runnable_tree, tree, host)
+            log.info("--targets host: showing the %d of %d packages this CPU (%s) runs",
+                     len(shown.prefixes), len(tree.prefixes), host.name)
+        operations = InstallTreeFS(shown, materializer, sbang, files, binder,
+                                   HostDirs(tree, host))
         operations.files_pending = trio.Event() if files else None
         session.mount(operations, root, mount_options(config))
         log.info("mounted %d packages from %s at %s", len(tree.prefixes),

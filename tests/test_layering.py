@@ -34,7 +34,8 @@ LAYERS: list[set[str]] = [
 ]
 
 # Third-party libraries that exactly one part of the code may import.
-SOLE_IMPORTERS = {"pyfuse3": "serve", "yaml": "system", "gnupg": "trust", "elftools": "install"}
+SOLE_IMPORTERS = {"pyfuse3": "serve", "yaml": "system", "gnupg": "trust", "elftools": "install",
+                  "archspec": "catalog"}
 
 
 def layer_of(part: str) -> int:

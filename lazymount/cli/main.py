@@ -173,6 +173,8 @@ def build_config(args: argparse.Namespace) -> MountConfig:
         bind_ready=values["bind_ready"],
         ca_certs=values["ca_certs"],
         config_file=config.path,
+        host_target=values["host_target"],
+        targets=values["targets"],
     )
 
 

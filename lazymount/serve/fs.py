@@ -5,7 +5,8 @@ Three kinds of node:
   * prefix directories (one per cached spec): stat answered from the index, but looking
     inside one awaits its materialization;
   * real nodes: files, links and directories of a materialized tree in the store (and our
-    ``bin/sbang``), served straight from the store.
+    ``bin/sbang``), served straight from the store;
+  * ``host/``: per name and version, a link to the best build this CPU runs (``hostdir``).
 
 Everything served is immutable, so the kernel is told to cache entries, attributes and
 pages for long. Handlers run on the trio thread; none talks to the network or gpg: they
@@ -33,12 +34,15 @@ from lazymount.catalog.installtree import InstallTree
 from lazymount.errors import LazymountError
 from lazymount.materialize import Materializer
 from lazymount.serve.bindmount import PrefixBinder
+from lazymount.serve.hostdir import HOST_DIR, HostDirs
 
 log = logging.getLogger(__name__)
 
 TIMEOUT = 24 * 3600.0  # immutable content: the kernel may keep entries and attributes a day
 STATUS_XATTR = b"user.lazymount.status"
 PROJECTION_XATTR = b"user.lazymount.projection"  # on the root: for `lazymount spack-config`
+TARGET_XATTR = b"user.lazymount.target"  # on a prefix: its target, and whether it runs here
+CHOICE_XATTR = b"user.lazymount.choice"  # on host/<name>: each version's choice, alternatives
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -85,7 +89,18 @@ class RealNode:
     path: str  # absolute path in the store
 
 
-Node = VirtualDir | PrefixDir | RealNode
+@dataclass(frozen=True)
+class HostDir:
+    relative: str  # "host" or "host/<name>"
+
+
+@dataclass(frozen=True)
+class HostLink:
+    relative: str
+    target: str  # what readlink answers
+
+
+Node = VirtualDir | PrefixDir | RealNode | HostDir | HostLink
 
 
 class InstallTreeFS(pyfuse3.Operations):
@@ -96,11 +111,18 @@ class InstallTreeFS(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, tree: InstallTree, materializer: Materializer, sbang: Path,
-                 files: dict[str, Path] | None = None, binder: PrefixBinder | None = None):
+                 files: dict[str, Path] | None = None, binder: PrefixBinder | None = None,
+                 host: HostDirs | None = None):
         """``files``: more store files to serve read-only, by path under the mount
         (e.g. ``.spack-db/index.json``); ``bin/sbang`` is always served. ``binder``:
-        bind-mounts each ready package on its prefix (``--bind-ready``)."""
+        bind-mounts each ready package on its prefix (``--bind-ready``). ``host``: serves
+        ``host/`` (left out if the install tree has a top directory of that name)."""
         super().__init__()
+        if host is not None and HOST_DIR in tree.dirs[""]:
+            log.warning("no %s/ view: the projection puts a directory of that name at the "
+                        "top of the mount", HOST_DIR)
+            host = None
+        self.host = host
         self.binder = binder
         self.after_init: Callable[[], object] | None = None  # runs once the kernel says hello
         self.tree = tree
@@ -164,6 +186,8 @@ class InstallTreeFS(pyfuse3.Operations):
 
     def _child(self, parent: VirtualDir, name: str) -> Node | None:
         relative = f"{parent.relative}/{name}" if parent.relative else name
+        if relative == HOST_DIR and self.host is not None:
+            return HostDir(relative)
         if relative in self.tree.by_path:
             return PrefixDir(relative, self.tree.by_path[relative])
         if relative in self.tree.dirs:
@@ -177,7 +201,19 @@ class InstallTreeFS(pyfuse3.Operations):
     def _children(self, parent: VirtualDir) -> list[str]:
         names = set(self.tree.dirs.get(parent.relative, ()))
         names.update(self.file_dirs.get(parent.relative, ()))
+        if parent.relative == "" and self.host is not None:
+            names.add(HOST_DIR)
         return sorted(names)
+
+    async def _host_children(self, parent: HostDir) -> dict[str, Node]:
+        """The entries of a directory of ``host/``: decided from the index alone."""
+        assert self.host is not None
+        entries = await self.host.children(parent.relative)
+        children: dict[str, Node] = {}
+        for name, target in (entries or {}).items():
+            relative = f"{parent.relative}/{name}"
+            children[name] = HostDir(relative) if target is None else HostLink(relative, target)
+        return children
 
     async def _real_dir(self, node: Node, ctx: Any) -> str | None:
         """Store path of a directory node's contents; materializes a prefix. None if virtual."""
@@ -189,6 +225,8 @@ class InstallTreeFS(pyfuse3.Operations):
                     log.error("%s: the daemon itself looked inside the package it is "
                               "materializing; refused", self.tree.label(node.dag_hash))
                     raise pyfuse3.FUSEError(errno.EDEADLK)
+                if self.host is not None:
+                    self.host.warn_foreign(node.dag_hash)
                 ready = await self.materializer.ensure(node.dag_hash)
             if self.binder is not None:  # from now on the kernel serves it from the store
                 self.binder.request(node.relative, str(ready))
@@ -229,9 +267,18 @@ class InstallTreeFS(pyfuse3.Operations):
         attr.attr_timeout = TIMEOUT
         return attr
 
+    def _link_attr(self, ino: int, node: HostLink) -> pyfuse3.EntryAttributes:
+        attr = self._dir_attr(ino)
+        attr.st_mode = stat.S_IFLNK | 0o777
+        attr.st_nlink = 1
+        attr.st_size = len(os.fsencode(node.target))
+        return attr
+
     def _attr(self, ino: int, node: Node) -> pyfuse3.EntryAttributes:
         if isinstance(node, RealNode):
             return self._real_attr(ino, node.path)
+        if isinstance(node, HostLink):
+            return self._link_attr(ino, node)
         return self._dir_attr(ino)
 
     def _negative(self) -> pyfuse3.EntryAttributes:
@@ -253,6 +300,12 @@ class InstallTreeFS(pyfuse3.Operations):
                 child = self._child(parent, text)  # it may have been dropped meanwhile
             if child is None:
                 return self._negative()
+        elif isinstance(parent, HostDir):
+            child = (await self._host_children(parent)).get(text)
+            if child is None:
+                return self._negative()
+        elif isinstance(parent, HostLink):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
         else:
             directory = await self._real_dir(parent, ctx)
             assert directory is not None
@@ -273,6 +326,8 @@ class InstallTreeFS(pyfuse3.Operations):
     @errors_to_errno
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
         node = self._node(inode)
+        if isinstance(node, HostLink):
+            return os.fsencode(node.target)
         if not isinstance(node, RealNode):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return os.fsencode(os.readlink(node.path))
@@ -287,6 +342,11 @@ class InstallTreeFS(pyfuse3.Operations):
                 await self._written(self._child(node, name))
             entries = [(os.fsencode(n), self._child(node, n)) for n in self._children(node)]
             listing = [(n, c) for n, c in entries if c is not None]
+        elif isinstance(node, HostDir):
+            children = await self._host_children(node)
+            listing = [(os.fsencode(n), children[n]) for n in sorted(children)]
+        elif isinstance(node, HostLink):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
         else:
             directory = await self._real_dir(node, ctx)
             assert directory is not None
@@ -316,6 +376,8 @@ class InstallTreeFS(pyfuse3.Operations):
         node = self._node(inode)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
+        if isinstance(node, HostLink):  # opening a link follows it: never reached
+            raise pyfuse3.FUSEError(errno.ELOOP)
         if not isinstance(node, RealNode):
             raise pyfuse3.FUSEError(errno.EISDIR)
         fd = os.open(node.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -349,12 +411,23 @@ class InstallTreeFS(pyfuse3.Operations):
         node = self._node(inode)
         if name == PROJECTION_XATTR and inode == pyfuse3.ROOT_INODE:
             return self.tree.projection.encode()
+        if name == TARGET_XATTR and isinstance(node, PrefixDir) and self.host is not None:
+            return self.host.target_status(node.dag_hash).encode()
+        if name == CHOICE_XATTR and isinstance(node, HostDir) and self.host is not None:
+            text = await self.host.describe(node.relative)
+            if text is not None:
+                return text.encode()
         if name != STATUS_XATTR or not isinstance(node, PrefixDir):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return self.materializer.status(node.dag_hash).encode()
 
     @errors_to_errno
     async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        node = self._node(inode)
         if inode == pyfuse3.ROOT_INODE:
             return [PROJECTION_XATTR]
-        return [STATUS_XATTR] if isinstance(self._node(inode), PrefixDir) else []
+        if isinstance(node, PrefixDir):
+            return [STATUS_XATTR] + ([TARGET_XATTR] if self.host is not None else [])
+        if isinstance(node, HostDir) and node.relative != HOST_DIR:
+            return [CHOICE_XATTR]
+        return []

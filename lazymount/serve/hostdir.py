@@ -1,0 +1,101 @@
+"""``<mount>/host/``: for each package name, a link per version to the best build this CPU runs.
+
+::
+
+    host/<name>/<version> -> <mount>/<platform>-<target>/<name>-<version>-<hash>
+    host/<name>/default   -> <newest version>
+
+The choice (``catalog.hosttarget``) is made from the index alone, the first time ``host/``
+is looked at, in a worker thread: mounting pays nothing for it and listing ``host/`` fetches
+and materializes nothing. The links point at the builds' real prefixes, so RPATHs and
+Spack's database stay as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from lazymount.catalog.hosttarget import HostTarget, HostView, builds_of, target_of
+from lazymount.catalog.installtree import InstallTree
+
+log = logging.getLogger(__name__)
+
+HOST_DIR = "host"
+DEFAULT_LINK = "default"
+
+
+class HostDirs:
+    """The entries of ``host/`` and its subdirectories, computed on first use."""
+
+    def __init__(self, tree: InstallTree, host: HostTarget) -> None:
+        self.tree = tree
+        self.host = host
+        self._view: HostView | None = None
+        self._lock = trio.Lock()
+        self._warned: set[str] = set()
+
+    async def view(self) -> HostView:
+        async with self._lock:
+            if self._view is None:
+                self._view = await trio.to_thread.run_sync(self._choose)
+        return self._view
+
+    def _choose(self) -> HostView:
+        view = HostView.choose(self.host, builds_of(self.tree))
+        log.info("host/: the best of %d builds for this CPU (%s): %d names",
+                 len(self.tree.prefixes), self.host.name, len(view.best))
+        return view
+
+    async def children(self, relative: str) -> dict[str, str | None] | None:
+        """The entries of directory ``relative`` (``host`` or ``host/<name>``): name ->
+        link target, or None for a subdirectory. None if there is no such directory."""
+        view = await self.view()
+        if relative == HOST_DIR:
+            return dict.fromkeys(view.names())
+        name = relative.removeprefix(HOST_DIR + "/")
+        versions = view.versions(name)
+        if not versions or "/" in name:
+            return None
+        entries: dict[str, str | None] = {}
+        for version in versions:
+            build = view.chosen(name, version)
+            assert build is not None
+            entries[version] = self.tree.prefix_of(build.dag_hash)
+        if DEFAULT_LINK not in entries:  # a version named "default" keeps its name
+            entries[DEFAULT_LINK] = versions[0]
+        return entries
+
+    async def describe(self, relative: str) -> str | None:
+        """For ``host/<name>``: the choice for each version and its alternatives."""
+        if relative == HOST_DIR or not relative.startswith(HOST_DIR + "/"):
+            return None
+        view = await self.view()
+        name = relative.removeprefix(HOST_DIR + "/")
+        lines = []
+        for version in view.versions(name):
+            for rank, alternative in enumerate(view.alternatives(name, version)):
+                build = alternative.build
+                what = ("chosen" if rank == 0 else
+                        "runs here" if alternative.reason is None else alternative.reason)
+                lines.append(f"{name}@{version} {build.target} {build.dag_hash}: {what}")
+        return "\n".join(lines) + "\n"
+
+    def target_status(self, dag_hash: str) -> str:
+        """A build's target and whether this CPU runs it."""
+        target = target_of(self.tree.catalog[dag_hash].place)
+        reason = self.host.why_not(target)
+        if reason is None:
+            return f"{target}: runs on this CPU ({self.host.name})"
+        return f"{target}: does not run here: {reason}"
+
+    def warn_foreign(self, dag_hash: str) -> None:
+        """Log, once per build, that a build this CPU cannot run is being materialized."""
+        if dag_hash in self._warned:
+            return
+        reason = self.host.why_not(target_of(self.tree.catalog[dag_hash].place))
+        if reason is not None:
+            self._warned.add(dag_hash)
+            log.warning("%s: %s: materializing it anyway; its programs may stop with "
+                        "'Illegal instruction' here", self.tree.label(dag_hash), reason)

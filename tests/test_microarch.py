@@ -1,0 +1,173 @@
+"""Mixed clusters: ``host/`` leads each CPU to the best build it runs, ``--targets host`` hides
+the rest, and nothing of this fetches a byte.
+
+The cache (``data/v3-microarch``, see its ``.md``) was built by Spack 1.1 for three targets:
+lmisa@1.0 and its library lmisalib for x86_64, x86_64_v3 and x86_64_v4, and lmisa@1.1 for
+x86_64. Its program prints the level its compiler targeted. Served over loopback HTTP and
+mounted with real FUSE.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import archspec.cpu
+import pytest
+from conftest import DATA, lazymount_command
+
+CACHE = DATA / "v3-microarch"
+LMISA = {  # lmisa@1.0 per target
+    "x86_64": "lmisa-1.0-jbbyvew5yw62wys6zcag5xcbafwnagsg",
+    "x86_64_v3": "lmisa-1.0-prrygt2dakmpexbzbai7klilta3wmjy6",
+    "x86_64_v4": "lmisa-1.0-exfln2zwtmp75cp3zsvdpsahm4vcbn5d",
+}
+LMISA_11 = "lmisa-1.1-h5kthvszmvxhtnkwfkbx3qidbr4wlrlk"
+HOST = archspec.cpu.host()
+
+
+def this_cpu_runs(target: str) -> bool:
+    return HOST.name == target or target in {a.name for a in HOST.ancestors}
+
+
+def run_isa(path: Path) -> list[str]:
+    result = subprocess.run([str(path / "bin" / "isa")], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+@pytest.fixture
+def served(http_server):
+    return http_server(CACHE)
+
+
+def test_x86_64_v3_host_gets_the_v3_build_and_it_runs(served, mount_cache):
+    mount = mount_cache([served.url], extra=("--host-target=x86_64_v3",))
+    link = mount.root / "host" / "lmisa" / "1.0"
+    assert os.readlink(link) == f"{mount.root}/linux-x86_64_v3/{LMISA['x86_64_v3']}"
+    if not this_cpu_runs("x86_64_v3"):
+        pytest.skip(f"this CPU ({HOST.name}) cannot run an x86_64_v3 build")
+    own, library = run_isa(link)
+    assert own == "lmisa 1.0 built for x86_64_v3"
+    assert library.startswith("libisa built for x86_64_v3 at ")
+    assert library.split(" at ")[1].lstrip("/") == (
+        f"{mount.root}/linux-x86_64_v3/lmisalib-1.0-57y2bf7zoatafcu63nwf5dyp4p6qk26p"
+        .lstrip("/"))
+
+
+def test_generic_host_gets_the_generic_build_and_default_is_the_newest(served, mount_cache):
+    mount = mount_cache([served.url], extra=("--host-target=x86_64",))
+    host = mount.root / "host"
+    assert sorted(os.listdir(host)) == ["lmisa", "lmisalib"]
+    assert sorted(os.listdir(host / "lmisa")) == ["1.0", "1.1", "default"]
+    assert os.readlink(host / "lmisa" / "1.0") == f"{mount.root}/linux-x86_64/{LMISA['x86_64']}"
+    assert os.readlink(host / "lmisa" / "1.1") == f"{mount.root}/linux-x86_64/{LMISA_11}"
+    assert os.readlink(host / "lmisa" / "default") == "1.1"
+    assert run_isa(host / "lmisa" / "1.0")[0] == "lmisa 1.0 built for x86_64"
+    assert run_isa(host / "lmisa" / "default")[0] == "lmisa 1.1 built for x86_64"
+
+
+def test_without_override_archspecs_host_decides(served, mount_cache):
+    mount = mount_cache([served.url])
+    runnable = [t for t in LMISA if this_cpu_runs(t)]
+    best = max(runnable, key=lambda t: len(archspec.cpu.TARGETS[t].ancestors))
+    link = mount.root / "host" / "lmisa" / "1.0"
+    assert os.readlink(link) == f"{mount.root}/linux-{best}/{LMISA[best]}"
+    assert run_isa(link)[0] == f"lmisa 1.0 built for {best}"
+
+
+def test_listing_host_fetches_and_materializes_nothing(served, mount_cache):
+    mount = mount_cache([served.url], extra=("--host-target=x86_64_v4",))
+    before = list(served.requests)
+    seen = []
+    for directory, subdirs, files in os.walk(mount.root / "host"):
+        for name in subdirs + files:
+            path = Path(directory) / name
+            seen.append((path.relative_to(mount.root), os.lstat(path).st_mode,
+                         os.readlink(path) if path.is_symlink() else None))
+    assert len(seen) == 2 + 3 + 2  # two names; lmisa: 1.0 1.1 default; lmisalib: 1.0 default
+    assert served.requests == before
+    for target, name in LMISA.items():
+        prefix = mount.root / f"linux-{target}" / name
+        assert os.getxattr(prefix, "user.lazymount.status") == b"absent"
+
+
+def test_targets_host_hides_what_this_cpu_cannot_run(served, mount_cache):
+    mount = mount_cache([served.url], extra=("--host-target=x86_64_v3", "--targets=host"))
+    assert "linux-x86_64_v4" not in os.listdir(mount.root)
+    assert not (mount.root / "linux-x86_64_v4" / LMISA["x86_64_v4"]).exists()
+    assert sorted(os.listdir(mount.root / "linux-x86_64_v3")) == [
+        LMISA["x86_64_v3"], "lmisalib-1.0-57y2bf7zoatafcu63nwf5dyp4p6qk26p"]
+    assert LMISA["x86_64"] in os.listdir(mount.root / "linux-x86_64")
+    # Spack's upstream database is unchanged: it still lists every build
+    database = json.loads((mount.root / ".spack-db" / "index.json").read_text())
+    paths = {r["path"] for r in database["database"]["installs"].values() if r.get("path")}
+    assert f"{mount.root}/linux-x86_64_v4/{LMISA['x86_64_v4']}" in paths
+
+
+def test_a_build_this_cpu_cannot_run_says_why_and_is_logged_when_used(served, mount_cache):
+    mount = mount_cache([served.url], extra=("--host-target=x86_64_v3",))
+    foreign = mount.root / "linux-x86_64_v4" / LMISA["x86_64_v4"]
+    assert os.getxattr(foreign, "user.lazymount.target").decode() == (
+        "x86_64_v4: does not run here: built for x86_64_v4; this CPU is x86_64_v3")
+    own = mount.root / "linux-x86_64_v3" / LMISA["x86_64_v3"]
+    assert os.getxattr(own, "user.lazymount.target").decode() == (
+        "x86_64_v3: runs on this CPU (x86_64_v3)")
+    assert "bin" in os.listdir(foreign)  # materialized all the same
+    assert ("lmisa-1.0-exfln2z: built for x86_64_v4; this CPU is x86_64_v3: materializing it "
+            "anyway") in mount.log_text()
+    assert "lmisa-1.0-prrygt2: built for" not in mount.log_text()
+
+
+def test_host_name_directory_lists_the_choice_and_its_alternatives(served, mount_cache):
+    mount = mount_cache([served.url], extra=("--host-target=x86_64_v3",))
+    text = os.getxattr(mount.root / "host" / "lmisa", "user.lazymount.choice").decode()
+    assert text.splitlines() == [
+        "lmisa@1.1 x86_64 h5kthvszmvxhtnkwfkbx3qidbr4wlrlk: chosen",
+        "lmisa@1.0 x86_64_v3 prrygt2dakmpexbzbai7klilta3wmjy6: chosen",
+        "lmisa@1.0 x86_64 jbbyvew5yw62wys6zcag5xcbafwnagsg: runs here",
+        "lmisa@1.0 x86_64_v4 exfln2zwtmp75cp3zsvdpsahm4vcbn5d: built for x86_64_v4; this CPU "
+        "is x86_64_v3",
+    ]
+
+
+def test_no_runnable_build_means_no_name(served, mount_cache):
+    # an aarch64 node sees none of these x86_64 builds
+    mount = mount_cache([served.url], extra=("--host-target=neoverse_v1",))
+    assert os.listdir(mount.root / "host") == []
+    with pytest.raises(FileNotFoundError):
+        os.lstat(mount.root / "host" / "lmisa")
+
+
+def test_unknown_host_target_is_refused_with_close_names(tmp_path):
+    result = subprocess.run(lazymount_command("--mirror", str(CACHE), "--host-target",
+                                              "x86_64_v5", str(tmp_path)),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "unknown host target 'x86_64_v5'" in result.stderr
+    assert "close names: x86_64_v4" in result.stderr
+
+
+def test_config_file_sets_host_target_and_targets(served, mount_cache, tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text('[defaults]\nhost_target = "x86_64"\ntargets = "host"\n')
+    mount = mount_cache([served.url], extra=(f"--config={config}",))
+    assert sorted(os.listdir(mount.root)) == [".spack-db", "bin", "host", "linux-x86_64"]
+    assert os.readlink(mount.root / "host" / "lmisa" / "1.0").endswith(LMISA["x86_64"])
+    config.write_text('[defaults]\nhost_target = "zen9"\n')
+    result = subprocess.run(lazymount_command(f"--config={config}", "--mirror", str(CACHE),
+                                              str(tmp_path)),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "host_target" in result.stderr
+    assert "close names: zen" in result.stderr
+
+
+def test_host_entries_are_read_only(served, mount_cache):
+    mount = mount_cache([served.url], extra=("--host-target=x86_64",))
+    with pytest.raises(OSError) as error:
+        os.symlink("x", mount.root / "host" / "lmisa" / "new")
+    assert error.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
