@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 from conftest import FIXTURE_CACHE, LMGREET, LMHELLO
 
+from lazymount.buildcache.formats import Identity
 from lazymount.buildcache.index import merge_indexes, parse_index
 from lazymount.catalog.installtree import InstallTree
-from lazymount.catalog.stored import CatalogStore, Identity
+from lazymount.catalog.stored import CatalogStore
 from lazymount.errors import FormatError
 from lazymount.spack.upstreamdb import (
     database_bytes,

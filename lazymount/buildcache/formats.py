@@ -11,11 +11,16 @@ Two layouts exist (Spack 1.x ``url_buildcache.py``; Spack 0.23 ``binary_distribu
 
 A mirror migrated with ``spack buildcache migrate`` has both; v3 is used, as Spack does.
 
-For the materializer, a layout answers one question: what do the signed documents of a spec say
-— the tarball's blob record and the spec's root node (an ``Entry``). Checking a signature is
-the caller's job (``Unsign``), so this module never runs gpg; binding the root node to the hash
-that was asked for is also the caller's. Everything here runs on the trio thread (parsing a
-spec document hops to a worker thread).
+Every rule that differs between layouts lives here, behind ``CacheLayout``: where the index
+is and how to tell whether it changed (``read_index``, ``index_identity``), what the signed
+documents of a spec say — the tarball's blob record and the spec's root node, an ``Entry``
+(``read_entry``) — and where a mirror publishes its keys (``mirror_keys``). A new envelope
+(say, an OCI registry) is one more ``CacheLayout``. The pure path functions are in
+``layout.py``; the index document, the same in every layout, is read by ``index.py``.
+
+Checking a signature is the caller's job (``Unsign``), so this module never runs gpg; binding
+the root node to the hash that was asked for is also the caller's. Everything here runs on
+the trio thread (parsing a spec document hops to a worker thread).
 """
 
 from __future__ import annotations
@@ -34,10 +39,16 @@ from lazymount.buildcache.fetch import fetch_bytes
 from lazymount.buildcache.index import SpecRecord
 from lazymount.buildcache.layout import (
     INDEX_MANIFEST,
+    KEY_INDEX_MANIFEST,
     MEDIA_INDEX,
+    MEDIA_KEY,
+    MEDIA_KEY_INDEX,
     MEDIA_SPEC,
     MEDIA_TARBALL,
     V2_INDEX,
+    V2_INDEX_HASH,
+    V2_KEY_INDEX,
+    key_manifest_path,
     spec_manifest_path,
     v2_spec_file_path,
     v2_tarball_path,
@@ -50,8 +61,10 @@ MAX_INDEX_BYTES = 2 << 30
 MAX_SPEC_BLOB = 64 << 20  # compressed spec JSON; real ones are a few KiB
 MAX_SPEC_JSON = 64 << 20  # expanded spec JSON (v3 blob or v2 spec file); real ones: < 1 MiB
 V2_SPEC_LAYOUTS = (1, 2)  # buildcache_layout_version of v2 spec files whose .spack we can read
+MAX_KEY_BYTES = 1 << 20  # one published key file or key index
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_FINGERPRINT = re.compile(r"[0-9A-F]{40}|[0-9A-F]{64}")
 
 Unsign = Callable[[bytes, str], Awaitable[bytes]]
 """``unsign(document, noun)``: the plaintext of a fetched document that a trusted signature
@@ -69,6 +82,24 @@ class Entry:
     signed: str  # what carried the signature, for messages: "manifest" or "spec file"
 
 
+@dataclass(frozen=True)
+class Identity:
+    """What the mirror says about its index, from the small document that names it."""
+
+    unchanged: bool  # the server answered 304 to our ETag
+    checksum: str | None  # sha256 of the index document, if the mirror names one
+    etag: str | None
+
+
+@dataclass(frozen=True)
+class MirrorKey:
+    """A key file a mirror publishes, not yet inspected."""
+
+    fingerprint: str  # as the mirror's key index names it
+    source: str  # where it came from, for messages
+    text: bytes
+
+
 class CacheLayout:
     """One layout: how to find the index and a spec's entry. Stateless; shared by mirrors."""
 
@@ -77,6 +108,12 @@ class CacheLayout:
 
     async def read_index(self, mirror: Mirror) -> bytes:
         """The index document (Spack database JSON) of a mirror of this layout."""
+        raise NotImplementedError
+
+    async def index_identity(self, mirror: Mirror, etag: str | None) -> Identity:
+        """Which index the mirror has now: one small request (a 304 if ``etag`` holds).
+        Raises NotInMirror if the document that names it is gone, another LazymountError
+        if the mirror fails."""
         raise NotImplementedError
 
     async def read_entry(
@@ -100,6 +137,14 @@ class LayoutV3(CacheLayout):
         if record.compression != "none":
             raise MirrorError(f"{what}: unsupported index compression {record.compression!r}")
         return await fetch_bytes(mirror, record, what, MAX_INDEX_BYTES)
+
+    async def index_identity(self, mirror: Mirror, etag: str | None) -> Identity:
+        what = f"index of {mirror.url}"
+        text, new_etag = await mirror.read_if_changed(INDEX_MANIFEST, MAX_MANIFEST_BYTES, etag)
+        if text is None:
+            return Identity(True, None, etag)
+        return Identity(False, pick(parse_manifest(text, what), MEDIA_INDEX, what).checksum,
+                        new_etag)
 
     async def read_entry(
         self, mirror: Mirror, record: SpecRecord, unsign: Unsign, label: str
@@ -125,6 +170,16 @@ class LayoutV2(CacheLayout):
 
     async def read_index(self, mirror: Mirror) -> bytes:
         return await mirror.read(V2_INDEX, MAX_INDEX_BYTES)
+
+    async def index_identity(self, mirror: Mirror, etag: str | None) -> Identity:
+        try:  # Spack publishes the index's sha256 beside it
+            text, new_etag = await mirror.read_if_changed(V2_INDEX_HASH, 1024, etag)
+        except NotInMirror:
+            return Identity(False, None, None)
+        if text is None:
+            return Identity(True, None, etag)
+        checksum = text.decode(errors="replace").strip()
+        return Identity(False, checksum if _HEX64.fullmatch(checksum) else None, new_etag)
 
     async def read_entry(
         self, mirror: Mirror, record: SpecRecord, unsign: Unsign, label: str
@@ -166,6 +221,15 @@ LAYOUTS: tuple[CacheLayout, ...] = (LayoutV3(), LayoutV2())  # preference order
 _found: weakref.WeakKeyDictionary[Mirror, CacheLayout] = weakref.WeakKeyDictionary()
 
 
+LAYOUT_VERSIONS = frozenset(layout.version for layout in LAYOUTS)
+
+
+def stored_layout(mirror: Mirror, version: int) -> CacheLayout:
+    """The layout (one of LAYOUT_VERSIONS) a catalog stored at an earlier mount says
+    ``mirror`` had. No request is made: ``index_identity`` then tells whether it holds."""
+    return next(layout for layout in LAYOUTS if layout.version == version)
+
+
 async def discover(mirror: Mirror) -> CacheLayout:
     """The layout of a mirror: v3 if its index manifest exists, else v2 if its
     ``build_cache/index.json`` does. Remembered per Mirror object, so the catalog's probe
@@ -187,6 +251,70 @@ async def _exists(mirror: Mirror, path: str) -> bool:
             return True  # opened: there; nothing is read
     except NotInMirror:
         return False
+
+
+async def mirror_keys(mirror: Mirror) -> list[MirrorKey]:
+    """The key files a mirror publishes, as ``spack buildcache keys`` reads them: layout v3
+    if it has a key index, else layout v2. Fetching keys is not trusting them.
+
+    Raises NotInMirror if it publishes no key index, or another LazymountError naming the
+    file that is missing, malformed or fails its checksum.
+    """
+    try:
+        manifest = await mirror.read(KEY_INDEX_MANIFEST, MAX_MANIFEST_BYTES)
+    except NotInMirror:
+        pass
+    else:
+        return await _v3_keys(mirror, manifest)
+    try:
+        index = await mirror.read(V2_KEY_INDEX, MAX_KEY_BYTES)
+    except NotInMirror:
+        raise NotInMirror(f"{mirror.url} publishes no keys (neither {KEY_INDEX_MANIFEST} "
+                          f"nor {V2_KEY_INDEX})") from None
+    return await _v2_keys(mirror, index)
+
+
+async def _v3_keys(mirror: Mirror, index_manifest: bytes) -> list[MirrorKey]:
+    """v3: key index manifest -> key index blob -> one key manifest per fingerprint -> the
+    armored key blob, every blob checked against its manifest's length and sha256."""
+    what = f"key index of {mirror.url}"
+    record = pick(parse_manifest(index_manifest, what), MEDIA_KEY_INDEX, what)
+    index = await fetch_bytes(mirror, record, what, MAX_KEY_BYTES)
+    found = []
+    for fingerprint in _fingerprints(index, what):
+        path = key_manifest_path(fingerprint)
+        where = f"{mirror.url}/{path}"
+        manifest = parse_manifest(await mirror.read(path, MAX_MANIFEST_BYTES), where)
+        blob = pick(manifest, MEDIA_KEY, where)
+        if blob.compression != "none":
+            raise FormatError(f"{where}: unsupported key compression {blob.compression!r}")
+        data = await fetch_bytes(mirror, blob, where, MAX_KEY_BYTES)
+        found.append(MirrorKey(fingerprint, where, data))
+    return found
+
+
+async def _v2_keys(mirror: Mirror, index: bytes) -> list[MirrorKey]:
+    """v2: ``build_cache/_pgp/index.json`` and ``<FINGERPRINT>.pub``, no checksums."""
+    what = f"{mirror.url}/{V2_KEY_INDEX}"
+    found = []
+    for fingerprint in _fingerprints(index, what):
+        path = f"build_cache/_pgp/{fingerprint}.pub"
+        data = await mirror.read(path, MAX_KEY_BYTES)
+        found.append(MirrorKey(fingerprint, f"{mirror.url}/{path}", data))
+    return found
+
+
+def _fingerprints(data: bytes, what: str) -> list[str]:
+    """Fingerprints of a key index ``{"keys": {FPR: {}}}``; refuses malformed names."""
+    try:
+        keys = json.loads(data)["keys"]
+        names = [str(name) for name in keys]
+    except (ValueError, KeyError, TypeError):
+        raise FormatError(f"{what} is not a key index") from None
+    for name in names:
+        if not _FINGERPRINT.fullmatch(name.upper()):
+            raise FormatError(f"{what} names {name[:80]!r}, which is not a fingerprint")
+    return [name.upper() for name in names]
 
 
 def parse_spec_document(data: bytes, gzipped: bool, what: str) -> dict[str, Any]:

@@ -37,16 +37,13 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from lazymount.buildcache.formats import discover
+from lazymount.buildcache.formats import LAYOUT_VERSIONS, Identity, discover, stored_layout
 from lazymount.buildcache.index import IndexNodes, SpecRecord, records_of, scan_index
-from lazymount.buildcache.layout import INDEX_MANIFEST, MEDIA_INDEX, V2_INDEX_HASH
-from lazymount.buildcache.manifest import MAX_MANIFEST_BYTES, parse_manifest, pick
 from lazymount.catalog.installtree import InstallTree
 from lazymount.errors import FormatError, LazymountError, NotInMirror, StoreError
 from lazymount.mirror.transport import Mirror
@@ -55,15 +52,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the payload changes shape
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-@dataclass(frozen=True)
-class Identity:
-    """What the mirror says about its index, from the small document that names it."""
-
-    unchanged: bool  # the server answered 304 to our ETag
-    checksum: str | None  # sha256 of the index document, if the mirror names one
-    etag: str | None
 
 
 class CatalogStore:
@@ -90,7 +78,8 @@ class CatalogStore:
         if saved is not None:
             header, payload = saved
             try:
-                identity = await _identity(mirror, header["layout"], header.get("etag"))
+                identity = await stored_layout(mirror, header["layout"]).index_identity(
+                    mirror, header.get("etag"))
             except NotInMirror:
                 identity = None  # the index moved (another layout?): look again
             except LazymountError as exc:
@@ -108,7 +97,7 @@ class CatalogStore:
                 saved = None
         layout = await discover(mirror)
         if identity is None or identity.unchanged:
-            identity = await _identity(mirror, layout.version, None)
+            identity = await layout.index_identity(mirror, None)
         blob = await layout.read_index(mirror)
         return await trio.to_thread.run_sync(
             self._build, mirror.url, layout.version, identity, blob, position, saved)
@@ -164,7 +153,7 @@ class CatalogStore:
             header = json.loads(line)
             good = (isinstance(header, dict) and header.get("format") == FORMAT
                     and header.get("python") == list(sys.version_info[:2])
-                    and header.get("url") == url and header.get("layout") in (2, 3)
+                    and header.get("url") == url and header.get("layout") in LAYOUT_VERSIONS
                     and _HEX64.fullmatch(str(header.get("checksum")))
                     and header.get("payload") == hashlib.sha256(payload).hexdigest())
         except ValueError:
@@ -222,26 +211,6 @@ class CatalogStore:
         header = dict(header, payload=hashlib.sha256(payload).hexdigest())
         data = json.dumps(header).encode() + b"\n" + payload
         _write_atomically(self.records_path(header["url"]), data)
-
-
-async def _identity(mirror: Mirror, layout: int, etag: str | None) -> Identity:
-    """Ask the mirror which index it has now: one small request (a 304 if ``etag`` holds).
-    Raises a LazymountError if the mirror fails."""
-    what = f"index of {mirror.url}"
-    if layout == 3:
-        text, new_etag = await mirror.read_if_changed(INDEX_MANIFEST, MAX_MANIFEST_BYTES, etag)
-        if text is None:
-            return Identity(True, None, etag)
-        return Identity(False, pick(parse_manifest(text, what), MEDIA_INDEX, what).checksum,
-                        new_etag)
-    try:  # v2: Spack publishes the index's sha256 beside it
-        text, new_etag = await mirror.read_if_changed(V2_INDEX_HASH, 1024, etag)
-    except NotInMirror:
-        return Identity(False, None, None)
-    if text is None:
-        return Identity(True, None, etag)
-    checksum = text.decode(errors="replace").strip()
-    return Identity(False, checksum if _HEX64.fullmatch(checksum) else None, new_etag)
 
 
 class StoredIndex(IndexNodes):

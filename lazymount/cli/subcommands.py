@@ -16,16 +16,15 @@ from pathlib import Path
 
 import trio
 
+from lazymount.buildcache.formats import MirrorKey, mirror_keys
 from lazymount.buildcache.layout import DEFAULT_PROJECTION
 from lazymount.errors import UsageError
 from lazymount.mirror.transport import Timeouts, open_mirror
 from lazymount.spack.spackconfig import upstreams_yaml
 from lazymount.trust.keyring import (
     Keyring,
-    MirrorKey,
     default_keyring_dir,
     inspect_mirror_keys,
-    mirror_keys,
     read_key_files,
 )
 from lazymount.trust.verify import PublicKey

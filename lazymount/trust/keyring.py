@@ -7,19 +7,16 @@ trusts all of them (plus any ``--trust-key`` file). A keyring that others could 
 would let them add keys, so it is refused unless only its owner (root or the caller) can
 write it.
 
-A mirror publishes its keys like ``spack buildcache keys`` reads them: layout v3 under
-``v3/manifests/key/`` (key index manifest -> key index blob -> one key manifest per
-fingerprint -> the armored key blob, every blob checked against its manifest's length and
-sha256), layout v2 under ``build_cache/_pgp/`` (``index.json`` and ``<FINGERPRINT>.pub``,
-no checksums). Fetching keys is not trusting them: the command line shows what it found and
-imports only when told to (``--trust``).
+The key files a mirror publishes are fetched by ``buildcache.formats.mirror_keys`` (where
+each layout keeps them); here they are checked against the fingerprints their index names.
+Fetching keys is not trusting them: the command line shows what it found and imports only
+when told to (``--trust``).
 
-Directory functions block (gpg runs); ``mirror_keys`` runs on the trio thread.
+Directory functions block (gpg runs).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
@@ -27,18 +24,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lazymount.buildcache.fetch import fetch_bytes
-from lazymount.buildcache.layout import (
-    KEY_INDEX_MANIFEST,
-    MEDIA_KEY,
-    MEDIA_KEY_INDEX,
-    V2_KEY_INDEX,
-    key_manifest_path,
-)
-from lazymount.buildcache.manifest import MAX_MANIFEST_BYTES, parse_manifest, pick
-from lazymount.errors import FormatError, LazymountError, NotInMirror, UsageError
-from lazymount.mirror.transport import Mirror
-from lazymount.trust.verify import MAX_KEY_BYTES, PublicKey, read_key_file, read_public_keys
+from lazymount.buildcache.formats import MirrorKey
+from lazymount.errors import LazymountError, UsageError
+from lazymount.trust.verify import PublicKey, read_key_file, read_public_keys
 
 KEY_SUFFIX = ".asc"
 _FINGERPRINT = re.compile(r"[0-9A-F]{40}|[0-9A-F]{64}")
@@ -176,75 +164,6 @@ def read_key_files(paths: list[Path]) -> list[PublicKey]:
 
 
 # ---- keys a mirror publishes ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MirrorKey:
-    """A key file a mirror publishes, not yet inspected."""
-
-    fingerprint: str  # as the mirror's key index names it
-    source: str  # where it came from, for messages
-    text: bytes
-
-
-def _fingerprints(data: bytes, what: str) -> list[str]:
-    """Fingerprints of a key index ``{"keys": {FPR: {}}}``; refuses malformed names."""
-    try:
-        keys = json.loads(data)["keys"]
-        names = [str(name) for name in keys]
-    except (ValueError, KeyError, TypeError):
-        raise FormatError(f"{what} is not a key index") from None
-    for name in names:
-        if not _FINGERPRINT.fullmatch(name.upper()):
-            raise FormatError(f"{what} names {name[:80]!r}, which is not a fingerprint")
-    return [name.upper() for name in names]
-
-
-async def _v3_keys(mirror: Mirror, index_manifest: bytes) -> list[MirrorKey]:
-    what = f"key index of {mirror.url}"
-    record = pick(parse_manifest(index_manifest, what), MEDIA_KEY_INDEX, what)
-    index = await fetch_bytes(mirror, record, what, MAX_KEY_BYTES)
-    found = []
-    for fingerprint in _fingerprints(index, what):
-        path = key_manifest_path(fingerprint)
-        where = f"{mirror.url}/{path}"
-        manifest = parse_manifest(await mirror.read(path, MAX_MANIFEST_BYTES), where)
-        blob = pick(manifest, MEDIA_KEY, where)
-        if blob.compression != "none":
-            raise FormatError(f"{where}: unsupported key compression {blob.compression!r}")
-        data = await fetch_bytes(mirror, blob, where, MAX_KEY_BYTES)
-        found.append(MirrorKey(fingerprint, where, data))
-    return found
-
-
-async def _v2_keys(mirror: Mirror, index: bytes) -> list[MirrorKey]:
-    what = f"{mirror.url}/{V2_KEY_INDEX}"
-    found = []
-    for fingerprint in _fingerprints(index, what):
-        path = f"build_cache/_pgp/{fingerprint}.pub"
-        data = await mirror.read(path, MAX_KEY_BYTES)
-        found.append(MirrorKey(fingerprint, f"{mirror.url}/{path}", data))
-    return found
-
-
-async def mirror_keys(mirror: Mirror) -> list[MirrorKey]:
-    """The key files a mirror publishes: layout v3 if it has a key index, else layout v2.
-
-    Raises NotInMirror if it publishes no key index, or another LazymountError naming the
-    file that is missing, malformed or fails its checksum.
-    """
-    try:
-        manifest = await mirror.read(KEY_INDEX_MANIFEST, MAX_MANIFEST_BYTES)
-    except NotInMirror:
-        pass
-    else:
-        return await _v3_keys(mirror, manifest)
-    try:
-        index = await mirror.read(V2_KEY_INDEX, MAX_KEY_BYTES)
-    except NotInMirror:
-        raise NotInMirror(f"{mirror.url} publishes no keys (neither {KEY_INDEX_MANIFEST} "
-                          f"nor {V2_KEY_INDEX})") from None
-    return await _v2_keys(mirror, index)
 
 
 def inspect_mirror_keys(found: list[MirrorKey]) -> list[PublicKey]:
