@@ -32,3 +32,4 @@ class MountConfig:
     config_file: Path | None = None  # the file read (for reloads), if any
     host_target: str | None = None  # archspec name of the CPU to choose builds for; None: detect
     targets: str = "all"  # "host": hide the builds that CPU cannot run
+    proxies: str | None = None  # proxy list (CernVM-FS syntax); None: the environment's

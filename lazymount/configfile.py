@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 
 from lazymount.catalog.hosttarget import TARGET_CHOICES, unknown_target
 from lazymount.errors import UsageError
+from lazymount.mirror.proxies import parse_proxy_list
 
 DEFAULTS_TABLE = "defaults"
 MOUNTS_TABLE = "mounts"
@@ -164,6 +165,16 @@ def parse_targets(value: Any, base: Path) -> str:
     return text
 
 
+def parse_proxies(value: Any, base: Path) -> str:
+    """A proxy list in CernVM-FS syntax (``"http://p1:3128|http://p2:3128;DIRECT"``)."""
+    text = _text(value).strip()
+    try:
+        parse_proxy_list(text)
+    except UsageError as exc:
+        raise ValueError(str(exc)) from None
+    return text
+
+
 def _kind(value: Any) -> str:
     names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
              list: "a list", dict: "a table"}
@@ -242,6 +253,11 @@ KEYS: dict[str, Key] = {key.name: key for key in (
     Key("ca_certs", parse_path, flag="--ca-certs", metavar="FILE",
         help="CA bundle (PEM file or directory) trusted for https:// mirrors, in addition "
              "to the default ones (and SSL_CERT_FILE); for a site's private CA"),
+    Key("proxies", parse_proxies, flag="--proxy", metavar="LIST",
+        help="HTTP proxies in CernVM-FS syntax, e.g. \"http://p1:3128|http://p2:3128;DIRECT\": "
+             "'|' shares the load within a group (each host starts at its own member), ';' "
+             "fails over to the next group; a failing proxy is skipped for a while. Hosts in "
+             "NO_PROXY are reached directly. Default: the http_proxy/https_proxy environment"),
     Key("allow_other", None, shape="flag", flag="--allow-other",
         help="let other users see the mount (default: on when run as root)"),
     Key("bind_ready", None, shape="flag", flag="--bind-ready", default=False,
@@ -260,7 +276,6 @@ KEYS: dict[str, Key] = {key.name: key for key in (
 # names a later version gives meaning to: refused rather than silently ignored
 NOT_YET: dict[str, str] = {
     "store_quota": "a size limit on the store",
-    "proxies": "HTTP proxies for the mirrors",
     "index_refresh": "checking the index while mounted",
     "metrics_listen": "serving metrics over HTTP",
 }

@@ -28,6 +28,7 @@ from lazymount.catalog.stored import CatalogStore
 from lazymount.config import MountConfig
 from lazymount.errors import LazymountError, UsageError
 from lazymount.materialize import Materializer, MirrorSource
+from lazymount.mirror.proxies import ProxyChain
 from lazymount.mirror.transport import Mirror, open_mirror
 from lazymount.serve import session
 from lazymount.serve.bindmount import PrefixBinder, clear_dead_mount, fuse_device
@@ -133,8 +134,9 @@ def serve(config: MountConfig, ready: Ready) -> int:
 
 async def _serve(config: MountConfig, root: str, store: Store, sbang: Path,
                  verifier: Verifier | None, ready: Ready) -> int:
-    mirrors: list[Mirror] = [open_mirror(m.url, config.timeouts, config.ca_certs)
-                           for m in config.mirrors]
+    proxies = ProxyChain.parse(config.proxies) if config.proxies else None
+    mirrors: list[Mirror] = [open_mirror(m.url, config.timeouts, config.ca_certs, proxies)
+                             for m in config.mirrors]
     try:
         started = time.monotonic()
         catalogs = CatalogStore(store.root / "catalog")

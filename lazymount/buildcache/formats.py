@@ -132,7 +132,7 @@ class LayoutV3(CacheLayout):
 
     async def read_index(self, mirror: Mirror) -> bytes:
         what = f"index of {mirror.url}"
-        text = await mirror.read(INDEX_MANIFEST, MAX_MANIFEST_BYTES)
+        text = await mirror.read(INDEX_MANIFEST, MAX_MANIFEST_BYTES, revalidate=True)
         record = pick(parse_manifest(text, what), MEDIA_INDEX, what)
         if record.compression != "none":
             raise MirrorError(f"{what}: unsupported index compression {record.compression!r}")
@@ -169,7 +169,7 @@ class LayoutV2(CacheLayout):
     index_path = V2_INDEX
 
     async def read_index(self, mirror: Mirror) -> bytes:
-        return await mirror.read(V2_INDEX, MAX_INDEX_BYTES)
+        return await mirror.read(V2_INDEX, MAX_INDEX_BYTES, revalidate=True)
 
     async def index_identity(self, mirror: Mirror, etag: str | None) -> Identity:
         try:  # Spack publishes the index's sha256 beside it
@@ -261,13 +261,13 @@ async def mirror_keys(mirror: Mirror) -> list[MirrorKey]:
     file that is missing, malformed or fails its checksum.
     """
     try:
-        manifest = await mirror.read(KEY_INDEX_MANIFEST, MAX_MANIFEST_BYTES)
+        manifest = await mirror.read(KEY_INDEX_MANIFEST, MAX_MANIFEST_BYTES, revalidate=True)
     except NotInMirror:
         pass
     else:
         return await _v3_keys(mirror, manifest)
     try:
-        index = await mirror.read(V2_KEY_INDEX, MAX_KEY_BYTES)
+        index = await mirror.read(V2_KEY_INDEX, MAX_KEY_BYTES, revalidate=True)
     except NotInMirror:
         raise NotInMirror(f"{mirror.url} publishes no keys (neither {KEY_INDEX_MANIFEST} "
                           f"nor {V2_KEY_INDEX})") from None

@@ -175,6 +175,7 @@ def build_config(args: argparse.Namespace) -> MountConfig:
         config_file=config.path,
         host_target=values["host_target"],
         targets=values["targets"],
+        proxies=values["proxies"],
     )
 
 

@@ -19,8 +19,12 @@ import httpx
 import trio
 
 from lazymount.errors import MirrorError, NotInMirror, UsageError
+from lazymount.mirror.proxies import DIRECT, GATEWAY_ERRORS, Proxy, ProxyChain, bypasses_proxies
 
 CHUNK = 1 << 20
+# asked of a shared cache for what may change under the same URL (the index and its
+# manifest): it must check with the origin, so a refresh sees a new index
+REVALIDATE = {"Cache-Control": "max-age=0"}
 
 
 @dataclass(frozen=True)
@@ -53,9 +57,11 @@ class Mirror:
 
     url: str
 
-    async def read(self, path: str, max_bytes: int) -> bytes:
-        """Whole small file; refuses files over ``max_bytes``."""
-        async with self.open(path, expected=None) as stream:
+    async def read(self, path: str, max_bytes: int, *, revalidate: bool = False) -> bytes:
+        """Whole small file; refuses files over ``max_bytes``. ``revalidate``: the file may
+        change under its name (an index), so a cache between us and the mirror must not
+        answer it without asking the mirror. Everything else is immutable and cacheable."""
+        async with self.open(path, expected=None, revalidate=revalidate) as stream:
             return await _gather(stream, max_bytes, f"{self.url}/{path}")
 
     async def read_if_changed(self, path: str, max_bytes: int, etag: str | None
@@ -66,7 +72,7 @@ class Mirror:
         return await self.read(path, max_bytes), None
 
     def open(
-        self, path: str, expected: int | None
+        self, path: str, expected: int | None, revalidate: bool = False
     ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         """Stream a file in chunks; ``expected`` (its length, if known) sizes the deadline."""
         raise NotImplementedError
@@ -89,7 +95,8 @@ class LocalMirror(Mirror):
         return self.root / path
 
     @asynccontextmanager
-    async def open(self, path: str, expected: int | None):  # type: ignore[override]
+    async def open(self, path: str, expected: int | None,  # type: ignore[override]
+                   revalidate: bool = False):
         target = self._resolve(path)
         try:
             handle = await trio.to_thread.run_sync(open, target, "rb")
@@ -113,31 +120,60 @@ class LocalMirror(Mirror):
 
 class HttpMirror(Mirror):
     """A mirror served over HTTP(S). Retries connection failures and 5xx answers; a server
-    that accepts and then stays silent is given up at once (another mirror may answer)."""
+    that accepts and then stays silent is given up at once (another mirror may answer).
 
-    def __init__(self, url: str, timeouts: Timeouts, ca_certs: Path | None = None):
+    Without ``proxies``, httpx follows the environment (``http_proxy``, ``NO_PROXY``...).
+    With them, each request goes through the chain's proxies in its order, and a proxy that
+    fails is reported to the chain and the next one tried at once; a host that ``NO_PROXY``
+    names is still reached directly."""
+
+    def __init__(self, url: str, timeouts: Timeouts, ca_certs: Path | None = None,
+                 proxies: ProxyChain | None = None):
         self.url = url.rstrip("/")
         self.timeouts = timeouts
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeouts.read, connect=timeouts.connect),
-            verify=tls_context(ca_certs),
+        self.tls = tls_context(ca_certs)
+        self.proxies = None if proxies is None or bypasses_proxies(self.url) else proxies
+        self.client = self._new_client(trust_env=proxies is None)
+        self._via: dict[str, httpx.AsyncClient] = {}  # proxy URL -> its client
+
+    def _new_client(self, trust_env: bool, proxy: str | None = None) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            timeout=httpx.Timeout(self.timeouts.read, connect=self.timeouts.connect),
+            verify=self.tls,
             follow_redirects=True,
             headers={"User-Agent": "lazymount"},
+            trust_env=trust_env,
+            proxy=proxy,
         )
 
+    def _routes(self) -> list[tuple[Proxy | None, httpx.AsyncClient]]:
+        """(proxy or None, client) pairs to try for one request, in order."""
+        if self.proxies is None:
+            return [(None, self.client)]
+        routes: list[tuple[Proxy | None, httpx.AsyncClient]] = []
+        for proxy in self.proxies.order():
+            if proxy.url == DIRECT:
+                routes.append((proxy, self.client))
+                continue
+            if proxy.url not in self._via:
+                self._via[proxy.url] = self._new_client(trust_env=False, proxy=proxy.url)
+            routes.append((proxy, self._via[proxy.url]))
+        return routes
+
     @asynccontextmanager
-    async def open(self, path: str, expected: int | None):  # type: ignore[override]
-        async with self._exchange(path, expected, None) as (_, chunks):
+    async def open(self, path: str, expected: int | None,  # type: ignore[override]
+                   revalidate: bool = False):
+        headers = dict(REVALIDATE) if revalidate else None
+        async with self._exchange(path, expected, headers) as (_, chunks):
             yield chunks
 
     @asynccontextmanager
     async def _exchange(self, path: str, expected: int | None, headers: dict[str, str] | None
                         ) -> AsyncIterator[tuple[httpx.Response, AsyncIterator[bytes]]]:
         """(response, its body in chunks) of a GET, bounded by the deadline and the rate
-        check; ``headers`` make it conditional (the response may then be a 304)."""
+        check; ``headers`` may make it conditional (the response may then be a 304)."""
         url = f"{self.url}/{path}"
-        deadline = trio.current_time() + self.timeouts.deadline(expected)
-        response = await self._send(url, deadline, headers)
+        response, deadline = await self._send(url, expected, headers)
         if expected is None:  # size the deadline by what the server announces (v2 tarballs)
             expected = _content_length(response)
             deadline = trio.current_time() + self.timeouts.deadline(expected)
@@ -177,45 +213,80 @@ class HttpMirror(Mirror):
 
     async def read_if_changed(self, path: str, max_bytes: int, etag: str | None
                               ) -> tuple[bytes | None, str | None]:
-        headers = {"If-None-Match": etag} if etag else None
+        headers = dict(REVALIDATE)
+        if etag:
+            headers["If-None-Match"] = etag
         async with self._exchange(path, max_bytes, headers) as (response, chunks):
             if response.status_code == 304:
                 return None, etag
             data = await _gather(chunks, max_bytes, f"{self.url}/{path}")
             return data, response.headers.get("etag")
 
-    async def _send(self, url: str, deadline: float,
-                    headers: dict[str, str] | None = None) -> httpx.Response:
-        """The response to a GET: 200, or 304 for a conditional one (``headers``)."""
-        last, began = "", trio.current_time()
+    async def _send(self, url: str, expected: int | None, headers: dict[str, str] | None
+                    ) -> tuple[httpx.Response, float]:
+        """The response to a GET (200, or 304 for a conditional one) and the deadline of the
+        whole transfer. Each attempt goes through the routes in order. A proxy that fails
+        is left aside and its time is not counted: the deadline starts again for the next
+        route, so a dead proxy costs one wait, once."""
+        last = ""
+        conditional = bool(headers and "If-None-Match" in headers)
+        began = trio.current_time()
+        deadline = began + self.timeouts.deadline(expected)
         for attempt in range(self.timeouts.retries + 1):
             if attempt:
                 await trio.sleep(min(2.0 ** attempt / 4, max(0.0, deadline - trio.current_time())))
-            try:
-                with trio.fail_at(deadline):
-                    request = self.client.build_request("GET", url, headers=headers)
-                    response = await self.client.send(request, stream=True)
-            except trio.TooSlowError:
-                raise MirrorError(f"{url}: no answer in {deadline - began:.0f} s "
-                                  f"({last or 'timed out'})") from None
-            except httpx.ReadTimeout as exc:  # connected, then silence: a hung server
-                raise MirrorError(f"{url}: no answer in {self.timeouts.read:.0f} s "
-                                  f"({_describe(exc)})") from None
-            except httpx.HTTPError as exc:
-                last = _describe(exc)
-                continue
-            if response.status_code == 200 or (response.status_code == 304 and headers):
-                return response
-            await response.aclose()
-            if response.status_code == 404:
-                raise NotInMirror(f"{url}: not found (HTTP 404)")
-            last = f"HTTP {response.status_code}"
-            if response.status_code < 500:
-                break
+            for proxy, client in self._routes():
+                via = f" via {proxy.shown}" if proxy is not None and proxy.url != DIRECT else ""
+                try:
+                    with trio.fail_at(deadline):
+                        request = client.build_request("GET", url, headers=headers)
+                        response = await client.send(request, stream=True)
+                except (trio.TooSlowError, httpx.ReadTimeout) as exc:
+                    # connected, then silence: a hung server, or a hung proxy
+                    reason = (f"no answer in {deadline - began:.0f} s ({last or 'timed out'})"
+                              if isinstance(exc, trio.TooSlowError) else
+                              f"no answer in {self.timeouts.read:.0f} s ({_describe(exc)})")
+                    if proxy is None:
+                        raise MirrorError(f"{url}: {reason}") from None
+                    self._proxy_failed(proxy, reason)
+                    last = f"{reason}{via}"
+                    began = trio.current_time()
+                    deadline = began + self.timeouts.deadline(expected)
+                    continue
+                except httpx.HTTPError as exc:
+                    last = f"{_describe(exc)}{via}"
+                    if proxy is not None:
+                        self._proxy_failed(proxy, _describe(exc))
+                    continue
+                status = response.status_code
+                if status == 200 or (status == 304 and conditional):
+                    self._proxy_answered(proxy)
+                    return response, deadline
+                await response.aclose()
+                last = f"HTTP {status}{via}"
+                if proxy is not None and via and status in GATEWAY_ERRORS:
+                    self._proxy_failed(proxy, f"HTTP {status}")
+                    continue
+                self._proxy_answered(proxy)
+                if status == 404:
+                    raise NotInMirror(f"{url}: not found (HTTP 404)")
+                if status < 500:
+                    raise MirrorError(f"{url}: {last}")
+                break  # a 5xx of the mirror itself: try again after a pause
         raise MirrorError(f"{url}: {last}")
+
+    def _proxy_failed(self, proxy: Proxy, reason: str) -> None:
+        assert self.proxies is not None
+        self.proxies.failed(proxy, reason)
+
+    def _proxy_answered(self, proxy: Proxy | None) -> None:
+        if proxy is not None and self.proxies is not None:
+            self.proxies.answered(proxy)
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        for client in self._via.values():
+            await client.aclose()
 
 
 async def _gather(chunks: AsyncIterator[bytes], max_bytes: int, where: str) -> bytes:
@@ -302,11 +373,12 @@ def redact(url: str) -> str:
 
 
 def open_mirror(url: str, timeouts: Timeouts | None = None,
-                ca_certs: Path | None = None) -> Mirror:
-    """A Mirror for a local path, ``file://`` URL or ``http(s)://`` URL."""
+                ca_certs: Path | None = None, proxies: ProxyChain | None = None) -> Mirror:
+    """A Mirror for a local path, ``file://`` URL or ``http(s)://`` URL; ``proxies`` are
+    used by HTTP mirrors (None: the environment's proxy, if any)."""
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https"):
-        return HttpMirror(url, timeouts or Timeouts(), ca_certs)
+        return HttpMirror(url, timeouts or Timeouts(), ca_certs, proxies)
     if parsed.scheme == "file":
         return LocalMirror(Path(unquote(parsed.path)))
     if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
