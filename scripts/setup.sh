@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # environment-modules and Lmod's own dependencies: the module tests run both module systems
-packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv gnupg nginx curl
+packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv gnupg nginx squid curl
           environment-modules lua5.3 lua-posix lua-filesystem lua-json lua-term tcl)
 missing=()
 for package in "${packages[@]}"; do

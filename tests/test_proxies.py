@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import pytest
 from conftest import FIXTURE_CACHE, LMGREET, LMHELLO
 from squid import Squid, refused_proxy, start_silent_proxy, start_squid
 
+from lazymount import configfile
 from lazymount.errors import UsageError
 from lazymount.mirror.proxies import DIRECT, ProxyChain, bypasses_proxies, parse_proxy_list
 
@@ -83,6 +85,18 @@ def test_a_group_is_spread_over_hosts_and_failures_move_to_the_next_group():
     assert health[first.url]["answered"] == 1
     assert health[second.url]["up"] and health[second.url]["failures"] == 1
     assert health[second.url]["last_error"] == "HTTP 503" and health[DIRECT]["group"] == 1
+
+
+def test_proxies_key_in_the_configuration_file_and_its_errors(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text('[defaults]\nproxies = "http://p1:3128|http://p2:3128;DIRECT"\n')
+    parser = argparse.ArgumentParser()
+    configfile.add_options(parser)
+    values = configfile.settings(parser.parse_args([]), configfile.load(path), Path("/opt/x"))
+    assert values["proxies"] == "http://p1:3128|http://p2:3128;DIRECT"
+    path.write_text('[defaults]\nproxies = "http://p1:3128;;DIRECT"\n')
+    with pytest.raises(configfile.ConfigError, match="proxies.*empty group"):
+        configfile.load(path)
 
 
 def test_no_proxy_names_hosts_domains_and_ports():
