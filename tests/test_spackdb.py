@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import spackcache as sc
 from conftest import FIXTURE_CACHE, LMGREET, LMHELLO
 
 from lazymount.buildcache.formats import Identity
@@ -24,6 +25,7 @@ from lazymount.spack.upstreamdb import (
     database_bytes,
     install_records,
     ref_counts,
+    v5_node,
     verifier_text,
     write_database,
 )
@@ -91,6 +93,9 @@ def spack_read(data: bytes, upstreams: tuple[ReadDatabase, ...] = ()) -> ReadDat
         spec_dict["hash"] = hash_key  # _read_spec_from_dict
         for key in ("name", "version", "arch", "namespace", "parameters"):
             assert key in spec_dict, f"{hash_key}: node has no {key}"
+        # SpecfileV5.from_node_dict: a node without annotations is old; its compiler is refused
+        assert "annotations" in spec_dict or "compiler" not in spec_dict, \
+            f"{hash_key}: The 'compiler' option is unexpected in specfiles at v5 or greater"
         external = (spec_dict.get("external") or {}).get("path")
         fields = {k: v for k, v in rec.items() if k != "spec"}
         assert set(fields) <= INSTALL_RECORD_ARGS, f"{hash_key}: unknown fields {set(fields)}"
@@ -374,3 +379,46 @@ def test_mount_without_a_writable_database_still_serves(http_server, mount_cache
     result = subprocess.run([str(mount.prefix() / "bin" / "hello")], capture_output=True,
                             text=True, timeout=60)
     assert "Hello from lmgreet" in result.stdout
+
+
+# ---- old (spec v3/v4) nodes: written as Spack 1.x writes them into a v8 database ----------
+
+
+def old_packages() -> tuple[sc.Package, sc.Package]:
+    lib = sc.Package("oldlib", compiler=sc.DEFAULT_COMPILER)
+    app = sc.Package("oldapp", deps=[lib], compiler=sc.DEFAULT_COMPILER)
+    return lib, app
+
+
+def test_an_old_node_becomes_a_v5_node_with_its_compiler_annotated_and_its_hash_kept():
+    lib, app = old_packages()
+    node = v5_node(app.node())
+    assert node == app.upgraded_node()  # what `spack buildcache migrate` writes, too
+    assert "compiler" not in node and node["hash"] == app.dag_hash
+    assert node["annotations"] == {"original_specfile_version": 4, "compiler": "gcc@=12.2.0"}
+    assert list(node)[-2:] == ["annotations", "hash"]  # Spack's key order
+    assert v5_node(node) is node  # a v5 node is left as it is
+
+
+def test_a_spec_v3_node_gets_v5_dependency_entries():
+    old = {"name": "x", "version": "1", "compiler": {"name": "gcc", "version": "9.4.0"},
+           "dependencies": [{"name": "y", "hash": "a" * 32, "type": ["build", "link"]},
+                            {"name": "z", "hash": "b" * 32, "type": "run"}]}
+    assert v5_node(old) == {
+        "name": "x", "version": "1",
+        "dependencies": [
+            {"name": "y", "hash": "a" * 32,
+             "parameters": {"deptypes": ["build", "link"], "virtuals": []}},
+            {"name": "z", "hash": "b" * 32, "parameters": {"deptypes": ["run"], "virtuals": []}}],
+        "annotations": {"original_specfile_version": 3, "compiler": "gcc@=9.4.0"}}
+
+
+def test_a_v2_index_gives_a_database_spack_1_reads(tmp_path):
+    lib, app = old_packages()
+    writer = sc.V2CacheWriter(tmp_path / "cache")
+    writer.add_record(app, in_buildcache=True)
+    writer.add_record(lib, in_buildcache=True)
+    index = writer.write_v2_index()
+    db = spack_read(database_bytes(InstallTree(ROOT, parse_index(index)), 1.0))
+    assert db.warnings == []
+    assert set(db.nodes[app.dag_hash].deps) == {lib.dag_hash}

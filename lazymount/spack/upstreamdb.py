@@ -13,6 +13,10 @@ tree::
 It is a field-wise transform of the mirrors' index (same node dicts, ``in_buildcache``
 replaced by the install-record fields):
 
+* every node in the spec format of a version-8 database (spec v5). Spack 1.x reads a v8
+  database with its v5 reader only, which refuses a per-node ``compiler``; old nodes (spec
+  v3/v4, from layout-v2 caches) are written as Spack 1.x writes them itself (``v5_node``);
+
 * a spec the mount serves: ``installed: true``, ``path`` = its prefix under the mount;
 * an external: ``installed: true``, ``path`` = its own prefix (``/usr`` for a system glibc);
 * a build-only or uncached dependency: ``installed: false``, ``path`` = where it would be;
@@ -44,6 +48,7 @@ INDEX = "index.json"
 VERIFIER = "index_verifier"
 KEY = "tree.key"  # tree_key of what the files were written for (ours, not served)
 DB_VERSION = "8"  # Spack 1.x; Spack 0.x (DB version 7) refuses newer databases
+WRITER_REVISION = "2"  # bumped when the same tree gives other bytes (2: old nodes as spec v5)
 WRITE_BUFFER = 1 << 20  # index.json comes in pieces of one record (KiBs): fewer writes
 
 
@@ -88,7 +93,7 @@ def iter_install_records(tree: InstallTree, installation_time: float
             path = tree.prefix_of(dag_hash)
             installed = dag_hash in tree.prefixes  # served by the mount
         yield dag_hash, {
-            "spec": record.node,
+            "spec": v5_node(record.node),
             "ref_count": counts[dag_hash],
             "path": path,
             "installed": installed,
@@ -96,6 +101,40 @@ def iter_install_records(tree: InstallTree, installation_time: float
             "installation_time": installation_time,
             "deprecated_for": None,
         }
+
+
+def v5_node(node: dict[str, Any]) -> dict[str, Any]:
+    """``node`` as Spack 1.x re-serializes a spec node it read: unchanged for a spec-v5 node
+    (it has ``annotations``). An older node (no ``annotations``) loses its ``compiler`` field,
+    which becomes the annotation ``compiler: "<name>@=<version>"`` next to
+    ``original_specfile_version``, and its spec-v3 dependency entries (``type``) get v5's
+    ``parameters``. The DAG hash stays the one stored: Spack keeps it as read."""
+    if "annotations" in node:
+        return node
+    compiler = node.get("compiler")
+    upgraded = {key: value for key, value in node.items() if key not in ("compiler", "hash")}
+    deps = node.get("dependencies")
+    spec_version = 4
+    if isinstance(deps, list) and any(isinstance(d, dict) and "type" in d for d in deps):
+        spec_version = 3
+        upgraded["dependencies"] = [_v5_edge(d) for d in deps]
+    annotations: dict[str, Any] = {"original_specfile_version": spec_version}
+    if isinstance(compiler, dict):
+        annotations["compiler"] = f"{compiler.get('name', '')}@={compiler.get('version', '')}"
+    upgraded["annotations"] = annotations
+    if "hash" in node:
+        upgraded["hash"] = node["hash"]
+    return upgraded
+
+
+def _v5_edge(edge: Any) -> Any:
+    """A spec-v3 dependency entry (``{name, hash, type}``) in v5's form."""
+    if not isinstance(edge, dict) or "type" not in edge:
+        return edge
+    rest = {key: value for key, value in edge.items() if key != "type"}
+    deptypes = edge["type"]
+    deptypes = [deptypes] if isinstance(deptypes, str) else list(deptypes or ())
+    return {**rest, "parameters": {"deptypes": deptypes, "virtuals": []}}
 
 
 def install_records(tree: InstallTree, installation_time: float) -> dict[str, dict[str, Any]]:
@@ -140,7 +179,8 @@ def tree_key(tree: InstallTree) -> str:
     """A digest of everything the database says apart from the nodes themselves: mount
     root, projection, and each hash's mirror, cached/external state and place. A DAG hash
     names its node, so equal keys mean an equal database (up to installation_time)."""
-    digest = hashlib.sha256(f"{DB_VERSION}\0{tree.root}\0{tree.projection}\0".encode())
+    head = f"{DB_VERSION}.{WRITER_REVISION}\0{tree.root}\0{tree.projection}\0"
+    digest = hashlib.sha256(head.encode())
     for dag_hash, record in tree.catalog.items():
         line = (f"{dag_hash} {record.mirror} {int(record.in_buildcache)} "
                 f"{record.external_path} {tree.prefixes.get(dag_hash)}\n")

@@ -1,0 +1,14 @@
+# A package of lazymount's test caches: what a downstream Spack needs to load the
+# binaries it finds upstream (no build recipe: the caches provide the builds).
+from spack.package import *
+
+
+class Lmtool(Package):
+    """A script of the test caches, built against the old lmgreet."""
+
+    homepage = "https://example.invalid/lazymount"
+    url = "file:///nonexistent/lmtool-1.0.tar.gz"
+
+    version("1.0", sha256="0" * 64)
+
+    depends_on("lmgreet")
