@@ -36,8 +36,7 @@ from lazymount.serve.fs import InstallTreeFS
 from lazymount.serve.hostdir import HostDirs
 from lazymount.spack.upstreamdb import DB_DIR, INDEX, VERIFIER, write_database
 from lazymount.store.content import Store
-from lazymount.trust.keyring import Keyring
-from lazymount.trust.verify import Verifier, read_key_file
+from lazymount.trust.policy import Trust
 
 log = logging.getLogger(__name__)
 
@@ -97,24 +96,10 @@ def mount_options(config: MountConfig) -> set[str]:
     return options
 
 
-def load_verifier(config: MountConfig) -> Verifier | None:
-    """A Verifier trusting the keyring's keys and every --trust-key file; None if there are
-    no keys and no mirror requires signatures. Raises UsageError."""
-    keys = Keyring(config.keyring).key_texts() if config.keyring is not None else []
-    keys += [read_key_file(path) for path in config.trust_keys]
-    if not keys:
-        if any(m.require_signature for m in config.mirrors):
-            raise UsageError("no trusted keys: run `lazymount keys install --trust MIRROR` "
-                             "or give --trust-key FILE (the mirror's public key), or "
-                             "--unsigned to accept unsigned packages")
-        return None
-    return Verifier(keys)
-
-
 def serve(config: MountConfig, ready: Ready) -> int:
     """Mount and serve until unmounted. Returns the exit status."""
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 dumps every stack
-    verifier = None
+    trust = None
     try:
         root = check_mountpoint(config.mountpoint)
         store = Store(config.store)
@@ -122,18 +107,19 @@ def serve(config: MountConfig, ready: Ready) -> int:
         if swept:
             log.info("removed %d unfinished entries from the store", swept)
         sbang = install_sbang(store)
-        verifier = load_verifier(config)
-        return trio.run(_serve, config, root, store, sbang, verifier, ready)
+        trust = Trust.load(config.keyring, config.trust_keys,
+                           any(m.require_signature for m in config.mirrors))
+        return trio.run(_serve, config, root, store, sbang, trust, ready)
     except LazymountError as exc:
         ready(str(exc))
         return exc.exit_code
     finally:
-        if verifier is not None:
-            verifier.close()
+        if trust is not None:
+            trust.close()
 
 
 async def _serve(config: MountConfig, root: str, store: Store, sbang: Path,
-                 verifier: Verifier | None, ready: Ready) -> int:
+                 trust: Trust, ready: Ready) -> int:
     proxies = ProxyChain.parse(config.proxies) if config.proxies else None
     mirrors: list[Mirror] = [open_mirror(m.url, config.timeouts, config.ca_certs, proxies)
                              for m in config.mirrors]
@@ -148,9 +134,9 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path,
         gc.freeze()
         release_memory()  # what parsing the index left in worker-thread arenas
         log.info("catalog of %d specs ready in %.2f s", len(catalog), time.monotonic() - started)
-        sources = [MirrorSource(m, c.require_signature)
+        sources = [MirrorSource(m, trust.for_mirror(c.require_signature))
                    for m, c in zip(mirrors, config.mirrors, strict=True)]
-        materializer = Materializer(tree, sources, verifier, store, config.limits)
+        materializer = Materializer(tree, sources, store, config.limits)
         database = store.root / "spackdb" / materializer.root_digest
         files = _spack_database_files(database)
         binder = PrefixBinder(root) if config.bind_ready else None

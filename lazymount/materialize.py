@@ -19,20 +19,18 @@ import trio
 
 from lazymount.buildcache.fetch import stream_blob
 from lazymount.buildcache.formats import Entry, discover
-from lazymount.buildcache.manifest import BlobRecord, is_clearsigned
+from lazymount.buildcache.manifest import BlobRecord
 from lazymount.catalog.installtree import InstallTree
 from lazymount.errors import (
-    FormatError,
     IntegrityError,
     LazymountError,
     MirrorError,
     MountPathTooLong,
-    SignatureError,
 )
 from lazymount.install import extract, relocate
 from lazymount.mirror.transport import Mirror
 from lazymount.store.content import Store
-from lazymount.trust.verify import Verifier
+from lazymount.trust.policy import MirrorTrust
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +39,11 @@ RETRY_AFTER = 30.0  # seconds a failed package answers with its error before try
 
 @dataclass
 class MirrorSource:
-    """A mirror as the materializer uses it."""
+    """A mirror as the materializer uses it: where the bytes are, and what its signed
+    documents must carry to be believed."""
 
     mirror: Mirror
-    require_signature: bool = True
+    trust: MirrorTrust
 
 
 @dataclass
@@ -62,19 +61,16 @@ class Materializer:
         self,
         tree: InstallTree,
         sources: list[MirrorSource],
-        verifier: Verifier | None,
         store: Store,
         limits: extract.Limits | None = None,
     ):
         self.tree = tree
         self.sources = sources
-        self.verifier = verifier
         self.store = store
         self.limits = limits or extract.Limits()
         self.sbang = f"{tree.root.rstrip('/')}/bin/sbang"
         self.states: dict[str, _State] = {}
         self.cpu = trio.CapacityLimiter(2)  # extraction + relocation threads at once
-        self.gpg = trio.CapacityLimiter(4)
         self.nursery: trio.Nursery | None = None  # set by the daemon: prefetch runs there
         # a fixed key per mount root + projection: the relocated bytes depend on both
         place = f"{tree.root}\0{tree.projection}".encode()
@@ -163,13 +159,9 @@ class Materializer:
         for position, source in enumerate(sources):
             try:
                 # the mirror's layout (v3, or v2 for old caches) finds and reads the signed
-                # documents; the signature checks are ours (_unsign), and so is the binding
+                # documents, asking the mirror's trust to check them; the binding is ours
                 layout = await discover(source.mirror)
-
-                async def unsign(text: bytes, noun: str, source: MirrorSource = source) -> bytes:
-                    return await self._unsign(source, text, noun, label)
-
-                entry = await layout.read_entry(source.mirror, record, unsign, label)
+                entry = await layout.read_entry(source.mirror, record, source.trust, label)
                 self._bind(entry, dag_hash, label)
                 return await self._install(source, dag_hash, entry.tarball, label)
             except (MirrorError, IntegrityError) as exc:
@@ -181,23 +173,6 @@ class Materializer:
     def _sources_for(self, dag_hash: str) -> list[MirrorSource]:
         first = self.tree.catalog[dag_hash].mirror
         return [self.sources[first]] + [s for i, s in enumerate(self.sources) if i != first]
-
-    async def _unsign(self, source: MirrorSource, text: bytes, noun: str, label: str) -> bytes:
-        """The trusted plaintext of a fetched signed document (a v3 manifest or a v2 spec
-        file, named by ``noun``): verified against the pinned keys when clearsigned; taken
-        as is only when the mirror allows unsigned packages. Raises SignatureError."""
-        if is_clearsigned(text):
-            if self.verifier is None:
-                if source.require_signature:
-                    raise SignatureError(f"{label}: {noun} is signed but no key is trusted "
-                                         "(give --trust-key)")
-                return _strip_clearsign(text, label)
-            async with self.gpg:
-                return await trio.to_thread.run_sync(self.verifier.verify, text, label)
-        if source.require_signature:
-            raise SignatureError(f"{label}: {noun} is not signed, and this mirror requires "
-                                 "signatures")
-        return text
 
     def _bind(self, entry: Entry, dag_hash: str, label: str) -> None:
         """Bind the signed document to the hash asked for: its spec's root node must be it
@@ -269,11 +244,3 @@ def _size(length: int | None) -> str:
         value, index = value / 1024, index + 1
     return f"{value:.1f} {units[index]}"
 
-
-def _strip_clearsign(text: bytes, label: str) -> bytes:
-    """The body of a clearsigned document, for mirrors configured as unsigned."""
-    try:
-        body = text.split(b"\n\n", 1)[1].split(b"-----BEGIN PGP SIGNATURE-----", 1)[0]
-    except IndexError:
-        raise FormatError(f"{label}: malformed clearsigned manifest") from None
-    return body

@@ -28,6 +28,7 @@ from lazymount.errors import (
 from lazymount.materialize import Materializer, MirrorSource
 from lazymount.mirror.transport import LocalMirror, Timeouts, open_mirror
 from lazymount.store.content import Store
+from lazymount.trust.policy import Trust
 from lazymount.trust.verify import Verifier, read_key_file
 
 HELLO_HASH = "3vgakfze5q7cw5gke5wbrfotzhh2tstq"
@@ -198,8 +199,8 @@ def test_store_sweep_removes_leftovers_of_dead_processes_only(tmp_path):
 async def _materializer(root: str, store: Path, mirror_url: str, verifier) -> Materializer:
     mirror = open_mirror(mirror_url)
     catalog = await load_catalog([mirror])
-    return Materializer(InstallTree(root, catalog), [MirrorSource(mirror)], verifier,
-                        Store(store))
+    return Materializer(InstallTree(root, catalog),
+                        [MirrorSource(mirror, Trust(verifier).for_mirror())], Store(store))
 
 
 def test_concurrent_ensures_share_one_attempt(tmp_path, http_server, verifier):

@@ -216,11 +216,12 @@ def test_v2_entry_is_the_signed_spec_and_checksum(built):
         layout = await discover(mirror)
         records = parse_index(await layout.read_index(mirror))
 
-        async def unsign(text: bytes, noun: str) -> bytes:
-            assert noun == "spec file" and text.startswith(b"-----BEGIN PGP SIGNED MESSAGE")
-            return built.writer.v2_entries[built.hello.dag_hash].spec_text
+        class Unsign:
+            async def plaintext(self, text: bytes, noun: str, label: str) -> bytes:
+                assert noun == "spec file" and text.startswith(b"-----BEGIN PGP SIGNED MESSAGE")
+                return built.writer.v2_entries[built.hello.dag_hash].spec_text
 
-        entry = await layout.read_entry(mirror, records[built.hello.dag_hash], unsign, "x")
+        entry = await layout.read_entry(mirror, records[built.hello.dag_hash], Unsign(), "x")
         return type(layout).__name__, entry
 
     name, entry = trio.run(main)
@@ -257,10 +258,11 @@ def test_signature_errors_name_the_spec_file(built):
         mirror = open_mirror(str(built.root))
         records = parse_index(await LayoutV2().read_index(mirror))
 
-        async def refuse(text: bytes, noun: str) -> bytes:
-            raise SignatureError(f"x: {noun} is not signed")
+        class Refuse:
+            async def plaintext(self, text: bytes, noun: str, label: str) -> bytes:
+                raise SignatureError(f"x: {noun} is not signed")
 
-        await LayoutV2().read_entry(mirror, records[built.greet.dag_hash], refuse, "x")
+        await LayoutV2().read_entry(mirror, records[built.greet.dag_hash], Refuse(), "x")
 
     with pytest.raises(SignatureError, match="spec file is not signed"):
         trio.run(main)

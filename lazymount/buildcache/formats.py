@@ -18,9 +18,9 @@ documents of a spec say — the tarball's blob record and the spec's root node, 
 (say, an OCI registry) is one more ``CacheLayout``. The pure path functions are in
 ``layout.py``; the index document, the same in every layout, is read by ``index.py``.
 
-Checking a signature is the caller's job (``Unsign``), so this module never runs gpg; binding
-the root node to the hash that was asked for is also the caller's. Everything here runs on
-the trio thread (parsing a spec document hops to a worker thread).
+Checking a signature is the job of the ``DocumentTrust`` the caller gives, so this module
+never runs gpg; binding the root node to the hash that was asked for is the caller's too.
+Everything here runs on the trio thread (parsing a spec document hops to a worker thread).
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ import json
 import re
 import weakref
 import zlib
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -66,10 +65,15 @@ MAX_KEY_BYTES = 1 << 20  # one published key file or key index
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _FINGERPRINT = re.compile(r"[0-9A-F]{40}|[0-9A-F]{64}")
 
-Unsign = Callable[[bytes, str], Awaitable[bytes]]
-"""``unsign(document, noun)``: the plaintext of a fetched document that a trusted signature
-covers (or the document itself where the mirror allows unsigned ones); raises SignatureError.
-``noun`` says what it is ("manifest", "spec file") for messages."""
+class DocumentTrust(Protocol):
+    """What a layout asks before it believes a fetched signed document (``trust/policy.py``
+    answers for a mirror)."""
+
+    async def plaintext(self, document: bytes, noun: str, label: str) -> bytes:
+        """The text of ``document`` that a trusted signature covers (or the document itself
+        where the mirror allows unsigned ones); raises SignatureError. ``noun`` says what it
+        is ("manifest", "spec file") and ``label`` which package, for messages."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,7 @@ class CacheLayout:
         raise NotImplementedError
 
     async def read_entry(
-        self, mirror: Mirror, record: SpecRecord, unsign: Unsign, label: str
+        self, mirror: Mirror, record: SpecRecord, trust: DocumentTrust, label: str
     ) -> Entry:
         """The verified entry of ``record``. Raises NotInMirror, MirrorError, SignatureError,
         FormatError or IntegrityError naming ``label``."""
@@ -147,11 +151,11 @@ class LayoutV3(CacheLayout):
                         new_etag)
 
     async def read_entry(
-        self, mirror: Mirror, record: SpecRecord, unsign: Unsign, label: str
+        self, mirror: Mirror, record: SpecRecord, trust: DocumentTrust, label: str
     ) -> Entry:
         path = spec_manifest_path(record.name, record.version, record.dag_hash)
         text = await mirror.read(path, MAX_MANIFEST_BYTES)
-        blobs = parse_manifest(await unsign(text, "manifest"), label)
+        blobs = parse_manifest(await trust.plaintext(text, "manifest", label), label)
         tarball = pick(blobs, MEDIA_TARBALL, label)
         spec = pick(blobs, MEDIA_SPEC, label)
         if spec.compression not in ("gzip", "none"):
@@ -182,7 +186,7 @@ class LayoutV2(CacheLayout):
         return Identity(False, checksum if _HEX64.fullmatch(checksum) else None, new_etag)
 
     async def read_entry(
-        self, mirror: Mirror, record: SpecRecord, unsign: Unsign, label: str
+        self, mirror: Mirror, record: SpecRecord, trust: DocumentTrust, label: str
     ) -> Entry:
         # The path comes from the (unsigned) index node; the signature then binds the content.
         try:
@@ -191,7 +195,7 @@ class LayoutV2(CacheLayout):
         except NotInMirror:  # Spack prefers the signed file and falls back to the plain one
             text = await mirror.read(v2_spec_file_path(record.node, record.dag_hash, False),
                                      MAX_SPEC_JSON)
-        plaintext = await unsign(text, "spec file")
+        plaintext = await trust.plaintext(text, "spec file", label)
         doc = await trio.to_thread.run_sync(
             parse_spec_document, plaintext, False, f"{label}: spec file")
         root = doc["spec"]["nodes"][0]
