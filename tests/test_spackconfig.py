@@ -82,6 +82,23 @@ def test_override_key_and_environment_files_are_read():
     assert parse("mirrors: {}\n") == ([], [])
 
 
+def test_mirrors_of_schemes_the_mount_cannot_fetch_are_skipped_with_a_notice():
+    mirrors, notices = parse("""
+mirrors:
+  bucket: s3://bucket/cache
+  cloud:
+    url: https://unused.example
+    fetch: gs://bucket/cache
+  site: https://cache.example/spack
+""")
+    assert mirrors == [MirrorConfig("https://cache.example/spack")]
+    assert notices == [
+        "mirrors.yaml: mirror 'bucket' (s3://bucket/cache): s3:// mirrors are not supported; "
+        "skipped",
+        "mirrors.yaml: mirror 'cloud' (gs://bucket/cache): gs:// mirrors are not supported; "
+        "skipped"]
+
+
 def test_a_mirror_without_url_is_skipped_with_a_notice():
     mirrors, notices = parse("mirrors:\n  m:\n    binary: true\n")
     assert mirrors == [] and notices == ["mirrors.yaml: mirror 'm' has no url; skipped"]
@@ -131,16 +148,20 @@ def test_spack_config_of_a_directory_that_is_not_mounted(tmp_path):
 
 
 def test_mount_from_a_spack_mirrors_yaml(http_server, mount_cache, tmp_path):
-    """A source-only mirror is skipped with a notice; the binary mirror after it serves."""
+    """A source-only mirror and an s3:// one are skipped with a notice; the binary mirror
+    after them serves."""
     server = http_server(FIXTURE_CACHE)
     config = tmp_path / "mirrors.yaml"
     config.write_text(f"mirrors:\n  spack-public:\n    url: https://mirror.spack.io\n"
-                      f"    binary: false\n  site:\n    url: {server.url}\n")
+                      f"    binary: false\n  bucket: s3://bucket/cache\n"
+                      f"  site:\n    url: {server.url}\n")
     mount = mount_cache([], extra=(f"--spack-mirrors={config}",))
     result = subprocess.run([str(mount.prefix() / "bin" / "hello"), "-v"],
                             capture_output=True, text=True, timeout=60)
     assert "Hello from lmgreet, world!" in result.stdout, mount.log_text()
     assert "mirror 'spack-public' is a source-only mirror (binary: false); skipped" in (
+        mount.log_text())
+    assert "mirror 'bucket' (s3://bucket/cache): s3:// mirrors are not supported; skipped" in (
         mount.log_text())
     assert server.url in mount.log_text()  # "mounted N packages from <url>"
 

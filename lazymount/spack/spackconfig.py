@@ -7,6 +7,8 @@ and ``signed``. lazymount only fetches binaries, so a mirror becomes one MirrorC
 
 * its fetch URL (``fetch``, else ``url``); ``push`` is ignored;
 * ``binary: false`` (a source-only mirror) is skipped with a notice;
+* a URL whose scheme the mount cannot fetch from (``s3://``, ``gs://``, ``oci://``...) is
+  skipped with a notice naming the mirror: one such entry never fails the whole mount;
 * ``signed: false`` means the mirror's packages need no signature;
 * the file's order is kept: Spack searches mirrors in that order, and so do we.
 
@@ -28,6 +30,8 @@ from lazymount.errors import UsageError
 from lazymount.system import yamlio
 
 MAX_CONFIG_BYTES = 1 << 20
+# URL schemes of the mirrors the mount can fetch from ("" is a local path)
+FETCHABLE_SCHEMES = ("", "file", "http", "https")
 
 
 def read_spack_mirrors(path: Path, require_signature: bool = True
@@ -89,6 +93,10 @@ def parse_mirrors(doc: Any, base: Path, source: str, require_signature: bool = T
             continue
         if not url:
             notices.append(f"{what} has no url; skipped")
+            continue
+        scheme = urlparse(url).scheme
+        if scheme not in FETCHABLE_SCHEMES:
+            notices.append(f"{what} ({url}): {scheme}:// mirrors are not supported; skipped")
             continue
         mirrors.append(MirrorConfig(_expand(url, base),
                                     require_signature=require_signature and signed))
