@@ -479,3 +479,60 @@ def test_relocating_c_strings_there_and_back_gives_the_original_bytes(data, a, h
         assert (top / "bin" / "tool").read_bytes() != blob
         relocate(top, info, b, a)
         assert (top / "bin" / "tool").read_bytes() == blob
+
+
+# ---------------------------------------------------------------------------------------------
+# The tar header parser agrees with Python's tarfile
+
+
+def _frombuf(block: bytes) -> tuple[str, str, bytes, int, int] | None:
+    try:
+        info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return None
+    return info.name, info.linkname, info.type, info.mode, info.size
+
+
+def _ours(block: bytes) -> tuple[str, str, bytes, int, int] | None:
+    from lazymount.install.tarstream import parse_header
+
+    try:
+        header = parse_header(block)
+    except tarfile.HeaderError:
+        return None
+    return header.name, header.linkname, header.type, header.mode, header.size
+
+
+member_names = st.text(st.characters(blacklist_characters="\0", blacklist_categories=["Cs"]),
+                       min_size=1, max_size=240)
+
+
+@FAST
+@given(name=member_names, link=member_names, kind=st.sampled_from(
+           [tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE]),
+       mode=st.integers(0, 0o7777), size=st.integers(0, 2**40),
+       fmt=st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]))
+def test_tar_headers_parse_as_tarfile_parses_them(name: str, link: str, kind: bytes, mode: int,
+                                                 size: int, fmt: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.linkname = kind, mode, link if kind != tarfile.REGTYPE else ""
+    info.size = size if kind in (tarfile.REGTYPE, tarfile.AREGTYPE) else 0
+    try:
+        blob = info.tobuf(fmt, "utf-8", "surrogateescape")
+    except ValueError:
+        assume(False)  # a name this format cannot hold
+    for offset in range(0, len(blob), tarfile.BLOCKSIZE):  # extended headers, then the member
+        block = blob[offset:offset + tarfile.BLOCKSIZE]
+        assert _ours(block) == _frombuf(block)
+
+
+@FAST
+@given(noise=st.binary(min_size=512, max_size=512), checksum_ok=st.booleans())
+def test_any_block_parses_as_tarfile_parses_it(noise: bytes, checksum_ok: bool) -> None:
+    block = bytearray(noise)
+    if checksum_ok:  # most random blocks fail the checksum: make some pass it
+        block[148:156] = b"        "
+        block[148:156] = b"%06o\0 " % sum(block)
+    if sum(block) == 0:
+        return
+    assert _ours(bytes(block)) == _frombuf(bytes(block))

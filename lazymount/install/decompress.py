@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import queue
 import threading
-import zlib
 from collections.abc import Generator, Iterator
 from typing import BinaryIO
 
 import zstandard
+from isal import isal_zlib  # ISA-L's inflate: the zlib API at about twice the speed
 
 from lazymount.errors import FormatError
 
@@ -93,7 +93,7 @@ def _gunzip(stream: BinaryIO) -> Iterator[bytes]:
     """
     data = b""
     while True:
-        inflater = zlib.decompressobj(wbits=31)
+        inflater = isal_zlib.decompressobj(wbits=31)
         while not inflater.eof:
             if not data:
                 data = stream.read(CHUNK)
@@ -106,7 +106,7 @@ def _gunzip(stream: BinaryIO) -> Iterator[bytes]:
                 break
             try:
                 out = inflater.decompress(data, CHUNK)
-            except zlib.error as exc:
+            except isal_zlib.error as exc:
                 raise Fault(f"corrupt gzip stream ({exc})", "corrupt") from None
             data = inflater.unconsumed_tail
             if out:

@@ -7,6 +7,7 @@ applied to the member they describe; device nodes, FIFOs and sparse files are re
 
 from __future__ import annotations
 
+import struct
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -134,7 +135,69 @@ def _parse_pax(body: bytes, what: str) -> dict[str, str]:
     return records
 
 
-def _member_kind(info: tarfile.TarInfo, name: str, what: str) -> str:
+@dataclass
+class Header:
+    """The fields of one 512-byte tar header that extraction uses."""
+
+    name: str
+    linkname: str
+    type: bytes
+    mode: int
+    size: int
+
+
+# name, mode, uid, gid, size, mtime, chksum, typeflag, linkname, magic+version, uname, gname,
+# devmajor, devminor, prefix (POSIX ustar, which GNU tar and Python's tarfile write)
+_USTAR = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
+_GNU_TYPES = (*_GNU_LONG_TYPES, tarfile.GNUTYPE_SPARSE)
+
+
+def _text(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _number(field: bytes) -> int:
+    """An octal number, or GNU's base-256 for values that do not fit (first byte 0x80/0xff).
+    HeaderError if it is neither."""
+    if field[:1] in (b"\x80", b"\xff"):
+        value = int.from_bytes(field[1:], "big")
+        return value - (256 ** (len(field) - 1)) if field[0] == 0xFF else value
+    try:
+        digits = field.split(b"\0", 1)[0].decode("ascii").strip()
+        return int(digits or "0", 8)
+    except ValueError:  # UnicodeDecodeError included
+        raise tarfile.InvalidHeaderError("invalid header") from None
+
+
+def parse_header(block: bytes) -> Header:
+    """Parse one header block as ``tarfile.TarInfo.frombuf`` would, for the fields we use,
+    at a fraction of its cost (it dominated extraction of packages with many small files).
+    Raises ``tarfile.HeaderError`` for a block that is not a valid header."""
+    (name, mode, uid, gid, size, mtime, chksum, kind, linkname, _magic, _uname, _gname,
+     major, minor, prefix) = _USTAR.unpack(block)
+    stored = _number(chksum)
+    for unused in (uid, gid, mtime, major, minor):  # tarfile refuses a header if one is bad
+        _number(unused)
+    unsigned = sum(block) - sum(block[148:156]) + 256
+    if stored != unsigned and stored != _signed_checksum(block):
+        raise tarfile.InvalidHeaderError("bad checksum")
+    header = Header(_text(name), _text(linkname), kind, _number(mode), _number(size))
+    if header.type == tarfile.AREGTYPE and header.name.endswith("/"):
+        header.type = tarfile.DIRTYPE  # old V7 tar's directories
+    if header.type == tarfile.DIRTYPE:
+        header.name = header.name.rstrip("/")
+    if prefix[:1] != b"\0" and header.type not in _GNU_TYPES:  # ustar's long names
+        header.name = _text(prefix) + "/" + header.name
+    return header
+
+
+def _signed_checksum(block: bytes) -> int:
+    """The checksum some old tars wrote, summing the bytes as signed chars."""
+    signed = struct.unpack_from("148b8x356b", block)
+    return 256 + sum(signed)
+
+
+def _member_kind(info: Header, name: str, what: str) -> str:
     if info.type in _FILE_TYPES:
         return "file"
     kind = {
@@ -159,7 +222,7 @@ class _Overrides:
         self.run = 0
         self.total = 0
 
-    def take(self, info: tarfile.TarInfo, src: Source, limits: Limits) -> None:
+    def take(self, info: Header, src: Source, limits: Limits) -> None:
         """Read the body of the extended header ``info`` and remember what it sets."""
         self.run += 1
         self.total += info.size
@@ -185,7 +248,7 @@ class _Overrides:
             if key in records:
                 raise FormatError(f"{self.what}: a global pax header sets {key!r}; refused")
 
-    def member(self, info: tarfile.TarInfo) -> Member:
+    def member(self, info: Header) -> Member:
         """The member ``info`` describes, with the pending overrides applied (then cleared)."""
         pax = self.pax
         name = pax.get("path", self.longname if self.longname is not None else info.name)
@@ -221,7 +284,7 @@ def members(src: Source, limits: Limits, what: str) -> Iterator[Member]:
         if header == ZERO_BLOCK:
             return
         try:
-            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+            info = parse_header(header)
         except tarfile.HeaderError as exc:
             raise FormatError(f"{what}: bad tar header ({exc})") from None
         if info.type in _EXTENDED_TYPES:
