@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Generator, Iterator
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import zstandard
 from isal import isal_zlib  # ISA-L's inflate: the zlib API at about twice the speed
@@ -18,6 +18,7 @@ from isal import isal_zlib  # ISA-L's inflate: the zlib API at about twice the s
 from lazymount.errors import FormatError
 
 CHUNK = 1 << 20  # compressed reads, decompressed chunks and file copies
+INFLATE_ERROR = cast(type[Exception], isal_zlib.error)  # its stubs call it an instance
 
 
 class Fault(Exception):
@@ -106,7 +107,7 @@ def _gunzip(stream: BinaryIO) -> Iterator[bytes]:
                 break
             try:
                 out = inflater.decompress(data, CHUNK)
-            except isal_zlib.error as exc:
+            except INFLATE_ERROR as exc:
                 raise Fault(f"corrupt gzip stream ({exc})", "corrupt") from None
             data = inflater.unconsumed_tail
             if out:

@@ -166,7 +166,7 @@ def _number(field: bytes) -> int:
         digits = field.split(b"\0", 1)[0].decode("ascii").strip()
         return int(digits or "0", 8)
     except ValueError:  # UnicodeDecodeError included
-        raise tarfile.InvalidHeaderError("invalid header") from None
+        raise tarfile.HeaderError("invalid header") from None
 
 
 def parse_header(block: bytes) -> Header:
@@ -180,7 +180,7 @@ def parse_header(block: bytes) -> Header:
         _number(unused)
     unsigned = sum(block) - sum(block[148:156]) + 256
     if stored != unsigned and stored != _signed_checksum(block):
-        raise tarfile.InvalidHeaderError("bad checksum")
+        raise tarfile.HeaderError("bad checksum")
     header = Header(_text(name), _text(linkname), kind, _number(mode), _number(size))
     if header.type == tarfile.AREGTYPE and header.name.endswith("/"):
         header.type = tarfile.DIRTYPE  # old V7 tar's directories
