@@ -100,20 +100,23 @@ class Materializer:
 
         Raises the LazymountError of the attempt (cached for RETRY_AFTER seconds).
         """
-        state = self.states.get(dag_hash)
-        if state is None or (state.error and time.monotonic() - state.failed_at > RETRY_AFTER):
-            state = self.states[dag_hash] = _State()
-            if self.nursery is not None:
-                # in the daemon's nursery, so a caller that is interrupted does not abort the
-                # work other callers wait on
-                self.nursery.start_soon(self._attempt, dag_hash, state)
-            else:
-                await self._attempt(dag_hash, state)
-        await state.done.wait()
-        if state.error is not None:
-            raise state.error
-        assert state.tree is not None
-        return state.tree
+        while True:
+            state = self.states.get(dag_hash)
+            if state is None or (state.error and
+                                 time.monotonic() - state.failed_at > RETRY_AFTER):
+                state = self.states[dag_hash] = _State()
+                if self.nursery is not None:
+                    # in the daemon's nursery, so a caller that is interrupted does not abort
+                    # the work other callers wait on
+                    self.nursery.start_soon(self._attempt, dag_hash, state)
+                else:  # no nursery: the first caller runs it (see _attempt on cancellation)
+                    await self._attempt(dag_hash, state)
+            await state.done.wait()
+            if state.error is not None:
+                raise state.error
+            if state.tree is not None:
+                return state.tree
+            # the attempt was cancelled with the caller that ran it: this caller starts anew
 
     async def _attempt(self, dag_hash: str, state: _State) -> None:
         label = self.tree.label(dag_hash)
@@ -134,6 +137,10 @@ class Materializer:
             log.exception("%s: unexpected failure", label)
             state.error = LazymountError(f"{label}: internal error: {exc}")
             state.failed_at = time.monotonic()
+        except BaseException:  # cancelled: neither ready nor failed, so forget the attempt
+            if self.states.get(dag_hash) is state:
+                del self.states[dag_hash]
+            raise
         finally:
             state.done.set()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from conftest import DATA, FIXTURE_CACHE, FIXTURE_KEY, FIXTURE_SECRET_KEY
 
 from lazymount.buildcache.fetch import fetch_bytes, stream_blob
@@ -225,6 +226,38 @@ def test_concurrent_ensures_share_one_attempt(tmp_path, http_server, verifier):
     assert (tree / "bin" / "hello").is_file()
     assert os.readlink(tree / "share/lmhello/message-abs.txt").startswith("/tmp/lmu/")
     assert server.requests.count(f"/blobs/sha256/ff/{TARBALL}") == 1
+
+
+def test_a_cancelled_first_caller_leaves_the_package_to_the_next(tmp_path, http_server,
+                                                                 verifier):
+    """Without a nursery the first caller runs the attempt: cancelling it must neither fail
+    the callers waiting on it nor leave the package stuck."""
+    server = http_server(FIXTURE_CACHE)
+
+    async def main() -> tuple[list[Path], Materializer]:
+        materializer = await _materializer("/tmp/lmu", tmp_path / "store", server.url, verifier)
+        first = trio.CancelScope()
+        results: list[Path] = []
+
+        async def run_first() -> None:
+            with first:
+                await materializer.ensure(HELLO_HASH)
+
+        async def run_second() -> None:
+            results.append(await materializer.ensure(HELLO_HASH))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_first)
+            await trio.testing.wait_all_tasks_blocked()
+            assert materializer.status(HELLO_HASH) == "materializing"
+            nursery.start_soon(run_second)
+            await trio.testing.wait_all_tasks_blocked()
+            first.cancel()
+        return results, materializer
+
+    results, materializer = trio.run(main)
+    assert len(results) == 1 and (results[0] / "bin" / "hello").is_file()
+    assert materializer.status(HELLO_HASH) == "ready"
 
 
 def test_a_failure_is_remembered_and_published_nothing(tmp_path, verifier):
