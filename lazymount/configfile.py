@@ -258,6 +258,11 @@ KEYS: dict[str, Key] = {key.name: key for key in (
              "'|' shares the load within a group (each host starts at its own member), ';' "
              "fails over to the next group; a failing proxy is skipped for a while. Hosts in "
              "NO_PROXY are reached directly. Default: the http_proxy/https_proxy environment"),
+    Key("shared_store", parse_path, flag="--shared-store", metavar="DIR",
+        help="a store on a shared file system that many nodes use at once: packages "
+             "published there by any node are used, and this node materializes into it "
+             "(publishing with one rename, no locks); where it is read-only, the packages it "
+             "lacks go to the local --store"),
     Key("allow_other", None, shape="flag", flag="--allow-other",
         help="let other users see the mount (default: on when run as root)"),
     Key("bind_ready", None, shape="flag", flag="--bind-ready", default=False,

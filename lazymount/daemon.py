@@ -36,6 +36,7 @@ from lazymount.serve.fs import InstallTreeFS
 from lazymount.serve.hostdir import HostDirs
 from lazymount.spack.upstreamdb import DB_DIR, INDEX, VERIFIER, write_database
 from lazymount.store.content import Store
+from lazymount.store.shared import open_shared_store
 from lazymount.trust.policy import Trust
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,9 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path,
         log.info("catalog of %d specs ready in %.2f s", len(catalog), time.monotonic() - started)
         sources = [MirrorSource(m, trust.for_mirror(c.require_signature))
                    for m, c in zip(mirrors, config.mirrors, strict=True)]
-        materializer = Materializer(tree, sources, store, config.limits)
+        shared = (await trio.to_thread.run_sync(open_shared_store, config.shared_store)
+                  if config.shared_store is not None else None)
+        materializer = Materializer(tree, sources, store, config.limits, shared)
         database = store.root / "spackdb" / materializer.root_digest
         files = _spack_database_files(database)
         binder = PrefixBinder(root) if config.bind_ready else None

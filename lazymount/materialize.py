@@ -30,6 +30,8 @@ from lazymount.errors import (
 from lazymount.install import extract, relocate
 from lazymount.mirror.transport import Mirror
 from lazymount.store.content import Store
+from lazymount.store.shared import HEARTBEAT, ClaimWatch, SharedStore
+from lazymount.store.shared import POLL as SHARED_POLL
 from lazymount.trust.policy import MirrorTrust
 
 log = logging.getLogger(__name__)
@@ -63,10 +65,12 @@ class Materializer:
         sources: list[MirrorSource],
         store: Store,
         limits: extract.Limits | None = None,
+        shared: SharedStore | None = None,
     ):
         self.tree = tree
         self.sources = sources
         self.store = store
+        self.shared = shared  # a store other nodes fill too: looked in first
         self.limits = limits or extract.Limits()
         self.sbang = f"{tree.root.rstrip('/')}/bin/sbang"
         self.states: dict[str, _State] = {}
@@ -86,11 +90,19 @@ class Materializer:
             return state.tree
         return None
 
+    def published(self, key: str) -> Path | None:
+        """The published tree of ``key`` in the shared store, else in our own, or None."""
+        if self.shared is not None:
+            tree = self.shared.tree(key)
+            if tree is not None:
+                return tree
+        return self.store.tree(key)
+
     def status(self, dag_hash: str) -> str:
         """One word (and the reason, for a failure) for the status xattr and logs."""
         state = self.states.get(dag_hash)
         if state is None:
-            return "ready" if self.store.tree(self.key(dag_hash)) else "absent"
+            return "ready" if self.published(self.key(dag_hash)) else "absent"
         if state.error is not None:
             return f"failed: {state.error}"
         return "ready" if state.tree is not None else "materializing"
@@ -122,11 +134,13 @@ class Materializer:
         label = self.tree.label(dag_hash)
         started = time.monotonic()
         try:
-            cached = self.store.tree(self.key(dag_hash))
+            cached = await trio.to_thread.run_sync(self.published, self.key(dag_hash))
             if cached is not None:
                 state.tree = cached
+            elif self.shared is not None and self.shared.writable:
+                state.tree = await self._through_shared(dag_hash, label, self.shared)
             else:
-                state.tree = await self._materialize(dag_hash, label)
+                state.tree = await self._materialize(dag_hash, label, self.store)
                 log.info("%s: materialized in %.2f s", label, time.monotonic() - started)
             self._prefetch_deps(dag_hash)
         except LazymountError as exc:
@@ -159,7 +173,44 @@ class Materializer:
         except LazymountError:
             pass  # already logged; a user touching it gets the error then
 
-    async def _materialize(self, dag_hash: str, label: str) -> Path:
+    async def _through_shared(self, dag_hash: str, label: str, shared: SharedStore) -> Path:
+        """Materialize into the shared store, unless another node is doing it: then wait
+        for its package to be published (or for its claim to go away or stand still)."""
+        key = self.key(dag_hash)
+        watch: ClaimWatch | None = None
+        while True:
+            tree = await trio.to_thread.run_sync(shared.tree, key)
+            if tree is not None:
+                return tree
+            if await trio.to_thread.run_sync(shared.claim, key):
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._heartbeat, shared, key)
+                        # published between our look and our claim?
+                        tree = await trio.to_thread.run_sync(shared.tree, key)
+                        if tree is None:
+                            tree = await self._materialize(dag_hash, label, shared)
+                        nursery.cancel_scope.cancel()
+                    return tree
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(shared.release, key)
+            if watch is None:
+                log.info("%s: another node is materializing it; waiting for it", label)
+                watch = ClaimWatch()
+            stamp = await trio.to_thread.run_sync(shared.claim_stamp, key)
+            if stamp is not None and watch.stood_still(stamp):
+                await trio.to_thread.run_sync(shared.break_claim, key, stamp)
+                continue
+            await trio.sleep(SHARED_POLL)
+
+    @staticmethod
+    async def _heartbeat(shared: SharedStore, key: str) -> None:
+        while True:
+            await trio.sleep(HEARTBEAT)
+            await trio.to_thread.run_sync(shared.touch_claim, key)
+
+    async def _materialize(self, dag_hash: str, label: str, store: Store) -> Path:
         record = self.tree.catalog[dag_hash]
         last: LazymountError = MirrorError(f"no mirror lists {label}")
         sources = self._sources_for(dag_hash)
@@ -170,7 +221,7 @@ class Materializer:
                 layout = await discover(source.mirror)
                 entry = await layout.read_entry(source.mirror, record, source.trust, label)
                 self._bind(entry, dag_hash, label)
-                return await self._install(source, dag_hash, entry.tarball, label)
+                return await self._install(source, dag_hash, entry.tarball, label, store)
             except (MirrorError, IntegrityError) as exc:
                 last = exc  # fail over: another mirror may have an intact copy
                 if position + 1 < len(sources):
@@ -194,11 +245,11 @@ class Materializer:
                                  f"{root.get('version')}, not what the index says")
 
     async def _install(self, source: MirrorSource, dag_hash: str, tarball: BlobRecord,
-                       label: str) -> Path:
-        """Download + extract (streamed), relocate, publish."""
+                       label: str, store: Store) -> Path:
+        """Download + extract (streamed), relocate, publish into ``store``."""
         key = self.key(dag_hash)
         log.info("%s: fetching %s from %s", label, _size(tarball.length), source.mirror.url)
-        staging = await trio.to_thread.run_sync(self.store.new_staging, key)
+        staging = await trio.to_thread.run_sync(store.new_staging, key)
         try:
             async with self.cpu:
                 extracted = await stream_blob(
@@ -213,12 +264,12 @@ class Materializer:
                        "tarball": tarball.checksum, "root": self.tree.root,
                        "prefix": self.tree.prefix_of(dag_hash)}
             published = await trio.to_thread.run_sync(
-                self.store.publish, staging, extracted.root, key, receipt)
+                store.publish, staging, extracted.root, key, receipt)
             log.info("%s: %d files, %s unpacked", label, extracted.files, _size(extracted.bytes))
             return published
         except BaseException:
             with trio.CancelScope(shield=True):  # clean up even when cancelled
-                await trio.to_thread.run_sync(self.store.discard, staging)
+                await trio.to_thread.run_sync(store.discard, staging)
             raise
 
     def _relocate(self, dag_hash: str, extracted: extract.Extracted, label: str) -> None:

@@ -176,6 +176,7 @@ def build_config(args: argparse.Namespace) -> MountConfig:
         host_target=values["host_target"],
         targets=values["targets"],
         proxies=values["proxies"],
+        shared_store=values["shared_store"].resolve() if values["shared_store"] else None,
     )
 
 

@@ -1,0 +1,190 @@
+"""A store on a shared file system (NFS, Lustre, GPFS), used by many nodes at once.
+
+It is laid out like a local store (``pkgs/``, ``staging/``, ``trash/``) plus ``claims/``.
+Publication is the local store's: one rename of a finished staging directory. Nothing here
+takes a lock (no ``flock``/``fcntl``, which parallel file systems do slowly or not at all):
+
+* **claims** - a node about to materialize a package makes ``claims/<key>`` with ``mkdir``,
+  which succeeds on exactly one node (it is atomic on every POSIX file system, NFS
+  included). The others see the claim and wait for ``pkgs/<key>`` to appear, looking every
+  ``POLL`` seconds. The holder touches its claim every ``HEARTBEAT`` seconds while it works;
+  a claim whose time stamp has not moved for ``STALE`` seconds of the waiter's own clock
+  (so clocks of different nodes never get compared) belongs to a dead node and is renamed
+  away, once, by whichever waiter renames it first. A claim is only a way to save work:
+  if two nodes ever materialize the same package, the first rename wins and the other tree
+  is dropped, as in a local store.
+* **staging names carry the host**: a sweep removes what dead processes of *this* host
+  left, and other hosts' leftovers only once they are a day old.
+* **read-only nodes**: when the store cannot be written here (a read-only mount, no
+  permission), its published packages are still used, and the packages it lacks are
+  materialized into the node's own store (CernVM-FS calls this an alien cache).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from contextlib import suppress
+from pathlib import Path
+
+from lazymount.errors import StoreError
+from lazymount.store.content import Store, _owner_alive
+
+log = logging.getLogger(__name__)
+
+CLAIMS = "claims"
+POLL = 0.5  # seconds between looks at a package another node materializes
+HEARTBEAT = 10.0  # seconds between touches of our claims
+STALE = 120.0  # seconds a claim may stand still before it is taken for a dead node's
+STALE_STAGING = 86400.0  # another host's staging leftovers are removed after a day
+
+
+def host_tag(name: str | None = None) -> str:
+    """This host's name as it appears in staging names (no dots: they separate fields)."""
+    return "".join(c if c.isalnum() or c == "-" else "-" for c in name or socket.gethostname())
+
+
+class SharedStore(Store):
+    """A store many nodes use at once; ``writable`` is False on a read-only node."""
+
+    def __init__(self, root: Path, host: str | None = None):
+        self.host = host_tag(host)
+        self.claims = root / CLAIMS
+        self.writable = _can_write(root)
+        if self.writable:
+            super().__init__(root)
+            self.claims.mkdir(exist_ok=True)
+            return
+        # read-only here: use what is published, create nothing
+        self.root, self.pkgs = root, root / "pkgs"
+        self.staging_dir, self.trash = root / "staging", root / "trash"
+        if not self.pkgs.is_dir():
+            raise StoreError(f"the shared store {root} is read-only here and holds no "
+                             "packages (no pkgs/): a node that can write it must fill it first")
+
+    def new_staging(self, key: str) -> Path:
+        try:
+            return Path(tempfile.mkdtemp(prefix=f"{key}.{self.host}.{os.getpid()}.",
+                                         dir=self.staging_dir))
+        except OSError as exc:
+            raise StoreError(f"cannot create a staging directory: {exc.strerror}") from None
+
+    def sweep(self) -> int:
+        """Remove this host's dead processes' leftovers, and other hosts' old ones."""
+        if not self.writable:
+            return 0
+        count = 0
+        now = time.time()
+        for directory in (self.staging_dir, self.trash):
+            for entry in directory.iterdir():
+                parts = entry.name.split(".")
+                ours = len(parts) >= 4 and parts[-3] == self.host
+                if ours and _owner_alive(entry.name):
+                    continue
+                if not ours and directory == self.staging_dir and _age(entry, now) < STALE_STAGING:
+                    continue
+                count += 1
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+        return count
+
+    # ---- claims ------------------------------------------------------------------------
+
+    def claim(self, key: str) -> bool:
+        """Claim ``key`` for this node; False if another node holds the claim."""
+        try:
+            os.mkdir(self.claims / key)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise StoreError(f"cannot claim {key} in the shared store: {exc.strerror}") from None
+        (self.claims / key / self.host).touch()  # who holds it, for an admin looking
+        return True
+
+    def touch_claim(self, key: str) -> None:
+        try:
+            os.utime(self.claims / key)
+        except OSError:
+            pass  # broken by a waiter that took us for dead: our rename still decides
+
+    def release(self, key: str) -> None:
+        shutil.rmtree(self.claims / key, ignore_errors=True)
+
+    def claim_stamp(self, key: str) -> float | None:
+        """The time stamp of the claim on ``key`` (as the file server keeps it), None if
+        there is none."""
+        try:
+            return os.stat(self.claims / key).st_mtime
+        except FileNotFoundError:
+            return None
+
+    def break_claim(self, key: str, stamp: float) -> None:
+        """Remove a claim that stood still (its holder died), if it still is that one."""
+        if self.claim_stamp(key) != stamp:
+            return
+        try:
+            target = Path(tempfile.mkdtemp(prefix=f"claim.{self.host}.{os.getpid()}.",
+                                           dir=self.trash))
+            os.rename(self.claims / key, target / key)  # only one waiter's rename succeeds
+        except OSError:
+            return
+        log.warning("%s: the claim of a node that stopped was removed", key)
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def open_shared_store(root: Path) -> SharedStore:
+    """The shared store at ``root``, swept of this host's leftovers; says so when it is
+    read-only here. Raises StoreError."""
+    shared = SharedStore(root)
+    if not shared.writable:
+        log.info("shared store %s is read-only here: its packages are used, the ones it "
+                 "lacks are materialized into the local store", root)
+        return shared
+    swept = shared.sweep()
+    if swept:
+        log.info("removed %d unfinished entries from the shared store", swept)
+    return shared
+
+
+class ClaimWatch:
+    """A waiter's view of one claim: whether it stood still for ``STALE`` seconds of our
+    own monotonic clock."""
+
+    def __init__(self, stale: float = STALE):
+        self.stale = stale
+        self.stamp: float | None = None
+        self.since = time.monotonic()
+
+    def stood_still(self, stamp: float) -> bool:
+        if stamp != self.stamp:
+            self.stamp, self.since = stamp, time.monotonic()
+            return False
+        return time.monotonic() - self.since > self.stale
+
+
+def _can_write(root: Path) -> bool:
+    """True if this process can create entries in the shared store (creating it if need
+    be); False on a read-only mount or without permission."""
+    with suppress(OSError):
+        root.mkdir(parents=True, exist_ok=True)
+    return os.access(root, os.W_OK) and not _read_only_mount(root)
+
+
+def _read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return True
+
+
+def _age(entry: Path, now: float) -> float:
+    try:
+        return now - entry.lstat().st_mtime
+    except OSError:
+        return 0.0
