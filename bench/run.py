@@ -386,6 +386,47 @@ def bench_index(bench: Bench) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# (d) host/ at 100,000 specs: metric 8
+
+
+def bench_host_view(bench: Bench) -> None:
+    """What ``host/`` costs: remounts with and without it, interleaved (the view is chosen
+    on first look, so the mount should not pay for it); the first look at ``host/`` and what
+    it fetches; a remount with ``--targets host`` (it filters the tree before mounting)."""
+    store = bench.work / "store-index"
+    if not (store / "catalog").exists():  # the catalog of the 100,000-spec index, kept
+        with bench.mount("index", store):
+            pass
+    plain, viewed, hiding, firsts, asked = [], [], [], [], []
+    for _ in range(max(7, bench.reps)):
+        with bench.mount("index", store, "--no-host-view") as mount:
+            plain.append(mount.seconds)
+        with bench.mount("index", store) as mount:
+            viewed.append(mount.seconds)
+            mark = bench.server.mark()
+            first = timed(lambda m=mount: [os.listdir(m.root / "host" / name)
+                                           for name in os.listdir(m.root / "host")[:100]])
+            firsts.append(first)
+            asked.append(bench.server.requests_since(mark))
+            names = len(os.listdir(mount.root / "host"))
+        with bench.mount("index", store, "--targets=host") as mount:
+            hiding.append(mount.seconds)
+    without, with_view, targets = median(plain), median(viewed), median(hiding)
+    bench.add(Result("8a", "remount of the 100,000-spec index, host/ served",
+                     f"{with_view:.2f} s", f"without host/ (--no-host-view): {without:.2f} s",
+                     with_view / without, "x the time without", "≤ 1.1x",
+                     with_view / without <= 1.1,
+                     {"with_s": viewed, "without_s": plain}))
+    bench.add(Result("8b", f"first look at host/ ({names} names) and 100 of its names",
+                     f"{median(firsts):.2f} s", f"requests to the mirror: "
+                     f"{max(len(a) for a in asked)}", None, "chosen from the index",
+                     "0 requests", all(not a for a in asked), {"first_s": firsts}))
+    bench.add(Result("8c", "remount with --targets host (the tree filtered first)",
+                     f"{targets:.2f} s", f"--targets all: {with_view:.2f} s",
+                     targets / with_view, "x the time with all", details={"s": hiding}))
+
+
+# ---------------------------------------------------------------------------------------------
 # (b) the stack: metrics 1b and 7
 
 
@@ -457,8 +498,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="smaller caches and one repetition (under 3 minutes)")
-    parser.add_argument("--only", default="index,big,stack",
-                        help="comma-separated parts to run: index, big, stack")
+    parser.add_argument("--only", default="index,host,big,stack",
+                        help="comma-separated parts to run: index, host, big, stack")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("the benchmark needs root (FUSE mounts, dropping the page cache)", file=sys.stderr)
@@ -479,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
             if "index" in parts:
                 print("(c) index of 100,000 specs: mount time and memory")
                 bench_index(bench)
+            if "host" in parts:
+                print("(d) host/ with an index of 100,000 specs: mount time")
+                bench_host_view(bench)
             if "big" in parts:
                 print("(a) the big package: first access, materialization")
                 store = bench_big(bench)

@@ -34,3 +34,4 @@ class MountConfig:
     targets: str = "all"  # "host": hide the builds that CPU cannot run
     proxies: str | None = None  # proxy list (CernVM-FS syntax); None: the environment's
     shared_store: Path | None = None  # a store many nodes share (looked in first)
+    host_view: bool = True  # serve host/

@@ -273,6 +273,9 @@ KEYS: dict[str, Key] = {key.name: key for key in (
         help="the CPU host/ chooses builds for, as an archspec microarchitecture name (zen2, "
              "x86_64_v3, neoverse_v1...); default: this machine's, detected by archspec. "
              "To serve another partition's view"),
+    Key("host_view", None, shape="flag", flag="--host-view", default=True,
+        help="serve <mount>/host/<name>/<version>, a link to the best build of each version "
+             "for the host target (default: on)"),
     Key("targets", parse_targets, flag="--targets", metavar="all|host", default="all",
         help="which builds to show under <platform>-<target>/: all (default), or host: only "
              "those the host target can run (Spack's upstream database still lists all)"),

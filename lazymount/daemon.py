@@ -150,7 +150,7 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path,
             log.info("--targets host: showing the %d of %d packages this CPU (%s) runs",
                      len(shown.prefixes), len(tree.prefixes), host.name)
         operations = InstallTreeFS(shown, materializer, sbang, files, binder,
-                                   HostDirs(tree, host))
+                                   HostDirs(tree, host), host_dir=config.host_view)
         operations.files_pending = trio.Event() if files else None
         session.mount(operations, root, mount_options(config))
         log.info("mounted %d packages from %s at %s", len(tree.prefixes),

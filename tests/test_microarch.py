@@ -171,3 +171,11 @@ def test_host_entries_are_read_only(served, mount_cache):
     with pytest.raises(OSError) as error:
         os.symlink("x", mount.root / "host" / "lmisa" / "new")
     assert error.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def test_no_host_view_leaves_host_out(served, mount_cache):
+    mount = mount_cache([served.url], extra=("--host-target=x86_64_v3", "--no-host-view"))
+    assert "host" not in os.listdir(mount.root)
+    foreign = mount.root / "linux-x86_64_v4" / LMISA["x86_64_v4"]
+    assert os.getxattr(foreign, "user.lazymount.target").decode().startswith(
+        "x86_64_v4: does not run here")

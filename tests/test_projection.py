@@ -79,7 +79,8 @@ def test_relocated_hello_runs_under_a_short_projection(http_server, mount_cache)
     server = http_server(FIXTURE_CACHE)
     mount = mount_cache([server.url], extra=("--projection={name}/{version}-{hash:7}",))
     root = mount.root
-    assert sorted(p.name for p in root.iterdir()) == [".spack-db", "bin", "lmgreet", "lmhello"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        ".spack-db", "bin", "host", "lmgreet", "lmhello"]
     hello_prefix = root / "lmhello" / "1.0-3vgakfz"
     greet_prefix = root / "lmgreet" / "1.0-2zsd6bn"
     result = run(hello_prefix / "bin" / "hello", "-v")
@@ -119,6 +120,6 @@ def test_compiler_projection_places_and_runs_packages(http_server, mount_cache):
 def test_an_unusable_projection_shows_nothing_and_says_why(http_server, mount_cache,
                                                            projection):
     mount = mount_cache([http_server(FIXTURE_CACHE).url], extra=(f"--projection={projection}",))
-    assert sorted(p.name for p in mount.root.iterdir()) == [".spack-db", "bin"]
+    assert sorted(p.name for p in mount.root.iterdir()) == [".spack-db", "bin", "host"]
     log = mount.log_text()
     assert "not shown" in log and "lmhello" in log

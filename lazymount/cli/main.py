@@ -177,6 +177,7 @@ def build_config(args: argparse.Namespace) -> MountConfig:
         targets=values["targets"],
         proxies=values["proxies"],
         shared_store=values["shared_store"].resolve() if values["shared_store"] else None,
+        host_view=values["host_view"],
     )
 
 

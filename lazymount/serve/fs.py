@@ -112,17 +112,19 @@ class InstallTreeFS(pyfuse3.Operations):
 
     def __init__(self, tree: InstallTree, materializer: Materializer, sbang: Path,
                  files: dict[str, Path] | None = None, binder: PrefixBinder | None = None,
-                 host: HostDirs | None = None):
+                 host: HostDirs | None = None, host_dir: bool = True):
         """``files``: more store files to serve read-only, by path under the mount
         (e.g. ``.spack-db/index.json``); ``bin/sbang`` is always served. ``binder``:
-        bind-mounts each ready package on its prefix (``--bind-ready``). ``host``: serves
-        ``host/`` (left out if the install tree has a top directory of that name)."""
+        bind-mounts each ready package on its prefix (``--bind-ready``). ``host``: what the
+        host target runs (for the target xattr and log lines), and ``host/`` if ``host_dir``
+        (left out if the install tree has a top directory of that name)."""
         super().__init__()
-        if host is not None and HOST_DIR in tree.dirs[""]:
+        if host is not None and host_dir and HOST_DIR in tree.dirs[""]:
             log.warning("no %s/ view: the projection puts a directory of that name at the "
                         "top of the mount", HOST_DIR)
-            host = None
+            host_dir = False
         self.host = host
+        self.host_dir = host_dir and host is not None
         self.binder = binder
         self.after_init: Callable[[], object] | None = None  # runs once the kernel says hello
         self.tree = tree
@@ -186,7 +188,7 @@ class InstallTreeFS(pyfuse3.Operations):
 
     def _child(self, parent: VirtualDir, name: str) -> Node | None:
         relative = f"{parent.relative}/{name}" if parent.relative else name
-        if relative == HOST_DIR and self.host is not None:
+        if relative == HOST_DIR and self.host_dir:
             return HostDir(relative)
         if relative in self.tree.by_path:
             return PrefixDir(relative, self.tree.by_path[relative])
@@ -201,7 +203,7 @@ class InstallTreeFS(pyfuse3.Operations):
     def _children(self, parent: VirtualDir) -> list[str]:
         names = set(self.tree.dirs.get(parent.relative, ()))
         names.update(self.file_dirs.get(parent.relative, ()))
-        if parent.relative == "" and self.host is not None:
+        if parent.relative == "" and self.host_dir:
             names.add(HOST_DIR)
         return sorted(names)
 
