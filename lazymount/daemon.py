@@ -15,7 +15,8 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from lazymount.catalog.loader import load_catalog
 from lazymount.catalog.stored import CatalogStore
 from lazymount.config import MountConfig
 from lazymount.errors import LazymountError, UsageError
-from lazymount.materialize import Materializer, MirrorSource
+from lazymount.materialize import Materializer, MirrorSource, root_digest
 from lazymount.mirror.proxies import ProxyChain
 from lazymount.mirror.transport import Mirror, open_mirror
 from lazymount.serve import session
@@ -139,45 +140,60 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path,
                    for m, c in zip(mirrors, config.mirrors, strict=True)]
         shared = (await trio.to_thread.run_sync(open_shared_store, config.shared_store)
                   if config.shared_store is not None else None)
-        materializer = Materializer(tree, sources, store, config.limits, shared)
-        database = store.root / "spackdb" / materializer.root_digest
+        database = store.root / "spackdb" / root_digest(tree)
         files = _spack_database_files(database)
-        binder = PrefixBinder(root) if config.bind_ready else None
         host = HostTarget(config.host_target)
         shown = tree
         if config.targets == "host":
             shown = await trio.to_thread.run_sync(runnable_tree, tree, host)
             log.info("--targets host: showing the %d of %d packages this CPU (%s) runs",
                      len(shown.prefixes), len(tree.prefixes), host.name)
-        operations = InstallTreeFS(shown, materializer, sbang, files, binder,
-                                   HostDirs(tree, host), host_dir=config.host_view)
-        operations.files_pending = trio.Event() if files else None
-        session.mount(operations, root, mount_options(config))
-        log.info("mounted %d packages from %s at %s", len(tree.prefixes),
-                 ", ".join(m.url for m in mirrors), root)
+        mounted = False
         try:
-            async with trio.open_nursery() as nursery:
-                materializer.nursery = nursery
-                if binder is not None:
-                    binder.nursery = nursery
-                # the kernel clamps read-ahead when it hears our INIT answer: raise it after
-                operations.after_init = lambda: nursery.start_soon(_raise_readahead, root)
+            # the nursery first: what serves the mount starts its background work there
+            async with _unwrapped_errors(), trio.open_nursery() as nursery:
+                materializer = Materializer(tree, sources, store, config.limits, shared, nursery)
+                operations = InstallTreeFS(
+                    shown, materializer, sbang, files,
+                    PrefixBinder(root, nursery) if config.bind_ready else None,
+                    HostDirs(tree, host), host_dir=config.host_view,
+                    # written while already serving: 100,000 specs take seconds
+                    files_pending=trio.Event() if files else None,
+                    # the kernel clamps read-ahead when it hears our INIT answer: raise it after
+                    after_init=lambda: nursery.start_soon(_raise_readahead, root))
+                session.mount(operations, root, mount_options(config))
+                mounted = True
+                log.info("mounted %d packages from %s at %s", len(tree.prefixes),
+                         ", ".join(m.url for m in mirrors), root)
                 ready(None)
                 sd_notify("READY=1")
                 nursery.start_soon(_stop_on_signal)
-                if files:  # written while already serving: 100,000 specs take seconds
+                if files:
                     nursery.start_soon(_write_spack_database, tree, database, operations)
                 # returns on terminate() or when the mount goes away (fusermount3 -u)
                 await session.serve()
                 nursery.cancel_scope.cancel()
         finally:
-            sd_notify("STOPPING=1")
-            session.close(unmount=os.path.ismount(root))
+            if mounted:
+                sd_notify("STOPPING=1")
+                session.close(unmount=os.path.ismount(root))
         log.info("unmounted %s", root)
         return 0
     finally:
         for mirror in mirrors:
             await mirror.aclose()
+
+
+@asynccontextmanager
+async def _unwrapped_errors() -> AsyncIterator[None]:
+    """A LazymountError raised alone in a nursery comes out as itself (trio wraps it in an
+    ExceptionGroup), so that ``serve`` reports it like any other."""
+    try:
+        yield
+    except* LazymountError as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 def _spack_database_files(directory: Path) -> dict[str, Path]:

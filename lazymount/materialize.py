@@ -56,6 +56,11 @@ class _State:
     failed_at: float = 0.0
 
 
+def root_digest(tree: InstallTree) -> str:
+    """A fixed key per mount root + projection: the relocated bytes depend on both."""
+    return hashlib.sha256(f"{tree.root}\0{tree.projection}".encode()).hexdigest()[:10]
+
+
 class Materializer:
     """Knows how to bring any spec of the tree into the store."""
 
@@ -66,7 +71,11 @@ class Materializer:
         store: Store,
         limits: extract.Limits | None = None,
         shared: SharedStore | None = None,
+        nursery: trio.Nursery | None = None,
     ):
+        """``nursery``: where attempts and prefetches run, so that no caller's cancellation
+        aborts them; without one, the first caller runs an attempt and nothing is
+        prefetched."""
         self.tree = tree
         self.sources = sources
         self.store = store
@@ -75,10 +84,8 @@ class Materializer:
         self.sbang = f"{tree.root.rstrip('/')}/bin/sbang"
         self.states: dict[str, _State] = {}
         self.cpu = trio.CapacityLimiter(2)  # extraction + relocation threads at once
-        self.nursery: trio.Nursery | None = None  # set by the daemon: prefetch runs there
-        # a fixed key per mount root + projection: the relocated bytes depend on both
-        place = f"{tree.root}\0{tree.projection}".encode()
-        self.root_digest = hashlib.sha256(place).hexdigest()[:10]
+        self.nursery = nursery
+        self.root_digest = root_digest(tree)
 
     def key(self, dag_hash: str) -> str:
         return f"{dag_hash}.{self.root_digest}"

@@ -125,20 +125,19 @@ class PrefixBinder:
     """Bind-mounts each ready package tree on its prefix under ``root``, once.
 
     ``request`` is called on the trio thread (by the FUSE layer, when it serves a ready
-    prefix); the mount itself runs in a worker thread in ``nursery`` (set by the daemon).
+    prefix); the mount itself runs in a worker thread in ``nursery``.
     """
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, nursery: trio.Nursery):
         self.root = root.rstrip("/")
         self.bound: dict[str, str] = {}  # relative prefix -> store tree
         self.pending: set[str] = set()
         self.enabled = True
-        self.nursery: trio.Nursery | None = None
+        self.nursery = nursery
 
     def request(self, relative: str, tree: str) -> None:
         """Bind ``tree`` on ``<root>/<relative>`` in the background, unless done or asked."""
-        if (not self.enabled or self.nursery is None or relative in self.bound
-                or relative in self.pending):
+        if not self.enabled or relative in self.bound or relative in self.pending:
             return
         self.pending.add(relative)
         self.nursery.start_soon(self._bind, relative, tree)

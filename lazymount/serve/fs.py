@@ -112,12 +112,17 @@ class InstallTreeFS(pyfuse3.Operations):
 
     def __init__(self, tree: InstallTree, materializer: Materializer, sbang: Path,
                  files: dict[str, Path] | None = None, binder: PrefixBinder | None = None,
-                 host: HostDirs | None = None, host_dir: bool = True):
+                 host: HostDirs | None = None, host_dir: bool = True, *,
+                 files_pending: trio.Event | None = None,
+                 after_init: Callable[[], object] | None = None):
         """``files``: more store files to serve read-only, by path under the mount
         (e.g. ``.spack-db/index.json``); ``bin/sbang`` is always served. ``binder``:
         bind-mounts each ready package on its prefix (``--bind-ready``). ``host``: what the
         host target runs (for the target xattr and log lines), and ``host/`` if ``host_dir``
-        (left out if the install tree has a top directory of that name)."""
+        (left out if the install tree has a top directory of that name).
+        ``files_pending``: set once ``files`` are written (the Spack database is written
+        after mounting): a lookup of one of them waits for it. ``after_init``: runs once
+        the kernel says hello; it must not block."""
         super().__init__()
         if host is not None and host_dir and HOST_DIR in tree.dirs[""]:
             log.warning("no %s/ view: the projection puts a directory of that name at the "
@@ -126,16 +131,14 @@ class InstallTreeFS(pyfuse3.Operations):
         self.host = host
         self.host_dir = host_dir and host is not None
         self.binder = binder
-        self.after_init: Callable[[], object] | None = None  # runs once the kernel says hello
+        self.after_init = after_init
         self.tree = tree
         self.materializer = materializer
         self.sbang = sbang
         self.files = {"bin/sbang": str(sbang), **{k: str(v) for k, v in (files or {}).items()}}
         self.file_dirs: dict[str, set[str]] = {}  # directories that hold those files
         self._index_files()
-        # set while ``files`` are still being written (the Spack database, after mounting):
-        # a lookup of one of them waits for it
-        self.files_pending: trio.Event | None = None
+        self.files_pending = files_pending
         self.mounted_at = time.time_ns()
         self.nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: VirtualDir("")}
         self.inodes: dict[Node, int] = {VirtualDir(""): pyfuse3.ROOT_INODE}
