@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import shutil
@@ -490,3 +491,52 @@ def test_add_sbang_refuses_an_overlong_sbang_path(tmp_path):
     prefix = make_prefix(tmp_path, {"bin/s": long_shebang(b"sh") + b"\n"}, mode=0o755)
     with pytest.raises(RelocationError, match="sbang path is longer"):
         relocate.add_sbang(prefix, "/" + "s" * 130, "pkg")
+
+
+# ---------------------------------------------------------------------------------------------
+# The struct reader of 64-bit little-endian ELF files agrees with pyelftools
+
+
+def _both_readers(data: bytes) -> tuple[object, object]:
+    import io
+
+    from lazymount.install import elf
+
+    f = io.BytesIO(data)
+    return elf.read_elf_paths(f), elf.read_elf_paths_pyelftools(f)
+
+
+@functools.cache
+def _fixture_elves() -> tuple[bytes, ...]:
+    """The ELF files of the fixture packages, extracted once for the tests below."""
+    found = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("lmhello", "lmgreet"):
+            extract(name, Path(tmp) / name)
+        for path in sorted(Path(tmp).rglob("*")):
+            if path.is_file() and not path.is_symlink() and path.read_bytes()[:4] == b"\x7fELF":
+                found.append(path.read_bytes())
+    return tuple(found)
+
+
+def test_both_elf_readers_agree_on_real_binaries():
+    system = [Path(sys.executable).resolve(), Path("/bin/sh").resolve()]
+    elves = [*_fixture_elves(), *(p.read_bytes() for p in system if p.is_file())]
+    assert len(elves) >= 4
+    for data in elves:
+        fast, reference = _both_readers(data)
+        assert fast == reference
+    assert any(_both_readers(data)[0].rpath is not None for data in elves)
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(st.data())
+def test_both_elf_readers_agree_on_damaged_headers(data):
+    damaged = bytearray(data.draw(st.sampled_from(_fixture_elves())))
+    # damage the header, the program headers or the dynamic array: where the readers look
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, min(len(damaged), 4096) - 1))
+        damaged[at] = data.draw(st.integers(0, 255))
+    fast, reference = _both_readers(bytes(damaged))
+    if reference is not None:  # pyelftools also gives up on damaged section headers
+        assert fast == reference
