@@ -179,3 +179,15 @@ def test_no_host_view_leaves_host_out(served, mount_cache):
     foreign = mount.root / "linux-x86_64_v4" / LMISA["x86_64_v4"]
     assert os.getxattr(foreign, "user.lazymount.target").decode().startswith(
         "x86_64_v4: does not run here")
+
+
+def test_real_spack_still_sees_every_build_with_targets_host(served, mount_cache, spack):
+    """Spack's upstream database is the same with --targets host: a downstream Spack lists the
+    x86_64_v4 build the mount hides (needs LAZYMOUNT_TEST_SPACK)."""
+    mount = mount_cache([served.url], extra=("--host-target=x86_64_v3", "--targets=host"))
+    spack.upstream("lazymount", mount.root)
+    found = spack("find", "--format", "{name}-{version}-{hash} {arch.target}").stdout
+    lines = set(found.split("\n"))
+    for target, name in LMISA.items():
+        assert f"{name} {target}" in lines, found
+    assert f"{LMISA_11} x86_64" in lines
