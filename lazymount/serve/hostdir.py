@@ -35,6 +35,7 @@ class HostDirs:
         self._view: HostView | None = None
         self._lock = trio.Lock()
         self._warned: set[str] = set()
+        self._entries: dict[str, dict[str, str | None] | None] = {}  # made once per directory
 
     async def view(self) -> HostView:
         async with self._lock:
@@ -51,7 +52,11 @@ class HostDirs:
     async def children(self, relative: str) -> dict[str, str | None] | None:
         """The entries of directory ``relative`` (``host`` or ``host/<name>``): name ->
         link target, or None for a subdirectory. None if there is no such directory."""
-        view = await self.view()
+        if relative not in self._entries:
+            self._entries[relative] = self._make_entries(await self.view(), relative)
+        return self._entries[relative]
+
+    def _make_entries(self, view: HostView, relative: str) -> dict[str, str | None] | None:
         if relative == HOST_DIR:
             return dict.fromkeys(view.names())
         name = relative.removeprefix(HOST_DIR + "/")
