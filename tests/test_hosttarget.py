@@ -1,19 +1,28 @@
-"""The choice of the best build for a CPU, from the index alone (archspec's real graph)."""
+"""The choice of the best build for a CPU, from the index alone (archspec's real graph), and
+what status says of it."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import archspec.cpu
 import pytest
+import trio
 
+from lazymount.buildcache.index import parse_index
 from lazymount.catalog.hosttarget import (
     Build,
     HostTarget,
     HostView,
     microarchitecture,
+    runnable_tree,
     unknown_target,
     version_key,
 )
+from lazymount.catalog.installtree import InstallTree
 from lazymount.errors import UsageError
+from lazymount.serve.hostdir import HostDirs, render_status
 
 
 def build(target: str, version: str = "1.0", name: str = "app", mirror: int = 0,
@@ -97,3 +106,40 @@ def test_unknown_host_target_lists_close_names():
 
 def test_no_override_is_archspecs_host():
     assert HostTarget().name == archspec.cpu.host().name
+
+
+def microarch_tree(root: str = "/m") -> InstallTree:
+    cache = Path(__file__).parent / "data" / "v3-microarch"
+    manifest = json.loads((cache / "v3/manifests/index/index.manifest.json").read_text())
+    digest = manifest["data"][0]["checksum"]
+    blob = (cache / "blobs" / "sha256" / digest[:2] / digest).read_bytes()
+    return InstallTree(root, parse_index(blob))
+
+
+def test_status_of_a_build_names_its_target_and_the_alternatives():
+    host = HostDirs(microarch_tree(), HostTarget("x86_64_v3"))
+    v4 = "exfln2zwtmp75cp3zsvdpsahm4vcbn5d"
+    info = trio.run(host.status_of, v4)
+    assert (info["target"], info["runs_here"], info["chosen_for_host"]) == (
+        "x86_64_v4", False, False)
+    assert info["why_not"] == "built for x86_64_v4; this CPU is x86_64_v3"
+    assert [a["target"] for a in info["alternatives"]] == ["x86_64_v3", "x86_64", "x86_64_v4"]
+    assert info["alternatives"][0]["prefix"] == (
+        "/m/linux-x86_64_v3/lmisa-1.0-prrygt2dakmpexbzbai7klilta3wmjy6")
+    text = "\n".join(render_status(info))
+    assert "does not run here: built for x86_64_v4; this CPU is x86_64_v3" in text
+    assert "builds of this version, best for x86_64_v3 first:" in text
+    chosen = trio.run(host.status_of, "prrygt2dakmpexbzbai7klilta3wmjy6")
+    assert chosen["runs_here"] and chosen["chosen_for_host"]
+    assert "host/ chooses it" in render_status(chosen)[0]
+
+
+def test_a_path_hidden_by_targets_host_is_found_in_the_whole_tree():
+    tree = microarch_tree()
+    host = HostTarget("x86_64_v3")
+    shown = runnable_tree(tree, host)
+    hidden = "linux-x86_64_v4/lmisa-1.0-exfln2zwtmp75cp3zsvdpsahm4vcbn5d/bin/isa"
+    assert "linux-x86_64_v4" not in shown.dirs[""]
+    assert HostDirs(tree, host).hidden_at(hidden) == "exfln2zwtmp75cp3zsvdpsahm4vcbn5d"
+    assert HostDirs(tree, host).hidden_at("linux-x86_64_v4") is None
+    assert len(shown.prefixes) == 5 and len(tree.prefixes) == 7

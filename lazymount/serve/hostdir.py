@@ -14,6 +14,7 @@ Spack's database stay as they are.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import trio
 
@@ -87,6 +88,34 @@ class HostDirs:
                 lines.append(f"{name}@{version} {build.target} {build.dag_hash}: {what}")
         return "\n".join(lines) + "\n"
 
+    async def status_of(self, dag_hash: str) -> dict[str, Any]:
+        """What ``lazymount status PATH`` says of a build about this CPU: its target, whether
+        it runs here (and why not), and every build of its name and version, best first."""
+        record = self.tree.catalog[dag_hash]
+        target = target_of(record.place)
+        reason = self.host.why_not(target)
+        view = await self.view()
+        alternatives = [
+            {"package": self.tree.label(a.build.dag_hash), "hash": a.build.dag_hash,
+             "target": a.build.target, "prefix": self.tree.prefix_of(a.build.dag_hash),
+             "runs_here": a.reason is None, "why_not": a.reason}
+            for a in view.alternatives(record.name, record.version)]
+        chosen = view.chosen(record.name, record.version)
+        return {"target": target, "host_target": self.host.name, "runs_here": reason is None,
+                "why_not": reason,
+                "chosen_for_host": chosen is not None and chosen.dag_hash == dag_hash,
+                "alternatives": alternatives}
+
+    def hidden_at(self, relative: str) -> str | None:
+        """The build whose prefix holds ``relative`` in the whole tree, for a path that
+        ``--targets host`` hides from the mount; None if no prefix holds it."""
+        parts = [p for p in relative.split("/") if p not in ("", ".")]
+        for depth in range(len(parts), 0, -1):
+            dag_hash = self.tree.by_path.get("/".join(parts[:depth]))
+            if dag_hash is not None:
+                return dag_hash
+        return None
+
     def target_status(self, dag_hash: str) -> str:
         """A build's target and whether this CPU runs it."""
         target = target_of(self.tree.catalog[dag_hash].place)
@@ -104,3 +133,18 @@ class HostDirs:
             self._warned.add(dag_hash)
             log.warning("%s: %s: materializing it anyway; its programs may stop with "
                         "'Illegal instruction' here", self.tree.label(dag_hash), reason)
+
+
+def render_status(info: dict[str, Any]) -> list[str]:
+    """``status_of`` for a person: a few indented lines."""
+    if info["runs_here"]:
+        lines = [f"  target: {info['target']}, runs on this CPU ({info['host_target']})"
+                 + ("; host/ chooses it" if info["chosen_for_host"] else "")]
+    else:
+        lines = [f"  target: {info['target']}, does not run here: {info['why_not']}"]
+    if len(info["alternatives"]) > 1:
+        lines.append(f"  builds of this version, best for {info['host_target']} first:")
+        for alternative in info["alternatives"]:
+            note = "runs here" if alternative["runs_here"] else alternative["why_not"]
+            lines.append(f"    {alternative['target']:<12} {alternative['prefix']} ({note})")
+    return lines
