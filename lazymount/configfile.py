@@ -32,6 +32,7 @@ from urllib.parse import urlparse
 from lazymount.catalog.hosttarget import TARGET_CHOICES, unknown_target
 from lazymount.errors import UsageError
 from lazymount.mirror.proxies import parse_proxy_list
+from lazymount.system.files import FileTooLarge, read_bounded
 
 DEFAULTS_TABLE = "defaults"
 MOUNTS_TABLE = "mounts"
@@ -352,12 +353,11 @@ def load(path: Path | None) -> ConfigFile:
         if not path.exists():
             return EMPTY
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_CONFIG_BYTES + 1)
+        data = read_bounded(path, MAX_CONFIG_BYTES)
+    except FileTooLarge:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes") from None
     except OSError as exc:
         raise ConfigError(f"cannot read the configuration file {path}: {exc.strerror}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
     try:
         document = tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

@@ -7,7 +7,6 @@ through a callback once the kernel mount exists, so the command can return only 
 
 from __future__ import annotations
 
-import ctypes
 import faulthandler
 import gc
 import logging
@@ -32,12 +31,15 @@ from lazymount.materialize import Materializer, MirrorSource, root_digest
 from lazymount.mirror.proxies import ProxyChain
 from lazymount.mirror.transport import Mirror, open_mirror
 from lazymount.serve import session
-from lazymount.serve.bindmount import PrefixBinder, clear_dead_mount, fuse_device
+from lazymount.serve.bindmount import PrefixBinder, clear_dead_mount
 from lazymount.serve.fs import InstallTreeFS
 from lazymount.serve.hostdir import HostDirs
 from lazymount.spack.upstreamdb import DB_DIR, INDEX, VERIFIER, write_database
 from lazymount.store.content import Store
 from lazymount.store.shared import open_shared_store
+from lazymount.system import libc
+from lazymount.system.files import write_atomically
+from lazymount.system.mountinfo import fuse_device
 from lazymount.trust.policy import Trust
 
 log = logging.getLogger(__name__)
@@ -65,11 +67,7 @@ def install_sbang(store: Store) -> Path:
     text = resources.files("lazymount").joinpath("data/sbang").read_bytes()
     target = store.root / "sbang"
     if not target.is_file() or target.read_bytes() != text:
-        temporary = store.root / f".sbang.{os.getpid()}"
-        temporary.write_bytes(text)
-        temporary.chmod(0o755)
-        os.utime(temporary, (0, 0))
-        os.replace(temporary, target)
+        write_atomically(target, text, mode=0o755, mtime=0)
     return target
 
 
@@ -227,10 +225,7 @@ async def _write_spack_database(tree: InstallTree, directory: Path,
 def release_memory() -> None:
     """Hand freed heap back to the system. Big one-off work in worker threads (the database
     of 100,000 specs) leaves glibc's per-thread arenas holding ~130 MB otherwise."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc
+    libc.malloc_trim()
 
 
 async def _raise_readahead(root: str) -> None:

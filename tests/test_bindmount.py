@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURE_CACHE, LMGREET, LMHELLO, lazymount_command
 
-from lazymount.serve.bindmount import mounts_below
+from lazymount.system.mountinfo import mounts_below
 
 
 def run(path: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -33,7 +33,6 @@ import marshal
 import os
 import re
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,6 +46,7 @@ from lazymount.buildcache.index import IndexNodes, SpecRecord, records_of, scan_
 from lazymount.catalog.installtree import InstallTree
 from lazymount.errors import FormatError, LazymountError, NotInMirror, StoreError
 from lazymount.mirror.transport import Mirror
+from lazymount.system.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,8 @@ class CatalogStore:
         header = {"identity": identity, "python": list(sys.version_info[:2]),
                   "payload": hashlib.sha256(payload).hexdigest()}
         try:
-            _write_atomically(path, json.dumps(header).encode() + b"\n" + payload)
+            write_atomically(path, json.dumps(header).encode() + b"\n" + payload,
+                             make_parents=True)
         except OSError as exc:
             log.warning("cannot store the placement of the catalog: %s", exc.strerror)
         return tree
@@ -199,7 +200,7 @@ class CatalogStore:
         document = self.indexes / f"{checksum}.json"
         source = StoredIndex(document, checksum, verified=True)
         try:
-            _write_atomically(document, blob)
+            write_atomically(document, blob, make_parents=True)
             self._save(header, payload)
         except OSError as exc:  # the mount works without it; the next one parses again
             log.warning("cannot store the catalog of %s: %s", url, exc.strerror)
@@ -210,7 +211,7 @@ class CatalogStore:
     def _save(self, header: dict[str, Any], payload: bytes) -> None:
         header = dict(header, payload=hashlib.sha256(payload).hexdigest())
         data = json.dumps(header).encode() + b"\n" + payload
-        _write_atomically(self.records_path(header["url"]), data)
+        write_atomically(self.records_path(header["url"]), data, make_parents=True)
 
 
 class StoredIndex(IndexNodes):
@@ -273,14 +274,3 @@ def _gc_paused() -> Iterator[None]:
             if _gc_pauses == 0 and _gc_was_enabled:
                 gc.enable()
 
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(temporary, target)
-    except BaseException:
-        os.unlink(temporary)
-        raise

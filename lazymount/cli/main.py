@@ -26,9 +26,10 @@ from lazymount.config import MirrorConfig, MountConfig
 from lazymount.errors import LazymountError, UsageError
 from lazymount.install.extract import Limits
 from lazymount.mirror.transport import Timeouts
-from lazymount.serve.bindmount import clear_dead_mount, fuse_device, unmount_below
+from lazymount.serve.bindmount import clear_dead_mount, unmount_below
 from lazymount.spack.spackconfig import read_spack_mirrors
 from lazymount.store.content import default_store_dir
+from lazymount.system.mountinfo import fuse_device
 from lazymount.trust.keyring import default_keyring_dir
 
 log = logging.getLogger("lazymount")

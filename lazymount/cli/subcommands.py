@@ -21,6 +21,8 @@ from lazymount.buildcache.layout import DEFAULT_PROJECTION
 from lazymount.errors import UsageError
 from lazymount.mirror.transport import Timeouts, open_mirror
 from lazymount.spack.spackconfig import upstreams_yaml
+from lazymount.system import xattrs
+from lazymount.system.mountinfo import is_mounted
 from lazymount.trust.keyring import (
     Keyring,
     default_keyring_dir,
@@ -29,7 +31,6 @@ from lazymount.trust.keyring import (
 )
 from lazymount.trust.verify import PublicKey
 
-PROJECTION_XATTR = "user.lazymount.projection"
 KEYS_DESCRIPTION = """\
 Manage lazymount's own keyring: a directory of ASCII-armored public keys whose signatures
 every mount trusts (with any --trust-key files). It is never ~/.gnupg and needs no agent.
@@ -145,14 +146,9 @@ def _add(keyring: Keyring, keys: list[PublicKey]) -> int:
 def _mounted_projection(root: str) -> str | None:
     """The projection a live lazymount mount at ``root`` serves, or None if none is there."""
     try:
-        with open("/proc/self/mounts") as mounts:
-            entries = [line.split() for line in mounts]
-    except OSError:
-        return None
-    if not any(len(e) > 2 and e[1] == root and e[2] == "fuse.lazymount" for e in entries):
-        return None
-    try:
-        return os.getxattr(root, PROJECTION_XATTR).decode()
+        if not is_mounted(root, "fuse.lazymount"):
+            return None
+        return os.getxattr(root, xattrs.PROJECTION).decode()
     except OSError:
         return None
 

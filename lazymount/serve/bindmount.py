@@ -18,53 +18,33 @@ not expose it.
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import errno
 import logging
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import trio
 
+from lazymount.system import libc, xattrs
+from lazymount.system.mountinfo import fuse_device, mounts_below
+
 log = logging.getLogger(__name__)
-
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND = 1, 2, 4, 32, 4096
-MNT_DETACH = 2
-STATUS_XATTR = "user.lazymount.status"
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
 def bind_readonly(source: str, target: str) -> None:
     """Bind ``source`` on ``target``, then make that mount read-only, nosuid, nodev (a bind
     takes its flags only from a remount). Raises OSError; blocking: a worker thread, since
     resolving ``target`` inside our own mount needs the trio thread to answer."""
-    _check(_libc.mount(source.encode(), target.encode(), None, MS_BIND, None), "bind")
+    libc.mount(source, target, libc.MS_BIND, "bind")
     try:
-        flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
-        _check(_libc.mount(None, target.encode(), None, flags, None), "read-only remount")
+        flags = libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV
+        libc.mount(None, target, flags, "read-only remount")
     except OSError:
-        _libc.umount2(target.encode(), MNT_DETACH)
+        with contextlib.suppress(OSError):
+            libc.umount2(target, libc.MNT_DETACH)
         raise
-
-
-def mounts_below(path: str) -> list[str]:
-    """Mount points strictly below ``path`` in this mount namespace, deepest first."""
-    below = os.path.realpath(path).rstrip("/") + "/"
-    found = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = unescape(line.split()[4])
-        if point.startswith(below):
-            found.append(point)
-    return sorted(found, key=lambda p: p.count("/"), reverse=True)
 
 
 def unmount_below(path: str) -> list[str]:
@@ -73,20 +53,12 @@ def unmount_below(path: str) -> list[str]:
     Blocking."""
     refused = []
     for point in mounts_below(path):
-        if _libc.umount2(point.encode(), 0) != 0 and ctypes.get_errno() != errno.EINVAL:
-            refused.append(point)
+        try:
+            libc.umount2(point)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                refused.append(point)
     return refused
-
-
-def fuse_device(root: str) -> str | None:
-    """The "major:minor" of the FUSE mount at ``root`` (the last one: mounts stack), read from
-    mountinfo, because a stat of a mount that is not (or no longer) served would hang."""
-    device = None
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        if unescape(fields[4]) == root and " - fuse" in line:
-            device = fields[2]
-    return device
 
 
 def is_dead_mount(root: str) -> bool:
@@ -108,17 +80,13 @@ def clear_dead_mount(root: str) -> bool:
     cannot be detached."""
     if not is_dead_mount(root):
         return False
-    if _libc.umount2(root.encode(), MNT_DETACH) != 0:  # root; else the user's fusermount3
+    try:
+        libc.umount2(root, libc.MNT_DETACH)
+    except OSError:  # not root: the user's fusermount3
         tool = shutil.which("fusermount3") or shutil.which("fusermount")
         if tool is None or subprocess.call([tool, "-u", "-z", root]) != 0:
-            raise OSError(errno.EBUSY, f"cannot detach the dead mount at {root}")
+            raise OSError(errno.EBUSY, f"cannot detach the dead mount at {root}") from None
     return True
-
-
-def unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes."""
-    return field.replace("\\040", " ").replace("\\011", "\t").replace(
-        "\\012", "\n").replace("\\134", "\\")
 
 
 class PrefixBinder:
@@ -164,6 +132,6 @@ class PrefixBinder:
 def _mark_ready(tree: str) -> None:
     """The status attribute a bound prefix shows (it is the store tree's own, then)."""
     try:
-        os.setxattr(tree, STATUS_XATTR, b"ready")
+        os.setxattr(tree, xattrs.STATUS, b"ready")
     except OSError:
         pass  # a store on a file system without user attributes: no status, still served

@@ -35,14 +35,15 @@ from lazymount.errors import LazymountError
 from lazymount.materialize import Materializer
 from lazymount.serve.bindmount import PrefixBinder
 from lazymount.serve.hostdir import HOST_DIR, HostDirs
+from lazymount.system import xattrs
 
 log = logging.getLogger(__name__)
 
 TIMEOUT = 24 * 3600.0  # immutable content: the kernel may keep entries and attributes a day
-STATUS_XATTR = b"user.lazymount.status"
-PROJECTION_XATTR = b"user.lazymount.projection"  # on the root: for `lazymount spack-config`
-TARGET_XATTR = b"user.lazymount.target"  # on a prefix: its target, and whether it runs here
-CHOICE_XATTR = b"user.lazymount.choice"  # on host/<name>: each version's choice, alternatives
+STATUS_XATTR = xattrs.STATUS.encode()
+PROJECTION_XATTR = xattrs.PROJECTION.encode()
+TARGET_XATTR = xattrs.TARGET.encode()
+CHOICE_XATTR = xattrs.CHOICE.encode()
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 

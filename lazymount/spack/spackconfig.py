@@ -28,6 +28,7 @@ from lazymount.buildcache.layout import DEFAULT_PROJECTION
 from lazymount.config import MirrorConfig
 from lazymount.errors import UsageError
 from lazymount.system import yamlio
+from lazymount.system.files import FileTooLarge, read_bounded
 
 MAX_CONFIG_BYTES = 1 << 20
 # URL schemes of the mirrors the mount can fetch from ("" is a local path)
@@ -43,12 +44,11 @@ def read_spack_mirrors(path: Path, require_signature: bool = True
     Raises UsageError for a file that cannot be read or is not a mirrors configuration.
     """
     try:
-        with open(path, "rb") as handle:
-            text = handle.read(MAX_CONFIG_BYTES + 1)
+        text = read_bounded(path, MAX_CONFIG_BYTES)
+    except FileTooLarge:
+        raise UsageError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes") from None
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    if len(text) > MAX_CONFIG_BYTES:
-        raise UsageError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
         doc = yamlio.safe_load(text)
     except yamlio.YamlError as exc:

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +40,7 @@ from typing import Any
 
 from lazymount.catalog.installtree import InstallTree
 from lazymount.errors import StoreError
+from lazymount.system.files import write_atomically
 
 DB_DIR = ".spack-db"
 INDEX = "index.json"
@@ -208,8 +207,8 @@ def write_database(tree: InstallTree, directory: Path, installation_time: float
     try:
         directory.mkdir(parents=True, exist_ok=True)
         verifier = _stream_atomically(paths[INDEX], database_chunks(tree, installation_time))
-        _write_atomically(paths[VERIFIER], verifier.encode())
-        _write_atomically(directory / KEY, key.encode())
+        write_atomically(paths[VERIFIER], verifier.encode(), mode=0o444)
+        write_atomically(directory / KEY, key.encode(), mode=0o444)
     except OSError as exc:
         raise StoreError(f"cannot write the Spack database into {directory}: "
                          f"{exc.strerror}") from None
@@ -220,29 +219,11 @@ def _stream_atomically(target: Path, chunks: Iterator[bytes]) -> str:
     """Write ``chunks`` to ``target`` through a synced temporary file; returns the verifier
     of what was written (a running sha256, so the content is never held whole)."""
     digest = hashlib.sha256()
-    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb", buffering=WRITE_BUFFER) as handle:
-            for chunk in chunks:
-                digest.update(chunk)
-                handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o444)
-        os.replace(temporary, target)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+
+    def digested() -> Iterator[bytes]:
+        for chunk in chunks:
+            digest.update(chunk)
+            yield chunk
+
+    write_atomically(target, digested(), mode=0o444, sync=True, buffering=WRITE_BUFFER)
     return _verifier_of(digest.digest())
-
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(temporary, 0o444)
-        os.replace(temporary, target)
-    except BaseException:
-        os.unlink(temporary)
-        raise

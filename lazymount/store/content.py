@@ -14,7 +14,6 @@ The filesystem itself is the state: there is no separate database to lose or cor
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lazymount.errors import StoreError
+from lazymount.system import libc
 
 RECEIPT = "receipt.json"
 TREE = "tree"
@@ -43,14 +43,7 @@ def default_store_dir() -> Path:
 
 def _syncfs(path: Path) -> None:
     """Flush the store's filesystem once, instead of an fsync per file of a package."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-    finally:
-        os.close(fd)
+    libc.syncfs(path)
 
 
 def _owner_alive(name: str) -> bool:

@@ -20,12 +20,12 @@ from __future__ import annotations
 import os
 import re
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from lazymount.buildcache.formats import MirrorKey
 from lazymount.errors import LazymountError, UsageError
+from lazymount.system.files import write_atomically
 from lazymount.trust.verify import PublicKey, read_key_file, read_public_keys
 
 KEY_SUFFIX = ".asc"
@@ -104,13 +104,7 @@ class Keyring:
 
     def _write(self, target: Path, data: bytes) -> None:
         try:
-            fd, temporary = tempfile.mkstemp(prefix=".key.", dir=self.directory)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(temporary, 0o644)
-            os.replace(temporary, target)
+            write_atomically(target, data, mode=0o644, sync=True)
         except OSError as exc:
             raise UsageError(f"cannot write {target}: {exc.strerror}") from None
 

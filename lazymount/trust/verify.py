@@ -16,6 +16,7 @@ from pathlib import Path
 import gnupg
 
 from lazymount.errors import SignatureError, UsageError
+from lazymount.system.files import FileTooLarge, read_bounded
 
 MAX_KEY_BYTES = 1 << 20
 
@@ -127,10 +128,9 @@ def read_public_keys(source: str, text: bytes) -> list[PublicKey]:
 def read_key_file(path: Path) -> tuple[str, bytes]:
     """(path, contents) of a key file, refusing absurd sizes."""
     try:
-        with open(path, "rb") as handle:
-            text = handle.read(MAX_KEY_BYTES + 1)
+        text = read_bounded(path, MAX_KEY_BYTES)
+    except FileTooLarge:
+        raise UsageError(f"key file {path} is larger than {MAX_KEY_BYTES} bytes") from None
     except OSError as exc:
         raise UsageError(f"cannot read key file {path}: {exc.strerror}") from None
-    if len(text) > MAX_KEY_BYTES:
-        raise UsageError(f"key file {path} is larger than {MAX_KEY_BYTES} bytes")
     return str(path), text
