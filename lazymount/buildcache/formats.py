@@ -189,11 +189,13 @@ class LayoutV2(CacheLayout):
         self, mirror: Mirror, record: SpecRecord, trust: DocumentTrust, label: str
     ) -> Entry:
         # The path comes from the (unsigned) index node; the signature then binds the content.
+        # Its placing fields (``record.place``) are enough: the whole node of a stored
+        # catalog would be read from disk, on the trio thread.
         try:
-            text = await mirror.read(v2_spec_file_path(record.node, record.dag_hash, True),
+            text = await mirror.read(v2_spec_file_path(record.place, record.dag_hash, True),
                                      MAX_SPEC_JSON)
         except NotInMirror:  # Spack prefers the signed file and falls back to the plain one
-            text = await mirror.read(v2_spec_file_path(record.node, record.dag_hash, False),
+            text = await mirror.read(v2_spec_file_path(record.place, record.dag_hash, False),
                                      MAX_SPEC_JSON)
         plaintext = await trust.plaintext(text, "spec file", label)
         doc = await trio.to_thread.run_sync(

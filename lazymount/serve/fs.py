@@ -425,7 +425,9 @@ class InstallTreeFS(pyfuse3.Operations):
                 return text.encode()
         if name != STATUS_XATTR or not isinstance(node, PrefixDir):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        return self.materializer.status(node.dag_hash).encode()
+        # a package not yet asked for is looked up in the store: not on the trio thread
+        status = await trio.to_thread.run_sync(self.materializer.status, node.dag_hash)
+        return status.encode()
 
     @errors_to_errno
     async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
