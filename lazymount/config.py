@@ -30,6 +30,8 @@ class MountConfig:
     bind_ready: bool = False  # bind-mount ready packages on their prefixes (root only)
     ca_certs: Path | None = None  # CA bundle trusted for https mirrors, besides the default
     config_file: Path | None = None  # the file read (for reloads), if any
+    index_refresh: float = 600.0  # seconds between index checks; 0: only when asked
+    metrics_listen: tuple[str, int] | None = None  # (host, port) serving /metrics over HTTP
     host_target: str | None = None  # archspec name of the CPU to choose builds for; None: detect
     targets: str = "all"  # "host": hide the builds that CPU cannot run
     proxies: str | None = None  # proxy list (CernVM-FS syntax); None: the environment's

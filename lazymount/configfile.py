@@ -264,6 +264,11 @@ KEYS: dict[str, Key] = {key.name: key for key in (
              "published there by any node are used, and this node materializes into it "
              "(publishing with one rename, no locks); where it is read-only, the packages it "
              "lacks go to the local --store"),
+    Key("index_refresh", parse_refresh, flag="--index-refresh", metavar="DURATION",
+        default=600.0,
+        help="check the mirrors' index for new packages this often, with one conditional "
+             "request each (e.g. 90s, 10m, 1h; \"off\": only on `lazymount refresh`; "
+             "default: 10m)"),
     Key("allow_other", None, shape="flag", flag="--allow-other",
         help="let other users see the mount (default: on when run as root)"),
     Key("bind_ready", None, shape="flag", flag="--bind-ready", default=False,
@@ -280,13 +285,13 @@ KEYS: dict[str, Key] = {key.name: key for key in (
     Key("targets", parse_targets, flag="--targets", metavar="all|host", default="all",
         help="which builds to show under <platform>-<target>/: all (default), or host: only "
              "those the host target can run (Spack's upstream database still lists all)"),
+    Key("metrics_listen", parse_listen, flag="--metrics-listen", metavar="HOST:PORT",
+        help="also serve the Prometheus metrics over HTTP at http://HOST:PORT/metrics"),
 )}
 
 # names a later version gives meaning to: refused rather than silently ignored
 NOT_YET: dict[str, str] = {
     "store_quota": "a size limit on the store",
-    "index_refresh": "checking the index while mounted",
-    "metrics_listen": "serving metrics over HTTP",
 }
 
 

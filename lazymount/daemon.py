@@ -8,7 +8,6 @@ through a callback once the kernel mount exists, so the command can return only 
 from __future__ import annotations
 
 import faulthandler
-import gc
 import logging
 import os
 import signal
@@ -18,23 +17,20 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from lazymount.catalog.hosttarget import HostTarget, runnable_tree
-from lazymount.catalog.installtree import InstallTree
-from lazymount.catalog.loader import load_catalog
 from lazymount.catalog.stored import CatalogStore
 from lazymount.config import MountConfig
 from lazymount.errors import LazymountError, UsageError
-from lazymount.materialize import Materializer, MirrorSource, root_digest
-from lazymount.mirror.proxies import ProxyChain
-from lazymount.mirror.transport import Mirror, open_mirror
+from lazymount.materialize import Materializer, root_digest
 from lazymount.serve import session
 from lazymount.serve.bindmount import PrefixBinder, clear_dead_mount
 from lazymount.serve.fs import InstallTreeFS
-from lazymount.serve.hostdir import HostDirs
-from lazymount.spack.upstreamdb import DB_DIR, INDEX, VERIFIER, write_database
+from lazymount.service import control, metrics, status
+from lazymount.service.live import LiveMount, load_generation, load_trust, open_mirrors
+from lazymount.spack.upstreamdb import DB_DIR, INDEX, VERIFIER
 from lazymount.store.content import Store
 from lazymount.store.shared import open_shared_store
 from lazymount.system import libc
@@ -96,8 +92,10 @@ def mount_options(config: MountConfig) -> set[str]:
     return options
 
 
-def serve(config: MountConfig, ready: Ready) -> int:
-    """Mount and serve until unmounted. Returns the exit status."""
+def serve(config: MountConfig, ready: Ready,
+          reload_config: Callable[[], MountConfig] | None = None) -> int:
+    """Mount and serve until unmounted. Returns the exit status. ``reload_config`` reads
+    the configuration again (SIGHUP)."""
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 dumps every stack
     trust = None
     try:
@@ -107,67 +105,61 @@ def serve(config: MountConfig, ready: Ready) -> int:
         if swept:
             log.info("removed %d unfinished entries from the store", swept)
         sbang = install_sbang(store)
-        trust = Trust.load(config.keyring, config.trust_keys,
-                           any(m.require_signature for m in config.mirrors))
-        return trio.run(_serve, config, root, store, sbang, trust, ready)
+        trust = load_trust(config)
+        return trio.run(_serve, config, root, store, sbang, trust, ready, reload_config)
     except LazymountError as exc:
-        ready(str(exc))
-        return exc.exit_code
-    finally:
         if trust is not None:
             trust.close()
+        ready(str(exc))
+        return exc.exit_code
 
 
-async def _serve(config: MountConfig, root: str, store: Store, sbang: Path,
-                 trust: Trust, ready: Ready) -> int:
-    proxies = ProxyChain.parse(config.proxies) if config.proxies else None
-    mirrors: list[Mirror] = [open_mirror(m.url, config.timeouts, config.ca_certs, proxies)
-                             for m in config.mirrors]
+async def _serve(config: MountConfig, root: str, store: Store, sbang: Path, trust: Trust,
+                 ready: Ready, reload_config: Callable[[], MountConfig] | None) -> int:
+    mirrors = open_mirrors(config)
+    live: LiveMount | None = None
     try:
         started = time.monotonic()
         catalogs = CatalogStore(store.root / "catalog")
-        catalog = await load_catalog(mirrors, catalogs)
-        tree = await trio.to_thread.run_sync(
-            catalogs.tree, root, catalog, config.projection, [m.url for m in mirrors])
-        # the catalog and tree live as long as the mount: keep them out of every later
-        # garbage-collection pass (100,000 records made each pass take ~0.1 s)
-        gc.freeze()
+        generation = await load_generation(config, root, catalogs, mirrors, trust)
         release_memory()  # what parsing the index left in worker-thread arenas
-        log.info("catalog of %d specs ready in %.2f s", len(catalog), time.monotonic() - started)
-        sources = [MirrorSource(m, trust.for_mirror(c.require_signature))
-                   for m, c in zip(mirrors, config.mirrors, strict=True)]
+        log.info("catalog of %d specs ready in %.2f s", len(generation.tree.catalog),
+                 time.monotonic() - started)
         shared = (await trio.to_thread.run_sync(open_shared_store, config.shared_store)
                   if config.shared_store is not None else None)
-        database = store.root / "spackdb" / root_digest(tree)
+        database = store.root / "spackdb" / root_digest(generation.tree)
         files = _spack_database_files(database)
-        host = HostTarget(config.host_target)
-        shown = tree
-        if config.targets == "host":
-            shown = await trio.to_thread.run_sync(runnable_tree, tree, host)
-            log.info("--targets host: showing the %d of %d packages this CPU (%s) runs",
-                     len(shown.prefixes), len(tree.prefixes), host.name)
+        control_socket = control.bind(root, config.allow_other)
         mounted = False
         try:
             # the nursery first: what serves the mount starts its background work there
             async with _unwrapped_errors(), trio.open_nursery() as nursery:
-                materializer = Materializer(tree, sources, store, config.limits, shared, nursery)
+                materializer = Materializer(generation.tree, generation.sources, store,
+                                            config.limits, shared, nursery)
                 operations = InstallTreeFS(
-                    shown, materializer, sbang, files,
+                    generation.shown, materializer, sbang, files,
                     PrefixBinder(root, nursery) if config.bind_ready else None,
-                    HostDirs(tree, host), host_dir=config.host_view,
+                    generation.host, host_dir=config.host_view,
                     # written while already serving: 100,000 specs take seconds
                     files_pending=trio.Event() if files else None,
                     # the kernel clamps read-ahead when it hears our INIT answer: raise it after
                     after_init=lambda: nursery.start_soon(_raise_readahead, root))
+                live = LiveMount(generation, root, store, catalogs, materializer,
+                                 reload_config)
+                live.operations, live.database = operations, database if files else None
+                nursery.start_soon(control.serve, control_socket, _answerer(live))
+                if config.metrics_listen is not None:
+                    await nursery.start(_serve_metrics, live, config.metrics_listen)
                 session.mount(operations, root, mount_options(config))
                 mounted = True
-                log.info("mounted %d packages from %s at %s", len(tree.prefixes),
+                log.info("mounted %d packages from %s at %s", len(generation.tree.prefixes),
                          ", ".join(m.url for m in mirrors), root)
                 ready(None)
                 sd_notify("READY=1")
-                nursery.start_soon(_stop_on_signal)
+                nursery.start_soon(_handle_signals, live, nursery)
+                nursery.start_soon(live.run_periodically)
                 if files:
-                    nursery.start_soon(_write_spack_database, tree, database, operations)
+                    nursery.start_soon(_first_database, live)
                 # returns on terminate() or when the mount goes away (fusermount3 -u)
                 await session.serve()
                 nursery.cancel_scope.cancel()
@@ -175,11 +167,63 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path,
             if mounted:
                 sd_notify("STOPPING=1")
                 session.close(unmount=os.path.ismount(root))
+            _remove_socket(control_socket)
         log.info("unmounted %s", root)
         return 0
     finally:
-        for mirror in mirrors:
-            await mirror.aclose()
+        if live is not None:
+            await live.aclose()  # every generation's mirrors and trust
+        else:
+            for mirror in mirrors:
+                await mirror.aclose()
+            trust.close()
+
+
+def _answerer(live: LiveMount) -> control.Handler:
+    """What the control socket answers: the status, a package's state, a refresh."""
+
+    async def answer(request: dict[str, Any]) -> dict[str, Any]:
+        command = request.get("command")
+        if command == "status":
+            return await status.collect(live)
+        if command == "package":
+            return status.package_at(live, str(request.get("path", "")))
+        if command == "refresh":
+            if request.get("uid") not in (0, os.geteuid()):
+                return {"error": "only root or the user who mounted it may refresh a mount"}
+            return await live.refresh("lazymount refresh")
+        return {"error": f"unknown command {command!r}"}
+
+    return answer
+
+
+async def _serve_metrics(live: LiveMount, listen: tuple[str, int],
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def text() -> str:
+        return metrics.exposition(await status.collect(live))
+
+    host, port = listen
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise UsageError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
+    task_status.started()
+    await metrics.serve_http(listeners, text)
+
+
+def _remove_socket(sock: socket.socket) -> None:
+    try:
+        path = sock.getsockname()
+        sock.close()
+        if path:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+async def _first_database(live: LiveMount) -> None:
+    await live.write_first_database()
+    release_memory()
 
 
 @asynccontextmanager
@@ -206,22 +250,6 @@ def _spack_database_files(directory: Path) -> dict[str, Path]:
     return {f"{DB_DIR}/{name}": directory / name for name in (INDEX, VERIFIER)}
 
 
-async def _write_spack_database(tree: InstallTree, directory: Path,
-                                operations: InstallTreeFS) -> None:
-    """Write (or keep, if unchanged) the database in a worker thread, then let lookups of
-    ``.spack-db/`` through; on failure (logged) it is not served."""
-    assert operations.files_pending is not None
-    try:
-        await trio.to_thread.run_sync(write_database, tree, directory, time.time())
-    except LazymountError as exc:
-        log.warning("no Spack database (%s): the mount works, but not as a Spack upstream",
-                    exc)
-        operations.drop_files([f"{DB_DIR}/{name}" for name in (INDEX, VERIFIER)])
-    finally:
-        operations.files_pending.set()
-    release_memory()
-
-
 def release_memory() -> None:
     """Hand freed heap back to the system. Big one-off work in worker threads (the database
     of 100,000 specs) leaves glibc's per-thread arenas holding ~130 MB otherwise."""
@@ -245,9 +273,15 @@ def raise_readahead(root: str, kib: int = READ_AHEAD_KB) -> None:
         log.debug("read-ahead of %s left as it is: %s", root, exc.strerror)
 
 
-async def _stop_on_signal() -> None:
+async def _handle_signals(live: LiveMount, nursery: trio.Nursery) -> None:
+    """SIGTERM and SIGINT unmount; SIGHUP reloads the configuration and the index (and
+    never unmounts: users keep their files)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                log.info("got SIGHUP: reloading the configuration and the index")
+                nursery.start_soon(live.refresh, "SIGHUP", True)
+                continue
             log.info("got %s: unmounting", signal.Signals(signum).name)
             session.terminate()
             return

@@ -65,3 +65,9 @@ class MountPathTooLong(RelocationError):
 
 class StoreError(LazymountError):
     """The local content store could not be written (disk full, permissions)."""
+
+
+class Withdrawn(LazymountError):
+    """The package was removed from the mirrors' index by a refresh and is not in the store."""
+
+    errno = _errno.ENOENT

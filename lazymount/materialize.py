@@ -19,6 +19,7 @@ import trio
 
 from lazymount.buildcache.fetch import stream_blob
 from lazymount.buildcache.formats import Entry, discover
+from lazymount.buildcache.index import SpecRecord
 from lazymount.buildcache.manifest import BlobRecord
 from lazymount.catalog.installtree import InstallTree
 from lazymount.errors import (
@@ -26,6 +27,7 @@ from lazymount.errors import (
     LazymountError,
     MirrorError,
     MountPathTooLong,
+    Withdrawn,
 )
 from lazymount.install import extract, relocate
 from lazymount.mirror.transport import Mirror
@@ -89,6 +91,13 @@ class Materializer:
 
     def key(self, dag_hash: str) -> str:
         return f"{dag_hash}.{self.root_digest}"
+
+    def swap(self, tree: InstallTree, sources: list[MirrorSource]) -> None:
+        """Work from a refreshed index (and its mirrors and trust) from now on. Synchronous,
+        so no attempt sees a tree of one index with the mirrors of another; attempts under
+        way finish with what they started with. The root and projection stay the same."""
+        assert root_digest(tree) == self.root_digest
+        self.tree, self.sources = tree, sources
 
     def ready_tree(self, dag_hash: str) -> Path | None:
         """The store tree if already materialized, without any waiting."""
@@ -218,16 +227,18 @@ class Materializer:
             await trio.to_thread.run_sync(shared.touch_claim, key)
 
     async def _materialize(self, dag_hash: str, label: str, store: Store) -> Path:
-        record = self.tree.catalog[dag_hash]
+        record = self.tree.catalog.get(dag_hash)
+        if record is None:  # a lookup through an inode the kernel kept from an older index
+            raise Withdrawn(f"{label}: no longer in the mirrors' index")
         last: LazymountError = MirrorError(f"no mirror lists {label}")
-        sources = self._sources_for(dag_hash)
+        sources = self._sources_for(record.mirror)
         for position, source in enumerate(sources):
             try:
                 # the mirror's layout (v3, or v2 for old caches) finds and reads the signed
                 # documents, asking the mirror's trust to check them; the binding is ours
                 layout = await discover(source.mirror)
                 entry = await layout.read_entry(source.mirror, record, source.trust, label)
-                self._bind(entry, dag_hash, label)
+                self._bind(entry, dag_hash, record, label)
                 return await self._install(source, dag_hash, entry.tarball, label, store)
             except (MirrorError, IntegrityError) as exc:
                 last = exc  # fail over: another mirror may have an intact copy
@@ -235,18 +246,17 @@ class Materializer:
                     log.warning("%s: %s; trying the next mirror", label, exc)
         raise last
 
-    def _sources_for(self, dag_hash: str) -> list[MirrorSource]:
-        first = self.tree.catalog[dag_hash].mirror
+    def _sources_for(self, first: int) -> list[MirrorSource]:
+        """Every mirror, the one whose index lists the package (position ``first``) first."""
         return [self.sources[first]] + [s for i, s in enumerate(self.sources) if i != first]
 
-    def _bind(self, entry: Entry, dag_hash: str, label: str) -> None:
+    def _bind(self, entry: Entry, dag_hash: str, expected: SpecRecord, label: str) -> None:
         """Bind the signed document to the hash asked for: its spec's root node must be it
         (the signature does not cover the document's path)."""
         root = entry.root if isinstance(entry.root, dict) else {}
         if root.get("hash") != dag_hash:
             raise IntegrityError(f"{label}: the signed {entry.signed} is for spec "
                                  f"{root.get('hash')}, not {dag_hash}")
-        expected = self.tree.catalog[dag_hash]
         if root.get("name") != expected.name or str(root.get("version")) != expected.version:
             raise IntegrityError(f"{label}: the signed spec is {root.get('name')}@"
                                  f"{root.get('version')}, not what the index says")

@@ -29,6 +29,7 @@ LAYERS: list[set[str]] = [
     {"spack"},
     {"materialize"},
     {"serve"},
+    {"service"},
     {"daemon"},
     {"cli", "__main__"},
 ]

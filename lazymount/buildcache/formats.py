@@ -251,6 +251,12 @@ async def discover(mirror: Mirror) -> CacheLayout:
     raise MirrorError(f"{mirror.url} is not a Spack build cache (it has no {looked})")
 
 
+def known_layout(mirror: Mirror) -> int | None:
+    """The layout version ``discover`` found for ``mirror`` (3 or 2), None if not asked yet."""
+    known = _found.get(mirror)
+    return known.version if known is not None else None
+
+
 async def _exists(mirror: Mirror, path: str) -> bool:
     try:
         async with mirror.open(path, None):

@@ -102,6 +102,30 @@ class CatalogStore:
         return await trio.to_thread.run_sync(
             self._build, mirror.url, layout.version, identity, blob, position, saved)
 
+    async def unchanged(self, mirror: Mirror) -> bool:
+        """True if ``mirror`` still has the index whose records were loaded last: one small
+        request, conditional when the server gave an ETag (a 304). False if it changed or
+        was not loaded from here. Raises a LazymountError naming the mirror if it fails."""
+        checksum = self.loaded.get(mirror.url)
+        header = await trio.to_thread.run_sync(self._read_header, mirror.url)
+        if checksum is None or header is None or header.get("checksum") != checksum:
+            return False
+        try:
+            identity = await stored_layout(mirror, header.get("layout", 3)).index_identity(
+                mirror, header.get("etag"))
+        except NotInMirror:
+            return False  # the index moved: a full load looks again
+        return identity.unchanged or identity.checksum == checksum
+
+    def _read_header(self, url: str) -> dict[str, Any] | None:
+        """The header line of the stored records of ``url`` (not checked: ``load`` does)."""
+        try:
+            with open(self.records_path(url), "rb") as handle:
+                header = json.loads(handle.readline(1 << 16))
+        except (OSError, ValueError):
+            return None
+        return header if isinstance(header, dict) else None
+
     def tree(self, root: str, catalog: dict[str, SpecRecord], projection: str,
              urls: list[str]) -> InstallTree:
         """The install tree of a catalog loaded from the mirrors ``urls`` (in order): placed

@@ -21,6 +21,7 @@ from typing import Any
 
 from lazymount import __version__, configfile
 from lazymount.buildcache.layout import DEFAULT_PROJECTION
+from lazymount.cli.servicecmds import run_refresh, run_status
 from lazymount.cli.subcommands import run_keys, run_spack_config
 from lazymount.config import MirrorConfig, MountConfig
 from lazymount.errors import LazymountError, UsageError
@@ -39,6 +40,8 @@ SUBCOMMANDS = {
     "demo": "serve the embedded demo cache on loopback, mount it, run a relocated binary",
     "keys": "manage the keyring of trusted keys (list, install, add, remove)",
     "spack-config": "print the upstreams.yaml that makes Spack use a mount",
+    "status": "ask running mounts what they are doing (--json, --prometheus)",
+    "refresh": "make a running mount check its mirrors' indexes now",
 }
 READY_TIMEOUT = 600.0  # seconds the command waits for a background mount to come up
 
@@ -59,6 +62,10 @@ subcommands:
   lazymount keys add FILE | remove FINGERPRINT
   lazymount spack-config MOUNTPOINT
                                 print the upstreams.yaml that makes Spack use the mount
+  lazymount status [MOUNTPOINT|PATH] [--json|--prometheus]
+                                what running mounts are doing; a package's state and why
+  lazymount refresh MOUNTPOINT  check the mirrors' indexes now (kill -HUP also reloads
+                                the configuration file)
 
 examples:
   lazymount keys install --trust https://cache.example.org/spack
@@ -175,6 +182,8 @@ def build_config(args: argparse.Namespace) -> MountConfig:
         ca_certs=values["ca_certs"],
         config_file=config.path,
         host_target=values["host_target"],
+        index_refresh=values["index_refresh"],
+        metrics_listen=values["metrics_listen"],
         targets=values["targets"],
         proxies=values["proxies"],
         shared_store=values["shared_store"].resolve() if values["shared_store"] else None,
@@ -182,11 +191,25 @@ def build_config(args: argparse.Namespace) -> MountConfig:
     )
 
 
+class _JournalFormatter(logging.Formatter):
+    """One line per record, prefixed with its syslog priority (``<3>`` error, ``<4>``
+    warning...) so that ``journalctl -p err`` finds the failures."""
+
+    PRIORITIES = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6}
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record).replace("\n", " | ")
+        return f"<{self.PRIORITIES.get(record.levelno, 7)}>{text}"
+
+
 def setup_logging(verbose: bool, log_file: Path | None = None) -> None:
     handler: logging.Handler
     if log_file is not None:
         handler = logging.FileHandler(log_file)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    elif os.environ.get("JOURNAL_STREAM"):  # under systemd: journald reads the <N> priority
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_JournalFormatter("lazymount: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("lazymount: %(message)s"))
@@ -219,7 +242,7 @@ def _serve_here(config: MountConfig, args: argparse.Namespace) -> int:
             os.close(args.ready_fd)
             args.ready_fd = None
 
-    return serve(config, ready)
+    return serve(config, ready, lambda: build_config(args))
 
 
 def _serve_in_background(config: MountConfig, args: argparse.Namespace, argv: list[str]) -> int:
@@ -328,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_keys(argv[1:])
         if argv and argv[0] == "spack-config":
             return run_spack_config(argv[1:])
+        if argv and argv[0] == "status":
+            return run_status(argv[1:])
+        if argv and argv[0] == "refresh":
+            return run_refresh(argv[1:])
         return run_mount(argv)
     except LazymountError as exc:
         print(f"lazymount: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -52,10 +53,29 @@ class Timeouts:
         return received < (elapsed - self.allowance) * self.min_rate
 
 
+@dataclass
+class MirrorHealth:
+    """How a mirror has been answering, for ``lazymount status``: kept by its transport."""
+
+    state: str = "unknown"  # "ok" once it answered, "failing" while its last request failed
+    last_error: str | None = None
+    last_error_at: float | None = None  # time.time()
+    last_ok_at: float | None = None
+    fetched_bytes: int = 0  # body bytes received since the mount started
+
+    def answered(self) -> None:
+        self.state, self.last_ok_at = "ok", time.time()
+
+    def failed(self, reason: str) -> None:
+        self.state, self.last_error, self.last_error_at = "failing", reason, time.time()
+
+
 class Mirror:
-    """One mirror root. ``path`` arguments are mirror-relative ("v3/manifests/...")."""
+    """One mirror root. ``path`` arguments are mirror-relative ("v3/manifests/...").
+    ``url`` is how it is named in messages and status: never with a password in it."""
 
     url: str
+    health: MirrorHealth
 
     async def read(self, path: str, max_bytes: int, *, revalidate: bool = False) -> bytes:
         """Whole small file; refuses files over ``max_bytes``. ``revalidate``: the file may
@@ -87,6 +107,7 @@ class LocalMirror(Mirror):
     def __init__(self, root: Path):
         self.root = root
         self.url = str(root)
+        self.health = MirrorHealth()
 
     def _resolve(self, path: str) -> Path:
         # mirror-relative paths are built by layout.py; refuse anything that could climb out
@@ -101,15 +122,19 @@ class LocalMirror(Mirror):
         try:
             handle = await trio.to_thread.run_sync(open, target, "rb")
         except FileNotFoundError:
+            self.health.answered()
             raise NotInMirror(f"{target} does not exist") from None
         except OSError as exc:
+            self.health.failed(f"cannot read {target}: {exc.strerror}")
             raise MirrorError(f"cannot read {target}: {exc.strerror}") from None
+        self.health.answered()
 
         async def chunks() -> AsyncIterator[bytes]:
             while True:
                 chunk = await trio.to_thread.run_sync(handle.read, CHUNK)
                 if not chunk:
                     return
+                self.health.fetched_bytes += len(chunk)
                 yield chunk
 
         try:
@@ -129,7 +154,15 @@ class HttpMirror(Mirror):
 
     def __init__(self, url: str, timeouts: Timeouts, ca_certs: Path | None = None,
                  proxies: ProxyChain | None = None):
-        self.url = url.rstrip("/")
+        # a user name and password in the URL go to the client, never into messages
+        parsed = urlparse(url.rstrip("/"))
+        self.auth = None
+        if parsed.username is not None or parsed.password is not None:
+            self.auth = httpx.BasicAuth(unquote(parsed.username or ""),
+                                        unquote(parsed.password or ""))
+        self.base = parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl()
+        self.url = redact(url.rstrip("/"))
+        self.health = MirrorHealth()
         self.timeouts = timeouts
         self.tls = tls_context(ca_certs)
         self.proxies = None if proxies is None or bypasses_proxies(self.url) else proxies
@@ -140,6 +173,7 @@ class HttpMirror(Mirror):
         return httpx.AsyncClient(
             timeout=httpx.Timeout(self.timeouts.read, connect=self.timeouts.connect),
             verify=self.tls,
+            auth=self.auth,
             follow_redirects=True,
             headers={"User-Agent": "lazymount"},
             trust_env=trust_env,
@@ -173,7 +207,15 @@ class HttpMirror(Mirror):
         """(response, its body in chunks) of a GET, bounded by the deadline and the rate
         check; ``headers`` may make it conditional (the response may then be a 304)."""
         url = f"{self.url}/{path}"
-        response, deadline = await self._send(url, expected, headers)
+        try:
+            response, deadline = await self._send(f"{self.base}/{path}", url, expected, headers)
+        except NotInMirror:
+            self.health.answered()
+            raise
+        except MirrorError as exc:
+            self.health.failed(str(exc))
+            raise
+        self.health.answered()
         if expected is None:  # size the deadline by what the server announces (v2 tarballs)
             expected = _content_length(response)
             deadline = trio.current_time() + self.timeouts.deadline(expected)
@@ -193,6 +235,7 @@ class HttpMirror(Mirror):
                             raise MirrorError(
                                 f"{url}: transfer too slow ({received} bytes in {elapsed:.0f} s,"
                                 f" below {self.timeouts.min_rate / 1024:.0f} KiB/s)")
+                        self.health.fetched_bytes += len(piece)
                         pending.append(piece)
                         size += len(piece)
                         if size >= CHUNK:
@@ -201,10 +244,15 @@ class HttpMirror(Mirror):
                     if pending:
                         yield b"".join(pending)
             except trio.TooSlowError:
+                self.health.failed(f"{url}: transfer too slow")
                 raise MirrorError(f"{url}: transfer too slow, gave up after "
                                   f"{self.timeouts.deadline(expected):.0f} s") from None
             except httpx.HTTPError as exc:
+                self.health.failed(f"{url}: transfer failed: {_describe(exc)}")
                 raise MirrorError(f"{url}: transfer failed: {_describe(exc)}") from None
+            except MirrorError as exc:
+                self.health.failed(str(exc))
+                raise
 
         try:
             yield response, chunks()
@@ -222,12 +270,13 @@ class HttpMirror(Mirror):
             data = await _gather(chunks, max_bytes, f"{self.url}/{path}")
             return data, response.headers.get("etag")
 
-    async def _send(self, url: str, expected: int | None, headers: dict[str, str] | None
-                    ) -> tuple[httpx.Response, float]:
-        """The response to a GET (200, or 304 for a conditional one) and the deadline of the
-        whole transfer. Each attempt goes through the routes in order. A proxy that fails
-        is left aside and its time is not counted: the deadline starts again for the next
-        route, so a dead proxy costs one wait, once."""
+    async def _send(self, target: str, url: str, expected: int | None,
+                    headers: dict[str, str] | None) -> tuple[httpx.Response, float]:
+        """The response to a GET of ``target`` (named ``url`` in messages: no credentials;
+        200, or 304 for a conditional one) and the deadline of the whole transfer. Each
+        attempt goes through the routes in order. A proxy that fails is left aside and its
+        time is not counted: the deadline starts again for the next route, so a dead proxy
+        costs one wait, once."""
         last = ""
         conditional = bool(headers and "If-None-Match" in headers)
         began = trio.current_time()
@@ -239,7 +288,7 @@ class HttpMirror(Mirror):
                 via = f" via {proxy.shown}" if proxy is not None and proxy.url != DIRECT else ""
                 try:
                     with trio.fail_at(deadline):
-                        request = client.build_request("GET", url, headers=headers)
+                        request = client.build_request("GET", target, headers=headers)
                         response = await client.send(request, stream=True)
                 except (trio.TooSlowError, httpx.ReadTimeout) as exc:
                     # connected, then silence: a hung server, or a hung proxy

@@ -155,6 +155,50 @@ class InstallTreeFS(pyfuse3.Operations):
             for depth, name in enumerate(parts):
                 self.file_dirs.setdefault("/".join(parts[:depth]), set()).add(name)
 
+    def swap_tree(self, tree: InstallTree) -> int:
+        """Serve ``tree`` (a refreshed index) from now on; returns how many names came or
+        went. One assignment on the trio thread: every lookup and listing sees one index or
+        the other, never a mix. Inodes handed out before stay valid, so a package that is
+        open or running keeps being served. The kernel's cached entries (found and not
+        found) for the names that changed are dropped, so it asks again."""
+        old, self.tree = self.tree, tree
+        changed = 0
+        for relative in old.dirs.keys() | tree.dirs.keys():
+            names = old.dirs.get(relative, set()) ^ tree.dirs.get(relative, set())
+            changed += len(names)
+            parent = self.inodes.get(VirtualDir(relative))
+            if parent is None:
+                continue  # never looked up: the kernel holds nothing of it
+            for name in names:
+                pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
+        return changed
+
+    async def swap_host(self, host: HostDirs) -> None:
+        """Serve ``host/`` from a refreshed index; the kernel forgets the links that
+        changed. Nothing to do if ``host/`` is not shown."""
+        if self.host is None:
+            return
+        old, self.host = self.host, host
+        looked = [(node, ino) for node, ino in self.inodes.items() if isinstance(node, HostDir)]
+        for node, ino in looked:  # only if someone looked: the old choice was then made
+            before = await old.children(node.relative) or {}
+            after = await host.children(node.relative) or {}
+            for name in before.keys() | after.keys():
+                if name not in before or name not in after or before[name] != after[name]:
+                    pyfuse3.invalidate_entry_async(ino, os.fsencode(name), ignore_enoent=True)
+
+    def invalidate_files(self, names: list[str]) -> None:
+        """Make the kernel forget what it cached of some of ``files`` (rewritten in place
+        by a refresh: the Spack database). Blocking: call from a worker thread."""
+        for name in names:
+            ino = self.inodes.get(RealNode(self.files[name])) if name in self.files else None
+            if ino is not None:
+                try:
+                    pyfuse3.invalidate_inode(ino)
+                except OSError as exc:
+                    if exc.errno != errno.ENOENT:
+                        log.warning("cannot invalidate %s: %s", name, exc.strerror)
+
     def drop_files(self, names: list[str]) -> None:
         """Stop serving some of ``files`` (they could not be written)."""
         for name in names:

@@ -1,0 +1,188 @@
+"""The control socket: how ``lazymount status`` and ``lazymount refresh`` ask a running mount.
+
+One Unix stream socket per mount, named after the mount point, in ``/run/lazymount/`` for
+root and ``$XDG_RUNTIME_DIR/lazymount/`` otherwise. A request is one JSON line
+(``{"command": "status"}``, ``{"command": "package", "path": "..."}``,
+``{"command": "refresh"}``), the answer one JSON line. When the mount is shared
+(``allow_other``) anyone may ask for its status; only its owner (or root) may make it
+refresh, which the kernel's peer credentials tell.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from lazymount.errors import LazymountError, UsageError
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 1 << 16
+SYSTEM_DIR = Path("/run/lazymount")
+ASK_TIMEOUT = 900.0  # seconds a client waits: a refresh may load a large index
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def runtime_dir(euid: int | None = None) -> Path:
+    """Where the sockets of the mounts this user runs live."""
+    if (os.geteuid() if euid is None else euid) == 0:
+        return SYSTEM_DIR
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(base) / "lazymount" if base else Path(f"/tmp/lazymount-{os.geteuid()}")
+
+
+def socket_name(mountpoint: str) -> str:
+    """``/opt/spack`` -> ``opt-spack.sock``: escaped as ``systemd-escape --path`` does; a
+    long path is shortened with its digest (a socket path has at most 107 bytes)."""
+    path = os.path.normpath(os.path.abspath(mountpoint)).strip("/")
+    parts = []
+    for position, byte in enumerate(os.fsencode(path)):
+        char = chr(byte)
+        if char == "/":
+            parts.append("-")
+        elif char.isascii() and (char.isalnum() or char == "_" or (char == "." and position)):
+            parts.append(char)
+        else:
+            parts.append(f"\\x{byte:02x}")
+    name = "".join(parts) or "-"
+    if len(name) > 60:
+        name = f"{name[:40]}-{hashlib.sha256(os.fsencode(path)).hexdigest()[:16]}"
+    return f"{name}.sock"
+
+
+def socket_paths(mountpoint: str) -> list[Path]:
+    """Where the socket of ``mountpoint`` may be: the caller's own directory first, then
+    the system one (a user asking about root's mount)."""
+    name = socket_name(mountpoint)
+    places = [runtime_dir() / name]
+    if places[0].parent != SYSTEM_DIR:
+        places.append(SYSTEM_DIR / name)
+    return places
+
+
+def known_sockets() -> list[Path]:
+    """Every mount socket in the caller's and the system's directory."""
+    found = []
+    for directory in dict.fromkeys([runtime_dir(), SYSTEM_DIR]):
+        try:
+            found += sorted(directory.glob("*.sock"))
+        except OSError:
+            pass
+    return found
+
+
+# ---- the daemon's side ------------------------------------------------------------------------
+
+
+def bind(mountpoint: str, shared: bool) -> socket.socket:
+    """The listening socket of the mount at ``mountpoint``: readable by everyone when the
+    mount is ``shared`` (allow_other), else by its owner only. A socket file left by a dead
+    daemon is replaced. Raises UsageError."""
+    path = runtime_dir() / socket_name(mountpoint)
+    try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+        os.chmod(path, 0o666 if shared else 0o600)
+        sock.listen(16)
+    except OSError as exc:
+        raise UsageError(f"cannot make the control socket {path}: {exc.strerror}") from None
+    return sock
+
+
+async def serve(sock: socket.socket, handler: Handler) -> None:
+    """Answer requests on ``sock`` until cancelled. ``handler`` gets the request (with the
+    asker's ``uid`` added) and returns the answer."""
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+    async def one(stream: trio.SocketStream) -> None:
+        try:
+            uid = _peer_uid(stream.socket)
+            request = await _read_line(stream)
+            try:
+                message = json.loads(request)
+                if not isinstance(message, dict):
+                    raise ValueError("not an object")
+                answer = await handler({**message, "uid": uid})
+            except (ValueError, UnicodeDecodeError) as exc:
+                answer = {"error": f"bad request: {exc}"}
+            except LazymountError as exc:
+                answer = {"error": str(exc)}
+            await stream.send_all(json.dumps(answer).encode() + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        except Exception:  # a bug answering one request must not stop the others
+            log.exception("control socket: unexpected error")
+        finally:
+            await stream.aclose()
+
+    await trio.serve_listeners(one, [listener])  # type: ignore[arg-type]
+
+
+def _peer_uid(sock: Any) -> int:
+    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", data)[1])
+
+
+async def _read_line(stream: trio.SocketStream) -> bytes:
+    data = b""
+    with trio.fail_after(30):
+        while not data.endswith(b"\n"):
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                break
+            data += chunk
+            if len(data) > MAX_REQUEST_BYTES:
+                raise ValueError("request too long")
+    return data
+
+
+# ---- the asker's side -----------------------------------------------------------------------
+
+
+def ask(path: Path, request: dict[str, Any], timeout: float = ASK_TIMEOUT) -> dict[str, Any]:
+    """Send ``request`` to the daemon listening on ``path``; its answer. Raises OSError if
+    nobody listens there, UsageError for an answer that is not one."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        raise UsageError(f"{path}: the daemon gave no answer") from None
+    if not isinstance(answer, dict):
+        raise UsageError(f"{path}: the daemon's answer is not an object")
+    return answer
+
+
+def ask_mount(mountpoint: str, request: dict[str, Any]) -> dict[str, Any]:
+    """Ask the daemon of ``mountpoint``. Raises UsageError if none answers."""
+    reasons = []
+    for path in socket_paths(mountpoint):
+        try:
+            return ask(path, request)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            reasons.append(f"{path}: {exc.strerror or exc}")
+    why = "; ".join(reasons) or "no control socket " + " or ".join(
+        str(p) for p in socket_paths(mountpoint))
+    raise UsageError(f"no lazymount daemon answers for {mountpoint} ({why})")

@@ -1,0 +1,188 @@
+"""What a running mount says about itself: one dict, built by ``collect``.
+
+``lazymount status --json`` prints it, ``lazymount status`` words it for a person
+(``render``), ``--prometheus`` and ``metrics_listen`` turn it into metrics
+(``service.metrics``). A feature that has something to report adds its field in
+``collect`` and nowhere else; the three outputs follow. Mirror URLs are shown as their
+transport names them: without credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import trio
+
+from lazymount import __version__
+from lazymount.buildcache.formats import known_layout
+from lazymount.mirror.transport import Mirror
+from lazymount.service.live import LiveMount
+from lazymount.store.content import Store
+
+STORE_SIZE_TTL = 60.0  # seconds a measured store size is reused: walking it is not free
+
+
+async def collect(live: LiveMount) -> dict[str, Any]:
+    """The status of ``live``, as ``lazymount status --json`` prints it."""
+    now = time.time()
+    generation = live.current
+    status: dict[str, Any] = {
+        "pid": os.getpid(),
+        "mountpoint": live.root,
+        "version": __version__,
+        "started": _iso(live.started),
+        "config_file": str(live.config.config_file) if live.config.config_file else None,
+        "mirrors": [_mirror(mirror) for mirror in generation.mirrors],
+        "index": {
+            "packages": len(generation.shown.prefixes),
+            "refreshed": _iso(live.refreshed),
+            "age_s": round(now - live.refreshed, 1),
+            "refresh_interval_s": live.config.index_refresh,
+            "last_error": live.refresh_error,
+        },
+        "packages": packages(live),
+        "store": await store_usage(live.store, live.materializer.root_digest),
+        "fetched_bytes": sum(m.health.fetched_bytes for m in _all_mirrors(live)),
+    }
+    return status
+
+
+def _mirror(mirror: Mirror) -> dict[str, Any]:
+    health = mirror.health
+    return {"url": mirror.url, "state": health.state, "last_error": health.last_error,
+            "last_error_at": _iso(health.last_error_at), "layout": known_layout(mirror),
+            "fetched_bytes": health.fetched_bytes}
+
+
+def _all_mirrors(live: LiveMount) -> list[Mirror]:
+    """Every mirror object this mount has used (replaced ones count for bytes fetched)."""
+    seen: dict[int, Mirror] = {}
+    for generation in [*live.retired, live.current]:
+        for mirror in generation.mirrors:
+            seen.setdefault(id(mirror), mirror)
+    return list(seen.values())
+
+
+def packages(live: LiveMount) -> dict[str, Any]:
+    """Counts of ready and materializing packages, and each failure with its reason."""
+    materializer = live.materializer
+    ready = materializing = 0
+    failed = []
+    for dag_hash, state in materializer.states.items():
+        if state.error is not None:
+            record = materializer.tree.catalog.get(dag_hash)
+            failed.append({"name": record.name if record else None, "hash": dag_hash,
+                           "reason": str(state.error)})
+        elif state.tree is not None:
+            ready += 1
+        else:
+            materializing += 1
+    return {"ready": ready, "materializing": materializing, "failed": failed}
+
+
+_sizes: dict[str, tuple[float, dict[str, Any]]] = {}
+
+
+async def store_usage(store: Store, root_digest: str) -> dict[str, Any]:
+    """The store's path, bytes on disk, quota and number of packages (all mounts sharing
+    it); measured in a worker thread, at most once a minute."""
+    key = str(store.root)
+    cached = _sizes.get(key)
+    if cached is None or time.monotonic() - cached[0] > STORE_SIZE_TTL:
+        measured = await trio.to_thread.run_sync(_measure, store)
+        cached = _sizes[key] = (time.monotonic(), measured)
+    return {"path": str(store.root), **cached[1], "quota_bytes": None}
+
+
+def _measure(store: Store) -> dict[str, Any]:
+    total, count = 0, 0
+    try:
+        entries = list(os.scandir(store.pkgs))
+    except OSError:
+        entries = []
+    count = sum(1 for entry in entries if entry.is_dir(follow_symlinks=False))
+    for directory, _, files in os.walk(store.root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(directory, name)).st_blocks * 512
+            except OSError:
+                pass
+    return {"bytes": total, "packages": count}
+
+
+def package_at(live: LiveMount, relative: str) -> dict[str, Any]:
+    """For a path under the mount: the package whose prefix holds it, its state and why."""
+    parts = [p for p in relative.split("/") if p not in ("", ".")]
+    tree = live.current.shown
+    for depth in range(len(parts), 0, -1):
+        dag_hash = tree.by_path.get("/".join(parts[:depth]))
+        if dag_hash is not None:
+            state = live.materializer.status(dag_hash)
+            word, _, reason = state.partition(": ")
+            return {"path": relative, "package": tree.label(dag_hash), "hash": dag_hash,
+                    "prefix": f"{live.root.rstrip('/')}/{'/'.join(parts[:depth])}",
+                    "state": word, "reason": reason or None}
+    return {"path": relative, "package": None, "state": None,
+            "reason": "not inside a package prefix of this mount"}
+
+
+def render(status: dict[str, Any]) -> str:
+    """The status for a person."""
+    index, pkgs, store = status["index"], status["packages"], status["store"]
+    lines = [
+        f"lazymount {status['version']} at {status['mountpoint']} (pid {status['pid']}, "
+        f"since {status['started']})",
+        f"index:    {index['packages']} packages, checked {index['refreshed']} "
+        f"({_age(index['age_s'])} ago)"
+        + (f"; last refresh failed: {index['last_error']}" if index.get("last_error") else ""),
+        f"packages: {pkgs['ready']} ready, {pkgs['materializing']} materializing, "
+        f"{len(pkgs['failed'])} failed",
+    ]
+    for failure in pkgs["failed"]:
+        lines.append(f"  failed  {failure['name']}/{failure['hash'][:7]}: {failure['reason']}")
+    quota = f" of {_bytes(store['quota_bytes'])}" if store.get("quota_bytes") else ""
+    lines.append(f"store:    {store['path']}: {_bytes(store['bytes'])}{quota}, "
+                 f"{store['packages']} packages")
+    lines.append(f"fetched:  {_bytes(status['fetched_bytes'])} since start")
+    lines.append("mirrors:")
+    for mirror in status["mirrors"]:
+        layout = f"v{mirror['layout']}" if mirror["layout"] else "layout unknown"
+        line = f"  {mirror['state']:<8} {mirror['url']} ({layout})"
+        if mirror["state"] != "ok" and mirror["last_error"]:
+            line += f"\n           last error: {mirror['last_error']}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def render_package(answer: dict[str, Any]) -> str:
+    if answer.get("package") is None:
+        return f"{answer['path']}: {answer['reason']}\n"
+    text = f"{answer['prefix']}: {answer['package']}: {answer['state']}"
+    return text + (f": {answer['reason']}" if answer.get("reason") else "") + "\n"
+
+
+def _iso(stamp: float | None) -> str | None:
+    if stamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _bytes(count: int | None) -> str:
+    if count is None:
+        return "?"
+    value, unit = float(count), "bytes"
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{count} bytes" if unit == "bytes" else f"{value:.1f} {unit}"

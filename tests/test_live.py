@@ -1,0 +1,427 @@
+"""A mount that lives for weeks: the index refreshed while it is used, SIGHUP reloads, the
+status and metrics it reports, the errors users can find, HTTPS mirrors with a site CA."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import http.server
+import json
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import (
+    FIXTURE_CACHE,
+    FIXTURE_KEY,
+    LMGREET,
+    LMHELLO,
+    _free_port,
+    lazymount_command,
+    short_dir,
+)
+from prometheus_client.parser import text_string_to_metric_families
+from test_service import unmount, write_config
+
+from lazymount.service import control
+
+INDEX_MANIFEST = Path("v3/manifests/index/index.manifest.json")
+WAIT = 60.0  # seconds before a condition that should come true is declared broken
+
+
+def served_cache(directory: Path, names: set[str]) -> Path:
+    """A copy of the fixture cache whose index lists only the packages ``names`` (and the
+    records they need); call again to change what it lists."""
+    if not directory.exists():
+        shutil.copytree(FIXTURE_CACHE, directory)
+    manifest = json.loads((FIXTURE_CACHE / INDEX_MANIFEST).read_text())
+    checksum = manifest["data"][0]["checksum"]
+    index = json.loads((FIXTURE_CACHE / "blobs/sha256" / checksum[:2] / checksum).read_text())
+    installs = index["database"]["installs"]
+    for dag_hash in [h for h, r in installs.items()
+                     if r["in_buildcache"] and r["spec"]["name"] not in names]:
+        del installs[dag_hash]
+    blob = json.dumps(index).encode()
+    digest = hashlib.sha256(blob).hexdigest()
+    (directory / "blobs/sha256" / digest[:2]).mkdir(parents=True, exist_ok=True)
+    (directory / "blobs/sha256" / digest[:2] / digest).write_bytes(blob)
+    manifest["data"][0].update(checksum=digest, contentLength=len(blob))
+    temporary = directory / INDEX_MANIFEST.with_suffix(".tmp")
+    temporary.write_text(json.dumps(manifest))
+    os.replace(temporary, directory / INDEX_MANIFEST)
+    return directory
+
+
+@dataclass
+class Daemon:
+    root: Path
+    config: Path
+    store: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def lazymount(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(lazymount_command(*args), capture_output=True, text=True,
+                              timeout=300)
+
+    def status(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.lazymount("status", *args)
+
+    def json_status(self) -> dict:
+        result = self.status(str(self.root), "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def listing(self) -> list[str]:
+        return sorted(os.listdir(self.root / "linux-x86_64"))
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[functools.partial[Daemon]]:
+    """Factory: a foreground lazymount mounting what a config file says; always unmounted."""
+    started: list[Daemon] = []
+
+    def start(mirrors: list[str], **keys: object) -> Daemon:
+        root = short_dir()
+        store = tmp_path / "store"
+        config = write_config(tmp_path / f"config-{len(started)}.toml", root, mirrors=mirrors,
+                              trust_keys=[str(FIXTURE_KEY)], store=str(store),
+                              keyring=str(tmp_path / "no-keys"), timeout="5s", **keys)
+        log = tmp_path / f"daemon-{len(started)}.log"
+        with open(log, "ab") as handle:
+            process = subprocess.Popen(
+                lazymount_command("--config", str(config), "--foreground", str(root)),
+                stdout=handle, stderr=handle)
+        running = Daemon(root, config, store, process, log)
+        started.append(running)
+        deadline = time.monotonic() + WAIT
+        while not os.path.ismount(root):
+            assert process.poll() is None and time.monotonic() < deadline, running.log_text()
+            time.sleep(0.05)
+        return running
+
+    yield functools.partial(start)
+    for running in started:
+        unmount(running.root)
+        try:
+            running.process.wait(20)
+        except subprocess.TimeoutExpired:
+            running.process.kill()
+            running.process.wait()
+        if not any(line.split()[4] == str(running.root) for line in open("/proc/self/mountinfo")):
+            shutil.rmtree(running.root, ignore_errors=True)
+    for running in started:
+        assert "Traceback" not in running.log_text(), running.log_text()
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.1)
+
+
+def run(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(path)], capture_output=True, text=True, timeout=60)
+
+
+# ---- live index refresh ---------------------------------------------------------------------
+
+
+def test_refresh_shows_new_packages_while_open_files_keep_reading(http_server, daemon,
+                                                                  tmp_path):
+    cache = served_cache(tmp_path / "cache", {"lmgreet"})
+    server = http_server(cache)
+    mount = daemon([server.url], index_refresh="off")
+    assert mount.listing() == [LMGREET]
+    hello = mount.root / "linux-x86_64" / LMHELLO
+    assert not hello.exists()  # the kernel now caches "no such entry"
+    greet_pc = mount.root / "linux-x86_64" / LMGREET / "lib" / "pkgconfig" / "greet.pc"
+    expected = greet_pc.read_bytes()
+    database = mount.root / ".spack-db" / "index.json"
+    wait_for(lambda: database.exists(), "the Spack database is written")
+    assert LMHELLO.rsplit("-", 1)[1] not in database.read_text()
+
+    with open(greet_pc, "rb") as held:
+        first = held.read(10)
+        served_cache(cache, {"lmgreet", "lmhello"})
+        before = len(server.requests)
+        result = mount.lazymount("refresh", str(mount.root))
+        assert result.returncode == 0, result.stderr
+        assert "the index changed: 2 packages (1 new, 0 removed)" in result.stdout
+        assert mount.listing() == [LMGREET, LMHELLO]
+        assert "Hello from lmgreet" in run(hello / "bin" / "hello").stdout
+        assert first + held.read() == expected  # the open file kept reading
+    # the Spack upstream database follows the index
+    assert LMHELLO.rsplit("-", 1)[1] in database.read_text()
+    # an unchanged index costs one small request: the index manifest
+    index_requests = [r for r in server.requests[before:] if "index" in r or "/blobs/" in r]
+    assert index_requests[0] == f"/{INDEX_MANIFEST}"
+    before = len(server.requests)
+    result = mount.lazymount("refresh", str(mount.root))
+    assert "the index is unchanged (2 packages)" in result.stdout
+    assert server.requests[before:] == [f"/{INDEX_MANIFEST}"]
+
+
+def test_removed_package_leaves_listings_but_running_one_keeps_being_served(
+        http_server, daemon, tmp_path):
+    cache = served_cache(tmp_path / "cache", {"lmgreet", "lmhello"})
+    server = http_server(cache)
+    mount = daemon([server.url], index_refresh="off")
+    prefix = mount.root / "linux-x86_64" / LMHELLO
+    assert run(prefix / "bin" / "hello").returncode == 0
+    # a "running" user of the package: a shell whose working directory is in the prefix
+    shell = subprocess.Popen(["sh", "-c", "read line; cat share/lmhello/message.txt"],
+                             cwd=prefix, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        served_cache(cache, {"lmgreet"})
+        result = mount.lazymount("refresh", str(mount.root))
+        assert "(0 new, 1 removed)" in result.stdout, result.stdout + result.stderr
+        assert mount.listing() == [LMGREET]
+        assert not prefix.exists()
+        out, _ = shell.communicate(b"go\n", timeout=60)
+        assert shell.returncode == 0 and out.strip()  # read from the removed package
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+            shell.wait()
+
+
+def test_index_is_checked_every_index_refresh(http_server, daemon, tmp_path):
+    cache = served_cache(tmp_path / "cache", {"lmgreet"})
+    server = http_server(cache)
+    mount = daemon([server.url], index_refresh="1s")
+    assert mount.listing() == [LMGREET]
+    with open(mount.root / "linux-x86_64" / LMGREET / "lib" / "pkgconfig" / "greet.pc",
+              "rb") as held:
+        served_cache(cache, {"lmgreet", "lmhello"})
+        wait_for(lambda: mount.listing() == [LMGREET, LMHELLO], "the new package is listed")
+        assert held.read()
+    assert "periodic check" in mount.log_text()
+
+
+def test_sighup_reloads_config_and_index_and_keeps_the_mount(http_server, daemon, tmp_path):
+    small = http_server(served_cache(tmp_path / "small", {"lmgreet"}))
+    full = http_server(served_cache(tmp_path / "full", {"lmgreet", "lmhello"}))
+    mount = daemon([small.url], index_refresh="off")
+    with open(mount.root / "linux-x86_64" / LMGREET / "lib" / "pkgconfig" / "greet.pc",
+              "rb") as held:
+        write_config(mount.config, mount.root, mirrors=[full.url],
+                     trust_keys=[str(FIXTURE_KEY)], store=str(mount.store),
+                     keyring=str(tmp_path / "no-keys"), timeout="5s", index_refresh="off")
+        mount.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: mount.listing() == [LMGREET, LMHELLO], "the reloaded mirror is used")
+        assert held.read()
+    assert os.path.ismount(mount.root) and mount.process.poll() is None
+    assert "Hello from lmgreet" in run(mount.root / "linux-x86_64" / LMHELLO / "bin" /
+                                       "hello").stdout
+    assert "got SIGHUP: reloading" in mount.log_text()
+    assert [m["url"] for m in mount.json_status()["mirrors"]] == [full.url]
+
+
+def test_sighup_with_a_broken_config_keeps_serving(http_server, daemon, tmp_path):
+    server = http_server(FIXTURE_CACHE)
+    mount = daemon([server.url], index_refresh="off")
+    mount.config.write_text(mount.config.read_text() + "mirror = 1\n")
+    mount.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "mirror: unknown key" in mount.log_text(), "the reload error is logged")
+    assert mount.listing() == [LMGREET, LMHELLO] and mount.process.poll() is None
+    assert "mirror: unknown key" in mount.json_status()["index"]["last_error"]
+
+
+# ---- status and metrics ------------------------------------------------------------------------
+
+
+def test_status_json_and_prometheus(http_server, daemon, tmp_path):
+    server = http_server(FIXTURE_CACHE)
+    port = _free_port()
+    mount = daemon([server.url], index_refresh="10m", metrics_listen=f"127.0.0.1:{port}")
+    assert run(mount.root / "linux-x86_64" / LMHELLO / "bin" / "hello").returncode == 0
+    status = mount.json_status()
+    assert status["pid"] == mount.process.pid
+    assert status["mountpoint"] == str(mount.root)
+    assert status["version"]
+    assert status["mirrors"] == [{"url": server.url, "state": "ok", "last_error": None,
+                                  "last_error_at": None, "layout": 3,
+                                  "fetched_bytes": status["fetched_bytes"]}]
+    assert status["index"]["packages"] == 2 and status["index"]["age_s"] >= 0
+    assert status["index"]["refreshed"].endswith("Z")
+    assert status["packages"]["ready"] == 2  # lmhello and its dependency lmgreet
+    assert status["packages"]["materializing"] == 0 and status["packages"]["failed"] == []
+    assert status["store"]["path"] == str(mount.store)
+    assert status["store"]["packages"] == 2 and status["store"]["bytes"] > 0
+    assert "quota_bytes" in status["store"]
+    tarballs = sum(len(blob.read_bytes()) for blob in (FIXTURE_CACHE / "blobs").rglob("*")
+                   if blob.is_file())
+    assert 0 < status["fetched_bytes"] <= tarballs + 100_000
+
+    text = mount.status(str(mount.root), "--prometheus").stdout
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert "# TYPE lazymount_index_packages gauge" in text
+    assert families["lazymount_index_packages"].samples[0].value == 2
+    ready = [s for s in families["lazymount_packages"].samples if s.labels["state"] == "ready"]
+    assert ready[0].value == 2
+    assert families["lazymount_mirror_up"].samples[0].labels["url"] == server.url
+    assert families["lazymount_mirror_up"].samples[0].value == 1
+    assert families["lazymount_fetched_bytes"].samples[0].value == status["fetched_bytes"]
+    # the same metrics over HTTP
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
+        served = answer.read().decode()
+    assert {f.name for f in text_string_to_metric_families(served)} == set(families)
+    # for a person
+    human = mount.status(str(mount.root)).stdout
+    assert f"at {mount.root}" in human and "2 ready" in human and server.url in human
+
+
+def test_stopped_mirror_and_failed_package_show_their_reason(http_server, daemon, tmp_path):
+    server = http_server(FIXTURE_CACHE)
+    mount = daemon([server.url], index_refresh="off")
+    prefix = mount.root / "linux-x86_64" / LMHELLO
+    server.stop()
+    with pytest.raises(OSError) as failure:
+        os.listdir(prefix)
+    assert failure.value.errno == errno.EIO
+    status = mount.json_status()
+    assert status["mirrors"][0]["state"] == "failing"
+    assert "connection refused" in status["mirrors"][0]["last_error"]
+    failed = status["packages"]["failed"]
+    assert [f["name"] for f in failed] == ["lmhello"]
+    assert failed[0]["hash"] == LMHELLO.rsplit("-", 1)[1]
+    reason = failed[0]["reason"]
+    assert server.url in reason and "connection refused" in reason
+    # the same reason on the package itself, for a path inside it, in one log line
+    xattr = os.getxattr(prefix, "user.lazymount.status").decode()
+    assert xattr == f"failed: {reason}"
+    answer = mount.status(str(prefix / "bin" / "hello"))
+    assert answer.returncode == 0, answer.stderr
+    assert f"{prefix}: " in answer.stdout and "failed" in answer.stdout
+    assert "connection refused" in answer.stdout
+    lines = [line for line in mount.log_text().splitlines()
+             if "lmhello" in line and "connection refused" in line]
+    assert len(lines) == 1, mount.log_text()
+    human = mount.status(str(mount.root)).stdout
+    assert "failing" in human and "connection refused" in human
+    # a refresh against the stopped mirror keeps serving the index it has, and says why
+    result = mount.lazymount("refresh", str(mount.root))
+    assert result.returncode != 0 and "connection refused" in result.stderr
+    assert mount.listing() == [LMGREET, LMHELLO]
+
+
+def test_status_without_a_daemon_says_so(tmp_path):
+    result = subprocess.run(lazymount_command("status", str(tmp_path)), capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "is not on a lazymount mount" in result.stderr
+
+
+ASK_AS = """
+import json, socket, sys
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+sock.sendall(json.dumps({"command": sys.argv[2]}).encode() + b"\\n")
+print(sock.makefile().readline())
+"""
+
+
+def test_control_socket_refuses_refresh_by_other_users(http_server, daemon, tmp_path):
+    if os.geteuid() != 0 or not os.path.exists("/usr/bin/python3"):
+        pytest.skip("needs root (to ask as another user) and /usr/bin/python3")
+    server = http_server(FIXTURE_CACHE)
+    mount = daemon([server.url], index_refresh="off", allow_other=True)
+    path = control.runtime_dir() / control.socket_name(str(mount.root))
+    assert path.stat().st_mode & 0o777 == 0o666  # a shared mount: anyone may ask
+
+    def as_nobody(command: str) -> dict:
+        result = subprocess.run(["/usr/bin/python3", "-c", ASK_AS, str(path), command],
+                                capture_output=True, text=True, timeout=120, user=65534,
+                                group=65534)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    assert as_nobody("status")["pid"] == mount.process.pid
+    assert "only root or the user who mounted it" in as_nobody("refresh")["error"]
+
+
+# ---- HTTPS mirrors with a site's own CA -------------------------------------------------------
+
+
+def make_ca_and_certificate(directory: Path) -> tuple[Path, Path, Path]:
+    """A private CA and a certificate it signs for 127.0.0.1: (ca.pem, cert.pem, key.pem)."""
+    ca_key, ca = directory / "ca.key", directory / "ca.pem"
+    key, request = directory / "server.key", directory / "server.csr"
+    cert = directory / "server.pem"
+    extensions = directory / "san.cnf"
+    extensions.write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out",
+            str(ca), "-days", "2", "-subj", "/CN=lazymount test site CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(request),
+            "-subj", "/CN=127.0.0.1")
+    openssl("x509", "-req", "-in", str(request), "-CA", str(ca), "-CAkey", str(ca_key),
+            "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(extensions))
+    return ca, cert, key
+
+
+@pytest.fixture
+def https_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """The fixture cache over HTTPS on loopback, with a certificate of a private CA:
+    (url, the CA's certificate file)."""
+    ca, cert, key = make_ca_and_certificate(tmp_path)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                                directory=str(FIXTURE_CACHE))
+    handler.log_message = lambda *args: None  # type: ignore[method-assign]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{server.server_address[1]}", ca
+    server.shutdown()
+    server.server_close()
+
+
+def test_https_mirror_with_a_private_ca(https_server, daemon, tmp_path):
+    url, ca = https_server
+    mount = daemon([url], ca_certs=str(ca), index_refresh="off")
+    assert "Hello from lmgreet" in run(mount.root / "linux-x86_64" / LMHELLO / "bin" /
+                                       "hello").stdout
+
+
+def test_https_mirror_without_its_ca_names_the_certificate_problem(https_server, tmp_path):
+    url, ca = https_server
+    root = short_dir()
+    config = write_config(tmp_path / "config.toml", root, mirrors=[url],
+                          trust_keys=[str(FIXTURE_KEY)], store=str(tmp_path / "store"),
+                          keyring=str(tmp_path / "no-keys"), timeout="5s")
+    env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+    command = lazymount_command("--config", str(config), str(root))
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+        assert result.returncode == 1
+        assert "certificate verify failed" in result.stderr
+        assert "ca_certs" in result.stderr and url in result.stderr
+        assert not os.path.ismount(root)
+        # SSL_CERT_FILE, which other tools honour, works too
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                                env={**env, "SSL_CERT_FILE": str(ca)})
+        assert result.returncode == 0, result.stderr
+        assert os.path.ismount(root)
+    finally:
+        unmount(root)
+    if not os.path.ismount(root):
+        shutil.rmtree(root, ignore_errors=True)
