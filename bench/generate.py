@@ -7,7 +7,10 @@ Three caches, each a layout-v3 mirror directory under ``bench/out/caches/``:
   files, text files that mention the prefix, one large data file;
 * ``stack``: about 200 small compiled packages whose link/run/build dependencies form a DAG;
   one of them (``app``) is the application the benchmark runs;
-* ``index``: an index of 100,000 realistic specs (no tarballs: it is only mounted and listed).
+* ``index``: an index of 100,000 realistic specs (no tarballs: it is only mounted and listed);
+* ``real``:  one package shaped like a real application (about 60 MB in 2,000 files: an
+  executable, its library, a Python tree, data files), for the comparison with the real
+  Spack's ``buildcache install``.
 
 Everything is deterministic (seeded). A cache is rebuilt only when its recipe changed
 (``stamp.json``). Content is built from a shuffled vocabulary mixed with random bytes, so it
@@ -148,9 +151,16 @@ def _compile_big_elves(prefix: str, content: Content, lib_sizes: list[int]) -> d
     return out
 
 
-def big_package(writer: Any, sizes: Sizes) -> Any:
+# The application of the Spack comparison: ~60 MB in ~2,000 files
+REAL_SIZES = Sizes(libs=4, exes=1, headers=200, pyfiles=1600, big_file_mb=52)
+REAL_NAME = "lmreal"
+REAL_NAMESPACE = "lmbench"  # the Spack repository the comparison gives Spack for its recipe
+
+
+def big_package(writer: Any, sizes: Sizes, name: str = "bigpkg", namespace: str = "builtin"
+                ) -> Any:
     """The ~200 MB package (a). Its ``bin/app`` runs and prints a path under its prefix."""
-    pkg = sc.Package("bigpkg", "2.4.1")
+    pkg = sc.Package(name, "2.4.1", namespace=namespace)
     prefix = writer.prefix_of(pkg)
     content = Content(seed=1)
     lib_sizes = [32 << 10, 96 << 10, 200 << 10, 400 << 10, 700 << 10]
@@ -324,6 +334,7 @@ class Caches:
     big: dict[str, Any]
     stack: dict[str, Any]
     index: dict[str, Any]
+    real: dict[str, Any]
 
 
 def _fresh(directory: Path, recipe: dict[str, Any]) -> bool:
@@ -360,8 +371,9 @@ def generate(out: Path, sizes: Sizes, log: Any = print) -> Caches:
     """Make (or reuse) the three caches under ``out``; returns what the runner needs."""
     base = {"recipe": RECIPE, "build_root": BUILD_ROOT}
 
-    def make_big(writer: Any) -> dict[str, Any]:
-        pkg = big_package(writer, sizes)
+    def make_big(writer: Any, package_sizes: Sizes = sizes, name: str = "bigpkg",
+                 namespace: str = "builtin") -> dict[str, Any]:
+        pkg = big_package(writer, package_sizes, name, namespace)
         info = _entry_info(writer, pkg)
         info["files"] = sum(1 for v in pkg.files.values() if isinstance(v, bytes | str))
         info["bytes"] = sum(len(v) for v in pkg.files.values() if isinstance(v, bytes | str))
@@ -390,7 +402,12 @@ def generate(out: Path, sizes: Sizes, log: Any = print) -> Caches:
         f"{len(stack['closure'])}")
     index = _build(out / "index", {**base, "specs": sizes.specs}, make_index)
     log(f"  index: {index['specs']} specs")
-    return Caches(out, big, stack, index)
+    real_fields = dataclasses.asdict(REAL_SIZES)
+    real = _build(out / "real", {**base, **real_fields, "name": REAL_NAME,
+                                 "namespace": REAL_NAMESPACE},
+                  lambda writer: make_big(writer, REAL_SIZES, REAL_NAME, REAL_NAMESPACE))
+    log(f"  real-shaped package: {real['files']} files, {real['bytes'] / 2**20:.0f} MiB")
+    return Caches(out, big, stack, index, real)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import generate, report
+from .spackcompare import bench_spack
 from .harness import (
     REPO,
     Mount,
@@ -498,8 +499,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="smaller caches and one repetition (under 3 minutes)")
-    parser.add_argument("--only", default="index,host,big,stack",
-                        help="comma-separated parts to run: index, host, big, stack")
+    parser.add_argument("--only", default="index,host,big,stack,spack",
+                        help="comma-separated parts to run: index, host, big, stack, spack")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("the benchmark needs root (FUSE mounts, dropping the page cache)", file=sys.stderr)
@@ -533,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
             if "stack" in parts:
                 print("(b) the stack: the app's first run, bytes fetched")
                 bench_stack(bench)
+            if "spack" in parts:
+                print("(e) a real-shaped package: lazymount against spack buildcache install")
+                bench_spack(bench, Result, _run)
         finally:
             for root in bench.roots.values():
                 subprocess.run(["fusermount3", "-u", "-z", str(root)], check=False,

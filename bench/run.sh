@@ -4,4 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# the comparison with Spack (part "spack") needs the real Spack, as the test tier does
+if [[ -z ${LAZYMOUNT_TEST_SPACK:-} && -f ../shared/spack/setup.sh ]]; then
+    export LAZYMOUNT_TEST_SPACK=${TMPDIR:-/tmp}/lazymount-test-spack
+    bash ../shared/spack/setup.sh "$LAZYMOUNT_TEST_SPACK" >/dev/null
+fi
 exec .venv/bin/python -m bench "$@"
