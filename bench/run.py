@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from . import generate, report
-from .spackcompare import bench_spack
 from .harness import (
     REPO,
     Mount,
@@ -37,6 +36,7 @@ from .harness import (
     short_dir,
     timed,
 )
+from .spackcompare import bench_spack
 
 OUT = REPO / "bench" / "out"
 STRIP = len(generate.BUILD_ROOT.strip("/").split("/"))  # tar members start with the build root
