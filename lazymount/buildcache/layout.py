@@ -21,7 +21,6 @@ MEDIA_KEY = "application/pgp-keys"
 MEDIA_KEY_INDEX = "application/vnd.spack.keyindex.v1+json"
 
 INDEX_MANIFEST = "v3/manifests/index/index.manifest.json"
-LAYOUT_JSON = "v3/layout.json"
 KEY_INDEX_MANIFEST = "v3/manifests/key/keys.manifest.json"
 
 # layout v2 (Spack <= 0.23): everything under build_cache/

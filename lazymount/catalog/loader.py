@@ -9,15 +9,13 @@ import logging
 
 import trio
 
-from lazymount.buildcache.formats import MAX_INDEX_BYTES, discover
+from lazymount.buildcache.formats import discover
 from lazymount.buildcache.index import SpecRecord, merge_indexes, parse_index
 from lazymount.catalog.stored import CatalogStore
 from lazymount.errors import LazymountError, MirrorError
 from lazymount.mirror.transport import Mirror
 
 log = logging.getLogger(__name__)
-
-__all__ = ["MAX_INDEX_BYTES", "load_catalog", "load_index"]
 
 
 async def load_index(mirror: Mirror, position: int, store: CatalogStore | None = None
