@@ -11,24 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from lazymount.errors import UsageError
-from lazymount.serve.bindmount import is_dead_mount, unescape
+from lazymount.serve.bindmount import is_dead_mount
 from lazymount.service import control
 from lazymount.service.metrics import exposition
 from lazymount.service.status import render, render_package
+from lazymount.system.mountinfo import mounts
 
 FSTYPE = "fuse.lazymount"
 
 
 def lazymount_mounts() -> list[str]:
     """The mount points of lazymount mounts in this namespace."""
-    points = []
-    with open("/proc/self/mountinfo") as table:
-        for line in table:
-            fields = line.split()
-            separator = fields.index("-")
-            if fields[separator + 1] == FSTYPE:
-                points.append(unescape(fields[4]))
-    return points
+    return [mount.point for mount in mounts() if mount.fstype == FSTYPE]
 
 
 def _mount_of(path: Path) -> tuple[str, str] | None:
