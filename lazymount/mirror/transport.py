@@ -408,6 +408,19 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
             pending += list(current.exceptions)
 
 
+def redact(url: str) -> str:
+    """``url`` without the user name and password it may carry, for logs and status."""
+    parsed = urlparse(url)
+    if parsed.username is None and parsed.password is None:
+        return url
+    host = parsed.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if parsed.port is not None:
+        host = f"{host}:{parsed.port}"
+    return parsed._replace(netloc=f"***@{host}").geturl()
+
+
 def open_mirror(url: str, timeouts: Timeouts | None = None,
                 ca_certs: Path | None = None, proxies: ProxyChain | None = None) -> Mirror:
     """A Mirror for a local path, ``file://`` URL or ``http(s)://`` URL; ``proxies`` are
