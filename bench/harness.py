@@ -162,6 +162,19 @@ class Mount:
         return [float(m) for m in re.findall(pattern, self.log_text())]
 
 
+def wait_ready(prefixes: list[Path], timeout: float = 300) -> None:
+    """Wait until the background prefetch of every prefix is done (its status xattr)."""
+    deadline = time.monotonic() + timeout
+    for prefix in prefixes:
+        while True:
+            status = os.getxattr(prefix, "user.lazymount.status").decode()
+            if status == "ready" or status.startswith("failed"):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{prefix} still {status}")
+            time.sleep(0.05)
+
+
 def timed(action: Callable[[], object]) -> float:
     started = time.perf_counter()
     action()

@@ -35,6 +35,7 @@ from .harness import (
     remove_tree,
     short_dir,
     timed,
+    wait_ready,
 )
 from .spackcompare import bench_spack
 
@@ -431,19 +432,6 @@ def bench_host_view(bench: Bench) -> None:
 # (b) the stack: metrics 1b and 7
 
 
-def _wait_ready(prefixes: list[Path], timeout: float = 300) -> None:
-    """Wait until the background prefetch of every prefix is done (its status xattr)."""
-    deadline = time.monotonic() + timeout
-    for prefix in prefixes:
-        while True:
-            status = os.getxattr(prefix, "user.lazymount.status").decode()
-            if status == "ready" or status.startswith("failed"):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{prefix} still {status}")
-            time.sleep(0.05)
-
-
 def bench_stack(bench: Bench) -> None:
     info = bench.caches.stack
     packages = info["packages"]
@@ -461,7 +449,7 @@ def bench_stack(bench: Bench) -> None:
             mark = bench.server.mark()
             lazy_runs.append(timed(lambda m=mount: _run(m.root / binary, f"Hello from "
                                                                         f"{app['name']}")))
-            _wait_ready([mount.root / p["projected"] for p in closure])
+            wait_ready([mount.root / p["projected"] for p in closure])
             time.sleep(0.5)  # anything else the prefetch would start
             requests = bench.server.requests_since(mark)
         blobs = [r for r in requests if r[0].startswith("/stack/mirror/blobs/")]
