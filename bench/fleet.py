@@ -183,6 +183,34 @@ def run_round(nginx: Nginx, url: str, info: dict[str, Any], work: Path, nodes: i
     return result
 
 
+def squid_ceiling(squid_module: ModuleType, urls: list[str], size: int, work: Path,
+                  seconds_goal: float = 5.0) -> dict[str, float]:
+    """What one squid serves from memory on this machine: curl fetching ``urls`` (``size``
+    bytes in all) through a warm squid, 16 transfers at a time (curl and squid share the 2
+    cores, so this is a floor). Returns requests/s and MiB/s."""
+    squid = squid_module.start_squid(memory_mb=1024)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        listing = work / "curl.conf"
+
+        def fetch(rounds: int) -> float:
+            listing.write_text("".join(f'url = "{u}"\noutput = "/dev/null"\n'
+                                       for _ in range(rounds) for u in urls))
+            begun = time.perf_counter()
+            subprocess.run(["curl", "-sS", "--fail", "--parallel", "--parallel-max", "16",
+                            "-x", squid.url, "-K", str(listing)], check=True)
+            return time.perf_counter() - begun
+
+        fetch(1)  # warm: every blob into squid's memory
+        rounds = max(1, int(seconds_goal / max(fetch(5) / 5, 1e-3)))
+        elapsed = fetch(rounds)
+    finally:
+        squid.stop()
+    return {"requests_per_s": round(rounds * len(urls) / elapsed),
+            "mib_per_s": round(rounds * size / 2**20 / elapsed),
+            "mean_object_kib": round(size / len(urls) / 1024, 1)}
+
+
 def markdown(document: dict[str, Any]) -> str:
     host = document["machine"]
     lines = [
@@ -203,6 +231,14 @@ def markdown(document: dict[str, Any]) -> str:
             f"{r['requests_per_blob']:.2f} ({r['max_requests_per_blob']}) | "
             f"{r['origin_blob_bytes'] / r['closure_bytes']:.2f} | "
             f"{r['origin_manifest_requests']} | {r['origin_index_requests']} |")
+    ceiling = document.get("squid_ceiling")
+    if ceiling:
+        small, large = ceiling["small"], ceiling["large"]
+        lines += ["", f"One squid (one worker, memory hits, curl as the client on the same 2 "
+                      f"cores, 16 transfers at a time): {small['requests_per_s']} requests/s "
+                      f"and {small['mib_per_s']} MiB/s for the app's blobs "
+                      f"({small['mean_object_kib']} KiB on average); {large['mib_per_s']} MiB/s "
+                      "for 64 MiB objects."]
     return "\n".join(lines) + "\n"
 
 
@@ -240,12 +276,25 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_direct:
             rounds.append(run_round(nginx, url, info, work / f"direct-{max(sizes)}",
                                     max(sizes), None, print))
+        blobs = [p[kind] for p in closure for kind in ("tarball", "spec_blob")]
+        small = squid_ceiling(squid_module, [
+            f"{url}/blobs/sha256/{b['checksum'][:2]}/{b['checksum']}" for b in blobs],
+            sum(b["contentLength"] for b in blobs), work / "ceiling")
+        large_blob = caches / "ceiling-64MiB.bin"
+        if not large_blob.exists() or large_blob.stat().st_size != 64 << 20:
+            large_blob.write_bytes(os.urandom(64 << 20))
+        large = squid_ceiling(squid_module, [f"{nginx.url}/{large_blob.name}"] * 4, 4 * 64 << 20,
+                              work / "ceiling-large")
+        ceiling = {"small": small, "large": large}
+        print(f"  one squid: {small['requests_per_s']} requests/s, {small['mib_per_s']} MiB/s "
+              f"(objects of {small['mean_object_kib']} KiB); {large['mib_per_s']} MiB/s "
+              f"(64 MiB objects)")
     remove_tree(work)
     document = {"machine": host, "seconds": round(time.monotonic() - started),
                 "closure_packages": len(closure),
                 "closure_mib": sum(p["tarball"]["contentLength"] + p["spec_blob"]["contentLength"]
                                    for p in closure) / 2**20,
-                "rounds": [asdict(r) for r in rounds]}
+                "rounds": [asdict(r) for r in rounds], "squid_ceiling": ceiling}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "fleet.json").write_text(json.dumps(document, indent=1))
     table = markdown(document)
