@@ -197,8 +197,9 @@ def squid_ceiling(squid_module: ModuleType, urls: list[str], size: int, work: Pa
             listing.write_text("".join(f'url = "{u}"\noutput = "/dev/null"\n'
                                        for _ in range(rounds) for u in urls))
             begun = time.perf_counter()
-            subprocess.run(["curl", "-sS", "--fail", "--parallel", "--parallel-max", "16",
-                            "-x", squid.url, "-K", str(listing)], check=True)
+            subprocess.run(["curl", "-sS", "--no-progress-meter", "--fail", "--parallel",
+                            "--parallel-max", "16", "-x", squid.url, "-K", str(listing)],
+                           check=True, stderr=subprocess.DEVNULL)
             return time.perf_counter() - begun
 
         fetch(1)  # warm: every blob into squid's memory

@@ -32,8 +32,7 @@ from lazymount.errors import (
 from lazymount.install import extract, relocate
 from lazymount.mirror.transport import Mirror
 from lazymount.store.content import Store
-from lazymount.store.shared import HEARTBEAT, ClaimWatch, SharedStore
-from lazymount.store.shared import POLL as SHARED_POLL
+from lazymount.store.shared import HEARTBEAT, MAX_POLL, POLL, ClaimWatch, SharedStore
 from lazymount.trust.policy import MirrorTrust
 
 log = logging.getLogger(__name__)
@@ -194,6 +193,7 @@ class Materializer:
         for its package to be published (or for its claim to go away or stand still)."""
         key = self.key(dag_hash)
         watch: ClaimWatch | None = None
+        pause = POLL
         while True:
             tree = await trio.to_thread.run_sync(shared.tree, key)
             if tree is not None:
@@ -218,7 +218,8 @@ class Materializer:
             if stamp is not None and watch.stood_still(stamp):
                 await trio.to_thread.run_sync(shared.break_claim, key, stamp)
                 continue
-            await trio.sleep(SHARED_POLL)
+            await trio.sleep(pause)
+            pause = min(MAX_POLL, pause * 1.5)
 
     @staticmethod
     async def _heartbeat(shared: SharedStore, key: str) -> None:

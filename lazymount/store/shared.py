@@ -6,11 +6,12 @@ takes a lock (no ``flock``/``fcntl``, which parallel file systems do slowly or n
 
 * **claims** - a node about to materialize a package makes ``claims/<key>`` with ``mkdir``,
   which succeeds on exactly one node (it is atomic on every POSIX file system, NFS
-  included). The others see the claim and wait for ``pkgs/<key>`` to appear, looking every
-  ``POLL`` seconds. The holder touches its claim every ``HEARTBEAT`` seconds while it works;
-  a claim whose time stamp has not moved for ``STALE`` seconds of the waiter's own clock
-  (so clocks of different nodes never get compared) belongs to a dead node and is renamed
-  away, once, by whichever waiter renames it first. A claim is only a way to save work:
+  included). The others see the claim and wait for ``pkgs/<key>`` to appear, looking after
+  ``POLL`` seconds, then less and less often (up to ``MAX_POLL``). The holder touches its
+  claim every ``HEARTBEAT`` seconds while it works; a claim whose time stamp has not moved
+  for ``STALE`` seconds of the waiter's own clock (so clocks of different nodes never get
+  compared) belongs to a dead node and is renamed away, once, by whichever waiter renames
+  it first. A claim is only a way to save work:
   if two nodes ever materialize the same package, the first rename wins and the other tree
   is dropped, as in a local store.
 * **staging names carry the host**: a sweep removes what dead processes of *this* host
@@ -37,7 +38,8 @@ from lazymount.store.content import Store, _owner_alive
 log = logging.getLogger(__name__)
 
 CLAIMS = "claims"
-POLL = 0.5  # seconds between looks at a package another node materializes
+POLL = 0.5  # seconds before the first look at a package another node materializes...
+MAX_POLL = 5.0  # ...growing to this: 10,000 waiting nodes make 2,000 stats/s, not 20,000
 HEARTBEAT = 10.0  # seconds between touches of our claims
 STALE = 120.0  # seconds a claim may stand still before it is taken for a dead node's
 STALE_STAGING = 86400.0  # another host's staging leftovers are removed after a day
