@@ -236,10 +236,11 @@ class Materializer:
         for position, source in enumerate(sources):
             try:
                 # the mirror's layout (v3, or v2 for old caches) finds and reads the signed
-                # documents, asking the mirror's trust to check them; the binding is ours
+                # documents, asking the mirror's trust to check them; we check that they are
+                # of the spec asked for
                 layout = await discover(source.mirror)
                 entry = await layout.read_entry(source.mirror, record, source.trust, label)
-                self._bind(entry, dag_hash, record, label)
+                self._check_signed_spec(entry, dag_hash, record, label)
                 return await self._install(source, dag_hash, entry.tarball, label, store)
             except (MirrorError, IntegrityError) as exc:
                 last = exc  # fail over: another mirror may have an intact copy
@@ -251,9 +252,10 @@ class Materializer:
         """Every mirror, the one whose index lists the package (position ``first``) first."""
         return [self.sources[first]] + [s for i, s in enumerate(self.sources) if i != first]
 
-    def _bind(self, entry: Entry, dag_hash: str, expected: SpecRecord, label: str) -> None:
-        """Bind the signed document to the hash asked for: its spec's root node must be it
-        (the signature does not cover the document's path)."""
+    def _check_signed_spec(self, entry: Entry, dag_hash: str, expected: SpecRecord,
+                           label: str) -> None:
+        """The signed document must be of the hash asked for: its spec's root node must be
+        it (the signature does not cover the document's path)."""
         root = entry.root if isinstance(entry.root, dict) else {}
         if root.get("hash") != dag_hash:
             raise IntegrityError(f"{label}: the signed {entry.signed} is for spec "

@@ -45,15 +45,15 @@ class SpecRecord:
     ref_count: int = 0
     mirror: int = 0  # position of the mirror that lists it, in the order given
     runtime_deps: tuple[str, ...] = ()  # hashes of link/run dependencies
-    source: dict[str, Any] | NodeSource | None = field(default=None, repr=False, compare=False)
+    nodes: dict[str, Any] | NodeSource | None = field(default=None, repr=False, compare=False)
 
     @property
     def node(self) -> dict[str, Any]:
         """The index's whole spec node. Raises FormatError if a stored index is damaged."""
-        if isinstance(self.source, dict):
-            return self.source
-        if self.source is not None:
-            return self.source.node(self.dag_hash)
+        if isinstance(self.nodes, dict):
+            return self.nodes
+        if self.nodes is not None:
+            return self.nodes.node(self.dag_hash)
         return self.place
 
     @property
@@ -174,7 +174,7 @@ def _count(value: Any) -> int:
 
 
 def parse_record(dag_hash: str, entry: Any, mirror: int) -> SpecRecord:
-    """One record of ``installs``, checked; its ``place`` and ``source`` are the node itself.
+    """One record of ``installs``, checked; its ``place`` and ``nodes`` are the node itself.
     Raises FormatError naming the record."""
     if not is_dag_hash(dag_hash) or not isinstance(entry, dict):
         raise FormatError(f"the index has a malformed record {str(dag_hash)[:40]!r}")
@@ -193,7 +193,7 @@ def parse_record(dag_hash: str, entry: Any, mirror: int) -> SpecRecord:
         name=_check_name(node.get("name"), "name", dag_hash),
         version=_check_version(node.get("version"), dag_hash),
         place=node,
-        source=node,
+        nodes=node,
         in_buildcache=bool(entry.get("in_buildcache", False)),
         ref_count=_count(entry.get("ref_count", 0)),
         mirror=mirror,
@@ -212,11 +212,11 @@ def parse_index(data: bytes, mirror: int = 0) -> dict[str, SpecRecord]:
     return records_of(rows, mirror, IndexNodes(data))
 
 
-def records_of(rows: list[Row], mirror: int, source: IndexNodes) -> dict[str, SpecRecord]:
-    """SpecRecords of scanned rows; whole nodes come from ``source``."""
-    source.spans = {row[0]: (row[7], row[8]) for row in rows}
+def records_of(rows: list[Row], mirror: int, nodes: IndexNodes) -> dict[str, SpecRecord]:
+    """SpecRecords of scanned rows; whole nodes come from ``nodes``."""
+    nodes.spans = {row[0]: (row[7], row[8]) for row in rows}
     return {row[0]: SpecRecord(row[0], row[1], row[2], row[3], row[4], row[5], mirror,
-                               row[6], source) for row in rows}
+                               row[6], nodes) for row in rows}
 
 
 class IndexNodes:

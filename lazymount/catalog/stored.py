@@ -196,9 +196,9 @@ class CatalogStore:
         try:
             with _gc_paused():
                 rows = marshal.loads(payload)
-                source = StoredIndex(document, header["checksum"],
+                nodes = StoredIndex(document, header["checksum"],
                                      records=self.records_path(header["url"]))
-                return records_of(rows, position, source)
+                return records_of(rows, position, nodes)
         except (ValueError, EOFError, TypeError, IndexError) as exc:
             log.warning("the stored catalog of %s is damaged (%s); rebuilding it",
                         header["url"], exc)
@@ -222,15 +222,15 @@ class CatalogStore:
         header = {"format": FORMAT, "python": list(sys.version_info[:2]), "url": url,
                   "layout": layout, "checksum": checksum, "etag": etag, "records": len(rows)}
         document = self.indexes / f"{checksum}.json"
-        source = StoredIndex(document, checksum, verified=True)
+        nodes = StoredIndex(document, checksum, verified=True)
         try:
             write_atomically(document, blob, make_parents=True)
             self._save(header, payload)
         except OSError as exc:  # the mount works without it; the next one parses again
             log.warning("cannot store the catalog of %s: %s", url, exc.strerror)
-            source = StoredIndex(document, checksum, data=blob)
+            nodes = StoredIndex(document, checksum, data=blob)
         with _gc_paused():
-            return records_of(rows, position, source)
+            return records_of(rows, position, nodes)
 
     def _save(self, header: dict[str, Any], payload: bytes) -> None:
         header = dict(header, payload=hashlib.sha256(payload).hexdigest())
