@@ -40,6 +40,14 @@ from .harness import (
 from .spackcompare import bench_spack
 
 OUT = REPO / "bench" / "out"
+
+# The goals (Performance II), each a ratio measured side by side in one run
+GOAL_FIRST_ACCESS = 0.5  # cold first access: at most this times the eager curl|tar+relocate
+GOAL_MATERIALIZE = 1.5  # materialization: at least this times GNU tar's throughput
+GOAL_FIND = 1.5  # warm find -ls / stat through FUSE: at most this times native
+GOAL_SMALL = 2.0  # small files, second pass: at most this times native
+GOAL_REREAD = 0.9  # large re-read: at least this times native speed
+GOAL_MOUNT_S, GOAL_REMOUNT_S, GOAL_RSS_MIB = 1.0, 0.2, 100  # the 100,000-spec index
 STRIP = len(generate.BUILD_ROOT.strip("/").split("/"))  # tar members start with the build root
 SMALL_FILES = 10_000
 
@@ -189,14 +197,15 @@ def bench_big(bench: Bench) -> Path:
     size = info["bytes"]
     bench.add(Result("1a", f"cold first access, {_mib(size)} package: `bin/app` runs",
                      f"{lazy:.2f} s", f"curl | tar xz + relocate + run: {eager:.2f} s",
-                     lazy / eager, "x the eager time",
+                     lazy / eager, "x the eager time", f"≤ {GOAL_FIRST_ACCESS}x",
+                     lazy / eager <= GOAL_FIRST_ACCESS,
                      details={"lazy_s": lazy_runs, "eager_s": eager_runs}))
     seconds = median(materialize)
     tar = median(tar_runs)
     bench.add(Result("2", f"materialization throughput, {_mib(size)} package",
                      f"{_rate(size, seconds)} ({seconds:.2f} s)",
                      f"GNU tar xzf: {_rate(size, tar)} ({tar:.2f} s)", tar / seconds,
-                     "x GNU tar", "≥ 1.0x", tar / seconds >= 1.0,
+                     "x GNU tar", f"≥ {GOAL_MATERIALIZE}x", tar / seconds >= GOAL_MATERIALIZE,
                      {"materialize_s": materialize, "tar_s": tar_runs, "bytes": size}))
     return store
 
@@ -233,7 +242,8 @@ def bench_materialize_in_memory(bench: Bench) -> None:
     bench.add(Result("2m", f"materialization throughput, {_mib(size)} package, store on tmpfs",
                      f"{_rate(size, seconds)} ({seconds:.2f} s)",
                      f"GNU tar xzf to tmpfs: {_rate(size, baseline)} ({baseline:.2f} s)",
-                     baseline / seconds, "x GNU tar", "≥ 1.0x", baseline / seconds >= 1.0,
+                     baseline / seconds, "x GNU tar", f"≥ {GOAL_MATERIALIZE}x",
+                     baseline / seconds >= GOAL_MATERIALIZE,
                      {"materialize_s": lazy, "tar_s": tar}))
 
 
@@ -314,12 +324,13 @@ def bench_warm_tree(bench: Bench, store: Path, bind: bool) -> None:
     entries = len(files)
     bench.add(Result(f"3a{suffix}", f"warm `find -ls` over the package ({entries} files), {mode}",
                      f"{find[0] * 1000:.0f} ms", f"local disk: {find[1] * 1000:.0f} ms",
-                     find[0] / find[1], "x native time", "≤ 1.3x", find[0] / find[1] <= 1.3,
+                     find[0] / find[1], "x native time", f"≤ {GOAL_FIND}x",
+                     find[0] / find[1] <= GOAL_FIND,
                      {"lazy_s": find[2], "native_s": find[3]}))
     bench.add(Result(f"3b{suffix}", f"warm `stat` of every file ({entries}), {mode}",
                      f"{stats[0] * 1000:.0f} ms", f"local disk: {stats[1] * 1000:.0f} ms",
-                     stats[0] / stats[1], "x native time", "≤ 1.3x",
-                     stats[0] / stats[1] <= 1.3, {"lazy_s": stats[2], "native_s": stats[3]}))
+                     stats[0] / stats[1], "x native time", f"≤ {GOAL_FIND}x",
+                     stats[0] / stats[1] <= GOAL_FIND, {"lazy_s": stats[2], "native_s": stats[3]}))
     label = "cold" if cold else "first (page cache not dropped: not root?)"
     bench.add(Result(f"4a{suffix}", f"open+read {len(small)} small files, {label} pass, {mode}",
                      f"{lazy_first:.2f} s", f"local disk: {native_first:.2f} s",
@@ -327,13 +338,15 @@ def bench_warm_tree(bench: Bench, store: Path, bind: bool) -> None:
                      details={"lazy_s": lazy_first, "native_s": native_first}))
     bench.add(Result(f"4b{suffix}", f"open+read {len(small)} small files, second pass, {mode}",
                      f"{second[0]:.2f} s", f"local disk: {second[1]:.2f} s",
-                     second[0] / second[1], "x native time", "≤ 2x", second[0] / second[1] <= 2,
+                     second[0] / second[1], "x native time", f"≤ {GOAL_SMALL}x",
+                     second[0] / second[1] <= GOAL_SMALL,
                      {"lazy_s": [lazy_second, *second[2]], "native_s": [native_second,
                                                                         *second[3]]}))
     size = (native / big_file).stat().st_size
     bench.add(Result(f"5{suffix}", f"re-read of a {_mib(size)} file (1 MiB reads), {mode}",
                      _rate(size, big[0]), f"local disk: {_rate(size, big[1])}",
-                     big[1] / big[0], "x native speed", "≥ 0.9x", big[1] / big[0] >= 0.9,
+                     big[1] / big[0], "x native speed", f"≥ {GOAL_REREAD}x",
+                     big[1] / big[0] >= GOAL_REREAD,
                      {"lazy_s": big[2], "native_s": big[3], "cold_lazy_s": lazy_big_cold,
                       "cold_native_s": native_big_cold, **memory}))
 
@@ -368,22 +381,23 @@ def bench_index(bench: Bench) -> None:
     remount = median(remounts)
     requests = asked[-1]
     bench.add(Result("6a", f"first mount, index of {specs} specs", f"{first:.2f} s",
-                     f"goal 3 s (catalog ready after {first_catalog[0]:.2f} s; Spack "
-                     f"database {database:.1f} s later)", first / 3.0,
-                     "x the goal", "≤ 3 s", first <= 3.0,
+                     f"catalog ready after {first_catalog[0]:.2f} s; Spack database "
+                     f"{database:.1f} s later", first / GOAL_MOUNT_S,
+                     "x the goal", f"≤ {GOAL_MOUNT_S:g} s", first <= GOAL_MOUNT_S,
                      {"mount_s": first, "catalog_s": first_catalog, "database_s": database,
                       **first_memory}))
     bench.add(Result("6b", "remount with the stored catalog", f"{remount:.2f} s",
                      f"first mount {first:.2f} s; {len(requests)} request(s), "
-                     f"{sum(r[2] for r in requests)} bytes", remount / 0.3, "x the goal",
-                     "≤ 0.3 s", remount <= 0.3,
+                     f"{sum(r[2] for r in requests)} bytes", remount / GOAL_REMOUNT_S,
+                     "x the goal", f"≤ {GOAL_REMOUNT_S:g} s", remount <= GOAL_REMOUNT_S,
                      {"mount_s": remounts, "catalog_s": catalogs, "requests": requests,
                       **memory}))
     rss = max(first_memory["rss_mib"], listed_memory["rss_mib"], memory["rss_mib"])
     bench.add(Result("6c", f"daemon RSS (after start-up; after listing {listed} entries)",
                      f"{first_memory['rss_mib']:.0f} MiB; {listed_memory['rss_mib']:.0f} MiB",
-                     f"goal 300 MiB; peak {first_memory['peak_mib']:.0f} MiB during start-up",
-                     rss / 300, "x the goal", "≤ 300 MB", rss <= 300,
+                     f"peak {first_memory['peak_mib']:.0f} MiB during start-up",
+                     rss / GOAL_RSS_MIB, "x the goal", f"≤ {GOAL_RSS_MIB} MiB",
+                     rss <= GOAL_RSS_MIB,
                      {"first": first_memory, "listed": listed_memory, "remount": memory}))
 
 
