@@ -139,7 +139,7 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path, trus
                 operations = InstallTreeFS(
                     generation.shown, materializer, sbang, files,
                     PrefixBinder(root, nursery) if config.bind_ready else None,
-                    generation.host, host_dir=config.host_view,
+                    generation.host, host_dir=config.host_view, modules=generation.modules,
                     # written while already serving: 100,000 specs take seconds
                     files_pending=trio.Event() if files else None,
                     # the kernel clamps read-ahead when it hears our INIT answer: raise it after

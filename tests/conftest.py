@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from spackcache import Signer
 
-pytest_plugins = ("realspack",)  # the real Spack tier: real_spack and spack fixtures
+# the real Spack tier (real_spack, spack) and the caches of the mixed mount (caches)
+pytest_plugins = ("realspack", "mixedcaches")
 
 DATA = Path(__file__).parent / "data"
 FIXTURE_CACHE = DATA / "v3-own-only"

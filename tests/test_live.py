@@ -176,6 +176,20 @@ def test_refresh_shows_new_packages_while_open_files_keep_reading(http_server, d
     assert server.requests[before:] == [f"/{INDEX_MANIFEST}"]
 
 
+def test_refresh_updates_the_module_files(http_server, daemon, tmp_path):
+    cache = served_cache(tmp_path / "cache", {"lmgreet"})
+    mount = daemon([http_server(cache).url], index_refresh="off")
+    tcl = mount.root / "modules" / "tcl"
+    hello_hash = LMHELLO.rsplit("-", 1)[1]
+    assert "lmhello" not in os.listdir(tcl / "linux-debian12-x86_64")
+    assert hello_hash not in (tcl / "module-index.yaml").read_text()  # now in the kernel's cache
+    served_cache(cache, {"lmgreet", "lmhello"})
+    result = mount.lazymount("refresh", str(mount.root))
+    assert result.returncode == 0, result.stderr
+    assert "lmhello" in os.listdir(tcl / "linux-debian12-x86_64")
+    assert hello_hash in (tcl / "module-index.yaml").read_text()
+
+
 def test_removed_package_leaves_listings_but_running_one_keeps_being_served(
         http_server, daemon, tmp_path):
     cache = served_cache(tmp_path / "cache", {"lmgreet", "lmhello"})

@@ -156,7 +156,8 @@ def test_config_file_sets_host_target_and_targets(served, mount_cache, tmp_path)
     config = tmp_path / "config.toml"
     config.write_text('[defaults]\nhost_target = "x86_64"\ntargets = "host"\n')
     mount = mount_cache([served.url], extra=(f"--config={config}",))
-    assert sorted(os.listdir(mount.root)) == [".spack-db", "bin", "host", "linux-x86_64"]
+    assert sorted(os.listdir(mount.root)) == [
+        ".spack-db", "bin", "host", "linux-x86_64", "modules"]
     assert os.readlink(mount.root / "host" / "lmisa" / "1.0").endswith(LMISA["x86_64"])
     config.write_text('[defaults]\nhost_target = "zen9"\n')
     result = subprocess.run(lazymount_command(f"--config={config}", "--mirror", str(CACHE),

@@ -39,7 +39,8 @@ def test_tree_is_listed_from_the_index_alone(http_server, mount_cache):
     assert sorted(os.listdir(mount.root / "linux-x86_64")) == [LMGREET, LMHELLO]
     st = os.stat(mount.prefix())
     assert st.st_mode & 0o777 == 0o755 and os.path.isdir(mount.prefix())
-    assert sorted(os.listdir(mount.root)) == [".spack-db", "bin", "host", "linux-x86_64"]
+    assert sorted(os.listdir(mount.root)) == [
+        ".spack-db", "bin", "host", "linux-x86_64", "modules"]
     # only the index was read: no manifest, no tarball
     assert not any("manifests/spec" in r for r in server.requests)
     assert len(blob_requests(server)) == 1  # the index blob

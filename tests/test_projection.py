@@ -80,7 +80,7 @@ def test_relocated_hello_runs_under_a_short_projection(http_server, mount_cache)
     mount = mount_cache([server.url], extra=("--projection={name}/{version}-{hash:7}",))
     root = mount.root
     assert sorted(p.name for p in root.iterdir()) == [
-        ".spack-db", "bin", "host", "lmgreet", "lmhello"]
+        ".spack-db", "bin", "host", "lmgreet", "lmhello", "modules"]
     hello_prefix = root / "lmhello" / "1.0-3vgakfz"
     greet_prefix = root / "lmgreet" / "1.0-2zsd6bn"
     result = run(hello_prefix / "bin" / "hello", "-v")
@@ -102,8 +102,9 @@ def test_relocated_hello_runs_under_a_short_projection(http_server, mount_cache)
                             text=True, timeout=60)
     assert config.returncode == 0 and config.stderr == ""
     assert "projection {name}/{version}-{hash:7}" in config.stdout
-    assert yaml.safe_load(config.stdout) == {
-        "upstreams": {"lazymount": {"install_tree": str(root)}}}
+    assert yaml.safe_load(config.stdout) == {"upstreams": {"lazymount": {
+        "install_tree": str(root),
+        "modules": {"tcl": f"{root}/modules/tcl", "lmod": f"{root}/modules/lmod"}}}}
 
 
 def test_compiler_projection_places_and_runs_packages(http_server, mount_cache):
@@ -120,6 +121,7 @@ def test_compiler_projection_places_and_runs_packages(http_server, mount_cache):
 def test_an_unusable_projection_shows_nothing_and_says_why(http_server, mount_cache,
                                                            projection):
     mount = mount_cache([http_server(FIXTURE_CACHE).url], extra=(f"--projection={projection}",))
-    assert sorted(p.name for p in mount.root.iterdir()) == [".spack-db", "bin", "host"]
+    assert sorted(p.name for p in mount.root.iterdir()) == [
+        ".spack-db", "bin", "host", "modules"]
     log = mount.log_text()
     assert "not shown" in log and "lmhello" in log

@@ -1,73 +1,24 @@
 """The mount as the real Spack 1.1 sees it: an upstream install tree whose database Spack
 reads, whose packages ``spack find``/``location``/``load`` reach and ``spack install`` reuses.
 
-The mixed mount holds four mirrors: a layout-v2 cache (spec v4 nodes with a per-node
-``compiler``), a v2 cache migrated by ``spack buildcache migrate``, the layout-v3 cache the
-real Spack wrote (tests/data), and a v3 cache whose package depends on a node of the v2 one
-(a DAG across mirrors and spec formats). Needs LAZYMOUNT_TEST_SPACK (see realspack.py);
+The mixed mount holds the four mirrors of mixedcaches.py (v2, migrated, v3, and a DAG across
+mirrors and spec formats). Needs LAZYMOUNT_TEST_SPACK (see realspack.py);
 skipped without it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-import spackcache as sc
-from conftest import DATA, FIXTURE_CACHE, LMHELLO
+import yaml
+from conftest import FIXTURE_CACHE, LMHELLO, lazymount_command
+from mixedcaches import REPO
 
 HELLO_HASH = LMHELLO.rsplit("-", 1)[1]
-V2_ROOT = "/tmp/lmv2/opt/spack"  # build roots no shorter than any short_dir() mount
-V3_ROOT = "/tmp/lmv3/opt/spack"
-REPO = DATA / "spack-repo" / "spack_repo" / "lazymount"  # the recipes `spack load` needs
-
-
-@dataclass
-class Caches:
-    """The mirrors of the mixed mount and the packages they hold."""
-
-    v2: Path
-    migrated: Path
-    cross: Path
-    v2_hello: sc.Package
-    v2_greet: sc.Package
-    migrated_pkg: sc.Package
-    cross_pkg: sc.Package
-
-    @property
-    def mirrors(self) -> list[str]:
-        return [str(self.v2), str(self.migrated), str(FIXTURE_CACHE), str(self.cross)]
-
-
-@pytest.fixture(scope="module")
-def caches(tmp_path_factory, signer) -> Caches:
-    base = tmp_path_factory.mktemp("caches")
-    v2 = sc.V2CacheWriter(base / "v2", V2_ROOT, signer)
-    greet = v2.build_c_package("lmgreet", namespace="lazymount", compiler=sc.DEFAULT_COMPILER)
-    hello = v2.build_c_package("lmhello", namespace="lazymount", deps=[greet],
-                               compiler=sc.DEFAULT_COMPILER)
-    v2.add(greet)
-    v2.add(hello)
-    v2.finish()
-
-    old = sc.V2CacheWriter(base / "migrated", V2_ROOT, signer)
-    migrated = old.build_c_package("lmmigrated", namespace="lazymount",
-                                   compiler=sc.DEFAULT_COMPILER)
-    old.add(migrated)
-    old.finish()
-    old.migrate()
-
-    # a Spack 1.x package built against the old lmgreet: its v3 index lists that v4 node
-    # upgraded, not in this cache; the v2 mirror serves it
-    new = sc.CacheWriter(base / "cross", V3_ROOT, signer)
-    tool = sc.Package("lmtool", namespace="lazymount", deps=[(greet, ("build", "link"))],
-                      files={"bin/lmtool": "#!/bin/sh\necho lmtool\n"})
-    new.add(tool)
-    new.finish(new.index_records(upgraded=True))
-    return Caches(base / "v2", base / "migrated", base / "cross", hello, greet, migrated, tool)
 
 
 def find_lines(spack) -> list[str]:
@@ -149,3 +100,54 @@ def test_spack_install_reuses_the_upstream(spack, mount_cache, caches):
     prefixes = {name: prefix for name, prefix in lines}
     assert prefixes["lmapp"].startswith(str(spack.install_root))
     assert Path(prefixes["lmhello"]).parent == mount.root / "linux-x86_64"
+
+
+# Writes Spack's own module files for every installed record of the upstream (roots and Lmod's
+# core compiler come from modules.yaml) and prints where each went and its name.
+SPACK_MODULES = textwrap.dedent("""
+    import json, os, sys
+    import spack.config, spack.store
+    import spack.modules.lmod as lmod, spack.modules.tcl as tcl
+    upstream, = spack.store.STORE.db.upstream_dbs
+    upstream._read()
+    out = {}
+    for h, r in upstream._data.items():
+        if not r.installed:
+            continue
+        for kind, writer_class in (("tcl", tcl.TclModulefileWriter),
+                                   ("lmod", lmod.LmodModulefileWriter)):
+            writer = writer_class(r.spec, "default", explicit=True)
+            root = spack.config.get("modules:default:roots")[kind]
+            out.setdefault(kind, {})[h] = [os.path.relpath(writer.layout.filename, root),
+                                           writer.layout.use_name]
+    json.dump(out, sys.stdout)
+""")
+
+
+def test_spack_finds_the_mounts_modules_named_as_it_names_them(spack, mount_cache, caches,
+                                                               tmp_path):
+    mount = mount_cache(caches.mirrors)
+    config = subprocess.run(lazymount_command("spack-config", str(mount.root)),
+                            capture_output=True, text=True, timeout=60, check=True).stdout
+    (spack.config_dir / "upstreams.yaml").write_text(config)
+    spack.add_repo(REPO)
+    v2_hash = caches.v2_hello.dag_hash
+    loads = spack("module", "tcl", "loads", f"/{HELLO_HASH}", f"/{v2_hash}").stdout
+    assert f"module load lmhello/1.0-gcc-12.2.0-{HELLO_HASH[:7]}\n" in loads
+    assert f"module load lmhello/1.0-gcc-12.2.0-{v2_hash[:7]}\n" in loads
+    loads = spack("module", "lmod", "loads", f"/{HELLO_HASH}").stdout
+    assert f"module load lmhello/1.0-{HELLO_HASH[:7]}\n" in loads
+    assert not any((mount.store / "pkgs").iterdir())  # names come from the index files
+
+    # Spack's own layout and names for the same specs, kind by kind
+    spack.configure("modules", {"modules": {"default": {
+        "roots": {"tcl": str(tmp_path / "tcl"), "lmod": str(tmp_path / "lmod")},
+        "lmod": {"core_compilers": ["gcc@12.2.0"]}}}})
+    script = tmp_path / "modules.py"
+    script.write_text(SPACK_MODULES)
+    theirs = json.loads(spack("python", str(script)).stdout)
+    for kind in ("tcl", "lmod"):
+        index = yaml.safe_load((mount.root / "modules" / kind / "module-index.yaml").read_text())
+        ours = {h: [os.path.relpath(e["path"], mount.root / "modules" / kind), e["use_name"]]
+                for h, e in index["module_index"].items()}
+        assert ours == theirs[kind]

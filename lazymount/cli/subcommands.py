@@ -158,7 +158,7 @@ def run_spack_config(argv: list[str]) -> int:
         prog="lazymount spack-config",
         description="Print the upstreams.yaml that makes Spack use a lazymount mount as an "
                     "upstream install tree (spack find/load see its packages, spack install "
-                    "reuses them).")
+                    "reuses them, spack module tcl/lmod loads names their module files).")
     parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     parser.add_argument("--name", default="lazymount",
                         help="the upstream's name in upstreams.yaml (default: lazymount)")

@@ -6,7 +6,9 @@ Three kinds of node:
     inside one awaits its materialization;
   * real nodes: files, links and directories of a materialized tree in the store (and our
     ``bin/sbang``), served straight from the store;
-  * ``host/``: per name and version, a link to the best build this CPU runs (``hostdir``).
+  * ``host/``: per name and version, a link to the best build this CPU runs (``hostdir``);
+  * ``modules/``: Tcl and Lua module files and their indexes, made from the index when read
+    (``spack/modulefiles``).
 
 Everything served is immutable, so the kernel is told to cache entries, attributes and
 pages for long. Handlers run on the trio thread; none talks to the network or gpg: they
@@ -35,6 +37,7 @@ from lazymount.errors import LazymountError
 from lazymount.materialize import Materializer
 from lazymount.serve.bindmount import PrefixBinder
 from lazymount.serve.hostdir import HOST_DIR, HostDirs
+from lazymount.spack.modulefiles import MODULES_DIR, ModuleTree
 from lazymount.system import xattrs
 
 log = logging.getLogger(__name__)
@@ -101,7 +104,14 @@ class HostLink:
     target: str  # what readlink answers
 
 
-Node = VirtualDir | PrefixDir | RealNode | HostDir | HostLink
+@dataclass(frozen=True)
+class ModuleText:
+    relative: str  # a module file or module-index.yaml under modules/
+    generation: int = 0  # which ModuleTree: a refresh makes new nodes (new inodes)
+
+
+Node = VirtualDir | PrefixDir | RealNode | HostDir | HostLink | ModuleText
+VIRTUAL_FH = 1 << 40  # file handles of ModuleText opens start here (others are store fds)
 
 
 class InstallTreeFS(pyfuse3.Operations):
@@ -115,12 +125,14 @@ class InstallTreeFS(pyfuse3.Operations):
                  files: dict[str, Path] | None = None, binder: PrefixBinder | None = None,
                  host: HostDirs | None = None, host_dir: bool = True, *,
                  files_pending: trio.Event | None = None,
+                 modules: ModuleTree | None = None,
                  after_init: Callable[[], object] | None = None):
         """``files``: more store files to serve read-only, by path under the mount
         (e.g. ``.spack-db/index.json``); ``bin/sbang`` is always served. ``binder``:
         bind-mounts each ready package on its prefix (``--bind-ready``). ``host``: what the
         host target runs (for the target xattr and log lines), and ``host/`` if ``host_dir``
-        (left out if the install tree has a top directory of that name).
+        (left out if the install tree has a top directory of that name). ``modules``: serves
+        ``modules/`` (likewise).
         ``files_pending``: set once ``files`` are written (the Spack database is written
         after mounting): a lookup of one of them waits for it. ``after_init``: runs once
         the kernel says hello; it must not block."""
@@ -131,6 +143,13 @@ class InstallTreeFS(pyfuse3.Operations):
             host_dir = False
         self.host = host
         self.host_dir = host_dir and host is not None
+        if modules is not None and MODULES_DIR in tree.dirs[""]:
+            log.warning("no %s/: the projection puts a directory of that name at the top of "
+                        "the mount", MODULES_DIR)
+            modules = None
+        self.modules = modules
+        self.modules_generation = 0
+        self.texts: dict[int, bytes] = {}  # open ModuleText handles -> content
         self.binder = binder
         self.after_init = after_init
         self.tree = tree
@@ -186,6 +205,27 @@ class InstallTreeFS(pyfuse3.Operations):
             for name in before.keys() | after.keys():
                 if name not in before or name not in after or before[name] != after[name]:
                     pyfuse3.invalidate_entry_async(ino, os.fsencode(name), ignore_enoent=True)
+
+    def swap_modules(self, modules: ModuleTree) -> None:
+        """Serve the module files of a refreshed index. Their nodes are new (a text may
+        change: module-index.yaml does), so the kernel forgets every module file it looked
+        up and every name that came or went. Nothing to do if ``modules/`` is not shown."""
+        if self.modules is None:
+            return
+        old, self.modules = self.modules, modules
+        self.modules_generation += 1
+        stale: set[tuple[str, str]] = set()
+        for relative in old.dirs.keys() | modules.dirs.keys():
+            for name in old.dirs.get(relative, set()) ^ modules.dirs.get(relative, set()):
+                stale.add((relative, name))
+        for node in list(self.inodes):
+            if isinstance(node, ModuleText):
+                directory, _, name = node.relative.rpartition("/")
+                stale.add((directory, name))
+        for directory, name in stale:
+            parent = self.inodes.get(VirtualDir(directory))
+            if parent is not None:  # never looked up: the kernel holds nothing of it
+                pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
 
     def invalidate_files(self, names: list[str]) -> None:
         """Make the kernel forget what it cached of some of ``files`` (rewritten in place
@@ -246,11 +286,18 @@ class InstallTreeFS(pyfuse3.Operations):
             return RealNode(self.files[relative])
         if relative in self.file_dirs:
             return VirtualDir(relative)
+        if self.modules is not None:
+            if self.modules.is_file(relative):
+                return ModuleText(relative, self.modules_generation)
+            if self.modules.is_dir(relative):
+                return VirtualDir(relative)
         return None
 
     def _children(self, parent: VirtualDir) -> list[str]:
         names = set(self.tree.dirs.get(parent.relative, ()))
         names.update(self.file_dirs.get(parent.relative, ()))
+        if self.modules is not None:
+            names.update(self.modules.dirs.get(parent.relative, ()))
         if parent.relative == "" and self.host_dir:
             names.add(HOST_DIR)
         return sorted(names)
@@ -324,9 +371,19 @@ class InstallTreeFS(pyfuse3.Operations):
         attr.st_size = len(os.fsencode(node.target))
         return attr
 
+    def _text_attr(self, ino: int, node: ModuleText) -> pyfuse3.EntryAttributes:
+        assert self.modules is not None
+        attr = self._dir_attr(ino)
+        attr.st_mode = stat.S_IFREG | 0o444
+        attr.st_nlink = 1
+        attr.st_size = len(self.modules.text(node.relative))
+        return attr
+
     def _attr(self, ino: int, node: Node) -> pyfuse3.EntryAttributes:
         if isinstance(node, RealNode):
             return self._real_attr(ino, node.path)
+        if isinstance(node, ModuleText):
+            return self._text_attr(ino, node)
         if isinstance(node, HostLink):
             return self._link_attr(ino, node)
         return self._dir_attr(ino)
@@ -354,7 +411,7 @@ class InstallTreeFS(pyfuse3.Operations):
             child = (await self._host_children(parent)).get(text)
             if child is None:
                 return self._negative()
-        elif isinstance(parent, HostLink):
+        elif isinstance(parent, HostLink | ModuleText):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         else:
             directory = await self._real_dir(parent, ctx)
@@ -395,7 +452,7 @@ class InstallTreeFS(pyfuse3.Operations):
         elif isinstance(node, HostDir):
             children = await self._host_children(node)
             listing = [(os.fsencode(n), children[n]) for n in sorted(children)]
-        elif isinstance(node, HostLink):
+        elif isinstance(node, HostLink | ModuleText):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         else:
             directory = await self._real_dir(node, ctx)
@@ -428,6 +485,12 @@ class InstallTreeFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if isinstance(node, HostLink):  # opening a link follows it: never reached
             raise pyfuse3.FUSEError(errno.ELOOP)
+        if isinstance(node, ModuleText):
+            assert self.modules is not None
+            handle = VIRTUAL_FH + self.next_handle
+            self.next_handle += 1
+            self.texts[handle] = self.modules.text(node.relative)
+            return pyfuse3.FileInfo(fh=handle, keep_cache=True)
         if not isinstance(node, RealNode):
             raise pyfuse3.FUSEError(errno.EISDIR)
         fd = os.open(node.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -436,9 +499,14 @@ class InstallTreeFS(pyfuse3.Operations):
 
     @errors_to_errno
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        text = self.texts.get(fh)
+        if text is not None:
+            return text[off:off + size]
         return os.pread(fh, size, off)
 
     async def release(self, fh: int) -> None:
+        if self.texts.pop(fh, None) is not None:
+            return
         try:
             os.close(fh)
         except OSError:

@@ -36,6 +36,7 @@ from lazymount.mirror.proxies import ProxyChain
 from lazymount.mirror.transport import Mirror, open_mirror
 from lazymount.serve.fs import InstallTreeFS
 from lazymount.serve.hostdir import HostDirs
+from lazymount.spack.modulefiles import ModuleTree
 from lazymount.spack.upstreamdb import DB_DIR, INDEX, VERIFIER, write_database
 from lazymount.store.content import Store
 from lazymount.trust.policy import Trust
@@ -61,6 +62,7 @@ class Generation:
     tree: InstallTree  # every package of the index
     shown: InstallTree  # what the mount lists (``targets = "host"`` hides some)
     host: HostDirs
+    modules: ModuleTree  # the module files of ``shown``
 
     @property
     def sources(self) -> list[MirrorSource]:
@@ -89,8 +91,9 @@ async def load_generation(config: MountConfig, root: str, catalogs: CatalogStore
                  len(shown.prefixes), len(tree.prefixes), host.name)
     # the catalog and tree live as long as the mount (or until the next refresh): keep them
     # out of every later garbage-collection pass (100,000 records made each take ~0.1 s)
+    modules = await trio.to_thread.run_sync(ModuleTree.build, shown)  # names only: fast
     gc.freeze()
-    return Generation(config, mirrors, trust, tree, shown, HostDirs(tree, host))
+    return Generation(config, mirrors, trust, tree, shown, HostDirs(tree, host), modules)
 
 
 # settings a running mount cannot change: a reload that changes them says so
@@ -174,7 +177,7 @@ class LiveMount:
             != [m.require_signature for m in old.config.mirrors])
         if not mirrors_changed and not keys_changed and await self._indexes_unchanged():
             self.current = Generation(config, old.mirrors, old.trust, old.tree, old.shown,
-                                      old.host)
+                                      old.host, old.modules)
             self.refreshed, self.refresh_error = time.time(), None
             log.debug("refresh (%s): the index is unchanged", why)
             return {"changed": False, "packages": len(old.tree.prefixes)}
@@ -227,6 +230,7 @@ class LiveMount:
         self.materializer.swap(new.tree, new.sources)
         if self.operations is not None:
             self.operations.swap_tree(new.shown)
+            self.operations.swap_modules(new.modules)
         self.current = new
         self.refreshed, self.refresh_error = time.time(), None
         if new.mirrors is not old.mirrors or new.trust is not old.trust:

@@ -1,5 +1,5 @@
 """Spack's own configuration: the binary mirrors of a ``mirrors.yaml``, and the
-``upstreams.yaml`` that makes a Spack use the mount.
+``upstreams.yaml`` that makes a Spack use the mount (its install tree and module roots).
 
 Spack writes a mirror either as ``name: url`` or as a mapping with ``url``, ``fetch`` and
 ``push`` (each a URL, or a mapping holding ``url`` and credentials), ``binary``, ``source``
@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 from lazymount.buildcache.layout import DEFAULT_PROJECTION
 from lazymount.config import MirrorConfig
 from lazymount.errors import UsageError
+from lazymount.spack.modulefiles import upstream_modules
 from lazymount.system import yamlio
 from lazymount.system.files import FileTooLarge, read_bounded
 
@@ -147,6 +148,7 @@ def upstreams_yaml(root: str, projection: str, name: str = "lazymount") -> str:
             "# Spack takes an upstream's prefixes from its database (.spack-db/index.json),",
             "# so your own install_tree:projections need not match.",
         ]
-    body = yamlio.safe_dump({"upstreams": {name: {"install_tree": root}}},
-                            default_flow_style=False)
+    lines.append("# modules: the mount's Tcl and Lmod module roots (spack module ... loads)")
+    entry = {"install_tree": root, "modules": upstream_modules(root)}
+    body = yamlio.safe_dump({"upstreams": {name: entry}}, default_flow_style=False)
     return "\n".join(lines) + "\n" + body

@@ -1,0 +1,355 @@
+"""Environment module files for the packages of the mount, generated from the index alone.
+
+The mount serves two module roots under ``<mount>/modules/``, laid out and named as Spack
+1.1 writes them with its default ``modules.yaml`` (``lib/spack/spack/modules/``):
+
+* ``tcl/`` (Environment Modules): ``<platform>-<os>-<target>/<name>/<version>-<compiler
+  name>-<compiler version>-<hash:7>``, a ``#%Module1.0`` file;
+* ``lmod/`` (Lmod): ``<platform>-<os>-<target family>/Core/<name>/<version>-<hash:7>.lua``.
+  Every compiler counts as a core compiler (the compilers a cache was built with are
+  rarely modules of the site), so everything is under ``Core``;
+
+and in each root a ``module-index.yaml`` (``module_index: {<dag hash>: {path, use_name}}``)
+through which a downstream Spack whose ``upstreams.yaml`` names the roots finds them.
+
+A module file does what Spack's default one does: it autoloads the modules of its direct
+link and run dependencies (``autoload: direct``; a dependency without a module is left
+out), and prepends each directory of Spack's default ``prefix_inspections`` to its
+variable (``bin`` -> ``PATH``, ``man``/``share/man`` -> ``MANPATH``, ... ``.`` ->
+``CMAKE_PREFIX_PATH``). Spack prepends only the directories that exist; the index does not
+list files, so these modules prepend them all (a missing directory on a search path is
+harmless), and looking for one never materializes anything until something is run.
+Package-specific ``setup_run_environment`` code cannot run here: a module file never sets
+what only a package's recipe knows.
+
+Which packages get a module: by default every one the mount installs (its packages and the
+externals they name); a ``Selector`` can narrow that (for example to one build per name and
+version). Names come from the index, which is unsigned: everything written into a module
+file is made of polite file-name characters or checked against ``_SAFE`` first, so an index
+cannot smuggle Tcl or Lua code into a module a user loads.
+
+Pure and cheap: the layout is computed once (no I/O); a file's text is made when it is read.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lazymount.buildcache.index import SpecRecord
+from lazymount.buildcache.layout import (
+    NO_COMPILER,
+    compiler_from_dependencies,
+    node_compiler,
+    polite_filename,
+)
+from lazymount.catalog.hosttarget import microarchitecture, unknown_target
+from lazymount.catalog.installtree import InstallTree
+
+log = logging.getLogger(__name__)
+
+MODULES_DIR = "modules"  # under the mount root
+TCL, LMOD = "tcl", "lmod"
+KINDS = (TCL, LMOD)
+INDEX_FILE = "module-index.yaml"
+CORE = "Core"  # Lmod's directory of modules built with a core compiler
+HASH_LENGTH = 7  # modules:<set>:<kind>:hash_length
+
+# Spack 1.1's default modules:prefix_inspections, in its order: prefix-relative directory,
+# variables it is prepended to
+PREFIX_INSPECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("bin", ("PATH",)),
+    ("man", ("MANPATH",)),
+    ("share/man", ("MANPATH",)),
+    ("share/aclocal", ("ACLOCAL_PATH",)),
+    ("lib/pkgconfig", ("PKG_CONFIG_PATH",)),
+    ("lib64/pkgconfig", ("PKG_CONFIG_PATH",)),
+    ("share/pkgconfig", ("PKG_CONFIG_PATH",)),
+    (".", ("CMAKE_PREFIX_PATH",)),
+)
+# Spack never points a variable at these (spack.util.environment.SYSTEM_DIRS)
+_SYSTEM_ROOTS = ("/", "/usr", "/usr/local")
+SYSTEM_DIRS = frozenset(
+    [os.path.join(r, s) for s in ("bin", "bin64", "include", "lib", "lib64")
+     for r in _SYSTEM_ROOTS] + list(_SYSTEM_ROOTS))
+# what a path written into a module file may hold: no quote, brace, bracket, dollar,
+# backslash, space or control character of Tcl or Lua
+_SAFE = re.compile(r"/[A-Za-z0-9_+.,:@%=/-]*")
+
+# which DAG hashes of the tree get module files; default: every installed one
+Selector = Callable[[InstallTree], Iterable[str]]
+
+
+def installed_hashes(tree: InstallTree) -> list[str]:
+    """Every hash the mount's Spack database says is installed: the packages it serves and
+    the externals of the index."""
+    return [h for h, record in tree.catalog.items()
+            if h in tree.prefixes or record.external_path is not None]
+
+
+@dataclass(frozen=True)
+class ModuleFile:
+    """One module file: what it is for and where it lives."""
+
+    kind: str  # TCL or LMOD
+    dag_hash: str
+    use_name: str  # what `module load` takes
+    relative: str  # path under the mount
+
+
+@dataclass
+class ModuleTree:
+    """The module roots of a mount: their files, directories and index files."""
+
+    tree: InstallTree
+    files: dict[str, ModuleFile] = field(default_factory=dict)  # relative path -> file
+    by_hash: dict[str, dict[str, ModuleFile]] = field(default_factory=dict)  # kind -> hash ->
+    dirs: dict[str, set[str]] = field(default_factory=dict)  # relative dir -> child names
+    _indexes: dict[str, bytes] = field(default_factory=dict)  # kind -> module-index.yaml
+
+    @classmethod
+    def build(cls, tree: InstallTree, select: Selector = installed_hashes) -> ModuleTree:
+        """Lay out the module files of ``select(tree)`` (no I/O)."""
+        modules = cls(tree, by_hash={kind: {} for kind in KINDS})
+        for kind in KINDS:
+            modules._add_dir(f"{MODULES_DIR}/{kind}")
+            modules._add_dir(f"{MODULES_DIR}/{kind}/{INDEX_FILE}")
+        for dag_hash in select(tree):
+            record = tree.catalog.get(dag_hash)
+            if record is None:
+                continue
+            for kind in KINDS:
+                modules._place(kind, record)
+        return modules
+
+    def _add_dir(self, relative: str) -> None:
+        parts = relative.split("/")
+        for depth, name in enumerate(parts):
+            self.dirs.setdefault("/".join(parts[:depth]), set()).add(name)
+
+    def _place(self, kind: str, record: SpecRecord) -> None:
+        names = _names(kind, record, self.tree)
+        if names is None:
+            log.warning("%s: no %s module: its name, version or architecture is empty",
+                        self.tree.label(record.dag_hash), kind)
+            return
+        folder, use_name, extension = names
+        relative = f"{MODULES_DIR}/{kind}/{folder}/{use_name}{extension}"
+        if relative in self.files:
+            log.warning("%s: no %s module: %s is taken by %s", self.tree.label(record.dag_hash),
+                        kind, use_name, self.tree.label(self.files[relative].dag_hash))
+            return
+        module = ModuleFile(kind, record.dag_hash, use_name, relative)
+        self.files[relative] = module
+        self.by_hash[kind][record.dag_hash] = module
+        self._add_dir(relative)
+
+    # ---- what the filesystem asks -----------------------------------------------------
+
+    def root(self, kind: str) -> str:
+        """Absolute path of a module root (what upstreams.yaml's ``modules:`` names)."""
+        return f"{self.tree.root.rstrip('/')}/{MODULES_DIR}/{kind}"
+
+    def is_file(self, relative: str) -> bool:
+        return relative in self.files or _index_kind(relative) is not None
+
+    def is_dir(self, relative: str) -> bool:
+        return relative in self.dirs
+
+    def text(self, relative: str) -> bytes:
+        """The content of a module file or index file. Raises KeyError for other paths."""
+        kind = _index_kind(relative)
+        if kind is not None:
+            return self._index_text(kind)
+        module = self.files[relative]
+        render = _tcl_text if module.kind == TCL else _lua_text
+        return render(self._content(module)).encode()
+
+    def _index_text(self, kind: str) -> bytes:
+        """module-index.yaml: every module of the root by DAG hash (quoted scalars only, so
+        no name reads as a number or a YAML construct). Made once, on first read."""
+        if kind not in self._indexes:
+            self._indexes[kind] = self._make_index(kind)
+        return self._indexes[kind]
+
+    def _make_index(self, kind: str) -> bytes:
+        lines = ["module_index:"]
+        for dag_hash, module in self.by_hash[kind].items():
+            path = f"{self.tree.root.rstrip('/')}/{module.relative}"
+            lines += [f"  {_quote(dag_hash)}:", f"    path: {_quote(path)}",
+                      f"    use_name: {_quote(module.use_name)}"]
+        return ("\n".join(lines) + "\n").encode() if len(lines) > 1 else b"module_index: {}\n"
+
+    def _content(self, module: ModuleFile) -> _Content:
+        record = self.tree.catalog[module.dag_hash]
+        loads = [self.by_hash[module.kind][dep].use_name for dep in record.runtime_deps
+                 if dep in self.by_hash[module.kind]]
+        return _Content(record, module.use_name, loads, _prefix_changes(record, self.tree))
+
+
+# ---- names ------------------------------------------------------------------------------
+
+
+def _names(kind: str, record: SpecRecord, tree: InstallTree) -> tuple[str, str, str] | None:
+    """(architecture folder, use name, file extension) of a record's module, as Spack's
+    TclFileLayout / LmodFileLayout make them (every part a polite file name, so it is safe
+    in Tcl and Lua too); None if a part is empty."""
+    arch = record.place.get("arch") or {}
+    platform, os_name = str(arch.get("platform", "")), str(arch.get("platform_os", ""))
+    target = str(arch.get("target", ""))
+    name, version = polite_filename(record.name), polite_filename(record.version)
+    short = record.dag_hash[:HASH_LENGTH]
+    if kind == TCL:
+        compiler, compiler_version = _compiler(record, tree)
+        folder = f"{platform}-{os_name}-{target}"
+        use_name = f"{name}/{version}-{compiler}-{compiler_version}-{short}"
+        extension = ""
+    else:
+        folder = f"{platform}-{os_name}-{target_family(target)}/{CORE}"
+        use_name = f"{name}/{version}-{short}"
+        extension = ".lua"
+    if any(polite_filename(part) != part or part in ("", ".", "..")
+           for part in (*folder.split("/"), *use_name.split("/"))):
+        return None
+    return folder, use_name, extension
+
+
+def _compiler(record: SpecRecord, tree: InstallTree) -> tuple[str, str]:
+    """Spack's ``{compiler.name}``/``{compiler.version}`` of a module name: ``none`` for a
+    node built without a compiler."""
+    name, version = node_compiler(record.place)
+    if not name:
+        name, version = compiler_from_dependencies(record.place, tree.node_of)
+    if not name:
+        return NO_COMPILER, NO_COMPILER
+    return polite_filename(name), polite_filename(version or NO_COMPILER)
+
+
+@functools.lru_cache(maxsize=64)
+def target_family(target: str) -> str:
+    """archspec's family of a target (``x86_64`` for ``skylake``), which names Lmod's
+    architecture folder; the target itself if archspec does not know it."""
+    if unknown_target(target) is not None:
+        return target
+    return str(microarchitecture(target).family.name)
+
+
+def _index_kind(relative: str) -> str | None:
+    for kind in KINDS:
+        if relative == f"{MODULES_DIR}/{kind}/{INDEX_FILE}":
+            return kind
+    return None
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+# ---- contents ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Content:
+    record: SpecRecord
+    use_name: str
+    loads: list[str]  # use names of the modules it autoloads
+    changes: list[tuple[str, str]]  # (variable, directory) to prepend, in order
+
+    @property
+    def name(self) -> str:
+        return polite_filename(self.record.name)
+
+    @property
+    def version(self) -> str:
+        return polite_filename(self.record.version)
+
+    @property
+    def target(self) -> str:
+        return polite_filename(str((self.record.place.get("arch") or {}).get("target", "")))
+
+    @property
+    def manpath(self) -> bool:
+        return any(variable == "MANPATH" for variable, _ in self.changes)
+
+
+def _prefix_changes(record: SpecRecord, tree: InstallTree) -> list[tuple[str, str]]:
+    """(variable, directory) pairs of the default prefix inspections. A package of the
+    mount gets all of them; an external (a real directory of this host) only those that
+    exist and are not system directories, as Spack does."""
+    external = record.external_path
+    prefix = external if external is not None else tree.prefix_of(record.dag_hash)
+    if prefix is None or not _SAFE.fullmatch(prefix):
+        return []
+    changes = []
+    for relative, variables in PREFIX_INSPECTIONS:
+        directory = os.path.join(prefix, os.path.normpath(relative))
+        if external is not None and (os.path.normpath(directory) in SYSTEM_DIRS
+                                     or not os.path.isdir(directory)):
+            continue
+        changes += [(variable, directory) for variable in variables]
+    return changes
+
+
+def _tcl_text(c: _Content) -> str:
+    lines = [
+        "#%Module1.0",
+        "## Module file generated by lazymount from a Spack build cache index",
+        "##",
+        f"## {c.name}@{c.version}/{c.record.dag_hash[:HASH_LENGTH]}",
+        "##",
+        "",
+        f"module-whatis {{{c.name} @{c.version}}}",
+        "",
+        "proc ModulesHelp { } {",
+        f"    puts stderr {{Name   : {c.name}}}",
+        f"    puts stderr {{Version: {c.version}}}",
+        f"    puts stderr {{Target : {c.target}}}",
+        "}",
+        "",
+    ]
+    if c.loads:  # Lmod reads Tcl modules too: there, depends-on
+        lines.append("if {![info exists ::env(LMOD_VERSION_MAJOR)]} {")
+        lines += [f"    module load {name}" for name in c.loads]
+        lines.append("} else {")
+        lines += [f"    depends-on {name}" for name in c.loads]
+        lines += ["}", ""]
+    lines += [f"prepend-path {variable} {{{path}}}" for variable, path in c.changes]
+    if c.manpath:  # keep the system's man pages: a trailing ':'
+        lines.append("append-path MANPATH {}")
+    return "\n".join(lines) + "\n"
+
+
+def _lua_text(c: _Content) -> str:
+    lines = [
+        "-- -*- lua -*-",
+        "-- Module file generated by lazymount from a Spack build cache index",
+        "--",
+        f"-- {c.name}@{c.version}/{c.record.dag_hash[:HASH_LENGTH]}",
+        "--",
+        "",
+        f"whatis([[Name : {c.name}]])",
+        f"whatis([[Version : {c.version}]])",
+        f"whatis([[Target : {c.target}]])",
+        "",
+        f"help([[Name   : {c.name}]])",
+        f"help([[Version: {c.version}]])",
+        f"help([[Target : {c.target}]])",
+        "",
+    ]
+    lines += [f'depends_on("{name}")' for name in c.loads]
+    if c.loads:
+        lines.append("")
+    lines += [f'prepend_path("{variable}", "{path}", ":")' for variable, path in c.changes]
+    if c.manpath:
+        lines.append('append_path("MANPATH", "", ":")')
+    return "\n".join(lines) + "\n"
+
+
+def upstream_modules(root: str) -> dict[str, Any]:
+    """The ``modules:`` entry of an upstreams.yaml for a mount at ``root``."""
+    return {kind: f"{root.rstrip('/')}/{MODULES_DIR}/{kind}" for kind in KINDS}
