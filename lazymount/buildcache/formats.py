@@ -47,6 +47,7 @@ from lazymount.buildcache.layout import (
     V2_INDEX,
     V2_INDEX_HASH,
     V2_KEY_INDEX,
+    is_sha256,
     key_manifest_path,
     spec_manifest_path,
     v2_spec_file_path,
@@ -62,7 +63,6 @@ MAX_SPEC_JSON = 64 << 20  # expanded spec JSON (v3 blob or v2 spec file); real o
 V2_SPEC_LAYOUTS = (1, 2)  # buildcache_layout_version of v2 spec files whose .spack we can read
 MAX_KEY_BYTES = 1 << 20  # one published key file or key index
 
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 _FINGERPRINT = re.compile(r"[0-9A-F]{40}|[0-9A-F]{64}")
 
 class DocumentTrust(Protocol):
@@ -183,7 +183,7 @@ class LayoutV2(CacheLayout):
         if text is None:
             return Identity(True, None, etag)
         checksum = text.decode(errors="replace").strip()
-        return Identity(False, checksum if _HEX64.fullmatch(checksum) else None, new_etag)
+        return Identity(False, checksum if is_sha256(checksum) else None, new_etag)
 
     async def read_entry(
         self, mirror: Mirror, record: SpecRecord, trust: DocumentTrust, label: str
@@ -216,7 +216,7 @@ def _v2_tarball(doc: dict[str, Any], root: Any, dag_hash: str, label: str) -> Bl
     algorithm, digest = checksum.get("hash_algorithm"), checksum.get("hash")
     if algorithm != "sha256":
         raise FormatError(f"{label}: unsupported tarball checksum algorithm {algorithm!r}")
-    if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+    if not isinstance(digest, str) or not is_sha256(digest):
         raise FormatError(f"{label}: tarball checksum {str(digest)[:80]!r} is not a sha256")
     if not isinstance(root, dict):
         raise FormatError(f"{label}: the spec file's root node is not a mapping")

@@ -51,6 +51,11 @@ def is_dag_hash(value: str) -> bool:
     return bool(_DAG_HASH.fullmatch(value))
 
 
+def is_sha256(value: str) -> bool:
+    """True for 64 lowercase hex digits (a sha256 digest as Spack writes it)."""
+    return bool(_HEX64.fullmatch(value))
+
+
 def spec_manifest_path(name: str, version: str, dag_hash: str) -> str:
     """Mirror-relative path of a spec's signed manifest."""
     n, v, h = polite_filename(name), polite_filename(version), polite_filename(dag_hash)
@@ -63,7 +68,7 @@ def key_manifest_path(fingerprint: str) -> str:
 
 def blob_path(checksum: str) -> str:
     """Mirror-relative path of a content-addressed blob; refuses anything but 64 hex digits."""
-    if not _HEX64.fullmatch(checksum):
+    if not is_sha256(checksum):
         raise FormatError(f"blob checksum {checksum[:80]!r} is not a sha256 hex digest")
     return f"blobs/sha256/{checksum[:2]}/{checksum}"
 

@@ -31,7 +31,6 @@ import json.decoder
 import logging
 import marshal
 import os
-import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -43,6 +42,7 @@ import trio
 
 from lazymount.buildcache.formats import LAYOUT_VERSIONS, Identity, discover, stored_layout
 from lazymount.buildcache.index import IndexNodes, SpecRecord, records_of, scan_index
+from lazymount.buildcache.layout import is_sha256
 from lazymount.catalog.installtree import InstallTree
 from lazymount.errors import FormatError, LazymountError, NotInMirror, StoreError
 from lazymount.mirror.transport import Mirror
@@ -51,7 +51,6 @@ from lazymount.system.files import write_atomically
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the payload changes shape
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class CatalogStore:
@@ -179,7 +178,7 @@ class CatalogStore:
             good = (isinstance(header, dict) and header.get("format") == FORMAT
                     and header.get("python") == list(sys.version_info[:2])
                     and header.get("url") == url and header.get("layout") in LAYOUT_VERSIONS
-                    and _HEX64.fullmatch(str(header.get("checksum")))
+                    and is_sha256(str(header.get("checksum")))
                     and header.get("payload") == hashlib.sha256(payload).hexdigest())
         except ValueError:
             good = False

@@ -122,13 +122,7 @@ def _rpath(f: BinaryIO, elf: ELFFile, dynamic) -> CString | None:
         raise _Unusable("no unique RPATH/RUNPATH or DT_STRTAB")
     if not rpaths:
         return None
-    table = next(elf.address_offsets(strtabs[0]), None)
-    if table is None:
-        raise _Unusable("DT_STRTAB is not in a loaded segment")
-    room = _MAX_CSTRING if strsz is None else strsz - rpaths[0]
-    if room <= 0:
-        raise _Unusable("RPATH offset is past the string table")
-    return _cstring(f, table + rpaths[0], room)
+    return _rpath_at(f, next(elf.address_offsets(strtabs[0]), None), rpaths[0], strsz)
 
 
 _EHDR64 = struct.Struct("<16sHHIQQQIHHHHHH")
@@ -200,12 +194,18 @@ def _rpath64le(f: BinaryIO, dynamic: tuple[int, int],
     address = strtabs[0]
     table = next((address - vaddr + seg_offset for vaddr, size, seg_offset in loads
                   if vaddr <= address and address + 1 <= vaddr + size), None)
+    return _rpath_at(f, table, rpaths[0], strsz)
+
+
+def _rpath_at(f: BinaryIO, table: int | None, offset: int, strsz: int | None) -> CString:
+    """The RPATH string at ``offset`` in the string table at file offset ``table`` (None:
+    the table is in no loaded segment) of ``strsz`` bytes (None: unknown)."""
     if table is None:
         raise _Unusable("DT_STRTAB is not in a loaded segment")
-    room = _MAX_CSTRING if strsz is None else strsz - rpaths[0]
+    room = _MAX_CSTRING if strsz is None else strsz - offset
     if room <= 0:
         raise _Unusable("RPATH offset is past the string table")
-    return _cstring(f, table + rpaths[0], room)
+    return _cstring(f, table + offset, room)
 
 
 def _cstring(f: BinaryIO, offset: int, room: int) -> CString:

@@ -29,7 +29,6 @@ from lazymount.system.files import write_atomically
 from lazymount.trust.verify import PublicKey, read_key_file, read_public_keys
 
 KEY_SUFFIX = ".asc"
-_FINGERPRINT = re.compile(r"[0-9A-F]{40}|[0-9A-F]{64}")
 
 
 def default_keyring_dir() -> Path:
