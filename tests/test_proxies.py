@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_CACHE, LMGREET, LMHELLO
+from conftest import FIXTURE_CACHE, LMGREET, LMHELLO, lazymount_command
 from squid import Squid, refused_proxy, start_silent_proxy, start_squid
 
 from lazymount import configfile
@@ -157,6 +157,18 @@ def test_a_hung_first_proxy_costs_one_wait_not_one_per_request(
         assert len(through_squid) >= 8, squid.access_log()
         assert len(silent.accepted) == 1
         assert f"proxy {silent.url} failed (no answer in 3 s" in mount.log_text()
+        # status shows each proxy's health
+        status = subprocess.run(lazymount_command("status", "--json", str(mount.root)),
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+        health = {p["proxy"]: p for p in json.loads(status.stdout)["proxies"]}
+        assert not health[silent.url]["up"] and health[silent.url]["failures"] == 1
+        assert "no answer" in health[silent.url]["last_error"]
+        assert health[squid.url]["up"] and health[squid.url]["answered"] >= 8
+        assert health[squid.url]["group"] == 1 and health[silent.url]["group"] == 0
+        words = subprocess.run(lazymount_command("status", str(mount.root)),
+                               capture_output=True, text=True, timeout=60).stdout
+        assert f"resting  {silent.url} (group 1" in words and f"up       {squid.url}" in words
     finally:
         silent.stop()
 
@@ -209,9 +221,16 @@ def test_an_index_change_reaches_a_daemon_through_squid(
     origin = http_server(root)
     mount = mount_cache([origin.url], extra=(f"--proxy={squid.url}",))
     assert os.listdir(mount.root / "linux-x86_64") == [LMGREET]
-    subprocess.run(["fusermount3", "-u", str(mount.root)], check=True)
-    mount.process.wait(30)  # type: ignore[union-attr]
     # the mirror publishes a new index; squid holds the old manifest, fresh by its rules
     (root / INDEX_MANIFEST).write_bytes(full_manifest)
-    again = mount_cache([origin.url], extra=(f"--proxy={squid.url}",), root=mount.root)
+    refresh = subprocess.run(lazymount_command("refresh", str(mount.root)),
+                             capture_output=True, text=True, timeout=120)
+    assert refresh.returncode == 0, refresh.stderr
+    assert "the index changed" in refresh.stdout
+    assert sorted(os.listdir(mount.root / "linux-x86_64")) == [LMGREET, LMHELLO]
+    # and a remount (through the same squid) sees it too
+    subprocess.run(["fusermount3", "-u", str(mount.root)], check=True)
+    mount.process.wait(30)  # type: ignore[union-attr]
+    again = mount_cache([origin.url], extra=(f"--proxy={squid.url}",), root=mount.root,
+                        store=tmp_path / "another-store")
     assert sorted(os.listdir(again.root / "linux-x86_64")) == [LMGREET, LMHELLO]

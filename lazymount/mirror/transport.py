@@ -75,6 +75,7 @@ class Mirror:
     ``url`` is how it is named in messages and status: never with a password in it."""
 
     url: str
+    proxy_chain: ProxyChain | None = None  # the proxies configured (HTTP mirrors)
     health: MirrorHealth
 
     async def read(self, path: str, max_bytes: int, *, revalidate: bool = False) -> bytes:
@@ -165,6 +166,7 @@ class HttpMirror(Mirror):
         self.health = MirrorHealth()
         self.timeouts = timeouts
         self.tls = tls_context(ca_certs)
+        self.proxy_chain = proxies
         self.proxies = None if proxies is None or bypasses_proxies(self.url) else proxies
         self.client = self._new_client(trust_env=proxies is None)
         self._via: dict[str, httpx.AsyncClient] = {}  # proxy URL -> its client

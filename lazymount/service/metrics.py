@@ -52,6 +52,18 @@ class _StatusCollector:
         yield up
         yield fetched
 
+        proxy_up = GaugeMetricFamily("lazymount_proxy_up", "1 if the proxy is in use, 0 while "
+                                     "it rests after a failure", labels=["mountpoint", "proxy",
+                                                                         "group"])
+        proxy_failures = GaugeMetricFamily("lazymount_proxy_failures", "the proxy's failures "
+                                           "in a row", labels=["mountpoint", "proxy", "group"])
+        for proxy in status.get("proxies", []):
+            labels = [mountpoint, proxy["proxy"], str(proxy["group"] + 1)]
+            proxy_up.add_metric(labels, 1.0 if proxy["up"] else 0.0)
+            proxy_failures.add_metric(labels, proxy["failures"])
+        yield proxy_up
+        yield proxy_failures
+
         index = status["index"]
         yield _gauge("lazymount_index_packages", "packages the mounted index lists",
                      mountpoint, index["packages"])

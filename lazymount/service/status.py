@@ -45,8 +45,24 @@ async def collect(live: LiveMount) -> dict[str, Any]:
         "packages": packages(live),
         "store": await store_usage(live.store, live.materializer.root_digest),
         "fetched_bytes": sum(m.health.fetched_bytes for m in _all_mirrors(live)),
+        "proxies": proxy_health(generation.mirrors),
+        "shared_store": _shared_store(live),
     }
     return status
+
+
+def proxy_health(mirrors: list[Mirror]) -> list[dict[str, Any]]:
+    """Each configured proxy's health (``[]`` without a proxy list): the mirrors of a mount
+    share one chain."""
+    chains = {id(m.proxy_chain): m.proxy_chain for m in mirrors if m.proxy_chain is not None}
+    return [entry for chain in chains.values() for entry in chain.status()]
+
+
+def _shared_store(live: LiveMount) -> dict[str, Any] | None:
+    shared = live.materializer.shared
+    if shared is None:
+        return None
+    return {"path": str(shared.root), "writable": shared.writable}
 
 
 def _mirror(mirror: Mirror) -> dict[str, Any]:
@@ -153,6 +169,22 @@ def render(status: dict[str, Any]) -> str:
         if mirror["state"] != "ok" and mirror["last_error"]:
             line += f"\n           last error: {mirror['last_error']}"
         lines.append(line)
+    if status.get("proxies"):
+        lines.append("proxies:")
+        for proxy in status["proxies"]:
+            state = "up" if proxy["up"] else "resting"
+            line = (f"  {state:<8} {proxy['proxy']} (group {proxy['group'] + 1}, "
+                    f"{proxy['answered']} answered")
+            if not proxy["up"]:
+                line += f", {proxy['failures']} failures, retried in {proxy['retry_in']:.0f} s"
+            line += ")"
+            if proxy["last_error"] and not proxy["up"]:
+                line += f"\n           last error: {proxy['last_error']}"
+            lines.append(line)
+    shared = status.get("shared_store")
+    if shared:
+        lines.append(f"shared:   {shared['path']}"
+                     + ("" if shared["writable"] else " (read-only here)"))
     return "\n".join(lines) + "\n"
 
 
