@@ -187,7 +187,7 @@ def _answerer(live: LiveMount) -> control.Handler:
         if command == "status":
             return await status.collect(live)
         if command == "package":
-            return status.package_at(live, str(request.get("path", "")))
+            return await status.package_at(live, str(request.get("path", "")))
         if command == "refresh":
             if request.get("uid") not in (0, os.geteuid()):
                 return {"error": "only root or the user who mounted it may refresh a mount"}

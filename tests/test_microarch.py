@@ -192,3 +192,38 @@ def test_real_spack_still_sees_every_build_with_targets_host(served, mount_cache
     for target, name in LMISA.items():
         assert f"{name} {target}" in lines, found
     assert f"{LMISA_11} x86_64" in lines
+
+
+def lazymount_status(*args: str) -> str:
+    result = subprocess.run(lazymount_command("status", *args), capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_status_of_a_host_path_names_the_build_and_its_alternatives(served, mount_cache):
+    mount = mount_cache([served.url], extra=("--host-target=x86_64_v3",))
+    before = list(served.requests)
+    text = lazymount_status(str(mount.root / "host" / "lmisa" / "1.0" / "bin" / "isa"))
+    lines = text.splitlines()
+    assert lines[0] == (f"{mount.root}/linux-x86_64_v3/{LMISA['x86_64_v3']}: "
+                        "lmisa-1.0-prrygt2: absent")
+    assert lines[1] == "  target: x86_64_v3, runs on this CPU (x86_64_v3); host/ chooses it"
+    assert lines[2] == "  builds of this version, best for x86_64_v3 first:"
+    assert [line.split()[0] for line in lines[3:]] == ["x86_64_v3", "x86_64", "x86_64_v4"]
+    assert lines[5].endswith("(built for x86_64_v4; this CPU is x86_64_v3)")
+    foreign = lazymount_status(str(mount.root / "linux-x86_64_v4" / LMISA["x86_64_v4"]))
+    assert ("target: x86_64_v4, does not run here: built for x86_64_v4; this CPU is x86_64_v3"
+            in foreign)
+    whole = lazymount_status(str(mount.root))
+    assert "host:     x86_64_v3 (--host-target); shows every build, host/ served" in whole
+    assert served.requests == before  # all from the index
+
+
+def test_status_of_a_hidden_build_says_why_it_is_hidden(served, mount_cache):
+    mount = mount_cache([served.url], extra=("--host-target=x86_64_v3", "--targets=host"))
+    text = lazymount_status(str(mount.root / "linux-x86_64_v4" / LMISA["x86_64_v4"] / "bin"))
+    assert text.splitlines()[0] == (
+        f"{mount.root}/linux-x86_64_v4/{LMISA['x86_64_v4']}: lmisa-1.0-exfln2z: hidden: "
+        "targets = host hides it: built for x86_64_v4; this CPU is x86_64_v3")
+    assert "shows only the builds it runs" in lazymount_status(str(mount.root))

@@ -106,6 +106,22 @@ class HostDirs:
                 "chosen_for_host": chosen is not None and chosen.dag_hash == dag_hash,
                 "alternatives": alternatives}
 
+    async def resolve(self, relative: str) -> str | None:
+        """A path under ``host/<name>/<version or default>/...`` as the path under the
+        mount it leads to (the chosen build's prefix, then the rest); None for any other
+        path, or one ``host/`` does not hold."""
+        parts = [p for p in relative.split("/") if p not in ("", ".")]
+        if len(parts) < 3 or parts[0] != HOST_DIR:
+            return None
+        view = await self.view()
+        name, version = parts[1], parts[2]
+        if version == DEFAULT_LINK and view.chosen(name, version) is None:
+            version = view.newest(name) or version
+        build = view.chosen(name, version)
+        if build is None:
+            return None
+        return "/".join([self.tree.prefixes[build.dag_hash], *parts[3:]])
+
     def hidden_at(self, relative: str) -> str | None:
         """The build whose prefix holds ``relative`` in the whole tree, for a path that
         ``--targets host`` hides from the mount; None if no prefix holds it."""

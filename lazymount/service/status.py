@@ -18,6 +18,7 @@ import trio
 from lazymount import __version__
 from lazymount.buildcache.formats import known_layout
 from lazymount.mirror.transport import Mirror
+from lazymount.serve.hostdir import render_status
 from lazymount.service.live import LiveMount
 from lazymount.store.content import Store
 
@@ -43,6 +44,9 @@ async def collect(live: LiveMount) -> dict[str, Any]:
             "last_error": live.refresh_error,
         },
         "packages": packages(live),
+        "host": {"target": generation.host.host.name,
+                 "given": live.config.host_target is not None,
+                 "targets": live.config.targets, "view": live.config.host_view},
         "store": await store_usage(live.store, live.materializer.root_digest),
         "fetched_bytes": sum(m.health.fetched_bytes for m in _all_mirrors(live)),
         "proxies": proxy_health(generation.mirrors),
@@ -128,10 +132,15 @@ def _measure(store: Store) -> dict[str, Any]:
     return {"bytes": total, "packages": count}
 
 
-def package_at(live: LiveMount, relative: str) -> dict[str, Any]:
-    """For a path under the mount: the package whose prefix holds it, its state and why."""
+async def package_at(live: LiveMount, relative: str) -> dict[str, Any]:
+    """For a path under the mount: the package whose prefix holds it, its state and why,
+    and what the host target makes of it (``host``). A path under ``host/`` is followed to
+    the build it leads to; a build ``targets = "host"`` hides is named, with the reason."""
+    generation = live.current
+    if live.config.host_view:
+        relative = await generation.host.resolve(relative) or relative
     parts = [p for p in relative.split("/") if p not in ("", ".")]
-    tree = live.current.shown
+    tree = generation.shown
     for depth in range(len(parts), 0, -1):
         dag_hash = tree.by_path.get("/".join(parts[:depth]))
         if dag_hash is not None:
@@ -139,7 +148,14 @@ def package_at(live: LiveMount, relative: str) -> dict[str, Any]:
             word, _, reason = state.partition(": ")
             return {"path": relative, "package": tree.label(dag_hash), "hash": dag_hash,
                     "prefix": f"{live.root.rstrip('/')}/{'/'.join(parts[:depth])}",
-                    "state": word, "reason": reason or None}
+                    "state": word, "reason": reason or None,
+                    "host": await generation.host.status_of(dag_hash)}
+    hidden = generation.host.hidden_at(relative) if tree is not generation.tree else None
+    if hidden is not None:
+        host = await generation.host.status_of(hidden)
+        return {"path": relative, "package": generation.tree.label(hidden), "hash": hidden,
+                "prefix": generation.tree.prefix_of(hidden), "state": "hidden",
+                "reason": f"targets = host hides it: {host['why_not']}", "host": host}
     return {"path": relative, "package": None, "state": None,
             "reason": "not inside a package prefix of this mount"}
 
@@ -158,6 +174,12 @@ def render(status: dict[str, Any]) -> str:
     ]
     for failure in pkgs["failed"]:
         lines.append(f"  failed  {failure['name']}/{failure['hash'][:7]}: {failure['reason']}")
+    host = status.get("host")
+    if host:
+        how = "--host-target" if host["given"] else "detected"
+        shows = "only the builds it runs" if host["targets"] == "host" else "every build"
+        served = ", host/ served" if host["view"] else ""
+        lines.append(f"host:     {host['target']} ({how}); shows {shows}{served}")
     quota = f" of {_bytes(store['quota_bytes'])}" if store.get("quota_bytes") else ""
     lines.append(f"store:    {store['path']}: {_bytes(store['bytes'])}{quota}, "
                  f"{store['packages']} packages")
@@ -192,7 +214,9 @@ def render_package(answer: dict[str, Any]) -> str:
     if answer.get("package") is None:
         return f"{answer['path']}: {answer['reason']}\n"
     text = f"{answer['prefix']}: {answer['package']}: {answer['state']}"
-    return text + (f": {answer['reason']}" if answer.get("reason") else "") + "\n"
+    text += f": {answer['reason']}" if answer.get("reason") else ""
+    lines = render_status(answer["host"]) if answer.get("host") else []
+    return "\n".join([text, *lines]) + "\n"
 
 
 def _iso(stamp: float | None) -> str | None:
