@@ -334,6 +334,31 @@ def test_stopped_mirror_and_failed_package_show_their_reason(http_server, daemon
     assert mount.listing() == [LMGREET, LMHELLO]
 
 
+def test_credentials_in_mirror_urls_are_never_shown(http_server, daemon, tmp_path):
+    server = http_server(FIXTURE_CACHE)
+    port = server.url.rsplit(":", 1)[1]
+    mount = daemon([f"http://reader:s3cret@127.0.0.1:{port}"], index_refresh="off")
+    assert run(mount.root / "linux-x86_64" / LMHELLO / "bin" / "hello").returncode == 0
+    status = mount.json_status()
+    assert status["mirrors"][0]["url"] == f"http://***@127.0.0.1:{port}"
+    shown = (json.dumps(status) + mount.status(str(mount.root), "--prometheus").stdout
+             + mount.status(str(mount.root)).stdout + mount.log_text())
+    assert "s3cret" not in shown and "reader" not in shown
+
+
+def test_status_of_every_mount_in_one_exposition(http_server, daemon):
+    server = http_server(FIXTURE_CACHE)
+    first = daemon([server.url], index_refresh="off")
+    second = daemon([server.url], index_refresh="off")
+    result = first.status("--prometheus")
+    assert result.returncode == 0, result.stderr
+    families = {f.name: f for f in text_string_to_metric_families(result.stdout)}
+    shown = {s.labels["mountpoint"] for s in families["lazymount_index_packages"].samples}
+    assert {str(first.root), str(second.root)} <= shown  # (other mounts may run too)
+    listed = json.loads(first.status("--json").stdout)
+    assert {str(first.root), str(second.root)} <= {s["mountpoint"] for s in listed}
+
+
 def test_status_without_a_daemon_says_so(tmp_path):
     result = subprocess.run(lazymount_command("status", str(tmp_path)), capture_output=True,
                             text=True, timeout=60)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from conftest import FIXTURE_CACHE, FIXTURE_KEY, LMHELLO, lazymount_command, short_dir
 
 
@@ -137,3 +139,15 @@ def test_kill_9_then_the_same_command_brings_the_mount_back(http_server, tmp_pat
         unmount(root)
     assert not os.path.ismount(root)
     root.rmdir()
+
+
+def test_systemd_unit_verifies_clean(tmp_path):
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    unit = Path(__file__).parent.parent / "systemd" / "lazymount@.service"
+    instance = tmp_path / "lazymount@opt-spack.service"  # a template verifies as an instance
+    instance.write_text(unit.read_text())
+    result = subprocess.run(["systemd-analyze", "verify", str(instance)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+    assert "lazymount@opt-spack.service" not in result.stderr, result.stderr

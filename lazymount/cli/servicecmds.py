@@ -74,7 +74,7 @@ def run_status(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(answers[0] if args.target is not None else answers, indent=1))
     elif args.prometheus:
-        sys.stdout.write("".join(exposition(answer) for answer in answers))
+        sys.stdout.write(exposition(*answers))
     else:
         sys.stdout.write("\n".join(render(answer) for answer in answers))
     return 0
@@ -87,6 +87,8 @@ def _every_mount() -> list[dict[str, Any]]:
             answers.append(_checked(control.ask(path, {"command": "status"})))
         except OSError:
             continue  # a socket left by a daemon that is gone
+        except UsageError as exc:  # one confused daemon must not hide the others
+            print(f"lazymount: {exc}", file=sys.stderr)
     if not answers:
         places = dict.fromkeys([control.runtime_dir(), control.SYSTEM_DIR])
         raise UsageError(f"no running lazymount answers (looked in "

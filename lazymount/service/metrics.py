@@ -27,84 +27,75 @@ MAX_REQUEST_BYTES = 8192
 
 
 class _StatusCollector:
-    def __init__(self, status: dict[str, Any]):
-        self.status = status
+    """The metrics of one or more mounts' statuses: one family per name, one sample (set)
+    per mount, labelled with its mount point."""
+
+    def __init__(self, statuses: list[dict[str, Any]]):
+        self.statuses = statuses
 
     def collect(self) -> Iterator[Metric]:
-        status = self.status
-        mountpoint = status["mountpoint"]
-        info = InfoMetricFamily("lazymount", "the running lazymount",
-                                labels=["mountpoint"])
-        info.add_metric([mountpoint], {"version": status["version"], "pid": str(status["pid"])})
-        yield info
-
+        info = InfoMetricFamily("lazymount", "the running lazymount", labels=["mountpoint"])
         up = GaugeMetricFamily("lazymount_mirror_up", "1 if the mirror's last request "
                                "succeeded, 0 if it failed or was not made yet",
                                labels=["mountpoint", "url", "layout"])
-        fetched = CounterMetricFamily("lazymount_mirror_fetched_bytes", "bytes received "
-                                      "from the mirror since the mount started",
-                                      labels=["mountpoint", "url"])
-        for mirror in status["mirrors"]:
-            layout = f"v{mirror['layout']}" if mirror["layout"] else ""
-            up.add_metric([mountpoint, mirror["url"], layout],
-                          1.0 if mirror["state"] == "ok" else 0.0)
-            fetched.add_metric([mountpoint, mirror["url"]], mirror.get("fetched_bytes", 0))
-        yield up
-        yield fetched
-
+        mirror_bytes = CounterMetricFamily("lazymount_mirror_fetched_bytes", "bytes "
+                                           "received from the mirror since the mount started",
+                                           labels=["mountpoint", "url"])
+        gauges = {name: GaugeMetricFamily(name, text, labels=["mountpoint"]) for name, text in (
+            ("lazymount_index_packages", "packages the mounted index lists"),
+            ("lazymount_index_age_seconds", "seconds since the index was last found current"),
+            ("lazymount_index_refresh_failing", "1 if the last index refresh failed"),
+            ("lazymount_store_bytes", "bytes on disk in the store"),
+            ("lazymount_store_packages", "packages in the store"),
+            ("lazymount_store_quota_bytes", "size limit of the store"),
+        )}
         proxy_up = GaugeMetricFamily("lazymount_proxy_up", "1 if the proxy is in use, 0 while "
-                                     "it rests after a failure", labels=["mountpoint", "proxy",
-                                                                         "group"])
+                                     "it rests after a failure",
+                                     labels=["mountpoint", "proxy", "group"])
         proxy_failures = GaugeMetricFamily("lazymount_proxy_failures", "the proxy's failures "
                                            "in a row", labels=["mountpoint", "proxy", "group"])
-        for proxy in status.get("proxies", []):
-            labels = [mountpoint, proxy["proxy"], str(proxy["group"] + 1)]
-            proxy_up.add_metric(labels, 1.0 if proxy["up"] else 0.0)
-            proxy_failures.add_metric(labels, proxy["failures"])
-        yield proxy_up
-        yield proxy_failures
-
-        index = status["index"]
-        yield _gauge("lazymount_index_packages", "packages the mounted index lists",
-                     mountpoint, index["packages"])
-        yield _gauge("lazymount_index_age_seconds", "seconds since the index was last found "
-                     "current", mountpoint, index["age_s"])
-        yield _gauge("lazymount_index_refresh_failing", "1 if the last index refresh failed",
-                     mountpoint, 1.0 if index.get("last_error") else 0.0)
-
         packages = GaugeMetricFamily("lazymount_packages", "packages this mount has "
                                      "handled, by state", labels=["mountpoint", "state"])
-        pkgs = status["packages"]
-        packages.add_metric([mountpoint, "ready"], pkgs["ready"])
-        packages.add_metric([mountpoint, "materializing"], pkgs["materializing"])
-        packages.add_metric([mountpoint, "failed"], len(pkgs["failed"]))
-        yield packages
+        fetched = CounterMetricFamily("lazymount_fetched_bytes", "bytes received from all "
+                                      "mirrors since the mount started", labels=["mountpoint"])
+        for status in self.statuses:
+            mountpoint = status["mountpoint"]
+            info.add_metric([mountpoint], {"version": status["version"],
+                                           "pid": str(status["pid"])})
+            for mirror in status["mirrors"]:
+                layout = f"v{mirror['layout']}" if mirror["layout"] else ""
+                up.add_metric([mountpoint, mirror["url"], layout],
+                              1.0 if mirror["state"] == "ok" else 0.0)
+                mirror_bytes.add_metric([mountpoint, mirror["url"]],
+                                        mirror.get("fetched_bytes", 0))
+            for proxy in status.get("proxies", []):
+                labels = [mountpoint, proxy["proxy"], str(proxy["group"] + 1)]
+                proxy_up.add_metric(labels, 1.0 if proxy["up"] else 0.0)
+                proxy_failures.add_metric(labels, proxy["failures"])
+            index, store, pkgs = status["index"], status["store"], status["packages"]
+            values = {
+                "lazymount_index_packages": index["packages"],
+                "lazymount_index_age_seconds": index["age_s"],
+                "lazymount_index_refresh_failing": 1.0 if index.get("last_error") else 0.0,
+                "lazymount_store_bytes": store["bytes"],
+                "lazymount_store_packages": store["packages"],
+                "lazymount_store_quota_bytes": store.get("quota_bytes"),
+            }
+            for name, value in values.items():
+                if value is not None:
+                    gauges[name].add_metric([mountpoint], value)
+            for state in ("ready", "materializing"):
+                packages.add_metric([mountpoint, state], pkgs[state])
+            packages.add_metric([mountpoint, "failed"], len(pkgs["failed"]))
+            fetched.add_metric([mountpoint], status["fetched_bytes"])
+        yield from (info, up, mirror_bytes, proxy_up, proxy_failures, *gauges.values(),
+                    packages, fetched)
 
-        store = status["store"]
-        yield _gauge("lazymount_store_bytes", "bytes on disk in the store", mountpoint,
-                     store["bytes"])
-        yield _gauge("lazymount_store_packages", "packages in the store", mountpoint,
-                     store["packages"])
-        if store.get("quota_bytes") is not None:
-            yield _gauge("lazymount_store_quota_bytes", "size limit of the store",
-                         mountpoint, store["quota_bytes"])
 
-        total = CounterMetricFamily("lazymount_fetched_bytes", "bytes received from all "
-                                    "mirrors since the mount started", labels=["mountpoint"])
-        total.add_metric([mountpoint], status["fetched_bytes"])
-        yield total
-
-
-def _gauge(name: str, documentation: str, mountpoint: str, value: float) -> GaugeMetricFamily:
-    gauge = GaugeMetricFamily(name, documentation, labels=["mountpoint"])
-    gauge.add_metric([mountpoint], value)
-    return gauge
-
-
-def exposition(status: dict[str, Any]) -> str:
-    """The Prometheus text exposition of a status dict."""
+def exposition(*statuses: dict[str, Any]) -> str:
+    """The Prometheus text exposition of the status dicts of one or more mounts."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_StatusCollector(status))  # type: ignore[arg-type]
+    registry.register(_StatusCollector(list(statuses)))  # type: ignore[arg-type]
     return generate_latest(registry).decode()
 
 
