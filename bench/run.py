@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import generate, report
+from .floors import floor_file_creation, floor_imports, floor_index
 from .harness import (
     REPO,
     Mount,
@@ -401,6 +402,21 @@ def bench_index(bench: Bench) -> None:
                      {"first": first_memory, "listed": listed_memory, "remount": memory}))
 
 
+def bench_floors(bench: Bench) -> None:
+    """Metrics 10a-10c (see floors.py)."""
+    floor_imports(bench, Result, GOAL_REMOUNT_S)
+    info = bench.caches.big
+    checksum = info["tarball"]["checksum"]
+    blob = bench.caches.root / "big" / "mirror" / "blobs" / "sha256" / checksum[:2] / checksum
+    floor_file_creation(bench, Result, blob, GOAL_MATERIALIZE)
+    store = bench.work / "store-index"
+    if not (store / "catalog").exists():  # the stored 100,000-spec index document
+        with bench.mount("index", store):
+            pass
+    (document,) = (store / "catalog" / "indexes").glob("*.json")
+    floor_index(bench, Result, document, GOAL_MOUNT_S)
+
+
 # ---------------------------------------------------------------------------------------------
 # (d) host/ at 100,000 specs: metric 8
 
@@ -501,8 +517,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="smaller caches and one repetition (under 3 minutes)")
-    parser.add_argument("--only", default="index,host,big,stack,spack",
-                        help="comma-separated parts to run: index, host, big, stack, spack")
+    parser.add_argument("--only", default="index,host,big,stack,spack,floors",
+                        help="comma-separated parts to run: index, host, big, stack, spack, floors")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("the benchmark needs root (FUSE mounts, dropping the page cache)", file=sys.stderr)
@@ -539,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
             if "spack" in parts:
                 print("(e) a real-shaped package: lazymount against spack buildcache install")
                 bench_spack(bench, Result, _run)
+            if "floors" in parts:
+                print("(f) floors: the least CPython must spend on each missed goal")
+                bench_floors(bench)
         finally:
             for root in bench.roots.values():
                 subprocess.run(["fusermount3", "-u", "-z", str(root)], check=False,

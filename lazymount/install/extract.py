@@ -47,14 +47,15 @@ class Extracted:
 
 def _check_name(name: str, limits: Limits, what: str, subject: str = "") -> None:
     """Refuse a member (or hard link target) name that could leave ``staging/raw``."""
-    subject = subject or f"tarball member {show(name)}"
 
     def refuse(reason: str) -> UnsafeArchiveError:
-        return UnsafeArchiveError(f"{what}: {subject} {reason}; refused")
+        return UnsafeArchiveError(
+            f"{what}: {subject or f'tarball member {show(name)}'} {reason}; refused")
 
     if "\0" in name:
         raise refuse("contains a NUL byte")
-    if len(name.encode("utf-8", "surrogateescape")) > limits.max_name_length:
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > limits.max_name_length:
         raise refuse(f"is longer than {limits.max_name_length} bytes")
     if name.startswith("/"):
         raise refuse("is an absolute path")
@@ -63,7 +64,8 @@ def _check_name(name: str, limits: Limits, what: str, subject: str = "") -> None
         raise refuse("has a '..' component")
     if "" in parts or "." in parts:
         raise refuse("has an empty or '.' component")
-    if any(len(part.encode("utf-8", "surrogateescape")) > MAX_COMPONENT for part in parts):
+    if size > MAX_COMPONENT and any(  # a name that short has no long component
+            len(part.encode("utf-8", "surrogateescape")) > MAX_COMPONENT for part in parts):
         raise refuse(f"has a component longer than {MAX_COMPONENT} bytes")
 
 

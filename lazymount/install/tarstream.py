@@ -7,6 +7,7 @@ applied to the member they describe; device nodes, FIFOs and sparse files are re
 
 from __future__ import annotations
 
+import re
 import struct
 import tarfile
 from collections.abc import Iterator
@@ -156,9 +157,18 @@ def _text(field: bytes) -> str:
     return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
+# An octal field as tar writers fill it: optional blanks, digits, optional blanks, then NUL
+# and anything (ignored). Blanks are what str.strip() removes from ASCII text.
+_OCTAL = re.compile(rb"[ \t\n\x0b\x0c\r\x1c-\x1f]*([0-7]*)[ \t\n\x0b\x0c\r\x1c-\x1f]*(?:\0.*)?",
+                    re.DOTALL)
+
+
 def _number(field: bytes) -> int:
     """An octal number, or GNU's base-256 for values that do not fit (first byte 0x80/0xff).
     HeaderError if it is neither."""
+    usual = _OCTAL.fullmatch(field)
+    if usual is not None:  # the fast path of nearly every field
+        return int(usual[1] or b"0", 8)
     if field[:1] in (b"\x80", b"\xff"):
         value = int.from_bytes(field[1:], "big")
         return value - (256 ** (len(field) - 1)) if field[0] == 0xFF else value
