@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lazymount.buildcache.layout import DEFAULT_PROJECTION
 from lazymount.install.extract import Limits
+from lazymount.mirror.credentials import Credentials
 from lazymount.mirror.transport import Timeouts
 
 
@@ -14,6 +15,8 @@ from lazymount.mirror.transport import Timeouts
 class MirrorConfig:
     url: str
     require_signature: bool = True
+    # the login to an OCI registry (its repr never shows the password)
+    credentials: Credentials | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

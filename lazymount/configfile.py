@@ -31,6 +31,8 @@ from urllib.parse import urlparse
 
 from lazymount.catalog.hosttarget import TARGET_CHOICES, unknown_target
 from lazymount.errors import UsageError
+from lazymount.mirror.credentials import Credentials
+from lazymount.mirror.ociref import is_oci_url, parse_oci_url
 from lazymount.mirror.proxies import parse_proxy_list
 from lazymount.system.files import FileTooLarge, read_bounded
 
@@ -70,15 +72,59 @@ def parse_path(value: Any, base: Path) -> Path:
 
 
 def parse_url(value: Any, base: Path) -> str:
-    """A mirror: a directory (relative to ``base``), ``file://`` or ``http(s)://`` URL."""
+    """A mirror: a directory (relative to ``base``), ``file://``, ``http(s)://``, ``oci://``
+    or ``oci+http://`` URL."""
     text = _text(value).strip()
     scheme = urlparse(text).scheme
     if scheme in ("http", "https", "file"):
         return text
+    if is_oci_url(text):
+        try:
+            parse_oci_url(text)
+        except UsageError as exc:
+            raise ValueError(str(exc)) from None
+        return text
     if scheme == "":
         return str(parse_path(text, base))
-    raise ValueError(f"{text!r}: unsupported scheme {scheme!r} (use a path, file:// or "
-                     "http(s)://)")
+    raise ValueError(f"{text!r}: unsupported scheme {scheme!r} (use a path, file://, "
+                     "http(s)://, oci:// or oci+http://)")
+
+
+def parse_registries(value: Any, base: Path) -> dict[str, Credentials]:
+    """Logins for OCI registries: ``{"HOST[:PORT]": {username, password_file | password}}``.
+    A password file holds the password (or token) on its first line; it is read here, once."""
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a table of registries, got {_kind(value)}")
+    return {host.lower(): _registry_login(table, f"registry {host!r}", base)
+            for host, table in value.items()}
+
+
+def _registry_login(table: Any, where: str, base: Path) -> Credentials:
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: expected a table with username and password_file")
+    unknown = set(table) - {"username", "password", "password_file"}
+    if unknown:
+        raise ValueError(f"{where}: unknown key {sorted(unknown)[0]!r} (known: username, "
+                         "password, password_file)")
+    username = table.get("username")
+    if not isinstance(username, str) or not username:
+        raise ValueError(f"{where}: username must be a non-empty string")
+    if ("password" in table) == ("password_file" in table):
+        raise ValueError(f"{where}: give one of password_file and password")
+    if "password" in table:
+        secret = table["password"]
+        if not isinstance(secret, str) or not secret:
+            raise ValueError(f"{where}: password must be a non-empty string")
+        return Credentials(username, secret, "the configuration file")
+    path = parse_path(table["password_file"], base)
+    try:
+        lines = read_bounded(path, MAX_CONFIG_BYTES).decode().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:  # FileTooLarge is an OSError
+        raise ValueError(f"{where}: cannot read password_file {path}: "
+                         f"{getattr(exc, 'strerror', None) or exc}") from None
+    if not lines or not lines[0]:
+        raise ValueError(f"{where}: password_file {path} is empty")
+    return Credentials(username, lines[0], "the configuration file")
 
 
 def parse_text(value: Any, base: Path) -> str:
@@ -225,7 +271,8 @@ class Key:
 
 KEYS: dict[str, Key] = {key.name: key for key in (
     Key("mirrors", parse_url, shape="list", flag="--mirror", metavar="URL",
-        help="build cache to mount: a directory, file:// or http(s):// URL. Repeat to "
+        help="build cache to mount: a directory, file://, http(s)://, oci://HOST/NAME or "
+             "oci+http://HOST/NAME (an OCI registry repository) URL. Repeat to "
              "search several mirrors in the order given; a package is taken from the first "
              "mirror that has it"),
     Key("spack_mirrors", parse_path, shape="list", flag="--spack-mirrors", metavar="FILE",
@@ -241,7 +288,8 @@ KEYS: dict[str, Key] = {key.name: key for key in (
              "$XDG_CONFIG_HOME/lazymount/keys otherwise)"),
     Key("unsigned", None, shape="flag", flag="--unsigned", default=False,
         help="accept packages whose manifests are not signed (for mirrors you control end "
-             "to end); signed manifests are still verified"),
+             "to end); signed manifests are still verified. OCI registry caches (oci://) "
+             "are never signed and need this"),
     Key("store", parse_path, flag="--store", metavar="DIR",
         help="local content store of materialized packages; a remount reuses what it holds "
              "(default: /var/cache/lazymount for root, $XDG_CACHE_HOME/lazymount otherwise)"),
@@ -269,6 +317,13 @@ KEYS: dict[str, Key] = {key.name: key for key in (
         help="check the mirrors' index for new packages this often, with one conditional "
              "request each (e.g. 90s, 10m, 1h; \"off\": only on `lazymount refresh`; "
              "default: 10m)"),
+    Key("docker_config", parse_path, flag="--docker-config", metavar="FILE",
+        help="Docker client configuration whose 'auths' (what docker login writes) log in to "
+             "oci:// registries (default: $DOCKER_CONFIG/config.json, else "
+             "~/.docker/config.json, if present); credential helpers are not run"),
+    Key("registries", parse_registries,
+        help="logins for oci:// registries, one table per HOST[:PORT] with username and "
+             "password_file (or password); they win over the Docker configuration"),
     Key("allow_other", None, shape="flag", flag="--allow-other",
         help="let other users see the mount (default: on when run as root)"),
     Key("bind_ready", None, shape="flag", flag="--bind-ready", default=False,

@@ -258,10 +258,10 @@ class Materializer:
         it (the signature does not cover the document's path)."""
         root = entry.root if isinstance(entry.root, dict) else {}
         if root.get("hash") != dag_hash:
-            raise IntegrityError(f"{label}: the signed {entry.signed} is for spec "
+            raise IntegrityError(f"{label}: the {entry.signed} is for spec "
                                  f"{root.get('hash')}, not {dag_hash}")
         if root.get("name") != expected.name or str(root.get("version")) != expected.version:
-            raise IntegrityError(f"{label}: the signed spec is {root.get('name')}@"
+            raise IntegrityError(f"{label}: the {entry.signed}'s spec is {root.get('name')}@"
                                  f"{root.get('version')}, not what the index says")
 
     async def _install(self, source: MirrorSource, dag_hash: str, tarball: BlobRecord,

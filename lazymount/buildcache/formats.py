@@ -11,11 +11,15 @@ Two layouts exist (Spack 1.x ``url_buildcache.py``; Spack 0.23 ``binary_distribu
 
 A mirror migrated with ``spack buildcache migrate`` has both; v3 is used, as Spack does.
 
+A third envelope holds layout 3's tarballs and index in an **OCI registry** (``oci://``,
+``LayoutOCI``): one image per spec, its config the spec, its last layer the tarball
+(``ocimanifest.py``). It is told by the mirror's kind, not probed, and nothing in it is signed.
+
 Every rule that differs between layouts lives here, behind ``CacheLayout``: where the index
 is and how to tell whether it changed (``read_index``, ``index_identity``), what the signed
 documents of a spec say — the tarball's blob record and the spec's root node, an ``Entry``
 (``read_entry``) — and where a mirror publishes its keys (``mirror_keys``). A new envelope
-(say, an OCI registry) is one more ``CacheLayout``. The pure path functions are in
+is one more ``CacheLayout``, as the OCI one is. The pure path functions are in
 ``layout.py``; the index document, the same in every layout, is read by ``index.py``.
 
 Checking a signature is the job of the ``DocumentTrust`` the caller gives, so this module
@@ -54,6 +58,15 @@ from lazymount.buildcache.layout import (
     v2_tarball_path,
 )
 from lazymount.buildcache.manifest import MAX_MANIFEST_BYTES, BlobRecord, parse_manifest, pick
+from lazymount.buildcache.ocimanifest import (
+    INDEX_TAG,
+    check_config,
+    index_record,
+    manifest_location,
+    parse_image_manifest,
+    spec_tag,
+    tarball_record,
+)
 from lazymount.errors import FormatError, IntegrityError, MirrorError, NotInMirror
 from lazymount.mirror.transport import Mirror
 
@@ -83,7 +96,8 @@ class Entry:
     tarball: BlobRecord  # where the tarball is, its sha256 and (v3 only) its length
     root: Any  # the first node of the signed spec (a mapping if well formed); the caller
     # checks that it is the spec asked for
-    signed: str  # what carried the signature, for messages: "manifest" or "spec file"
+    signed: str  # what carried the spec, for messages: "signed manifest", "signed spec file"
+    # or "OCI image config" (unsigned: only a mirror mounted unsigned gets that far)
 
 
 @dataclass(frozen=True)
@@ -163,7 +177,7 @@ class LayoutV3(CacheLayout):
         raw = await fetch_bytes(mirror, spec, label, MAX_SPEC_BLOB)
         doc = await trio.to_thread.run_sync(
             parse_spec_document, raw, spec.compression == "gzip", f"{label}: spec blob")
-        return Entry(tarball, doc["spec"]["nodes"][0], "manifest")
+        return Entry(tarball, doc["spec"]["nodes"][0], "signed manifest")
 
 
 class LayoutV2(CacheLayout):
@@ -205,7 +219,7 @@ class LayoutV2(CacheLayout):
         if layout not in V2_SPEC_LAYOUTS:
             raise FormatError(f"{label}: spec file of build cache layout {layout!r} is not "
                               "supported (only tarballs written by Spack 0.20 to 0.23)")
-        return Entry(_v2_tarball(doc, root, record.dag_hash, label), root, "spec file")
+        return Entry(_v2_tarball(doc, root, record.dag_hash, label), root, "signed spec file")
 
 
 def _v2_tarball(doc: dict[str, Any], root: Any, dag_hash: str, label: str) -> BlobRecord:
@@ -223,7 +237,47 @@ def _v2_tarball(doc: dict[str, Any], root: Any, dag_hash: str, label: str) -> Bl
     return BlobRecord(MEDIA_TARBALL, "gzip", digest, None, v2_tarball_path(root, dag_hash))
 
 
+class LayoutOCI(CacheLayout):
+    """Spack's layout 3 in an OCI registry repository (``oci://``): the index is the
+    ``index.spack`` image, each spec an image tagged ``<name>-<version>-<hash>.spack`` whose
+    config carries the spec and whose last layer is the tarball (``ocimanifest.py``).
+    Nothing is signed: the image manifest goes through the mirror's trust like any other
+    document, which passes it only for a mirror mounted unsigned."""
+
+    version = 3  # the configs say buildcache_layout_version 3; the envelope is the mirror's kind
+    index_path = manifest_location(INDEX_TAG)
+
+    async def read_index(self, mirror: Mirror) -> bytes:
+        what = f"index of {mirror.url}"
+        text = await mirror.read(self.index_path, MAX_MANIFEST_BYTES, revalidate=True)
+        record = index_record(parse_image_manifest(text, what))
+        return await fetch_bytes(mirror, record, what, MAX_INDEX_BYTES)
+
+    async def index_identity(self, mirror: Mirror, etag: str | None) -> Identity:
+        what = f"index of {mirror.url}"
+        text, new_etag = await mirror.read_if_changed(self.index_path, MAX_MANIFEST_BYTES, etag)
+        if text is None:
+            return Identity(True, None, etag)
+        return Identity(False, index_record(parse_image_manifest(text, what)).checksum,
+                        new_etag)
+
+    async def read_entry(
+        self, mirror: Mirror, record: SpecRecord, trust: DocumentTrust, label: str
+    ) -> Entry:
+        tag = spec_tag(record.name, record.version, record.dag_hash)
+        text = await mirror.read(manifest_location(tag), MAX_MANIFEST_BYTES)
+        manifest = parse_image_manifest(await trust.plaintext(text, "OCI image manifest", label),
+                                        label)
+        tarball = tarball_record(manifest, label)
+        raw = await fetch_bytes(mirror, manifest.config, label, MAX_SPEC_BLOB)
+        doc = await trio.to_thread.run_sync(  # Spack reads a gzip'd config too
+            parse_spec_document, raw, raw[:2] == b"\x1f\x8b", f"{label}: image config")
+        check_config(doc, tarball, label)
+        return Entry(tarball, doc["spec"]["nodes"][0], "OCI image config")
+
+
 LAYOUTS: tuple[CacheLayout, ...] = (LayoutV3(), LayoutV2())  # preference order
+OCI_LAYOUT = LayoutOCI()
 _found: weakref.WeakKeyDictionary[Mirror, CacheLayout] = weakref.WeakKeyDictionary()
 
 
@@ -233,13 +287,18 @@ LAYOUT_VERSIONS = frozenset(layout.version for layout in LAYOUTS)
 def stored_layout(mirror: Mirror, version: int) -> CacheLayout:
     """The layout (one of LAYOUT_VERSIONS) a catalog stored at an earlier mount says
     ``mirror`` had. No request is made: ``index_identity`` then tells whether it holds."""
+    if mirror.kind == "oci":
+        return OCI_LAYOUT
     return next(layout for layout in LAYOUTS if layout.version == version)
 
 
 async def discover(mirror: Mirror) -> CacheLayout:
-    """The layout of a mirror: v3 if its index manifest exists, else v2 if its
-    ``build_cache/index.json`` does. Remembered per Mirror object, so the catalog's probe
-    serves the materializer too. Raises MirrorError if neither exists or the mirror fails."""
+    """The layout of a mirror: OCI for a registry; else v3 if its index manifest exists,
+    else v2 if its ``build_cache/index.json`` does. Remembered per Mirror object, so the
+    catalog's probe serves the materializer too. Raises MirrorError if neither exists or
+    the mirror fails."""
+    if mirror.kind == "oci":
+        return OCI_LAYOUT  # a registry repository: its envelope is known from the URL
     known = _found.get(mirror)
     if known is not None:
         return known

@@ -8,6 +8,7 @@ through a pipe (or ``--foreground`` serves in this process). Exit codes: 0 succe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -26,6 +27,8 @@ from lazymount.cli.subcommands import run_keys, run_spack_config
 from lazymount.config import MirrorConfig, MountConfig
 from lazymount.errors import LazymountError, UsageError
 from lazymount.install.extract import Limits
+from lazymount.mirror.credentials import RegistryLogins
+from lazymount.mirror.ociref import is_oci_url, registry_of
 from lazymount.mirror.transport import Timeouts
 from lazymount.serve.bindmount import clear_dead_mount, unmount_below
 from lazymount.spack.spackconfig import read_spack_mirrors
@@ -138,7 +141,8 @@ def _show_size(size: int) -> str:
 
 def mirror_configs(values: dict[str, Any]) -> list[MirrorConfig]:
     """The mirrors first, then the binary mirrors of each Spack mirrors file; a URL
-    given twice is kept at its first place. Prints a notice for each skipped mirror."""
+    given twice is kept at its first place. Prints a notice for each skipped mirror.
+    OCI registries get their logins; one not mounted unsigned is refused (UsageError)."""
     signed = not values["unsigned"]
     mirrors = [MirrorConfig(url, require_signature=signed) for url in values["mirrors"]]
     for path in values["spack_mirrors"]:
@@ -149,7 +153,23 @@ def mirror_configs(values: dict[str, Any]) -> list[MirrorConfig]:
     unique: dict[str, MirrorConfig] = {}
     for mirror in mirrors:
         unique.setdefault(mirror.url, mirror)
-    return list(unique.values())
+    logins = RegistryLogins(values.get("registries") or {}, values.get("docker_config"))
+    return [oci_mirror(m, logins) if is_oci_url(m.url) else m for m in unique.values()]
+
+
+def oci_mirror(mirror: MirrorConfig, logins: RegistryLogins) -> MirrorConfig:
+    """An OCI registry mirror with its login. OCI caches are never signed (Spack cannot sign
+    them), so one that would require signatures is refused here, before anything mounts."""
+    if mirror.require_signature:
+        raise UsageError(
+            f"mirror {mirror.url}: OCI registry build caches carry no signatures (Spack "
+            "cannot sign them), so lazymount serves one only when told to trust it unsigned: "
+            "give --unsigned, or signed: false for it in mirrors.yaml, or unsigned = true in "
+            "the configuration file. Integrity then rests on TLS and the blobs' sha256 "
+            "digests (README: OCI registries)")
+    if mirror.credentials is not None:
+        return mirror
+    return dataclasses.replace(mirror, credentials=logins.find(registry_of(mirror.url)))
 
 
 def build_config(args: argparse.Namespace) -> MountConfig:

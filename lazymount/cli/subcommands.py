@@ -19,6 +19,7 @@ import trio
 from lazymount.buildcache.formats import MirrorKey, mirror_keys
 from lazymount.buildcache.layout import DEFAULT_PROJECTION
 from lazymount.errors import UsageError
+from lazymount.mirror.ociref import is_oci_url
 from lazymount.mirror.transport import Timeouts, open_mirror
 from lazymount.spack.spackconfig import upstreams_yaml
 from lazymount.system import xattrs
@@ -108,7 +109,15 @@ def run_keys(argv: list[str]) -> int:
     return 0
 
 
+def _no_keys_of_oci(mirror: str) -> str:
+    return (f"{mirror} is an OCI registry: OCI build caches carry no keys and no "
+            "signatures (Spack cannot sign them); mount it with --unsigned")
+
+
 def _list(keyring: Keyring, mirror: str | None, timeout: float) -> int:
+    if mirror is not None and is_oci_url(mirror):
+        print(f"lazymount: {_no_keys_of_oci(mirror)}", file=sys.stderr)
+        return 0
     if mirror is not None:
         _print_keys(_fetch_mirror_keys(mirror, timeout))
         return 0
@@ -120,6 +129,8 @@ def _list(keyring: Keyring, mirror: str | None, timeout: float) -> int:
 
 
 def _install(keyring: Keyring, mirror: str, trust: bool, timeout: float) -> int:
+    if is_oci_url(mirror):
+        raise UsageError(f"nothing to install: {_no_keys_of_oci(mirror)}")
     keys = _fetch_mirror_keys(mirror, timeout)
     if not trust:
         count = f"{len(keys)} key" + ("s" if len(keys) != 1 else "")

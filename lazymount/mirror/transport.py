@@ -1,4 +1,5 @@
-"""Getting bytes from a mirror: a local directory, ``file://`` or ``http(s)://``.
+"""Getting bytes from a mirror: a local directory, ``file://`` or ``http(s)://`` (and an OCI
+registry, ``oci.py``, which builds on the HTTP transport here).
 
 Every call has a bound: a dead or trickling mirror ends in a ``MirrorError`` with the URL
 and the reason, never in a hang. All functions here run on the trio thread (local file
@@ -20,6 +21,8 @@ import httpx
 import trio
 
 from lazymount.errors import MirrorError, NotInMirror, UsageError
+from lazymount.mirror.credentials import Credentials
+from lazymount.mirror.ociref import is_oci_url, parse_oci_url
 from lazymount.mirror.proxies import DIRECT, GATEWAY_ERRORS, Proxy, ProxyChain, bypasses_proxies
 
 CHUNK = 1 << 20
@@ -77,6 +80,7 @@ class Mirror:
     url: str
     proxy_chain: ProxyChain | None = None  # the proxies configured (HTTP mirrors)
     health: MirrorHealth
+    kind = "url"  # "url": a build cache laid out as files; "oci": a registry repository
 
     async def read(self, path: str, max_bytes: int, *, revalidate: bool = False) -> bytes:
         """Whole small file; refuses files over ``max_bytes``. ``revalidate``: the file may
@@ -154,20 +158,24 @@ class HttpMirror(Mirror):
     names is still reached directly."""
 
     def __init__(self, url: str, timeouts: Timeouts, ca_certs: Path | None = None,
-                 proxies: ProxyChain | None = None):
+                 proxies: ProxyChain | None = None, *, base: str | None = None,
+                 follow_redirects: bool = True):
         # a user name and password in the URL go to the client, never into messages
         parsed = urlparse(url.rstrip("/"))
         self.auth = None
         if parsed.username is not None or parsed.password is not None:
             self.auth = httpx.BasicAuth(unquote(parsed.username or ""),
                                         unquote(parsed.password or ""))
-        self.base = parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl()
+        # requests go to ``base`` (a registry's API root, for OCI), messages name ``url``
+        self.base = base.rstrip("/") if base else \
+            parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl()
         self.url = redact(url.rstrip("/"))
+        self.follow_redirects = follow_redirects
         self.health = MirrorHealth()
         self.timeouts = timeouts
         self.tls = tls_context(ca_certs)
         self.proxy_chain = proxies
-        self.proxies = None if proxies is None or bypasses_proxies(self.url) else proxies
+        self.proxies = None if proxies is None or bypasses_proxies(self.base) else proxies
         self.client = self._new_client(trust_env=proxies is None)
         self._via: dict[str, httpx.AsyncClient] = {}  # proxy URL -> its client
 
@@ -176,7 +184,7 @@ class HttpMirror(Mirror):
             timeout=httpx.Timeout(self.timeouts.read, connect=self.timeouts.connect),
             verify=self.tls,
             auth=self.auth,
-            follow_redirects=True,
+            follow_redirects=self.follow_redirects,
             headers={"User-Agent": "lazymount"},
             trust_env=trust_env,
             proxy=proxy,
@@ -250,8 +258,8 @@ class HttpMirror(Mirror):
                 raise MirrorError(f"{url}: transfer too slow, gave up after "
                                   f"{self.timeouts.deadline(expected):.0f} s") from None
             except httpx.HTTPError as exc:
-                self.health.failed(f"{url}: transfer failed: {_describe(exc)}")
-                raise MirrorError(f"{url}: transfer failed: {_describe(exc)}") from None
+                self.health.failed(f"{url}: transfer failed: {describe(exc)}")
+                raise MirrorError(f"{url}: transfer failed: {describe(exc)}") from None
             except MirrorError as exc:
                 self.health.failed(str(exc))
                 raise
@@ -278,25 +286,27 @@ class HttpMirror(Mirror):
         200, or 304 for a conditional one) and the deadline of the whole transfer. Each
         attempt goes through the routes in order. A proxy that fails is left aside and its
         time is not counted: the deadline starts again for the next route, so a dead proxy
-        costs one wait, once."""
-        last = ""
+        costs one wait, once. 5xx and 429 (too many requests) answers are tried again after
+        a growing pause (429: the server's ``Retry-After``, bounded by MAX_RETRY_AFTER and
+        the deadline)."""
+        last, pause = "", 0.0
         conditional = bool(headers and "If-None-Match" in headers)
         began = trio.current_time()
         deadline = began + self.timeouts.deadline(expected)
         for attempt in range(self.timeouts.retries + 1):
             if attempt:
-                await trio.sleep(min(2.0 ** attempt / 4, max(0.0, deadline - trio.current_time())))
+                pause = max(pause, 2.0 ** attempt / 4)
+                await trio.sleep(min(pause, max(0.0, deadline - trio.current_time())))
             for proxy, client in self._routes():
                 via = f" via {proxy.shown}" if proxy is not None and proxy.url != DIRECT else ""
                 try:
                     with trio.fail_at(deadline):
-                        request = client.build_request("GET", target, headers=headers)
-                        response = await client.send(request, stream=True)
+                        response = await self._send_once(client, target, headers)
                 except (trio.TooSlowError, httpx.ReadTimeout) as exc:
                     # connected, then silence: a hung server, or a hung proxy
                     reason = (f"no answer in {deadline - began:.0f} s ({last or 'timed out'})"
                               if isinstance(exc, trio.TooSlowError) else
-                              f"no answer in {self.timeouts.read:.0f} s ({_describe(exc)})")
+                              f"no answer in {self.timeouts.read:.0f} s ({describe(exc)})")
                     if proxy is None:
                         raise MirrorError(f"{url}: {reason}") from None
                     self._proxy_failed(proxy, reason)
@@ -305,9 +315,9 @@ class HttpMirror(Mirror):
                     deadline = began + self.timeouts.deadline(expected)
                     continue
                 except httpx.HTTPError as exc:
-                    last = f"{_describe(exc)}{via}"
+                    last = f"{describe(exc)}{via}"
                     if proxy is not None:
-                        self._proxy_failed(proxy, _describe(exc))
+                        self._proxy_failed(proxy, describe(exc))
                     continue
                 status = response.status_code
                 if status == 200 or (status == 304 and conditional):
@@ -321,10 +331,19 @@ class HttpMirror(Mirror):
                 self._proxy_answered(proxy)
                 if status == 404:
                     raise NotInMirror(f"{url}: not found (HTTP 404)")
-                if status < 500:
+                if status == 429:
+                    pause = _retry_after(response)
+                elif status < 500:
                     raise MirrorError(f"{url}: {last}")
-                break  # a 5xx of the mirror itself: try again after a pause
+                break  # a 5xx or 429 of the mirror itself: try again after a pause
         raise MirrorError(f"{url}: {last}")
+
+    async def _send_once(self, client: httpx.AsyncClient, target: str,
+                         headers: dict[str, str] | None) -> httpx.Response:
+        """One GET through ``client``, its body not read yet (a registry adds its login and
+        follows redirects here)."""
+        request = client.build_request("GET", target, headers=headers)
+        return await client.send(request, stream=True)
 
     def _proxy_failed(self, proxy: Proxy, reason: str) -> None:
         assert self.proxies is not None
@@ -349,6 +368,18 @@ async def _gather(chunks: AsyncIterator[bytes], max_bytes: int, where: str) -> b
             raise MirrorError(f"{where} is larger than {max_bytes} bytes")
         parts.append(chunk)
     return b"".join(parts)
+
+
+MAX_RETRY_AFTER = 30.0  # seconds; a longer Retry-After is cut to this (and to the deadline)
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """Seconds a 429 answer asks to wait (``Retry-After: <seconds>``; 1 if it does not say
+    or gives a date), at most MAX_RETRY_AFTER."""
+    try:
+        return min(max(0.0, float(response.headers.get("retry-after", "1"))), MAX_RETRY_AFTER)
+    except ValueError:
+        return 1.0
 
 
 def _content_length(response: httpx.Response) -> int | None:
@@ -379,7 +410,7 @@ CA_CERTS_HINT = ("if the mirror uses a private CA, set ca_certs = \"/path/to/ca.
                  "configuration file (or --ca-certs FILE)")
 
 
-def _describe(exc: Exception) -> str:
+def describe(exc: Exception) -> str:
     """What went wrong, in words a user can act on: a TLS certificate the CAs do not
     vouch for, a refused connection, else the exception's own text."""
     for cause in _causes(exc):
@@ -423,10 +454,17 @@ def redact(url: str) -> str:
     return parsed._replace(netloc=f"***@{host}").geturl()
 
 
-def open_mirror(url: str, timeouts: Timeouts | None = None,
-                ca_certs: Path | None = None, proxies: ProxyChain | None = None) -> Mirror:
-    """A Mirror for a local path, ``file://`` URL or ``http(s)://`` URL; ``proxies`` are
-    used by HTTP mirrors (None: the environment's proxy, if any)."""
+def open_mirror(url: str, timeouts: Timeouts | None = None, ca_certs: Path | None = None,
+                proxies: ProxyChain | None = None, credentials: Credentials | None = None
+                ) -> Mirror:
+    """A Mirror for a local path, ``file://``, ``http(s)://``, ``oci://`` or ``oci+http://``
+    URL; ``proxies`` are used by HTTP mirrors and registries (None: the environment's
+    proxy, if any); ``credentials`` log in to a registry."""
+    if is_oci_url(url):
+        from lazymount.mirror.oci import OciMirror  # it builds on HttpMirror, above
+
+        return OciMirror(parse_oci_url(url), timeouts or Timeouts(), ca_certs, proxies,
+                         credentials)
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https"):
         return HttpMirror(url, timeouts or Timeouts(), ca_certs, proxies)
@@ -434,5 +472,6 @@ def open_mirror(url: str, timeouts: Timeouts | None = None,
         return LocalMirror(Path(unquote(parsed.path)))
     if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
         return LocalMirror(Path(url).resolve())
-    raise UsageError(f"mirror {url}: unsupported scheme {parsed.scheme!r} (use a path, file:// or http(s)://)")
+    raise UsageError(f"mirror {url}: unsupported scheme {parsed.scheme!r} (use a path, "
+                     "file://, http(s)://, oci:// or oci+http://)")
 

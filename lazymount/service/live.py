@@ -72,7 +72,7 @@ class Generation:
 
 def open_mirrors(config: MountConfig) -> list[Mirror]:
     proxies = ProxyChain.parse(config.proxies) if config.proxies else None
-    return [open_mirror(m.url, config.timeouts, config.ca_certs, proxies)
+    return [open_mirror(m.url, config.timeouts, config.ca_certs, proxies, m.credentials)
             for m in config.mirrors]
 
 

@@ -7,9 +7,12 @@ and ``signed``. lazymount only fetches binaries, so a mirror becomes one MirrorC
 
 * its fetch URL (``fetch``, else ``url``); ``push`` is ignored;
 * ``binary: false`` (a source-only mirror) is skipped with a notice;
-* a URL whose scheme the mount cannot fetch from (``s3://``, ``gs://``, ``oci://``...) is
+* a URL whose scheme the mount cannot fetch from (``s3://``, ``gs://``...) is
   skipped with a notice naming the mirror: one such entry never fails the whole mount;
-* ``signed: false`` means the mirror's packages need no signature;
+* ``signed: false`` means the mirror's packages need no signature (an ``oci://`` mirror
+  needs it: OCI caches are never signed);
+* an ``oci://`` mirror's ``access_pair`` is its registry login (the secret from the
+  environment variable it names);
 * the file's order is kept: Spack searches mirrors in that order, and so do we.
 
 Local paths may use ``~`` and ``$VARIABLES`` and are taken relative to the file's directory.
@@ -27,13 +30,15 @@ from urllib.parse import urlparse
 from lazymount.buildcache.layout import DEFAULT_PROJECTION
 from lazymount.config import MirrorConfig
 from lazymount.errors import UsageError
+from lazymount.mirror.credentials import Credentials, from_environment
+from lazymount.mirror.ociref import is_oci_url
 from lazymount.spack.modulefiles import upstream_modules
 from lazymount.system import yamlio
 from lazymount.system.files import FileTooLarge, read_bounded
 
 MAX_CONFIG_BYTES = 1 << 20
 # URL schemes of the mirrors the mount can fetch from ("" is a local path)
-FETCHABLE_SCHEMES = ("", "file", "http", "https")
+FETCHABLE_SCHEMES = ("", "file", "http", "https", "oci", "oci+http")
 
 
 def read_spack_mirrors(path: Path, require_signature: bool = True
@@ -99,8 +104,10 @@ def parse_mirrors(doc: Any, base: Path, source: str, require_signature: bool = T
         if scheme not in FETCHABLE_SCHEMES:
             notices.append(f"{what} ({url}): {scheme}:// mirrors are not supported; skipped")
             continue
+        login = _access_pair(entry, what) if is_oci_url(url) else None
         mirrors.append(MirrorConfig(_expand(url, base),
-                                    require_signature=require_signature and signed))
+                                    require_signature=require_signature and signed,
+                                    credentials=login))
     return mirrors, notices
 
 
@@ -109,6 +116,30 @@ def _flag(entry: dict[str, Any], key: str, what: str) -> bool:
     if not isinstance(value, bool):
         raise UsageError(f"{what}: {key} must be true or false, not {value!r}")
     return value
+
+
+def _access_pair(entry: Any, what: str) -> Credentials | None:
+    """An OCI mirror's login, as ``spack mirror add --oci-username(-variable)
+    --oci-password-variable`` writes it: ``access_pair: {id | id_variable, secret_variable}``
+    (under the mirror or its ``fetch:``), the secret read from the environment; the old
+    ``access_pair: [user, password]`` list is read too. None when there is none."""
+    if not isinstance(entry, dict):
+        return None
+    fetch = entry.get("fetch")
+    pair = fetch.get("access_pair") if isinstance(fetch, dict) else None
+    if pair is None:
+        pair = entry.get("access_pair")
+    if pair is None:
+        return None
+    if isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair):
+        return Credentials(pair[0], pair[1], what)
+    if not isinstance(pair, dict) or not isinstance(pair.get("secret_variable"), str):
+        raise UsageError(f"{what}: access_pair must name secret_variable (and id or "
+                         "id_variable)")
+    user, user_variable = pair.get("id"), pair.get("id_variable")
+    if not isinstance(user, str | None) or not isinstance(user_variable, str | None):
+        raise UsageError(f"{what}: access_pair id and id_variable must be strings")
+    return from_environment(user_variable, user, pair["secret_variable"], what)
 
 
 def _fetch_url(entry: dict[str, Any], what: str) -> str:

@@ -1,0 +1,252 @@
+"""Getting bytes from an OCI registry (the distribution API) for an ``oci://`` build cache.
+
+Paths are relative to the repository's API base ``…/v2/NAME``: ``manifests/<tag>`` and
+``blobs/sha256:<hex>``. Everything else (deadlines, the rate check, retries of 5xx and 429,
+bounded reads) is the HTTP transport's; this module adds what registries need:
+
+* ``Accept`` for manifests: the OCI and the Docker image manifest types (a registry answers
+  404 for an OCI manifest unless its type is accepted, 400 for a Docker one);
+* logins (``RegistryAuth``): on 401, the ``WWW-Authenticate`` challenge says how. Bearer: a
+  token from the challenge's realm (service, scope; anonymous, or with Basic credentials),
+  kept until it expires and fetched again when the registry answers 401. Basic: the
+  configured credentials. Credentials are never sent over plain HTTP;
+* redirects (registries send blob downloads to object storage) are followed here, and the
+  ``Authorization`` header is sent only to the registry itself, never to another origin.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+import trio
+
+from lazymount.errors import MirrorError
+from lazymount.mirror.credentials import Credentials
+from lazymount.mirror.ociref import OciReference
+from lazymount.mirror.proxies import ProxyChain
+from lazymount.mirror.transport import HttpMirror, Timeouts, describe
+
+log = logging.getLogger(__name__)
+
+MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MANIFEST_ACCEPT = f"{MEDIA_OCI_MANIFEST}, {MEDIA_DOCKER_MANIFEST}"
+MAX_REDIRECTS = 5
+MAX_TOKEN_BYTES = 1 << 16
+DEFAULT_TOKEN_LIFETIME = 60  # seconds; the token specification's default for expires_in
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+# RFC 7235 challenges: a scheme, then name=value or name="quoted" parameters
+_CHALLENGE_SCHEME = re.compile(r"\s*,?\s*([A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]*)\s*")
+_PARAM = re.compile(r'\s*([A-Za-z0-9_-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*,?')
+
+
+def parse_challenges(header: str) -> list[tuple[str, dict[str, str]]]:
+    """``WWW-Authenticate`` -> [(scheme lower-cased, {param: value})], in the order given."""
+    challenges: list[tuple[str, dict[str, str]]] = []
+    position = 0
+    while position < len(header):
+        scheme = _CHALLENGE_SCHEME.match(header, position)
+        if scheme is None or scheme.end() == position:
+            break
+        position = scheme.end()
+        params: dict[str, str] = {}
+        while True:
+            param = _PARAM.match(header, position)
+            if param is None:
+                break
+            quoted, plain = param.group(2), param.group(3)
+            value = re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else plain
+            params[param.group(1).lower()] = value
+            position = param.end()
+        challenges.append((scheme.group(1).lower(), params))
+    return challenges
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc.lower()
+
+
+class RegistryAuth:
+    """The login of one repository: the ``Authorization`` value to send, and how to get a
+    new one when the registry answers 401. One login at a time (concurrent 401s share it)."""
+
+    def __init__(self, ref: OciReference, credentials: Credentials | None):
+        self.ref = ref
+        self.credentials = credentials
+        self.header: str | None = None
+        self.expires = float("inf")  # time.monotonic() past which the header is not sent
+        self.kind = "anonymous"  # what the status shows: anonymous, basic, bearer
+        self._lock = trio.Lock()
+
+    def current(self) -> str | None:
+        if self.header is not None and time.monotonic() >= self.expires:
+            self.header = None  # expired: the next request is anonymous, then a new login
+        return self.header
+
+    async def login(self, challenge: str, sent: str | None, client: httpx.AsyncClient,
+                    url: str) -> str:
+        """A new ``Authorization`` value after the registry answered 401 with ``challenge``
+        to a request that carried ``sent``. Raises MirrorError when no login is possible."""
+        async with self._lock:
+            if self.current() is not None and self.header != sent:
+                return self.header  # type: ignore[return-value]  # another request logged in
+            challenges = dict(parse_challenges(challenge))
+            if "bearer" in challenges and challenges["bearer"].get("realm"):
+                header, lifetime = await self._token(challenges["bearer"], client, url)
+                self.kind = "bearer"
+            elif "basic" in challenges:
+                header, lifetime = self._basic(url), None
+                self.kind = "basic"
+            else:
+                shown = ", ".join(challenges) or "none"
+                raise MirrorError(f"{url}: the registry asks for a login this client does not "
+                                  f"speak (WWW-Authenticate schemes: {shown})")
+            if header == sent:
+                raise MirrorError(f"{url}: the registry {self.ref.domain} refused the login"
+                                  f"{self.as_user()} (HTTP 401)")
+            self.header = header
+            self.expires = float("inf") if lifetime is None else time.monotonic() + lifetime
+            return header
+
+    def as_user(self) -> str:
+        return f" of user {self.credentials.username!r}" if self.credentials else ""
+
+    def _basic(self, url: str) -> str:
+        if self.credentials is None:
+            raise MirrorError(f"{url}: the registry {self.ref.domain} asks for a login and no "
+                              "credentials are configured for it (config file, mirrors.yaml "
+                              "access_pair or Docker config.json)")
+        self._refuse_plain_http(url)
+        return self.credentials.basic()
+
+    def _refuse_plain_http(self, url: str) -> None:
+        if urlsplit(url).scheme != "https":
+            raise MirrorError(f"{url}: refusing to send the credentials for "
+                              f"{self.ref.domain} over plain HTTP; use oci:// (HTTPS)")
+
+    async def _token(self, params: dict[str, str], client: httpx.AsyncClient, url: str
+                     ) -> tuple[str, float]:
+        """``Bearer <token>`` from the challenge's realm, and how long to use it."""
+        realm = params["realm"]
+        if urlsplit(realm).scheme not in ("https", "http"):
+            raise MirrorError(f"{url}: the registry's token realm {realm[:200]!r} is not an "
+                              "HTTP(S) URL")
+        query = {"service": params.get("service", ""),
+                 "scope": params.get("scope") or f"repository:{self.ref.name}:pull",
+                 "client_id": "lazymount"}
+        headers = {}
+        if self.credentials is not None:
+            self._refuse_plain_http(realm)
+            headers["Authorization"] = self.credentials.basic()
+        request = client.build_request("GET", realm, params=query, headers=headers)
+        try:
+            response = await client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise MirrorError(f"{url}: the token server {realm[:200]} cannot be reached: "
+                              f"{describe(exc)}") from None
+        try:
+            if response.status_code in (401, 403):
+                raise MirrorError(f"{url}: the token server {urlsplit(realm).netloc} refused "
+                                  f"the login{self.as_user()} (HTTP {response.status_code})")
+            if response.status_code != 200:
+                raise MirrorError(f"{url}: the token server {urlsplit(realm).netloc} answered "
+                                  f"HTTP {response.status_code}")
+            body = b""
+            async for piece in response.aiter_bytes():
+                body += piece
+                if len(body) > MAX_TOKEN_BYTES:
+                    raise MirrorError(f"{url}: the token server's answer is larger than "
+                                      f"{MAX_TOKEN_BYTES} bytes")
+        finally:
+            await response.aclose()
+        token, lifetime = _read_token(body)
+        if token is None:
+            raise MirrorError(f"{url}: the token server {urlsplit(realm).netloc} sent no token")
+        log.debug("%s: token for %s, valid %d s", self.ref.url, query["scope"], lifetime)
+        # used a little less long than granted, so a request does not arrive just after
+        return f"Bearer {token}", max(0.0, lifetime - min(10.0, lifetime / 10))
+
+
+def _read_token(body: bytes) -> tuple[str | None, float]:
+    """(token, lifetime in seconds) of a token server's JSON answer."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return None, 0
+    if not isinstance(doc, dict):
+        return None, 0
+    token = doc.get("token") or doc.get("access_token")
+    if not isinstance(token, str) or not token or any(c in token for c in "\r\n"):
+        return None, 0
+    lifetime = doc.get("expires_in", DEFAULT_TOKEN_LIFETIME)
+    if not isinstance(lifetime, int | float) or isinstance(lifetime, bool) or lifetime <= 0:
+        lifetime = DEFAULT_TOKEN_LIFETIME
+    return token, float(lifetime)
+
+
+class OciMirror(HttpMirror):
+    """One registry repository as a mirror; paths are ``manifests/…`` and ``blobs/…``."""
+
+    kind = "oci"
+
+    def __init__(self, ref: OciReference, timeouts: Timeouts, ca_certs: Path | None = None,
+                 proxies: ProxyChain | None = None, credentials: Credentials | None = None):
+        super().__init__(ref.url, timeouts, ca_certs, proxies, base=ref.api,
+                         follow_redirects=False)
+        self.ref = ref
+        self.auth = RegistryAuth(ref, credentials)
+        self.registry = _origin(ref.api)
+
+    async def _send_once(self, client: httpx.AsyncClient, url: str,
+                         headers: dict[str, str] | None) -> httpx.Response:
+        headers = dict(headers or {})
+        if "/manifests/" in urlsplit(url).path:
+            headers["Accept"] = MANIFEST_ACCEPT
+        response = await self._to_registry(client, url, headers)
+        for _ in range(MAX_REDIRECTS):
+            if response.status_code not in _REDIRECTS or "location" not in response.headers:
+                return response
+            await response.aclose()
+            url = urljoin(url, response.headers["location"])
+            if _origin(url) == self.registry:
+                response = await self._to_registry(client, url, headers)
+            else:  # object storage, a CDN: the registry's login is not theirs to see
+                response = await _plain(client, url, headers)
+        await response.aclose()
+        raise MirrorError(f"{url}: more than {MAX_REDIRECTS} redirects")
+
+    async def _to_registry(self, client: httpx.AsyncClient, url: str, headers: dict[str, str]
+                           ) -> httpx.Response:
+        """A request to the registry with the current login; on 401, log in (again) and
+        repeat it once."""
+        sent = self.auth.current()
+        response = await _plain(client, url, _with_auth(headers, sent))
+        if response.status_code != 401:
+            return response
+        challenge = response.headers.get("www-authenticate", "")
+        await response.aclose()
+        header = await self.auth.login(challenge, sent, client, url)
+        response = await _plain(client, url, _with_auth(headers, header))
+        if response.status_code == 401:
+            await response.aclose()
+            raise MirrorError(f"{url}: the registry {self.ref.domain} refused the login"
+                              f"{self.auth.as_user()} (HTTP 401)")
+        return response
+
+
+async def _plain(client: httpx.AsyncClient, url: str, headers: dict[str, str]
+                 ) -> httpx.Response:
+    request = client.build_request("GET", url, headers=headers)
+    return await client.send(request, stream=True)
+
+
+def _with_auth(headers: dict[str, str], value: str | None) -> dict[str, str]:
+    return dict(headers, Authorization=value) if value else headers
