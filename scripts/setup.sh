@@ -4,9 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# environment-modules and Lmod's own dependencies: the module tests run both module systems
+# environment-modules and Lmod's own dependencies: the module tests run both module systems;
+# docker-registry (CNCF distribution) and apache2-utils (htpasswd): the OCI registry tests
 packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv gnupg nginx squid curl
-          environment-modules lua5.3 lua-posix lua-filesystem lua-json lua-term tcl)
+          environment-modules lua5.3 lua-posix lua-filesystem lua-json lua-term tcl
+          docker-registry apache2-utils)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
@@ -17,6 +19,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # the package starts a system registry on :5000; the tests start their own on loopback
+    if [[ " ${missing[*]} " == *" docker-registry "* ]] && command -v systemctl >/dev/null \
+            && systemctl is-active --quiet docker-registry 2>/dev/null; then
+        systemctl disable --now docker-registry
+    fi
 fi
 
 python=${PYTHON:-python3}
