@@ -202,7 +202,7 @@ class OciMirror(HttpMirror):
         super().__init__(ref.url, timeouts, ca_certs, proxies, base=ref.api,
                          follow_redirects=False)
         self.ref = ref
-        self.auth = RegistryAuth(ref, credentials)
+        self.login = RegistryAuth(ref, credentials)
         self.registry = _origin(ref.api)
 
     async def _send_once(self, client: httpx.AsyncClient, url: str,
@@ -227,18 +227,18 @@ class OciMirror(HttpMirror):
                            ) -> httpx.Response:
         """A request to the registry with the current login; on 401, log in (again) and
         repeat it once."""
-        sent = self.auth.current()
+        sent = self.login.current()
         response = await _plain(client, url, _with_auth(headers, sent))
         if response.status_code != 401:
             return response
         challenge = response.headers.get("www-authenticate", "")
         await response.aclose()
-        header = await self.auth.login(challenge, sent, client, url)
+        header = await self.login.login(challenge, sent, client, url)
         response = await _plain(client, url, _with_auth(headers, header))
         if response.status_code == 401:
             await response.aclose()
             raise MirrorError(f"{url}: the registry {self.ref.domain} refused the login"
-                              f"{self.auth.as_user()} (HTTP 401)")
+                              f"{self.login.as_user()} (HTTP 401)")
         return response
 
 
