@@ -34,7 +34,7 @@ from lazymount.spack.upstreamdb import DB_DIR, INDEX, VERIFIER
 from lazymount.store.content import Store
 from lazymount.store.shared import open_shared_store
 from lazymount.system import libc
-from lazymount.system.files import write_atomically
+from lazymount.system.files import remove_stale_temporaries, write_atomically
 from lazymount.system.mountinfo import fuse_device
 from lazymount.trust.policy import Trust
 
@@ -85,6 +85,20 @@ def check_mountpoint(path: Path) -> str:
     return os.path.realpath(path)
 
 
+STALE_TEMPORARY = 3600.0  # seconds after which a half-written file is a crash's leftover
+
+
+def sweep_temporaries(root: Path) -> int:
+    """Remove the half-written catalog and Spack database files a crash left in the store
+    (the packages' own leftovers are ``Store.sweep``'s)."""
+    directories = [root / "catalog" / part for part in ("indexes", "mirrors", "trees")]
+    try:
+        directories += [entry for entry in (root / "spackdb").iterdir() if entry.is_dir()]
+    except OSError:
+        pass
+    return sum(remove_stale_temporaries(directory, STALE_TEMPORARY) for directory in directories)
+
+
 def mount_options(config: MountConfig) -> set[str]:
     options = {"fsname=lazymount", "subtype=lazymount", "ro", "default_permissions"}
     if config.allow_other:
@@ -101,7 +115,7 @@ def serve(config: MountConfig, ready: Ready,
     try:
         root = check_mountpoint(config.mountpoint)
         store = Store(config.store)
-        swept = store.sweep()
+        swept = store.sweep() + sweep_temporaries(store.root)
         if swept:
             log.info("removed %d unfinished entries from the store", swept)
         sbang = install_sbang(store)

@@ -176,6 +176,10 @@ def mount_cache(tmp_path: Path) -> Iterator[functools.partial[Mount]]:
         log = tmp_path / f"lazymount-{len(mounts)}.log"
         args = [f"--mirror={m}" for m in mirrors] + [f"--trust-key={k}" for k in keys]
         # an empty keyring of the test's own, so no system keyring is trusted
+        # an empty configuration file: no /etc/lazymount/config.toml of the machine counts
+        empty_config = tmp_path / "empty-config.toml"
+        empty_config.touch()
+        args += [f"--config={empty_config}"]
         args += [f"--store={store}", f"--keyring={tmp_path / 'no-keys'}", "--foreground",
                  "--timeout=5", *extra, str(root)]
         with open(log, "ab") as handle:

@@ -124,6 +124,10 @@ def test_kill_9_then_the_same_command_brings_the_mount_back(http_server, tmp_pat
         leftover = store / "staging" / "x.4194305.unfinished"
         leftover.mkdir()
         (leftover / "half-written").write_bytes(b"x" * 100)
+        database_dir = next((store / "spackdb").iterdir())
+        half_written = database_dir / ".index.json.a1b2c3d4"  # as write_atomically names it
+        half_written.write_bytes(b'{"database": ')
+        os.utime(half_written, (time.time() - 7200,) * 2)  # older than any write in progress
 
         again = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert again.returncode == 0, again.stderr
@@ -132,7 +136,7 @@ def test_kill_9_then_the_same_command_brings_the_mount_back(http_server, tmp_pat
         assert "Hello from lmgreet" in result.stdout
         # the store was reused: no package blob fetched again, the leftover swept
         assert not [r for r in server.requests[before:] if r.startswith("/blobs/")]
-        assert not leftover.exists()
+        assert not leftover.exists() and not half_written.exists()
         log = (store / "lazymount.log").read_text()
         assert "the daemon that served this mount is gone" in log
     finally:

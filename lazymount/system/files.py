@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -44,6 +46,31 @@ def write_atomically(target: Path, data: bytes | Iterable[bytes], *, mode: int |
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}")  # what write_atomically's mkstemp names
+
+
+def remove_stale_temporaries(directory: Path, older_than: float) -> int:
+    """Remove the temporaries ``write_atomically`` left in ``directory`` when the process
+    writing them died (a crash between write and rename), if untouched for ``older_than``
+    seconds: a younger one may be another process's write in progress. Only regular files
+    are removed, never followed links. Returns how many."""
+    removed = 0
+    limit = time.time() - older_than
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if (_TEMPORARY.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)
+                    and entry.stat(follow_symlinks=False).st_mtime < limit):
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 def read_bounded(path: Path | str, limit: int) -> bytes:
