@@ -94,12 +94,12 @@ def test_spack_install_reuses_the_upstream(spack, mount_cache, caches):
     mount = mount_cache(caches.mirrors)
     spack.upstream("lazymount", mount.root)
     spack.add_repo(REPO)
-    spack("install", "--no-check-signature", "lmapp")
+    installed = spack("install", "--no-check-signature", "lmapp").stdout
     deps = spack("find", "--deps", "--format", "{name} {prefix}", "lmapp").stdout
-    lines = [line.split() for line in deps.splitlines() if line.strip()]
-    prefixes = {name: prefix for name, prefix in lines}
-    assert prefixes["lmapp"].startswith(str(spack.install_root))
-    assert Path(prefixes["lmhello"]).parent == mount.root / "linux-x86_64"
+    prefixes = dict(line.split(None, 1) for line in deps.splitlines() if line.strip())
+    why = f"spack install said:\n{installed}\nspack find --deps:\n{deps}"
+    assert prefixes.get("lmapp", "").startswith(str(spack.install_root)), why
+    assert Path(prefixes.get("lmhello", "/")).parent == mount.root / "linux-x86_64", why
 
 
 # Writes Spack's own module files for every installed record of the upstream (roots and Lmod's
