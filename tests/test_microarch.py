@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import archspec.cpu
@@ -227,3 +228,71 @@ def test_status_of_a_hidden_build_says_why_it_is_hidden(served, mount_cache):
         f"{mount.root}/linux-x86_64_v4/{LMISA['x86_64_v4']}: lmisa-1.0-exfln2z: hidden: "
         "targets = host hides it: built for x86_64_v4; this CPU is x86_64_v3")
     assert "shows only the builds it runs" in lazymount_status(str(mount.root))
+
+
+MODULES_INIT = Path("/usr/share/modules/init/bash")  # Debian's environment-modules
+LMOD = Path(sys.prefix) / "lmod" / "usr/share/lmod/lmod/libexec/lmod"  # scripts/setup.sh
+
+
+def module_shell(kind: str, modulepath: Path, script: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in bash with the ``module`` command of Environment Modules (tcl) or
+    Lmod (lmod) and only ``modulepath`` on MODULEPATH."""
+    if kind == "tcl":
+        assert MODULES_INIT.exists(), "apt-get install environment-modules (scripts/setup.sh)"
+        setup = f"source {MODULES_INIT}; module purge; export MODULEPATH={modulepath}\n"
+    else:
+        assert LMOD.exists(), "scripts/setup.sh unpacks Lmod into .venv/lmod"
+        setup = (f'module() {{ eval "$({LMOD} bash "$@")"; }}; '
+                 f"export MODULEPATH={modulepath}\n")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MODULE", "LMOD", "LOADEDMODULES", "_LMFILES_"))}
+    return subprocess.run(["bash", "-c", setup + script], env=env, capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("kind", ["tcl", "lmod"])
+def test_module_avail_lists_each_version_once_and_load_takes_the_hosts_build(
+        kind, served, mount_cache):
+    mount = mount_cache([served.url], extra=("--host-target=x86_64_v3",))
+    before = list(served.requests)
+    host_tree = mount.root / "modules" / "host" / kind
+    avail = module_shell(kind, host_tree, "module -t avail 2>&1")
+    assert avail.returncode == 0, avail.stderr
+    names = [line.split("(")[0].strip() for line in avail.stdout.splitlines()
+             if line.startswith("lmisa") and not line.endswith("/")]
+    assert sorted(names) == ["lmisa/1.0", "lmisa/1.1", "lmisalib/1.0"], avail.stdout
+    assert served.requests == before  # listing modules fetched nothing
+    # the per-target Lmod tree (one folder per family) has three lmisa@1.0 builds
+    if kind == "lmod":
+        core = mount.root / "modules/lmod/linux-debian12-x86_64/Core"
+        every = module_shell(kind, core, "module -t avail 2>&1").stdout
+        assert sum(line.startswith("lmisa/1.0-") for line in every.splitlines()) == 3, every
+    loaded = module_shell(kind, host_tree, """
+        module load lmisa || exit 1
+        isa || exit 2
+        module purge
+        module load lmisa/1.0 || exit 3
+        isa || exit 4
+        module list 2>&1
+    """)
+    assert loaded.returncode == 0, loaded.stdout + loaded.stderr
+    lines = loaded.stdout.splitlines()
+    assert lines[0] == "lmisa 1.1 built for x86_64"  # the default: the newest version
+    assert "linux-x86_64/lmisalib-1.0-qhrbeah" in lines[1]  # the library it was linked with
+    if this_cpu_runs("x86_64_v3"):
+        assert lines[2] == "lmisa 1.0 built for x86_64_v3"
+    assert "lmisalib/1.0" in loaded.stdout  # autoloaded: the host's build of the library
+
+
+def test_host_module_sets_the_paths_of_the_build_it_was_linked_with(served, mount_cache):
+    mount = mount_cache([served.url], extra=("--host-target=x86_64_v3",))
+    tcl = (mount.root / "modules/host/tcl/lmisa/1.0").read_text()
+    assert "module load lmisalib/1.0" in tcl  # the host's choice: its host module
+    assert f"{mount.root}/linux-x86_64_v3/{LMISA['x86_64_v3']}/bin" in tcl
+    generic = (mount.root / "modules/host/tcl/lmisa/1.1").read_text()
+    # lmisa@1.1 is generic; its lmisalib is the generic one, not the host's choice
+    assert "module load" not in generic
+    assert f"{mount.root}/linux-x86_64/lmisalib-1.0-qhrbeahyp5drfxvooar76ca2ylpy6vej/bin" in (
+        generic)
+    assert (mount.root / "modules/host/tcl/lmisa/.version").read_text().endswith('"1.1"\n')
+    assert os.readlink(mount.root / "modules/host/lmod/lmisa/default") == "1.1.lua"

@@ -37,6 +37,7 @@ from lazymount.errors import LazymountError
 from lazymount.materialize import Materializer
 from lazymount.serve.bindmount import PrefixBinder
 from lazymount.serve.hostdir import HOST_DIR, HostDirs
+from lazymount.spack.hostmodules import HOST_MODULES
 from lazymount.spack.modulefiles import MODULES_DIR, ModuleTree
 from lazymount.system import xattrs
 
@@ -110,7 +111,13 @@ class ModuleText:
     generation: int = 0  # which ModuleTree: a refresh makes new nodes (new inodes)
 
 
-Node = VirtualDir | PrefixDir | RealNode | HostDir | HostLink | ModuleText
+@dataclass(frozen=True)
+class HostText:
+    relative: str  # a module file of modules/host/
+    text: bytes
+
+
+Node = VirtualDir | PrefixDir | RealNode | HostDir | HostLink | ModuleText | HostText
 VIRTUAL_FH = 1 << 40  # file handles of ModuleText opens start here (others are store fds)
 
 
@@ -286,6 +293,8 @@ class InstallTreeFS(pyfuse3.Operations):
             return RealNode(self.files[relative])
         if relative in self.file_dirs:
             return VirtualDir(relative)
+        if relative == HOST_MODULES and self.host_dir and self.modules is not None:
+            return HostDir(relative)
         if self.modules is not None:
             if self.modules.is_file(relative):
                 return ModuleText(relative, self.modules_generation)
@@ -300,6 +309,8 @@ class InstallTreeFS(pyfuse3.Operations):
             names.update(self.modules.dirs.get(parent.relative, ()))
         if parent.relative == "" and self.host_dir:
             names.add(HOST_DIR)
+        if parent.relative == MODULES_DIR and self.host_dir and self.modules is not None:
+            names.add(HOST_MODULES.rpartition("/")[2])
         return sorted(names)
 
     async def _host_children(self, parent: HostDir) -> dict[str, Node]:
@@ -309,7 +320,12 @@ class InstallTreeFS(pyfuse3.Operations):
         children: dict[str, Node] = {}
         for name, target in (entries or {}).items():
             relative = f"{parent.relative}/{name}"
-            children[name] = HostDir(relative) if target is None else HostLink(relative, target)
+            if target is None:
+                children[name] = HostDir(relative)
+            elif isinstance(target, bytes):
+                children[name] = HostText(relative, target)
+            else:
+                children[name] = HostLink(relative, target)
         return children
 
     async def _real_dir(self, node: Node, ctx: Any) -> str | None:
@@ -384,6 +400,11 @@ class InstallTreeFS(pyfuse3.Operations):
             return self._real_attr(ino, node.path)
         if isinstance(node, ModuleText):
             return self._text_attr(ino, node)
+        if isinstance(node, HostText):
+            attr = self._dir_attr(ino)
+            attr.st_mode, attr.st_nlink = stat.S_IFREG | 0o444, 1
+            attr.st_size = len(node.text)
+            return attr
         if isinstance(node, HostLink):
             return self._link_attr(ino, node)
         return self._dir_attr(ino)
@@ -411,7 +432,7 @@ class InstallTreeFS(pyfuse3.Operations):
             child = (await self._host_children(parent)).get(text)
             if child is None:
                 return self._negative()
-        elif isinstance(parent, HostLink | ModuleText):
+        elif isinstance(parent, HostLink | ModuleText | HostText):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         else:
             directory = await self._real_dir(parent, ctx)
@@ -452,7 +473,7 @@ class InstallTreeFS(pyfuse3.Operations):
         elif isinstance(node, HostDir):
             children = await self._host_children(node)
             listing = [(os.fsencode(n), children[n]) for n in sorted(children)]
-        elif isinstance(node, HostLink | ModuleText):
+        elif isinstance(node, HostLink | ModuleText | HostText):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         else:
             directory = await self._real_dir(node, ctx)
@@ -485,11 +506,14 @@ class InstallTreeFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if isinstance(node, HostLink):  # opening a link follows it: never reached
             raise pyfuse3.FUSEError(errno.ELOOP)
-        if isinstance(node, ModuleText):
-            assert self.modules is not None
+        if isinstance(node, ModuleText | HostText):
             handle = VIRTUAL_FH + self.next_handle
             self.next_handle += 1
-            self.texts[handle] = self.modules.text(node.relative)
+            if isinstance(node, HostText):
+                self.texts[handle] = node.text
+            else:
+                assert self.modules is not None
+                self.texts[handle] = self.modules.text(node.relative)
             return pyfuse3.FileInfo(fh=handle, keep_cache=True)
         if not isinstance(node, RealNode):
             raise pyfuse3.FUSEError(errno.EISDIR)

@@ -20,6 +20,9 @@ import trio
 
 from lazymount.catalog.hosttarget import HostTarget, HostView, builds_of, target_of
 from lazymount.catalog.installtree import InstallTree
+from lazymount.spack import hostmodules
+from lazymount.spack.hostmodules import HOST_MODULES
+from lazymount.spack.modulefiles import ModuleTree
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +33,17 @@ DEFAULT_LINK = "default"
 class HostDirs:
     """The entries of ``host/`` and its subdirectories, computed on first use."""
 
-    def __init__(self, tree: InstallTree, host: HostTarget) -> None:
+    def __init__(self, tree: InstallTree, host: HostTarget,
+                 modules: ModuleTree | None = None) -> None:
+        """``modules``: the per-target module trees, whose files ``modules/host/`` serves
+        under short names (see ``spack.hostmodules``)."""
         self.tree = tree
         self.host = host
+        self.modules = modules
         self._view: HostView | None = None
         self._lock = trio.Lock()
         self._warned: set[str] = set()
-        self._entries: dict[str, dict[str, str | None] | None] = {}  # made once per directory
+        self._entries: dict[str, hostmodules.Entries | None] = {}  # made once per directory
 
     async def view(self) -> HostView:
         async with self._lock:
@@ -50,21 +57,26 @@ class HostDirs:
                  len(self.tree.prefixes), self.host.name, len(view.best))
         return view
 
-    async def children(self, relative: str) -> dict[str, str | None] | None:
-        """The entries of directory ``relative`` (``host`` or ``host/<name>``): name ->
-        link target, or None for a subdirectory. None if there is no such directory."""
+    async def children(self, relative: str) -> hostmodules.Entries | None:
+        """The entries of directory ``relative`` (``host``, ``host/<name>``, or
+        ``modules/host`` and below): name -> link target, file content, or None for a
+        subdirectory. None if there is no such directory."""
         if relative not in self._entries:
             self._entries[relative] = self._make_entries(await self.view(), relative)
         return self._entries[relative]
 
-    def _make_entries(self, view: HostView, relative: str) -> dict[str, str | None] | None:
+    def _make_entries(self, view: HostView, relative: str) -> hostmodules.Entries | None:
+        if relative == HOST_MODULES or relative.startswith(HOST_MODULES + "/"):
+            if self.modules is None:
+                return None
+            return hostmodules.entries(self.modules, view, relative)
         if relative == HOST_DIR:
             return dict.fromkeys(view.names())
         name = relative.removeprefix(HOST_DIR + "/")
         versions = view.versions(name)
         if not versions or "/" in name:
             return None
-        entries: dict[str, str | None] = {}
+        entries: hostmodules.Entries = {}
         for version in versions:
             build = view.chosen(name, version)
             assert build is not None

@@ -93,7 +93,8 @@ async def load_generation(config: MountConfig, root: str, catalogs: CatalogStore
     # out of every later garbage-collection pass (100,000 records made each take ~0.1 s)
     modules = await trio.to_thread.run_sync(ModuleTree.build, shown)  # names only: fast
     gc.freeze()
-    return Generation(config, mirrors, trust, tree, shown, HostDirs(tree, host), modules)
+    return Generation(config, mirrors, trust, tree, shown, HostDirs(tree, host, modules),
+                      modules)
 
 
 # settings a running mount cannot change: a reload that changes them says so

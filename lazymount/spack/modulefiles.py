@@ -185,6 +185,18 @@ class ModuleTree:
                       f"    use_name: {_quote(module.use_name)}"]
         return ("\n".join(lines) + "\n").encode() if len(lines) > 1 else b"module_index: {}\n"
 
+    def render(self, kind: str, dag_hash: str, use_name: str, loads: list[str],
+               inline: list[str]) -> bytes:
+        """The module file of ``dag_hash`` known as ``use_name``, autoloading ``loads``
+        (polite ``name/version`` names) and setting the prefix inspections of the
+        ``inline`` hashes before its own: the host tree's modules (``hostmodules``)."""
+        record = self.tree.catalog[dag_hash]
+        changes = [change for dep in inline if dep in self.tree.catalog
+                   for change in _prefix_changes(self.tree.catalog[dep], self.tree)]
+        changes += _prefix_changes(record, self.tree)
+        content = _Content(record, use_name, loads, changes)
+        return (_tcl_text if kind == TCL else _lua_text)(content).encode()
+
     def _content(self, module: ModuleFile) -> _Content:
         record = self.tree.catalog[module.dag_hash]
         loads = [self.by_hash[module.kind][dep].use_name for dep in record.runtime_deps
