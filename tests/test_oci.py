@@ -458,3 +458,44 @@ def test_blob_redirects_drop_the_login_and_busy_answers_are_retried(registry, mo
     finally:
         front.stop()
         tokens.stop()
+
+
+# ---- the real Spack pushes, lazymount mounts ----------------------------------------------
+
+OCI_REPO = SPACK_DATA / "repo" / "spack_repo" / "lmoci"
+
+
+def test_a_cache_the_real_spack_pushed_runs_through_the_mount(spack, mount_cache, tmp_path):
+    """`spack buildcache push --unsigned oci+http://…` into a real registry, then mounted:
+    Spack's own manifest and config have the shape ocicache.py writes, and the package runs
+    relocated under the mount."""
+    spack.add_repo(OCI_REPO)
+    spack("install", "lmocidemo")
+    registry = Registry(tmp_path / "registry").start()
+    try:
+        spack("buildcache", "push", "--unsigned", "--update-index", registry.mirror(NAME),
+              "lmocidemo")
+        reader = OciPusher(registry.base, NAME)
+        tags = reader.client.get(f"{reader.api}/tags/list").json()["tags"]
+        (tag,) = [t for t in tags if t.startswith("lmocidemo-1.0-")]
+        assert sorted(tags) == ["index.spack", tag]
+        manifest = reader.client.get(f"{reader.api}/manifests/{tag}", headers={
+            "Accept": "application/vnd.oci.image.manifest.v1+json"}).json()
+        config = reader.client.get(f"{reader.api}/blobs/{manifest['config']['digest']}").json()
+        reader.close()
+        ours = manifest_doc(manifest["config"], manifest["layers"], "x")
+        assert list(manifest) == list(ours)
+        assert list(config)[:4] == ["architecture", "os", "rootfs", "config"]
+        assert list(config)[4:] == ["spec", "buildcache_layout_version", "binary_cache_checksum",
+                                    "archive_size", "archive_timestamp", "archive_compression"]
+        assert config["binary_cache_checksum"]["hash"] == \
+            manifest["layers"][-1]["digest"].removeprefix("sha256:")
+        assert tag == spec_tag("lmocidemo", "1.0", config["spec"]["nodes"][0]["hash"])
+
+        mount = mount_oci(mount_cache, registry.mirror(NAME))
+        (prefix,) = mount.root.glob("linux-*/lmocidemo-1.0-*")
+        result = subprocess.run([str(prefix / "bin" / "lmocidemo")], capture_output=True,
+                                text=True, timeout=60)
+        assert result.stdout == f"installed at {prefix}\n", (result.stderr, mount.log_text())
+    finally:
+        registry.stop()
