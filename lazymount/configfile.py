@@ -336,7 +336,7 @@ KEYS: dict[str, Key] = {key.name: key for key in (
              "To serve another partition's view"),
     Key("host_view", None, shape="flag", flag="--host-view", default=True,
         help="serve <mount>/host/<name>/<version>, a link to the best build of each version "
-             "for the host target (default: on)"),
+             "for the host target, and its modules in <mount>/modules/host/ (default: on)"),
     Key("targets", parse_targets, flag="--targets", metavar="all|host", default="all",
         help="which builds to show under <platform>-<target>/: all (default), or host: only "
              "those the host target can run (Spack's upstream database still lists all)"),
