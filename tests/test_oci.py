@@ -342,6 +342,47 @@ def test_a_config_whose_checksum_is_not_the_last_layer_is_refused(registry, moun
     expect_refusal(mount, errno.EIO, "tarball checksum 2dc5ac5054b7 is not the last layer's")
 
 
+def test_refresh_and_status_of_an_oci_mount(tmp_path, mount_cache):
+    """A package pushed later (with a new index.spack) appears on `lazymount refresh`; an
+    unchanged index costs one conditional request; status names the registry and its login."""
+    registry = Registry(tmp_path / "registry").start()
+    pusher = OciPusher(registry.base, NAME)
+    try:
+        specs, index = read_v3_cache(FIXTURE_CACHE)
+        pusher.push_spec(specs[GREET_HASH], specs)
+        partial = json.loads(index)
+        partial["database"]["installs"][HELLO_HASH]["in_buildcache"] = False
+        pusher.push_index(compact(partial))
+        mount = mount_oci(mount_cache, registry.mirror(NAME), "--index-refresh=off")
+        assert os.listdir(mount.root / "linux-x86_64") == [LMGREET]
+
+        pusher.push_spec(specs[HELLO_HASH], specs)
+        pusher.push_index(index)
+        result = subprocess.run(lazymount_command("refresh", str(mount.root)),
+                                capture_output=True, text=True, timeout=120)
+        assert "the index changed: 2 packages (1 new, 0 removed)" in result.stdout, result
+        assert sorted(os.listdir(mount.root / "linux-x86_64")) == [LMGREET, LMHELLO]
+        assert_hello_runs(mount)
+        seen = len(registry.requests())
+        result = subprocess.run(lazymount_command("refresh", str(mount.root)),
+                                capture_output=True, text=True, timeout=120)
+        assert "the index is unchanged (2 packages)" in result.stdout, result
+        assert registry.requests()[seen:] == [f"GET /v2/{NAME}/manifests/index.spack 304"]
+
+        status = json.loads(subprocess.run(
+            lazymount_command("status", str(mount.root), "--json"), capture_output=True,
+            text=True, timeout=60).stdout)
+        (mirror,) = status["mirrors"]
+        assert (mirror["url"], mirror["kind"], mirror["layout"], mirror["login"]) == \
+            (registry.mirror(NAME), "oci", 3, "anonymous")
+        shown = subprocess.run(lazymount_command("status", str(mount.root)),
+                               capture_output=True, text=True, timeout=60).stdout
+        assert f"{registry.mirror(NAME)} (v3, OCI registry, login anonymous)" in shown
+    finally:
+        pusher.close()
+        registry.stop()
+
+
 # ---- logins -----------------------------------------------------------------------------
 
 
@@ -429,6 +470,10 @@ def test_a_token_server_that_wants_credentials(registry, mount_cache, tmp_path, 
         assert_hello_runs(mount)
         assert tokens.requests and all(r["authorization"].startswith("Basic ")
                                        for r in tokens.requests)
+        shown = subprocess.run(lazymount_command("status", str(mount.root), "--json"),
+                               capture_output=True, text=True, timeout=60).stdout
+        assert json.loads(shown)["mirrors"][0]["login"] == "bearer as lmuser"
+        assert PASSWORD not in shown and PASSWORD not in mount.log_text()
         wrong = docker_config(tmp_path, registry.host, "lmuser", "not-it")
         result = refused_mount(tmp_path, f"--mirror={registry.mirror(NAME)}", "--unsigned",
                                f"--ca-certs={ca.ca_cert}", f"--docker-config={wrong}")

@@ -311,7 +311,10 @@ async def discover(mirror: Mirror) -> CacheLayout:
 
 
 def known_layout(mirror: Mirror) -> int | None:
-    """The layout version ``discover`` found for ``mirror`` (3 or 2), None if not asked yet."""
+    """The layout version ``discover`` found for ``mirror`` (3 or 2), None if not asked yet.
+    A registry's is 3, in its OCI envelope."""
+    if mirror.kind == "oci":
+        return OCI_LAYOUT.version
     known = _found.get(mirror)
     return known.version if known is not None else None
 

@@ -202,8 +202,15 @@ class OciMirror(HttpMirror):
         super().__init__(ref.url, timeouts, ca_certs, proxies, base=ref.api,
                          follow_redirects=False)
         self.ref = ref
-        self.login = RegistryAuth(ref, credentials)
+        self.auth_state = RegistryAuth(ref, credentials)
         self.registry = _origin(ref.api)
+
+    @property
+    def login(self) -> str:
+        """``anonymous``, ``basic`` or ``bearer`` (with the user's name when configured)."""
+        user = self.auth_state.credentials
+        return self.auth_state.kind + (f" as {user.username}" if user is not None
+                                       and self.auth_state.kind != "anonymous" else "")
 
     async def _send_once(self, client: httpx.AsyncClient, url: str,
                          headers: dict[str, str] | None) -> httpx.Response:
@@ -227,18 +234,18 @@ class OciMirror(HttpMirror):
                            ) -> httpx.Response:
         """A request to the registry with the current login; on 401, log in (again) and
         repeat it once."""
-        sent = self.login.current()
+        sent = self.auth_state.current()
         response = await _plain(client, url, _with_auth(headers, sent))
         if response.status_code != 401:
             return response
         challenge = response.headers.get("www-authenticate", "")
         await response.aclose()
-        header = await self.login.login(challenge, sent, client, url)
+        header = await self.auth_state.login(challenge, sent, client, url)
         response = await _plain(client, url, _with_auth(headers, header))
         if response.status_code == 401:
             await response.aclose()
             raise MirrorError(f"{url}: the registry {self.ref.domain} refused the login"
-                              f"{self.login.as_user()} (HTTP 401)")
+                              f"{self.auth_state.as_user()} (HTTP 401)")
         return response
 
 

@@ -82,6 +82,12 @@ class Mirror:
     health: MirrorHealth
     kind = "url"  # "url": a build cache laid out as files; "oci": a registry repository
 
+    @property
+    def login(self) -> str | None:
+        """How requests are authenticated, for status (never a secret): None where the
+        mirror has no login of its own."""
+        return None
+
     async def read(self, path: str, max_bytes: int, *, revalidate: bool = False) -> bytes:
         """Whole small file; refuses files over ``max_bytes``. ``revalidate``: the file may
         change under its name (an index), so a cache between us and the mirror must not

@@ -73,7 +73,7 @@ def _mirror(mirror: Mirror) -> dict[str, Any]:
     health = mirror.health
     return {"url": mirror.url, "state": health.state, "last_error": health.last_error,
             "last_error_at": _iso(health.last_error_at), "layout": known_layout(mirror),
-            "fetched_bytes": health.fetched_bytes}
+            "kind": mirror.kind, "login": mirror.login, "fetched_bytes": health.fetched_bytes}
 
 
 def _all_mirrors(live: LiveMount) -> list[Mirror]:
@@ -187,6 +187,8 @@ def render(status: dict[str, Any]) -> str:
     lines.append("mirrors:")
     for mirror in status["mirrors"]:
         layout = f"v{mirror['layout']}" if mirror["layout"] else "layout unknown"
+        if mirror.get("kind") == "oci":
+            layout += f", OCI registry, login {mirror['login']}"
         line = f"  {mirror['state']:<8} {mirror['url']} ({layout})"
         if mirror["state"] != "ok" and mirror["last_error"]:
             line += f"\n           last error: {mirror['last_error']}"
