@@ -8,6 +8,7 @@ there).
 
 from __future__ import annotations
 
+import http.server
 import os
 import pwd
 import shutil
@@ -137,6 +138,26 @@ def start_silent_proxy() -> SilentProxy:
 
     threading.Thread(target=accept, daemon=True).start()
     return proxy
+
+
+class _Overloaded(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self.server.answered += 1  # type: ignore[attr-defined]
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+def start_overloaded_proxy() -> tuple[str, http.server.ThreadingHTTPServer]:
+    """A proxy that answers every request with 503 (an overloaded or broken proxy); the
+    caller shuts the server down. ``server.answered`` counts the requests."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Overloaded)
+    server.answered = 0  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", server
 
 
 def refused_proxy() -> str:

@@ -16,7 +16,13 @@ from pathlib import Path
 
 import pytest
 from conftest import FIXTURE_CACHE, LMGREET, LMHELLO, lazymount_command
-from squid import Squid, refused_proxy, start_silent_proxy, start_squid
+from squid import (
+    Squid,
+    refused_proxy,
+    start_overloaded_proxy,
+    start_silent_proxy,
+    start_squid,
+)
 
 from lazymount import configfile
 from lazymount.errors import UsageError
@@ -171,6 +177,23 @@ def test_a_hung_first_proxy_costs_one_wait_not_one_per_request(
         assert f"resting  {silent.url} (group 1" in words and f"up       {squid.url}" in words
     finally:
         silent.stop()
+
+
+def test_a_proxy_answering_503_is_left_aside_for_the_next_group(
+        http_server, mount_cache, squid):
+    origin = http_server(FIXTURE_CACHE)
+    broken, server = start_overloaded_proxy()
+    try:
+        mount = mount_cache([origin.url], extra=(f"--proxy={broken};{squid.url}",))
+        result = run(mount.prefix() / "bin" / "hello", "-v")
+        assert result.returncode == 0, result.stderr + mount.log_text()
+        # asked once (the first request), then rested: the rest went to squid
+        assert server.answered == 1  # type: ignore[attr-defined]
+        assert f"proxy {broken} failed (HTTP 503)" in mount.log_text()
+        assert len([line for line in squid.access_log() if origin.url in line]) >= 8
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_environment_proxy_without_a_list_and_no_proxy_with_one(
