@@ -73,7 +73,9 @@ def _mirror(mirror: Mirror) -> dict[str, Any]:
     health = mirror.health
     return {"url": mirror.url, "state": health.state, "last_error": health.last_error,
             "last_error_at": _iso(health.last_error_at), "layout": known_layout(mirror),
-            "kind": mirror.kind, "login": mirror.login, "fetched_bytes": health.fetched_bytes}
+            "fetched_bytes": health.fetched_bytes,
+            # a registry also says so, and how it is logged in to (a name, never a secret)
+            **({"kind": "oci", "login": mirror.login} if mirror.kind == "oci" else {})}
 
 
 def _all_mirrors(live: LiveMount) -> list[Mirror]:
