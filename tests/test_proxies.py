@@ -26,7 +26,13 @@ from squid import (
 
 from lazymount import configfile
 from lazymount.errors import UsageError
-from lazymount.mirror.proxies import DIRECT, ProxyChain, bypasses_proxies, parse_proxy_list
+from lazymount.mirror.proxies import (
+    BACKOFF,
+    DIRECT,
+    ProxyChain,
+    bypasses_proxies,
+    parse_proxy_list,
+)
 
 INDEX_MANIFEST = "v3/manifests/index/index.manifest.json"
 
@@ -44,6 +50,12 @@ def run(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def counted(requests: list[str], marker: str) -> Counter[str]:
     return Counter(r for r in requests if marker in r)
+
+
+def rests_since(started: float) -> int:
+    """How many times a failed proxy may have been asked since ``started``: once, and once
+    more per rest period that passed (a slow machine can take longer than one)."""
+    return 1 + int((time.monotonic() - started) // BACKOFF)
 
 
 # --- the proxy list: syntax and the order requests take ---------------------------------
@@ -121,6 +133,7 @@ def test_three_daemons_behind_a_dead_proxy_and_squid_fetch_each_blob_once(
         http_server, mount_cache, squid, tmp_path):
     origin = http_server(FIXTURE_CACHE)
     chain = f"{refused_proxy()};{squid.url}"
+    started = time.monotonic()
     mounts = [mount_cache([origin.url], extra=(f"--proxy={chain}",),
                           store=tmp_path / f"store{n}") for n in range(3)]
     results: list[subprocess.CompletedProcess[str]] = []
@@ -144,7 +157,9 @@ def test_three_daemons_behind_a_dead_proxy_and_squid_fetch_each_blob_once(
     asked = [line for line in squid.access_log() if f"{origin.url}/blobs/" in line]
     assert len(asked) == 3 * len(blobs), "\n".join(squid.access_log())
     for mount in mounts:
-        assert mount.log_text().count("failed (") == 1, mount.log_text()
+        # the dead proxy cost one failed connection, not one per request
+        failures = mount.log_text().count("failed (connection refused)")
+        assert 1 <= failures <= rests_since(started), mount.log_text()
 
 
 def test_a_hung_first_proxy_costs_one_wait_not_one_per_request(
@@ -152,6 +167,7 @@ def test_a_hung_first_proxy_costs_one_wait_not_one_per_request(
     origin = http_server(FIXTURE_CACHE)
     silent = start_silent_proxy()
     try:
+        started = time.monotonic()
         mount = mount_cache([origin.url], extra=(f"--proxy={silent.url};{squid.url}",
                                                  "--timeout=3"))
         result = run(mount.prefix() / "bin" / "hello", "-v")
@@ -161,20 +177,23 @@ def test_a_hung_first_proxy_costs_one_wait_not_one_per_request(
         # 8 requests (index manifest and blob, 2 spec manifests, 2 spec blobs, 2 tarballs)
         # went through squid; the hung proxy was asked once, by the first of them
         assert len(through_squid) >= 8, squid.access_log()
-        assert len(silent.accepted) == 1
+        assert 1 <= len(silent.accepted) <= rests_since(started)
         assert f"proxy {silent.url} failed (no answer in 3 s" in mount.log_text()
         # status shows each proxy's health
         status = subprocess.run(lazymount_command("status", "--json", str(mount.root)),
                                 capture_output=True, text=True, timeout=60)
         assert status.returncode == 0, status.stderr
         health = {p["proxy"]: p for p in json.loads(status.stdout)["proxies"]}
-        assert not health[silent.url]["up"] and health[silent.url]["failures"] == 1
+        assert health[silent.url]["failures"] >= 1
         assert "no answer" in health[silent.url]["last_error"]
         assert health[squid.url]["up"] and health[squid.url]["answered"] >= 8
         assert health[squid.url]["group"] == 1 and health[silent.url]["group"] == 0
         words = subprocess.run(lazymount_command("status", str(mount.root)),
                                capture_output=True, text=True, timeout=60).stdout
-        assert f"resting  {silent.url} (group 1" in words and f"up       {squid.url}" in words
+        assert f"up       {squid.url} (group 2" in words
+        if time.monotonic() - started < BACKOFF:  # still resting (a slow machine may not be)
+            assert not health[silent.url]["up"]
+            assert f"resting  {silent.url} (group 1" in words
     finally:
         silent.stop()
 
@@ -184,11 +203,12 @@ def test_a_proxy_answering_503_is_left_aside_for_the_next_group(
     origin = http_server(FIXTURE_CACHE)
     broken, server = start_overloaded_proxy()
     try:
+        started = time.monotonic()
         mount = mount_cache([origin.url], extra=(f"--proxy={broken};{squid.url}",))
         result = run(mount.prefix() / "bin" / "hello", "-v")
         assert result.returncode == 0, result.stderr + mount.log_text()
         # asked once (the first request), then rested: the rest went to squid
-        assert server.answered == 1  # type: ignore[attr-defined]
+        assert 1 <= server.answered <= rests_since(started)  # type: ignore[attr-defined]
         assert f"proxy {broken} failed (HTTP 503)" in mount.log_text()
         assert len([line for line in squid.access_log() if origin.url in line]) >= 8
     finally:
