@@ -73,6 +73,7 @@ subcommands:
 examples:
   lazymount keys install --trust https://cache.example.org/spack
   lazymount --mirror https://cache.example.org/spack /opt/spack
+  lazymount --unsigned --mirror oci://ghcr.io/org/buildcache /opt/spack   (OCI registry)
   /opt/spack/linux-x86_64/lmhello-1.0-<hash>/bin/hello -v
   lazymount spack-config /opt/spack > ~/.spack/upstreams.yaml
   lazymount umount /opt/spack
