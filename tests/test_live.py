@@ -464,3 +464,17 @@ def test_https_mirror_without_its_ca_names_the_certificate_problem(https_server,
         unmount(root)
     if not os.path.ismount(root):
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_real_spack_sees_what_a_refresh_added(spack, http_server, daemon, tmp_path):
+    cache = served_cache(tmp_path / "cache", {"lmgreet"})
+    mount = daemon([http_server(cache).url], index_refresh="off")
+    spack.upstream("lazymount", mount.root)
+
+    def found() -> str:
+        return spack("find", "--format", "{name}-{version}-{hash}").stdout
+
+    assert LMGREET in found() and LMHELLO not in found()
+    served_cache(cache, {"lmgreet", "lmhello"})
+    assert mount.lazymount("refresh", str(mount.root)).returncode == 0
+    assert LMHELLO in found()
