@@ -181,7 +181,8 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path, trus
             if mounted:
                 sd_notify("STOPPING=1")
                 session.close(unmount=os.path.ismount(root))
-            _remove_socket(control_socket)
+            control_socket.close()
+            control.unbind(root)
         log.info("unmounted %s", root)
         return 0
     finally:
@@ -223,16 +224,6 @@ async def _serve_metrics(live: LiveMount, listen: tuple[str, int],
         raise UsageError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
     task_status.started()
     await metrics.serve_http(listeners, text)
-
-
-def _remove_socket(sock: socket.socket) -> None:
-    try:
-        path = sock.getsockname()
-        sock.close()
-        if path:
-            os.unlink(path)
-    except OSError:
-        pass
 
 
 async def _first_database(live: LiveMount) -> None:

@@ -359,6 +359,15 @@ def test_status_of_every_mount_in_one_exposition(http_server, daemon):
     assert {str(first.root), str(second.root)} <= {s["mountpoint"] for s in listed}
 
 
+def test_control_socket_goes_with_the_mount(http_server, daemon):
+    mount = daemon([http_server(FIXTURE_CACHE).url], index_refresh="off")
+    path = control.runtime_dir() / control.socket_name(str(mount.root))
+    assert path.exists()
+    assert mount.lazymount("umount", str(mount.root)).returncode == 0
+    mount.process.wait(60)
+    assert not path.exists()
+
+
 def test_status_without_a_daemon_says_so(tmp_path):
     result = subprocess.run(lazymount_command("status", str(tmp_path)), capture_output=True,
                             text=True, timeout=60)

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -91,6 +92,7 @@ def bind(mountpoint: str, shared: bool) -> socket.socket:
     path = runtime_dir() / socket_name(mountpoint)
     try:
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        _check_ours(path.parent)
         path.unlink(missing_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(str(path))
@@ -99,6 +101,23 @@ def bind(mountpoint: str, shared: bool) -> socket.socket:
     except OSError as exc:
         raise UsageError(f"cannot make the control socket {path}: {exc.strerror}") from None
     return sock
+
+
+def unbind(mountpoint: str) -> None:
+    """Remove the socket file of the mount at ``mountpoint`` (the daemon is ending)."""
+    try:
+        (runtime_dir() / socket_name(mountpoint)).unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("cannot remove the control socket: %s", exc.strerror)
+
+
+def _check_ours(directory: Path) -> None:
+    """Refuse a socket directory someone else could have placed or can write to (a
+    ``/tmp/lazymount-UID`` made by another user would let them answer for us)."""
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise UsageError(f"the control socket directory {directory} is not a directory that "
+                         "only this user can write to; remove it or set XDG_RUNTIME_DIR")
 
 
 async def serve(sock: socket.socket, handler: Handler) -> None:
