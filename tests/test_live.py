@@ -94,7 +94,7 @@ def daemon(tmp_path: Path) -> Iterator[functools.partial[Daemon]]:
     """Factory: a foreground lazymount mounting what a config file says; always unmounted."""
     started: list[Daemon] = []
 
-    def start(mirrors: list[str], **keys: object) -> Daemon:
+    def start(mirrors: list[str], env: dict[str, str] | None = None, **keys: object) -> Daemon:
         root = short_dir()
         store = tmp_path / "store"
         config = write_config(tmp_path / f"config-{len(started)}.toml", root, mirrors=mirrors,
@@ -104,7 +104,7 @@ def daemon(tmp_path: Path) -> Iterator[functools.partial[Daemon]]:
         with open(log, "ab") as handle:
             process = subprocess.Popen(
                 lazymount_command("--config", str(config), "--foreground", str(root)),
-                stdout=handle, stderr=handle)
+                stdout=handle, stderr=handle, env={**os.environ, **(env or {})})
         running = Daemon(root, config, store, process, log)
         started.append(running)
         deadline = time.monotonic() + WAIT
@@ -366,6 +366,18 @@ def test_control_socket_goes_with_the_mount(http_server, daemon):
     assert mount.lazymount("umount", str(mount.root)).returncode == 0
     mount.process.wait(60)
     assert not path.exists()
+
+
+def test_under_systemd_a_failure_is_one_line_with_its_journal_priority(http_server, daemon):
+    server = http_server(FIXTURE_CACHE)
+    mount = daemon([server.url], env={"JOURNAL_STREAM": "8:12345"}, index_refresh="off")
+    server.stop()
+    with pytest.raises(OSError):
+        os.listdir(mount.root / "linux-x86_64" / LMHELLO)
+    lines = mount.log_text().splitlines()
+    failures = [line for line in lines if "connection refused" in line]
+    assert len(failures) == 1 and failures[0].startswith("<3>lazymount: lmhello-1.0-"), lines
+    assert any(line.startswith("<6>lazymount: mounted") for line in lines), lines
 
 
 def test_status_without_a_daemon_says_so(tmp_path):
