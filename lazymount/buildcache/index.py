@@ -219,6 +219,31 @@ def records_of(rows: list[Row], mirror: int, nodes: IndexNodes) -> dict[str, Spe
                                row[6], nodes) for row in rows}
 
 
+def _shared(rows: list[Row]) -> list[Row]:
+    """``rows`` with equal values made one object: a 100,000-spec index repeats a few
+    thousand names and versions and a handful of arch triples, and each hash is also a
+    dependency of others. Rows are read, never changed, so sharing is safe; ``marshal``
+    keeps it in the stored catalog, so every later mount loads the shared form too."""
+    shared: dict[Any, Any] = {row[0]: row[0] for row in rows}
+    one = shared.setdefault
+    out: list[Row] = []
+    for dag_hash, name, version, place, cached, refs, deps, start, end in rows:
+        out.append((dag_hash, one(name, name), one(version, version), _shared_place(place, one),
+                    cached, refs, tuple(one(h, h) for h in deps), start, end))
+    return out
+
+
+def _shared_place(place: dict[str, Any], one: Any) -> dict[str, Any]:
+    """``place`` with its strings and its arch made the objects other rows use."""
+    for key, value in place.items():
+        if isinstance(value, str):
+            place[key] = one(value, value)
+    arch = place.get("arch")
+    if isinstance(arch, dict) and all(isinstance(v, str) for v in arch.values()):
+        place["arch"] = one(("arch", *arch.items()), arch)
+    return place
+
+
 class IndexNodes:
     """Whole index nodes, read back from an index document by the byte spans of its
     entries (``scan_index``). This one holds the document in memory; the catalog store's
@@ -302,7 +327,7 @@ def scan_index(blob: bytes) -> list[Row]:
         raise FormatError(f"the index has database version {version!s:.20}; supported: 6, 7, 8")
     if not blob.isascii():
         rows = _byte_offsets(text, rows)
-    return rows
+    return _shared(rows)
 
 
 def _scan_installs(cursor: _Cursor, rows: list[Row]) -> None:
