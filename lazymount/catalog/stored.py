@@ -50,7 +50,7 @@ from lazymount.system.files import write_atomically
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the payload changes shape
+FORMAT = 2  # bump when the payload changes shape (2: values shared between rows)
 
 
 class CatalogStore:
