@@ -24,6 +24,8 @@ from conftest import (
     short_dir,
     unmount,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from ocicache import (
     MEDIA_CONFIG,
     OciPusher,
@@ -141,6 +143,45 @@ def test_a_password_never_shows_in_repr():
 def test_malformed_image_manifests_are_refused(doc, message):
     with pytest.raises(FormatError, match=message):
         parse_image_manifest(json.dumps(doc).encode(), "lmhello")
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                max_size=4),
+    max_leaves=20)
+DESCRIPTOR = st.fixed_dictionaries({
+    "mediaType": st.sampled_from(["application/vnd.oci.image.layer.v1.tar+gzip", "x", 3]),
+    "digest": st.sampled_from(["sha256:" + "a" * 64, "sha256:" + "A" * 64, "md5:1", None]),
+    "size": st.sampled_from([0, 9978, -1, True, "12", None])})
+PROPERTIES = settings(max_examples=200, deadline=None, database=None)
+
+
+@PROPERTIES
+@given(st.one_of(JSON_VALUES, st.fixed_dictionaries({
+    "schemaVersion": st.sampled_from([2, 1, "2"]),
+    "mediaType": st.sampled_from(["application/vnd.oci.image.manifest.v1+json",
+                                  "application/vnd.docker.distribution.manifest.v2+json",
+                                  "application/vnd.oci.image.index.v1+json", None]),
+    "config": DESCRIPTOR | JSON_VALUES,
+    "layers": st.lists(DESCRIPTOR, max_size=3) | JSON_VALUES})))
+def test_any_manifest_is_parsed_or_refused_with_a_format_error(doc):
+    """Whatever a registry sends, the parser answers an ImageManifest whose every blob has a
+    sha256 and a size, or a FormatError; never another exception."""
+    try:
+        manifest = parse_image_manifest(json.dumps(doc).encode(), "pkg")
+    except FormatError:
+        return
+    for blob in (manifest.config, *manifest.layers):
+        assert len(blob.checksum) == 64 and isinstance(blob.length, int) and blob.length >= 0
+        assert blob.path == f"blobs/sha256:{blob.checksum}"
+
+
+@PROPERTIES
+@given(st.text(max_size=200))
+def test_any_challenge_header_is_parsed_without_error(header):
+    for scheme, params in parse_challenges(header):
+        assert scheme == scheme.lower() and all(k == k.lower() for k in params)
 
 
 def test_the_writer_writes_what_spack_wrote():
