@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 # docker-registry (CNCF distribution) and apache2-utils (htpasswd): the OCI registry tests
 packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv gnupg nginx squid curl
           environment-modules lua5.3 lua-posix lua-filesystem lua-json lua-term tcl
-          docker-registry apache2-utils)
+          docker-registry apache2-utils systemd)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
