@@ -38,5 +38,6 @@ class MountConfig:
     host_target: str | None = None  # archspec name of the CPU to choose builds for; None: detect
     targets: str = "all"  # "host": hide the builds that CPU cannot run
     proxies: str | None = None  # proxy list (CernVM-FS syntax); None: the environment's
+    user: str | None = None  # after mounting, run as this user (root only)
     shared_store: Path | None = None  # a store many nodes share (looked in first)
     host_view: bool = True  # serve host/

@@ -324,6 +324,10 @@ KEYS: dict[str, Key] = {key.name: key for key in (
     Key("registries", parse_registries,
         help="logins for oci:// registries, one table per HOST[:PORT] with username and "
              "password_file (or password); they win over the Docker configuration"),
+    Key("user", parse_text, flag="--user", metavar="NAME",
+        help="when started as root: mount, then run as this user for good (it must own the "
+             "store; the README's install step creates the system user lazymount), keeping "
+             "only CAP_SYS_ADMIN; nothing from a mirror is read as root"),
     Key("allow_other", None, shape="flag", flag="--allow-other",
         help="let other users see the mount (default: on when run as root)"),
     Key("bind_ready", None, shape="flag", flag="--bind-ready", default=False,

@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,15 @@ from lazymount.serve import session
 from lazymount.serve.bindmount import PrefixBinder, clear_dead_mount
 from lazymount.serve.fs import InstallTreeFS
 from lazymount.service import control, metrics, status
-from lazymount.service.live import LiveMount, load_generation, load_trust, open_mirrors
+from lazymount.service.live import LiveMount, load_generation, open_mirrors
 from lazymount.spack.upstreamdb import DB_DIR, INDEX, VERIFIER
-from lazymount.store.content import Store
+from lazymount.store.content import Store, create_store_dir
 from lazymount.store.shared import open_shared_store
 from lazymount.system import libc
-from lazymount.system.files import remove_stale_temporaries, write_atomically
+from lazymount.system.files import remove_stale_temporaries
 from lazymount.system.mountinfo import fuse_device
+from lazymount.system.ownership import user_name
+from lazymount.system.privileges import RootHelper, drop_privileges, lookup_user, preload
 from lazymount.trust.policy import Trust
 
 log = logging.getLogger(__name__)
@@ -58,13 +61,13 @@ def sd_notify(message: str) -> None:
         sock.sendall(message.encode())
 
 
-def install_sbang(store: Store) -> Path:
+def sbang_text() -> bytes:
+    return resources.files("lazymount").joinpath("data/sbang").read_bytes()
+
+
+def install_sbang(store: Store, text: bytes) -> Path:
     """Our sbang script, kept in the store and served at <mount>/bin/sbang."""
-    text = resources.files("lazymount").joinpath("data/sbang").read_bytes()
-    target = store.root / "sbang"
-    if not target.is_file() or target.read_bytes() != text:
-        write_atomically(target, text, mode=0o755, mtime=0)
-    return target
+    return store.put_file("sbang", text, 0o755)
 
 
 def check_mountpoint(path: Path) -> str:
@@ -111,25 +114,81 @@ def serve(config: MountConfig, ready: Ready,
     """Mount and serve until unmounted. Returns the exit status. ``reload_config`` reads
     the configuration again (SIGHUP)."""
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 dumps every stack
+    os.umask(0o022)  # nothing the daemon makes is writable by others
     trust = None
+    start = Start()
+    root = None
     try:
         root = check_mountpoint(config.mountpoint)
+        # read while still root: the daemon may not reach these files as another user
+        keys = Trust.read_keys(config.keyring, config.trust_keys)
+        sbang_script = sbang_text()
+        start.control = control.bind(root, config.allow_other)
+        if config.user is not None:
+            become_user(config, root, start)
         store = Store(config.store)
+        store.check_entries()
         swept = store.sweep() + sweep_temporaries(store.root)
         if swept:
             log.info("removed %d unfinished entries from the store", swept)
-        sbang = install_sbang(store)
-        trust = load_trust(config)
-        return trio.run(_serve, config, root, store, sbang, trust, ready, reload_config)
+        sbang = install_sbang(store, sbang_script)
+        trust = Trust.from_keys(keys, any(m.require_signature for m in config.mirrors))
+        return trio.run(_serve, config, root, store, sbang, trust, ready, reload_config, start)
     except LazymountError as exc:
         if trust is not None:
             trust.close()
         ready(str(exc))
         return exc.exit_code
+    finally:
+        start.close(root)
+
+
+@dataclass
+class Start:
+    """What is made before the daemon gives up root, for later: the control socket, and
+    with --user the FUSE device of the mount already made and the read-ahead helper."""
+
+    control: socket.socket | None = None
+    device: int | None = None
+    readahead: RootHelper | None = None
+    served: bool = False
+
+    def close(self, root: str | None) -> None:
+        if self.readahead is not None:
+            self.readahead.close()
+        if self.device is not None and not self.served and root is not None:
+            session.unmount(root)  # mounted, then failed before serving: take it away
+        if self.control is not None:
+            _remove_socket(self.control)
+
+
+def become_user(config: MountConfig, root: str, start: Start) -> None:
+    """Mount as root, then switch to ``config.user`` for good, keeping CAP_SYS_ADMIN only
+    (unmounting, --bind-ready). Everything read from a mirror is read after this."""
+    account = lookup_user(config.user or "")
+    if os.geteuid() != 0:
+        if account.uid == os.geteuid():
+            return
+        raise UsageError(f"--user {account.name} needs root (the daemon runs as "
+                         f"{user_name(os.geteuid())})")
+    if account.uid == 0:
+        log.warning("--user %s: the daemon keeps running as root", account.name)
+        return
+    create_store_dir(config.store, account.uid, account.gid)
+    preload()
+    start.device = session.premount(root, mount_options(config), account.uid, account.gid)
+    start.readahead = RootHelper(lambda: raise_readahead(root))
+    try:
+        drop_privileges(account)
+    except OSError as exc:
+        raise UsageError(f"cannot switch to the user {account.name}: {exc}") from None
+    log.info("mounted %s; running as %s from now on, with CAP_SYS_ADMIN only", root,
+             account.name)
 
 
 async def _serve(config: MountConfig, root: str, store: Store, sbang: Path, trust: Trust,
-                 ready: Ready, reload_config: Callable[[], MountConfig] | None) -> int:
+                 ready: Ready, reload_config: Callable[[], MountConfig] | None,
+                 start: Start) -> int:
     mirrors = open_mirrors(config)
     live: LiveMount | None = None
     try:
@@ -143,7 +202,8 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path, trus
                   if config.shared_store is not None else None)
         database = store.root / "spackdb" / root_digest(generation.tree)
         files = _spack_database_files(database)
-        control_socket = control.bind(root, config.allow_other)
+        control_socket, start.control = start.control, None
+        assert control_socket is not None
         mounted = False
         try:
             # the nursery first: what serves the mount starts its background work there
@@ -157,15 +217,15 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path, trus
                     # written while already serving: 100,000 specs take seconds
                     files_pending=trio.Event() if files else None,
                     # the kernel clamps read-ahead when it hears our INIT answer: raise it after
-                    after_init=lambda: nursery.start_soon(_raise_readahead, root))
+                    after_init=lambda: nursery.start_soon(_raise_readahead, root, start))
                 live = LiveMount(generation, root, store, catalogs, materializer,
                                  reload_config)
                 live.operations, live.database = operations, database if files else None
                 nursery.start_soon(control.serve, control_socket, _answerer(live))
                 if config.metrics_listen is not None:
                     await nursery.start(_serve_metrics, live, config.metrics_listen)
-                session.mount(operations, root, mount_options(config))
-                mounted = True
+                session.mount(operations, root, mount_options(config), start.device)
+                mounted = start.served = True
                 log.info("mounted %d packages from %s at %s", len(generation.tree.prefixes),
                          ", ".join(m.url for m in mirrors), root)
                 ready(None)
@@ -180,9 +240,12 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path, trus
         finally:
             if mounted:
                 sd_notify("STOPPING=1")
-                session.close(unmount=os.path.ismount(root))
-            control_socket.close()
-            control.unbind(root)
+                if start.device is not None:  # libfuse did not mount it: cannot unmount it
+                    session.close(unmount=False)
+                    session.unmount(root)
+                else:
+                    session.close(unmount=os.path.ismount(root))
+            _remove_socket(control_socket)  # by its path: runtime_dir() differs after --user
         log.info("unmounted %s", root)
         return 0
     finally:
@@ -226,6 +289,16 @@ async def _serve_metrics(live: LiveMount, listen: tuple[str, int],
     await metrics.serve_http(listeners, text)
 
 
+def _remove_socket(sock: socket.socket) -> None:
+    try:
+        path = sock.getsockname()
+        sock.close()
+        if path:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
 async def _first_database(live: LiveMount) -> None:
     await live.write_first_database()
     release_memory()
@@ -261,8 +334,12 @@ def release_memory() -> None:
     libc.malloc_trim()
 
 
-async def _raise_readahead(root: str) -> None:
-    await trio.to_thread.run_sync(raise_readahead, root)
+async def _raise_readahead(root: str, start: Start) -> None:
+    helper, start.readahead = start.readahead, None
+    if helper is not None:  # the daemon is no longer root: its helper still is
+        await trio.to_thread.run_sync(helper.run)
+    else:
+        await trio.to_thread.run_sync(raise_readahead, root)
 
 
 def raise_readahead(root: str, kib: int = READ_AHEAD_KB) -> None:

@@ -71,3 +71,8 @@ class Withdrawn(LazymountError):
     """The package was removed from the mirrors' index by a refresh and is not in the store."""
 
     errno = _errno.ENOENT
+
+
+class UnsafePathError(StoreError):
+    """A directory, or something in it, could be changed by a user other than its owner
+    (or root): a store, its parents or its entries with the wrong owner, mode or a link."""

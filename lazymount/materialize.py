@@ -33,6 +33,7 @@ from lazymount.install import extract, relocate
 from lazymount.mirror.transport import Mirror
 from lazymount.store.content import Store
 from lazymount.store.shared import HEARTBEAT, MAX_POLL, POLL, ClaimWatch, SharedStore
+from lazymount.system.redact import redact
 from lazymount.trust.policy import MirrorTrust
 
 log = logging.getLogger(__name__)
@@ -280,7 +281,7 @@ class Materializer:
                     max_bytes=self.limits.max_bytes,
                 )
                 await trio.to_thread.run_sync(self._relocate, dag_hash, extracted, label)
-            receipt = {"hash": dag_hash, "label": label, "mirror": source.mirror.url,
+            receipt = {"hash": dag_hash, "label": label, "mirror": redact(source.mirror.url),
                        "tarball": tarball.checksum, "root": self.tree.root,
                        "prefix": self.tree.prefix_of(dag_hash)}
             published = await trio.to_thread.run_sync(

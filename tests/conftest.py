@@ -101,14 +101,18 @@ def nginx_server(tmp_path: Path) -> Iterator[functools.partial[str]]:
     def start(directory: Path) -> str:
         port = _free_port()
         conf = tmp_path / f"nginx-{port}.conf"
+        # nginx hands its temporary folders to its worker user: not the test's own folder,
+        # which holds the store (that must stay root's)
+        temp = tmp_path / f"nginx-temp-{port}"
+        temp.mkdir()
         conf.write_text(
             f"daemon off; worker_processes 1; error_log {tmp_path}/nginx-error.log; "
             f"pid {tmp_path}/nginx-{port}.pid;\n"
             "events { worker_connections 64; }\n"
             f"http {{ access_log {tmp_path}/nginx-access.log; "
-            f"client_body_temp_path {tmp_path}; proxy_temp_path {tmp_path}; "
-            f"fastcgi_temp_path {tmp_path}; uwsgi_temp_path {tmp_path}; "
-            f"scgi_temp_path {tmp_path};\n"
+            f"client_body_temp_path {temp}; proxy_temp_path {temp}; "
+            f"fastcgi_temp_path {temp}; uwsgi_temp_path {temp}; "
+            f"scgi_temp_path {temp};\n"
             f"  server {{ listen 127.0.0.1:{port}; root {directory}; }} }}\n"
         )
         process = subprocess.Popen([nginx, "-c", str(conf), "-e", f"{tmp_path}/nginx-error.log"])

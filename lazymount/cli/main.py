@@ -16,6 +16,7 @@ import select
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,12 @@ from lazymount.mirror.ociref import is_oci_url, registry_of
 from lazymount.mirror.transport import Timeouts
 from lazymount.serve.bindmount import clear_dead_mount, unmount_below
 from lazymount.spack.spackconfig import read_spack_mirrors
-from lazymount.store.content import default_store_dir
+from lazymount.store.content import create_store_dir, default_store_dir
+from lazymount.system.logfile import open_log
 from lazymount.system.mountinfo import fuse_device
+from lazymount.system.ownership import check_trusted_dir
+from lazymount.system.privileges import lookup_user
+from lazymount.system.redact import RedactingFilter, redact
 from lazymount.trust.keyring import default_keyring_dir
 
 log = logging.getLogger("lazymount")
@@ -149,7 +154,7 @@ def mirror_configs(values: dict[str, Any]) -> list[MirrorConfig]:
     for path in values["spack_mirrors"]:
         found, notices = read_spack_mirrors(path, require_signature=signed)
         for notice in notices:
-            print(f"lazymount: {notice}", file=sys.stderr)
+            print(f"lazymount: {redact(notice)}", file=sys.stderr)
         mirrors += found
     unique: dict[str, MirrorConfig] = {}
     for mirror in mirrors:
@@ -209,6 +214,7 @@ def build_config(args: argparse.Namespace) -> MountConfig:
         proxies=values["proxies"],
         shared_store=values["shared_store"].resolve() if values["shared_store"] else None,
         host_view=values["host_view"],
+        user=values["user"],
     )
 
 
@@ -224,9 +230,11 @@ class _JournalFormatter(logging.Formatter):
 
 
 def setup_logging(verbose: bool, log_file: Path | None = None) -> None:
+    """Log to stderr, or to ``log_file`` (opened safely: no link followed, mode 0640).
+    Passwords in URLs never reach either."""
     handler: logging.Handler
     if log_file is not None:
-        handler = logging.FileHandler(log_file)
+        handler = logging.StreamHandler(os.fdopen(open_log(log_file), "a", buffering=1))
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     elif os.environ.get("JOURNAL_STREAM"):  # under systemd: journald reads the <N> priority
         handler = logging.StreamHandler(sys.stderr)
@@ -234,6 +242,7 @@ def setup_logging(verbose: bool, log_file: Path | None = None) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("lazymount: %(message)s"))
+    handler.addFilter(RedactingFilter())
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("httpx", "httpcore", "gnupg", "trio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -268,21 +277,30 @@ def _serve_here(config: MountConfig, args: argparse.Namespace) -> int:
 
 def _serve_in_background(config: MountConfig, args: argparse.Namespace, argv: list[str]) -> int:
     """Start a detached child that serves the mount; return once it says it is ready."""
-    config.store.mkdir(parents=True, exist_ok=True)
-    log_file = (args.log_file or config.store / "lazymount.log").resolve()
+    owner, group = os.geteuid(), os.getegid()
+    if config.user is not None and owner == 0:
+        account = lookup_user(config.user)
+        owner, group = account.uid, account.gid
+    create_store_dir(config.store, owner, group)
+    check_trusted_dir(config.store, owner, "the store")  # before writing the log into it
+    log_file = (args.log_file or config.store / "lazymount.log").absolute()
+    log_fd = open_log(log_file, owner)
     read_fd, write_fd = os.pipe()
     command = [sys.executable, "-m", "lazymount", *argv, "--ready-fd", str(write_fd),
                "--log-file", str(log_file)]
-    child = subprocess.Popen(command, pass_fds=(write_fd,), start_new_session=True,
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=open(log_file, "ab"))
+    try:
+        child = subprocess.Popen(command, pass_fds=(write_fd,), start_new_session=True,
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=log_fd)
+    finally:
+        os.close(log_fd)
     os.close(write_fd)
     message = _wait_for_child(read_fd, child)
     if message == "ok":
         print(f"lazymount: mounted at {config.mountpoint} (pid {child.pid}, log {log_file})")
         return 0
-    print(f"lazymount: {message or 'the mount process ended without a word; see ' + str(log_file)}",
-          file=sys.stderr)
+    reason = redact(message) or f"the mount process ended without a word; see {log_file}"
+    print(f"lazymount: {reason}", file=sys.stderr)
     return 1
 
 
@@ -320,17 +338,53 @@ def run_umount(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.abort:
         return _abort(args.mountpoint)
-    if clear_dead_mount(os.path.abspath(args.mountpoint)):
-        print(f"lazymount: {args.mountpoint}: its daemon was gone; detached the dead mount")
+    return _bounded_unmount(args.mountpoint)
+
+
+UMOUNT_WAIT = 5.0  # seconds `lazymount umount` waits for a daemon that may hang
+
+
+def _bounded_unmount(mountpoint: Path) -> int:
+    """Unmount in a worker thread; if a stopped or hung daemon keeps it waiting more than
+    UMOUNT_WAIT seconds, give up and name --abort (the command never hangs with no hint)."""
+    outcome: dict[str, Any] = {}
+    tools: list[subprocess.Popen[bytes]] = []
+
+    def work() -> None:
+        try:
+            outcome["status"] = _unmount(mountpoint, tools)
+        except BaseException as exc:  # handed to the main thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    worker.join(UMOUNT_WAIT)
+    if worker.is_alive():
+        for tool in tools:
+            tool.kill()
+        print(f"lazymount: {mountpoint}: its daemon does not answer (stopped or hung); the "
+              f"unmount did not finish in {UMOUNT_WAIT:.0f} s. `lazymount umount --abort "
+              f"{mountpoint}` (root) aborts its FUSE connection and detaches it",
+              file=sys.stderr)
+        return 1
+    if "error" in outcome:
+        raise outcome["error"]
+    return int(outcome["status"])
+
+
+def _unmount(mountpoint: Path, tools: list[subprocess.Popen[bytes]]) -> int:
+    if clear_dead_mount(os.path.abspath(mountpoint)):
+        print(f"lazymount: {mountpoint}: its daemon was gone; detached the dead mount")
         return 0
-    if not os.path.ismount(args.mountpoint):
-        raise UsageError(f"{args.mountpoint} is not mounted")
+    if fuse_device(os.path.abspath(mountpoint)) is None and not os.path.ismount(mountpoint):
+        raise UsageError(f"{mountpoint} is not mounted")
     if os.geteuid() == 0:  # packages bind-mounted by --bind-ready go first
-        for busy in unmount_below(str(args.mountpoint)):
+        for busy in unmount_below(str(mountpoint)):
             log.warning("%s is busy", busy)
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    command = [tool, "-u", str(args.mountpoint)] if tool else ["umount", str(args.mountpoint)]
-    return subprocess.call(command)
+    command = [tool, "-u", str(mountpoint)] if tool else ["umount", str(mountpoint)]
+    tools.append(subprocess.Popen(command))
+    return tools[-1].wait()
 
 
 FUSECTL = Path("/sys/fs/fuse/connections")
@@ -378,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_refresh(argv[1:])
         return run_mount(argv)
     except LazymountError as exc:
-        print(f"lazymount: {exc}", file=sys.stderr)
+        print(f"lazymount: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

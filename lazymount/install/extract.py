@@ -181,7 +181,8 @@ class _Writer:
             _copy(
                 src, fd, member.size, f"{self.what}: tarball is truncated (in {show(member.name)})"
             )
-            os.fchmod(fd, (member.mode & 0o777) | 0o400)  # no setuid/setgid/sticky
+            # no setuid/setgid/sticky, and no one but the store's owner may change it
+            os.fchmod(fd, (member.mode & 0o755) | 0o400)
             os.utime(fd, (0, 0))  # like Spack: mtimes stay 0
         finally:
             os.close(fd)
@@ -265,7 +266,7 @@ class _Writer:
     def finish(self) -> None:
         """Give directories their modes (owner keeps rwx) and mtime 0, now they are complete."""
         for name, mode in self.dirs.items():
-            os.chmod(self._path(name), (mode & 0o777) | 0o700)
+            os.chmod(self._path(name), (mode & 0o755) | 0o700)  # others never write
             os.utime(self._path(name), (0, 0))
 
 

@@ -4,33 +4,57 @@ Layout under the store root::
 
     pkgs/<key>/tree/          a relocated prefix, ready to serve (never modified again)
     pkgs/<key>/receipt.json   what was published, from which blobs, when
-    staging/<key>.<random>/   work in progress; swept at start-up
-    trash/                    trees being deleted in the background
+    staging/<key>.<pid>.<random>/   work in progress; swept at start-up
+    trash/gone.<pid>.<random>/      trees being deleted in the background
 
 A package is visible only once ``staging/<key>.<random>`` is renamed to ``pkgs/<key>``: one
 atomic rename on one filesystem. A crash leaves only staging garbage, never a half package.
 The filesystem itself is the state: there is no separate database to lose or corrupt.
+
+What the store serves is trusted only because nobody but its owner can change it (see
+``system/ownership``): the store and every folder above it must be owned by the daemon's user
+or root and writable by no one else, or it is refused. Inside, the store never follows a
+symbolic link: its own operations (create, rename, delete, the receipt) go through directory
+file descriptors with ``O_NOFOLLOW``, a link found where a folder of ours should be is never
+entered, and a published tree is walked once, on first use, for entries others could change.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import stat
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from lazymount.errors import StoreError
+from lazymount.errors import StoreError, UnsafePathError
 from lazymount.system import libc
+from lazymount.system.ownership import (
+    check_entry,
+    check_trusted_dir,
+    describe,
+    unsafe_reason,
+    walk_nofollow,
+)
+
+log = logging.getLogger(__name__)
 
 RECEIPT = "receipt.json"
 TREE = "tree"
+PKGS, STAGING, TRASH = "pkgs", "staging", "trash"
 MAX_RECEIPT_BYTES = 1 << 20
+STORE_MODE = 0o755  # the store and its folders: others may read (the FUSE mount), not write
 _TAKEN = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR)  # rename: something is at the target
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# what this store creates in staging/ and trash/, and so the only names a sweep removes
+_STAGING_NAME = re.compile(r"[A-Za-z0-9._-]+\.\d+\.[A-Za-z0-9_-]+")
 
 
 def default_store_dir() -> Path:
@@ -41,9 +65,29 @@ def default_store_dir() -> Path:
     return Path(base) / "lazymount"
 
 
-def _syncfs(path: Path) -> None:
+def create_store_dir(root: Path, owner: int, group: int) -> None:
+    """Create the store folder (and missing parents, mode 0755) if it does not exist, owned
+    by ``owner``; an existing one is left as it is (the trust check judges it)."""
+    if os.path.lexists(root):
+        return
+    existing = root.parent
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    check_trusted_dir(existing, owner, "the store", parent_of=root)  # before making anything
+    try:
+        root.parent.mkdir(mode=STORE_MODE, parents=True, exist_ok=True)
+        os.mkdir(root, STORE_MODE)
+        if os.geteuid() != owner:
+            os.lchown(root, owner, group)
+    except FileExistsError:
+        pass  # made at the same time by another daemon: judged like any existing store
+    except OSError as exc:
+        raise StoreError(f"cannot create the store at {root}: {exc.strerror}") from None
+
+
+def _syncfs(fd: int) -> None:
     """Flush the store's filesystem once, instead of an fsync per file of a package."""
-    libc.syncfs(path)
+    libc.syncfs_fd(fd)
 
 
 def _owner_alive(name: str) -> bool:
@@ -63,39 +107,164 @@ def _owner_alive(name: str) -> bool:
     return True
 
 
-class Store:
-    """Blocking file operations on the store; call from worker threads where it matters."""
+def _open_dir(name: str, dir_fd: int | None = None) -> int:
+    return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
 
-    def __init__(self, root: Path):
+
+def remove_entry(name: str, dir_fd: int) -> None:
+    """Remove ``name`` in the directory ``dir_fd`` without following any link: a folder is
+    removed with everything in it (``shutil.rmtree`` on fds never leaves it), a link or a
+    file is unlinked."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, ignore_errors=True, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+
+
+class Store:
+    """Blocking file operations on the store; call from worker threads where it matters.
+
+    ``owner``: the user the store must belong to (with root); the daemon's own by default.
+    Raises UnsafePathError when the store could be changed by anyone else, StoreError when
+    it cannot be made.
+    """
+
+    def __init__(self, root: Path, owner: int | None = None, writable: bool = True):
         self.root = root
-        self.pkgs = root / "pkgs"
-        self.staging_dir = root / "staging"
-        self.trash = root / "trash"
+        self.owner = os.geteuid() if owner is None else owner
+        self.pkgs = root / PKGS
+        self.staging_dir = root / STAGING
+        self.trash = root / TRASH
+        self._checked: set[str] = set()  # keys whose tree was walked in this process
+        if writable:
+            create_store_dir(root, self.owner, os.getegid())
+        real = check_trusted_dir(root, self.owner, "the store")
         try:
-            for directory in (self.pkgs, self.staging_dir, self.trash):
-                directory.mkdir(parents=True, exist_ok=True)
+            self.fd = _open_dir(real)
         except OSError as exc:
-            raise StoreError(f"cannot create the store at {root}: {exc.strerror}") from None
+            raise StoreError(f"cannot open the store {root}: {exc.strerror}") from None
+        if writable and not os.access(real, os.W_OK):
+            st = os.fstat(self.fd)
+            raise StoreError(f"the store {root} is owned by uid {st.st_uid}, but the daemon "
+                             f"runs as uid {os.geteuid()} and cannot write it: chown -R "
+                             f"{os.geteuid()}: {root} (or give another --store)")
+        self.pkgs_fd = self._own_dir(PKGS, writable)
+        self.staging_fd = self._own_dir(STAGING, writable)
+        self.trash_fd = self._own_dir(TRASH, writable)
+
+    def _own_dir(self, name: str, create: bool) -> int:
+        """A folder of the store, made if missing (-1 if missing and not ``create``); refused
+        if it is a link or others can change it."""
+        path = self.root / name
+        try:
+            if create:
+                os.mkdir(name, STORE_MODE, dir_fd=self.fd)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StoreError(f"cannot create {path}: {exc.strerror}") from None
+        try:
+            st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return -1
+        if not stat.S_ISDIR(st.st_mode):
+            raise UnsafePathError(f"refusing the store {self.root}: {path} is not a folder "
+                                  f"({stat.filemode(st.st_mode)}); remove it")
+        check_entry(st, str(path), self.owner, "the store")
+        return _open_dir(name, self.fd)
+
+    def check_entries(self) -> None:
+        """Mount-time check of everything in the store but package trees (walked on first
+        use): owners and modes, and no symbolic link anywhere. Raises UnsafePathError."""
+        for name in os.listdir(self.fd):
+            if name in (PKGS, STAGING, TRASH):  # entries judged when used, or swept
+                continue
+            path = self.root / name
+            st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+            self._check_kept(str(path), st)
+            if stat.S_ISDIR(st.st_mode):
+                fd = _open_dir(name, self.fd)
+                try:
+                    for below, st in walk_nofollow(fd):
+                        self._check_kept(str(path / below), st)
+                finally:
+                    os.close(fd)
+
+    def _check_kept(self, path: str, st: os.stat_result) -> None:
+        if stat.S_ISLNK(st.st_mode):
+            raise UnsafePathError(f"refusing the store {self.root}: {path} is a symbolic "
+                                  "link, which the store never makes; remove it")
+        check_entry(st, path, self.owner, "the store")
+
+    def close(self) -> None:
+        for fd in (self.pkgs_fd, self.staging_fd, self.trash_fd, self.fd):
+            if fd >= 0:
+                os.close(fd)
 
     def tree(self, key: str) -> Path | None:
         """The published tree of ``key``, or None.
 
-        A package counts only with a readable receipt and a tree: publish writes both before
-        the one rename, so anything less was damaged afterwards (a deleted or corrupted
-        receipt, a removed tree) and is materialized again; publish then replaces it.
+        A package counts only with a readable receipt and a tree, both real (no link) and
+        changeable by nobody but the owner: publish writes both before the one rename, so
+        anything less was damaged or tampered with afterwards and is materialized again;
+        publish then replaces it.
         """
-        published = self.pkgs / key
-        if self.receipt(key) is not None and (published / TREE).is_dir():
-            return published / TREE
-        return None
+        if self.receipt(key) is None:
+            return None
+        path = self.pkgs / key / TREE
+        if key not in self._checked:
+            reason = self._tree_problem(key)
+            if reason is not None:
+                log.warning("%s: not served (%s); it is materialized again", path, reason)
+                return None
+            self._checked.add(key)
+        return path
+
+    def _tree_problem(self, key: str) -> str | None:
+        """Why the published tree of ``key`` must not be served, or None. Walks it through
+        directory fds, never following a link."""
+        try:
+            entry_fd = _open_dir(key, self.pkgs_fd)
+        except OSError as exc:
+            return f"pkgs/{key}: {exc.strerror}"
+        try:
+            st = os.stat(TREE, dir_fd=entry_fd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):
+                return f"pkgs/{key}/{TREE} is not a folder ({stat.filemode(st.st_mode)})"
+            reason = unsafe_reason(st, self.owner)
+            if reason is not None:
+                return f"{describe(TREE, st)}; {reason}"
+            tree_fd = _open_dir(TREE, entry_fd)
+            try:
+                for path, st in walk_nofollow(tree_fd, TREE):
+                    reason = unsafe_reason(st, self.owner)
+                    if reason is not None:
+                        return f"{describe(path, st)}; {reason}"
+            finally:
+                os.close(tree_fd)
+            return None
+        except OSError as exc:
+            return f"{exc.strerror}"
+        finally:
+            os.close(entry_fd)
+
+    def staging_name(self, key: str) -> str:
+        """A fresh name in staging/; the pid in it lets a sweep tell a crashed writer from a
+        live one."""
+        return f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
 
     def new_staging(self, key: str) -> Path:
         """A fresh, empty staging directory for ``key``."""
+        name = self.staging_name(key)
         try:
-            # the pid in the name lets a sweep tell a crashed writer from a live one
-            return Path(tempfile.mkdtemp(prefix=f"{key}.{os.getpid()}.", dir=self.staging_dir))
+            os.mkdir(name, 0o700, dir_fd=self.staging_fd)
         except OSError as exc:
             raise StoreError(f"cannot create a staging directory: {exc.strerror}") from None
+        return self.staging_dir / name
 
     def publish(self, staging: Path, tree: Path, key: str, receipt: dict[str, Any]) -> Path:
         """Make ``tree`` (inside ``staging``) the published tree of ``key``; returns its path.
@@ -103,63 +272,103 @@ class Store:
         If another process published the same key first, its tree wins and ours is dropped.
         Raises StoreError when the disk fails (the staging dir is then discarded).
         """
+        self._inside(staging, self.staging_dir)
         try:
-            if tree != staging / TREE:
-                os.rename(tree, staging / TREE)
-            receipt = dict(receipt, published=time.time())
-            (staging / RECEIPT).write_text(json.dumps(receipt, indent=1) + "\n")
-            _syncfs(staging)
-            self._rename_into_place(staging, key)
+            work_fd = _open_dir(staging.name, self.staging_fd)
+            try:
+                if tree != staging / TREE:
+                    os.rename(os.path.relpath(tree, staging), TREE, src_dir_fd=work_fd,
+                              dst_dir_fd=work_fd)
+                receipt = dict(receipt, published=time.time())
+                self._write_new(work_fd, RECEIPT, json.dumps(receipt, indent=1) + "\n")
+                _syncfs(work_fd)
+            finally:
+                os.close(work_fd)
+            self._rename_into_place(staging.name, key)
         except OSError as exc:
             if exc.errno in _TAKEN and self.tree(key):
                 self.discard(staging)
                 return self.pkgs / key / TREE
             self.discard(staging)
             raise StoreError(f"cannot publish {key} in the store: {exc.strerror}") from None
+        self._checked.add(key)  # made by us just now
         return self.pkgs / key / TREE
 
-    def _rename_into_place(self, staging: Path, key: str) -> None:
-        """Rename ``staging`` to ``pkgs/<key>``; a damaged entry in the way (no valid receipt
-        or tree) is moved to the trash first. OSError if a valid one is there."""
+    @staticmethod
+    def _write_new(dir_fd: int, name: str, text: str) -> None:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644, dir_fd=dir_fd)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+
+    def _rename_into_place(self, name: str, key: str) -> None:
+        """Rename ``staging/<name>`` to ``pkgs/<key>``; a damaged entry in the way (no valid
+        receipt or tree, or a link) is moved to the trash first. OSError if a valid one is
+        there."""
         try:
-            os.rename(staging, self.pkgs / key)
+            os.rename(name, key, src_dir_fd=self.staging_fd, dst_dir_fd=self.pkgs_fd)
         except OSError as exc:
             if exc.errno not in _TAKEN or self.tree(key) is not None:
                 raise
-            self.discard(self.pkgs / key)
-            os.rename(staging, self.pkgs / key)
+            self._discard_entry(self.pkgs_fd, key)
+            os.rename(name, key, src_dir_fd=self.staging_fd, dst_dir_fd=self.pkgs_fd)
+
+    def _inside(self, path: Path, directory: Path) -> None:
+        if path.parent != directory:
+            raise StoreError(f"{path} is not an entry of {directory}")
 
     def discard(self, path: Path) -> None:
         """Remove a staging directory or published package off the caller's hot path."""
+        parent_fd = self.pkgs_fd if path.parent == self.pkgs else self.staging_fd
+        self._inside(path, self.pkgs if parent_fd == self.pkgs_fd else self.staging_dir)
+        self._discard_entry(parent_fd, path.name)
+
+    def _discard_entry(self, parent_fd: int, name: str) -> None:
+        """Move ``name`` (never followed) into the trash and delete it there in a thread."""
+        gone = f"gone.{os.getpid()}.{secrets.token_hex(4)}"
         try:
-            target = Path(tempfile.mkdtemp(prefix=f"gone.{os.getpid()}.", dir=self.trash))
-            os.rename(path, target / "x")
+            os.mkdir(gone, 0o700, dir_fd=self.trash_fd)
+            os.rename(name, f"{gone}/x", src_dir_fd=parent_fd, dst_dir_fd=self.trash_fd)
         except OSError:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_entry(name, parent_fd)
             return
-        threading.Thread(target=shutil.rmtree, args=(target, True), daemon=True).start()
+        threading.Thread(target=remove_entry, args=(gone, self.trash_fd), daemon=True).start()
 
     def sweep(self) -> int:
         """Remove what dead processes left in staging/ and trash/; returns how many entries.
 
+        Only names this store makes are removed, and a link is unlinked, never followed.
         Several daemons may share a store, so entries of live processes are kept.
         """
         count = 0
-        for directory in (self.staging_dir, self.trash):
-            for entry in directory.iterdir():
-                if _owner_alive(entry.name):
-                    continue
-                count += 1
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:  # stray files and links: nothing of ours, but not in the way either
-                    entry.unlink(missing_ok=True)
+        for fd in (self.staging_fd, self.trash_fd):
+            for name in os.listdir(fd):
+                if self.sweepable(name, fd):
+                    remove_entry(name, fd)
+                    count += 1
         return count
+
+    def sweepable(self, name: str, dir_fd: int) -> bool:
+        """True for an entry of staging/ or trash/ that this store made and whose process is
+        gone."""
+        if not _STAGING_NAME.fullmatch(name):
+            log.warning("%s/%s was not made by lazymount: left as it is", self.root, name)
+            return False
+        return not _owner_alive(name)
 
     def receipt(self, key: str) -> dict[str, Any] | None:
         """The receipt of a published ``key``, or None if it is missing or not one of ours."""
         try:
-            with open(self.pkgs / key / RECEIPT, "rb") as handle:
+            entry_fd = _open_dir(key, self.pkgs_fd)
+            try:
+                fd = os.open(RECEIPT, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=entry_fd)
+            finally:
+                os.close(entry_fd)
+            with os.fdopen(fd, "rb") as handle:
+                st = os.fstat(handle.fileno())
+                if unsafe_reason(st, self.owner) is not None or not stat.S_ISREG(st.st_mode):
+                    return None
                 receipt = json.loads(handle.read(MAX_RECEIPT_BYTES))
         except (OSError, ValueError, RecursionError):
             return None
@@ -168,3 +377,25 @@ class Store:
         if not key.startswith(str(receipt.get("hash", ""))):  # a receipt of another package
             return None
         return receipt
+
+    def put_file(self, name: str, data: bytes, mode: int) -> Path:
+        """Write ``data`` as the store file ``name`` (top level), atomically, unless it
+        already holds exactly that; never through a link. Returns its path."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
+            with os.fdopen(fd, "rb") as handle:
+                st = os.fstat(handle.fileno())
+                if (stat.S_ISREG(st.st_mode) and unsafe_reason(st, self.owner) is None
+                        and handle.read(len(data) + 1) == data):
+                    return self.root / name
+        except OSError:
+            pass
+        temporary = f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            os.fchmod(handle.fileno(), mode)
+        os.utime(temporary, (0, 0), dir_fd=self.fd)
+        os.replace(temporary, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        return self.root / name

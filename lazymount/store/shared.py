@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import socket
 import tempfile
@@ -33,7 +34,7 @@ from contextlib import suppress
 from pathlib import Path
 
 from lazymount.errors import StoreError
-from lazymount.store.content import Store, _owner_alive
+from lazymount.store.content import _STAGING_NAME, Store, _owner_alive, remove_entry
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +62,15 @@ class SharedStore(Store):
             super().__init__(root)
             self.claims.mkdir(exist_ok=True)
             return
-        # read-only here: use what is published, create nothing
-        self.root, self.pkgs = root, root / "pkgs"
-        self.staging_dir, self.trash = root / "staging", root / "trash"
-        if not self.pkgs.is_dir():
+        # read-only here: use what is published, create nothing. Trusted if nobody but the
+        # user that fills it (its owner) or root can change it
+        super().__init__(root, owner=_owner_of(root), writable=False)
+        if self.pkgs_fd < 0:
             raise StoreError(f"the shared store {root} is read-only here and holds no "
                              "packages (no pkgs/): a node that can write it must fill it first")
 
-    def new_staging(self, key: str) -> Path:
-        try:
-            return Path(tempfile.mkdtemp(prefix=f"{key}.{self.host}.{os.getpid()}.",
-                                         dir=self.staging_dir))
-        except OSError as exc:
-            raise StoreError(f"cannot create a staging directory: {exc.strerror}") from None
+    def staging_name(self, key: str) -> str:
+        return f"{key}.{self.host}.{os.getpid()}.{secrets.token_hex(4)}"
 
     def sweep(self) -> int:
         """Remove this host's dead processes' leftovers, and other hosts' old ones."""
@@ -81,19 +78,19 @@ class SharedStore(Store):
             return 0
         count = 0
         now = time.time()
-        for directory in (self.staging_dir, self.trash):
-            for entry in directory.iterdir():
-                parts = entry.name.split(".")
+        for fd in (self.staging_fd, self.trash_fd):
+            for name in os.listdir(fd):
+                parts = name.split(".")
                 ours = len(parts) >= 4 and parts[-3] == self.host
-                if ours and _owner_alive(entry.name):
+                if ours and _owner_alive(name):
                     continue
-                if not ours and directory == self.staging_dir and _age(entry, now) < STALE_STAGING:
+                if not ours and fd == self.staging_fd and _age(name, fd, now) < STALE_STAGING:
+                    continue
+                if not _STAGING_NAME.fullmatch(name):
+                    log.warning("%s/%s was not made by lazymount: left as it is", self.root, name)
                     continue
                 count += 1
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
+                remove_entry(name, fd)  # never follows a link
         return count
 
     # ---- claims ------------------------------------------------------------------------
@@ -178,6 +175,13 @@ def _can_write(root: Path) -> bool:
     return os.access(root, os.W_OK) and not _read_only_mount(root)
 
 
+def _owner_of(path: Path) -> int:
+    try:
+        return path.stat().st_uid
+    except OSError as exc:
+        raise StoreError(f"cannot read the shared store {path}: {exc.strerror}") from None
+
+
 def _read_only_mount(path: Path) -> bool:
     try:
         return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
@@ -185,8 +189,8 @@ def _read_only_mount(path: Path) -> bool:
         return True
 
 
-def _age(entry: Path, now: float) -> float:
+def _age(name: str, dir_fd: int, now: float) -> float:
     try:
-        return now - entry.lstat().st_mtime
+        return now - os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mtime
     except OSError:
         return 0.0

@@ -45,3 +45,14 @@ def malloc_trim() -> None:
         _libc.malloc_trim(0)
     except AttributeError:
         pass  # not glibc
+
+
+def syncfs_fd(fd: int) -> None:
+    """Flush the whole file system that holds the open directory ``fd``."""
+    _check(_libc.syncfs(fd), "syncfs")
+
+
+def mount_filesystem(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    """mount(2) of a new file system (a FUSE mount made before giving up root)."""
+    _check(_libc.mount(source.encode(), target.encode(), fstype.encode(), flags,
+                       data.encode()), "mount")

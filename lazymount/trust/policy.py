@@ -36,8 +36,18 @@ class Trust:
              ) -> Trust:
         """Trust the keys of ``keyring`` and every file of ``key_files``. Raises UsageError
         if there are no keys while some mirror requires signatures, or a key is unusable."""
+        return cls.from_keys(cls.read_keys(keyring, key_files), signatures_required)
+
+    @staticmethod
+    def read_keys(keyring: Path | None, key_files: Iterable[Path]) -> list[tuple[str, bytes]]:
+        """The armored keys of ``keyring`` and ``key_files`` (read before the daemon gives up
+        root: an admin's key files may be readable by root alone)."""
         keys = Keyring(keyring).key_texts() if keyring is not None else []
-        keys += [read_key_file(path) for path in key_files]
+        return keys + [read_key_file(path) for path in key_files]
+
+    @classmethod
+    def from_keys(cls, keys: list[tuple[str, bytes]], signatures_required: bool) -> Trust:
+        """Trust ``keys`` (see ``load``)."""
         if not keys:
             if signatures_required:
                 raise UsageError("no trusted keys: run `lazymount keys install --trust MIRROR` "

@@ -1,0 +1,347 @@
+"""A shared host, attacked from a second local account: the store's ownership and modes,
+symbolic links planted in it, tampered packages, the daemon's privileges, umount of a
+stopped daemon. Runs as root, with the users ``lazymount-test`` (the attacker) and
+``lazymount`` (the daemon's system user), made here when missing."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import (
+    FIXTURE_CACHE,
+    FIXTURE_KEY,
+    LMHELLO,
+    lazymount_command,
+    short_dir,
+    unmount,
+)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (users, chown, mounts)")
+
+ATTACKER = "lazymount-test"
+SERVICE = "lazymount"
+HELLO = "Hello from lmgreet, world!"
+CAP_SYS_ADMIN = 1 << 21
+
+
+def ensure_user(name: str, system: bool) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        flags = ["--system", "--no-create-home"] if system else ["--no-create-home"]
+        subprocess.run(["useradd", *flags, "--user-group", "--shell", "/usr/sbin/nologin",
+                        name], check=True)
+        return pwd.getpwnam(name)
+
+
+@pytest.fixture(scope="module")
+def attacker() -> pwd.struct_passwd:
+    return ensure_user(ATTACKER, system=False)
+
+
+@pytest.fixture(scope="module")
+def service_user() -> pwd.struct_passwd:
+    return ensure_user(SERVICE, system=True)
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A folder every user may enter (pytest's own are root's alone), removed after."""
+    path = Path(tempfile.mkdtemp(prefix="lmsec", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def refused_mount(server_url: str, store: Path, tmp_path: Path, *extra: str
+                  ) -> subprocess.CompletedProcess[str]:
+    """Run a foreground mount that must fail before mounting; returns its result."""
+    root = short_dir()
+    try:
+        result = subprocess.run(
+            lazymount_command(f"--mirror={server_url}", f"--trust-key={FIXTURE_KEY}",
+                              f"--store={store}", f"--keyring={tmp_path / 'no-keys'}",
+                              "--foreground", *extra, str(root)),
+            capture_output=True, text=True, timeout=120)
+        assert not os.path.ismount(root)
+        assert result.returncode != 0
+        return result
+    finally:
+        unmount(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def hello_output(prefix: Path) -> str:
+    result = subprocess.run([str(prefix / "bin" / "hello"), "-v"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def published_entry(store: Path) -> Path:
+    (entry,) = [p for p in (store / "pkgs").iterdir() if p.name.startswith(LMHELLO[-32:])]
+    return entry
+
+
+def materialize_then_unmount(mount_cache, url: str, store: Path):
+    mount = mount_cache([url], store=store)
+    assert HELLO in hello_output(mount.prefix())
+    unmount(mount.root)
+    mount.process.wait(60)
+    return mount
+
+
+# ---- the store's owner and modes ---------------------------------------------------------
+
+
+def test_a_store_owned_by_another_user_is_refused(http_server, tmp_path, attacker):
+    store = tmp_path / "store"
+    store.mkdir(mode=0o755)
+    os.chown(store, attacker.pw_uid, attacker.pw_gid)
+    result = refused_mount(http_server(FIXTURE_CACHE).url, store, tmp_path)
+    assert f"refusing the store {store}: {store} is owned by {ATTACKER}" in result.stderr
+    assert "mode 0755" in result.stderr and f"chown root {store}" in result.stderr
+
+
+def test_a_world_writable_store_is_refused(http_server, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    store.chmod(0o777)
+    result = refused_mount(http_server(FIXTURE_CACHE).url, store, tmp_path)
+    assert f"{store} is owned by root (uid 0), mode 0777 (drwxrwxrwx)" in result.stderr
+    assert f"chmod go-w {store}" in result.stderr
+
+
+def test_a_store_below_a_folder_another_user_owns_is_refused(http_server, tmp_path,
+                                                               attacker):
+    parent = tmp_path / "theirs"
+    parent.mkdir(mode=0o755)
+    os.chown(parent, attacker.pw_uid, attacker.pw_gid)
+    result = refused_mount(http_server(FIXTURE_CACHE).url, parent / "store", tmp_path)
+    assert f"{parent} is owned by {ATTACKER}" in result.stderr
+    assert not (parent / "store").exists()
+
+
+def test_a_writable_folder_inside_the_store_is_refused(http_server, tmp_path):
+    store = tmp_path / "store"
+    (store / "catalog").mkdir(parents=True)
+    (store / "catalog").chmod(0o777)
+    result = refused_mount(http_server(FIXTURE_CACHE).url, store, tmp_path)
+    assert f"{store / 'catalog'} is owned by root (uid 0), mode 0777" in result.stderr
+
+
+def test_a_new_store_is_made_with_safe_modes(http_server, mount_cache, tmp_path):
+    store = tmp_path / "new" / "store"
+    mount = mount_cache([http_server(FIXTURE_CACHE).url], store=store)
+    assert HELLO in hello_output(mount.prefix())
+    for path in (store, store / "pkgs", store / "staging", store / "trash", store / "catalog"):
+        assert path.stat().st_mode & 0o022 == 0, path
+    tree = published_entry(store) / "tree"
+    for path in [tree, *tree.rglob("*")]:
+        assert path.is_symlink() or path.lstat().st_mode & 0o022 == 0, path
+
+
+# ---- links planted in the store ----------------------------------------------------------
+
+
+def victim_folder(tmp_path: Path) -> Path:
+    """A folder outside the store holding what looks like store leftovers."""
+    victim = tmp_path / "victim"
+    (victim / "k.999999999.abc").mkdir(parents=True)
+    (victim / "k.999999999.abc" / "keep").write_text("keep")
+    (victim / "gone.999999999.abc").mkdir()
+    return victim
+
+
+def test_a_link_as_the_staging_folder_is_neither_followed_nor_emptied(http_server, tmp_path):
+    victim = victim_folder(tmp_path)
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "staging").symlink_to(victim)
+    result = refused_mount(http_server(FIXTURE_CACHE).url, store, tmp_path)
+    assert f"{store / 'staging'} is not a folder" in result.stderr
+    assert (victim / "k.999999999.abc" / "keep").read_text() == "keep"
+    assert (victim / "gone.999999999.abc").is_dir()
+
+
+def test_a_link_as_a_package_folder_is_replaced_not_followed(http_server, mount_cache,
+                                                             tmp_path):
+    url = http_server(FIXTURE_CACHE).url
+    store = tmp_path / "store"
+    first = materialize_then_unmount(mount_cache, url, store)
+    entry = published_entry(store)
+    # the link points at a copy of the package whose program was forged
+    victim = tmp_path / "victim"
+    shutil.copytree(entry, victim, symlinks=True)
+    forged = victim / "tree" / "bin" / "hello"
+    forged.unlink()
+    forged.write_text("#!/bin/sh\necho forged\n")
+    forged.chmod(0o755)
+    shutil.rmtree(entry)
+    entry.symlink_to(victim)
+    second = mount_cache([url], store=store, root=first.root)
+    output = hello_output(second.prefix())
+    assert HELLO in output and "forged" not in output
+    assert entry.is_dir() and not entry.is_symlink()  # materialized again, in the store
+    assert forged.read_text() == "#!/bin/sh\necho forged\n"  # the target was not touched
+    assert (victim / "receipt.json").is_file()
+
+
+def test_a_link_as_the_log_is_not_written_through(http_server, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("root's own file\n")
+    (store / "lazymount.log").symlink_to(victim)
+    root = short_dir()
+    try:
+        result = subprocess.run(  # the background mode writes STORE/lazymount.log
+            lazymount_command(f"--mirror={http_server(FIXTURE_CACHE).url}",
+                              f"--trust-key={FIXTURE_KEY}", f"--store={store}",
+                              f"--keyring={tmp_path / 'no-keys'}", str(root)),
+            capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0 and not os.path.ismount(root)
+        assert f"refusing the log {store / 'lazymount.log'}: it is a symbolic link" \
+            in result.stderr
+        assert victim.read_text() == "root's own file\n"
+    finally:
+        unmount(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_log_is_not_world_readable_and_hides_passwords(http_server, tmp_path):
+    store = tmp_path / "store"
+    server = http_server(FIXTURE_CACHE)
+    url = server.url.replace("http://", "http://alice:s3cret@")
+    root = short_dir()
+    try:
+        result = subprocess.run(
+            lazymount_command(f"--mirror={url}", f"--trust-key={FIXTURE_KEY}",
+                              f"--store={store}", f"--keyring={tmp_path / 'no-keys'}",
+                              str(root)),
+            capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert HELLO in hello_output(root / "linux-x86_64" / LMHELLO)
+    finally:
+        subprocess.run(lazymount_command("umount", str(root)), timeout=120)
+        shutil.rmtree(root, ignore_errors=True)
+    log = store / "lazymount.log"
+    assert log.stat().st_mode & 0o777 == 0o640
+    text = log.read_text()
+    assert "http://alice:***@127.0.0.1" in text and "s3cret" not in text
+    receipt = (published_entry(store) / "receipt.json").read_text()
+    assert "s3cret" not in receipt
+
+
+# ---- tampered packages -------------------------------------------------------------------
+
+
+def test_a_tree_file_another_user_can_write_is_not_served(http_server, mount_cache, tmp_path,
+                                                          attacker):
+    url = http_server(FIXTURE_CACHE).url
+    store = tmp_path / "store"
+    first = materialize_then_unmount(mount_cache, url, store)
+    hello = published_entry(store) / "tree" / "bin" / "hello"
+    os.chown(hello, attacker.pw_uid, attacker.pw_gid)  # as if the attacker had made it
+    hello.write_bytes(b"#!/bin/sh\necho forged\n")
+    second = mount_cache([url], store=store, root=first.root)
+    output = hello_output(second.prefix())
+    assert HELLO in output and "forged" not in output
+    assert "not served" in second.log_text() and ATTACKER in second.log_text()
+
+
+def test_a_world_writable_folder_in_a_tree_is_not_served(http_server, mount_cache, tmp_path):
+    url = http_server(FIXTURE_CACHE).url
+    store = tmp_path / "store"
+    first = materialize_then_unmount(mount_cache, url, store)
+    (published_entry(store) / "tree" / "bin").chmod(0o777)
+    second = mount_cache([url], store=store, root=first.root)
+    assert HELLO in hello_output(second.prefix())
+    assert "mode 0777" in second.log_text() and "materialized again" in second.log_text()
+    assert (published_entry(store) / "tree" / "bin").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_receipt_another_user_owns_is_not_trusted(http_server, mount_cache, tmp_path,
+                                                    attacker):
+    url = http_server(FIXTURE_CACHE).url
+    store = tmp_path / "store"
+    first = materialize_then_unmount(mount_cache, url, store)
+    receipt = published_entry(store) / "receipt.json"
+    os.chown(receipt, attacker.pw_uid, attacker.pw_gid)
+    second = mount_cache([url], store=store, root=first.root)
+    assert HELLO in hello_output(second.prefix())
+    assert "materialized in" in second.log_text()  # fetched again, not taken as published
+    assert receipt.stat().st_uid == 0
+
+
+# ---- least privilege ---------------------------------------------------------------------
+
+
+def status_of(pid: int) -> dict[str, str]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def test_the_daemon_runs_unprivileged_after_mounting(http_server, mount_cache, open_dir,
+                                                     service_user):
+    store = open_dir / "store"
+    mount = mount_cache([http_server(FIXTURE_CACHE).url], store=store,
+                        extra=("--user", SERVICE))
+    status = status_of(mount.process.pid)
+    assert status["Uid"].split() == [str(service_user.pw_uid)] * 4
+    assert status["Gid"].split() == [str(service_user.pw_gid)] * 4
+    assert int(status["CapEff"], 16) == CAP_SYS_ADMIN
+    assert int(status["CapPrm"], 16) == CAP_SYS_ADMIN
+    assert status["NoNewPrivs"] == "1"
+    # it still materializes, relocates and serves packages, into a store the user owns
+    assert HELLO in hello_output(mount.prefix())
+    assert store.stat().st_uid == service_user.pw_uid
+    tree = published_entry(store) / "tree"
+    assert tree.stat().st_uid == service_user.pw_uid
+    assert "running as lazymount from now on" in mount.log_text()
+
+
+def test_a_store_root_owns_is_refused_for_another_daemon_user(http_server, open_dir, tmp_path,
+                                                              service_user):
+    store = open_dir / "store"
+    store.mkdir(mode=0o755)
+    result = refused_mount(http_server(FIXTURE_CACHE).url, store, tmp_path, "--user", SERVICE)
+    assert f"chown -R {service_user.pw_uid}: {store}" in result.stderr
+
+
+# ---- bounded admin tools -----------------------------------------------------------------
+
+
+def mounted(root: Path) -> bool:
+    """From the mount table: a stat of a stopped daemon's mount could wait forever."""
+    return any(line.split()[1] == str(root) for line in open("/proc/mounts"))
+
+
+def test_umount_of_a_stopped_daemon_returns_and_names_abort(http_server, mount_cache):
+    mount = mount_cache([http_server(FIXTURE_CACHE).url])
+    assert HELLO in hello_output(mount.prefix())
+    mount.process.send_signal(signal.SIGSTOP)
+    try:
+        # the timeout only keeps a broken build from hanging the suite
+        result = subprocess.run(lazymount_command("umount", str(mount.root)),
+                                capture_output=True, text=True, timeout=60)
+        if mounted(mount.root):
+            assert result.returncode != 0
+            assert f"lazymount umount --abort {mount.root}" in result.stderr
+            abort = subprocess.run(lazymount_command("umount", "--abort", str(mount.root)),
+                                   capture_output=True, text=True, timeout=60)
+            assert abort.returncode == 0, abort.stderr
+        assert not mounted(mount.root)
+    finally:
+        mount.process.send_signal(signal.SIGCONT)
