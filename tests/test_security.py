@@ -218,6 +218,7 @@ def test_a_link_as_the_log_is_not_written_through(http_server, tmp_path):
 
 
 def test_the_log_is_not_world_readable_and_hides_passwords(http_server, tmp_path):
+    """(The redaction of log lines also covers URLs inside error texts of libraries.)"""
     store = tmp_path / "store"
     server = http_server(FIXTURE_CACHE)
     url = server.url.replace("http://", "http://alice:s3cret@")
@@ -236,7 +237,7 @@ def test_the_log_is_not_world_readable_and_hides_passwords(http_server, tmp_path
     log = store / "lazymount.log"
     assert log.stat().st_mode & 0o777 == 0o640
     text = log.read_text()
-    assert "http://alice:***@127.0.0.1" in text and "s3cret" not in text
+    assert "http://***@127.0.0.1" in text and "s3cret" not in text
     receipt = (published_entry(store) / "receipt.json").read_text()
     assert "s3cret" not in receipt
 
@@ -345,3 +346,11 @@ def test_umount_of_a_stopped_daemon_returns_and_names_abort(http_server, mount_c
         assert not mounted(mount.root)
     finally:
         mount.process.send_signal(signal.SIGCONT)
+
+
+def test_passwords_in_any_url_of_a_message_are_hidden():
+    from lazymount.system.redact import redact
+
+    assert redact("GET https://alice:s3cret@h:8/x failed") == "GET https://***@h:8/x failed"
+    assert redact("oci://token@reg/x, http://u:p@h/") == "oci://***@reg/x, http://***@h/"
+    assert redact("mail a@b about http://h/") == "mail a@b about http://h/"

@@ -1,5 +1,5 @@
 """Credentials out of what is shown: ``https://alice:s3cret@host/`` becomes
-``https://alice:***@host/`` in every log line, error message and receipt."""
+``https://***@host/`` in every log line and error message (as ``Mirror.url`` shows it)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,11 @@ _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<info>[^/@\s
 
 
 def _hide(match: re.Match[str]) -> str:
-    user, colon, _secret = match.group("info").partition(":")
-    shown = f"{user}:***" if colon else "***"  # a lone token is a secret too
-    return f"{match.group('scheme')}{shown}@"
+    return f"{match.group('scheme')}***@"  # a user name or a lone token can be a secret too
 
 
 def redact(text: str) -> str:
-    """``text`` with the password (or token) of every URL in it replaced by ``***``."""
+    """``text`` with the user information of every URL in it replaced by ``***``."""
     return _USERINFO.sub(_hide, text) if "@" in text else text
 
 
