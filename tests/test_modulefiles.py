@@ -121,3 +121,14 @@ def test_a_hostile_index_cannot_write_code_into_a_module(tmp_path):
         text = modules.text(modules.by_hash[kind][evil.dag_hash].relative).decode()
         assert "rm -rf" not in text and "prepend" not in text
         assert '"}' not in text and "}]" not in text and "\n\n\n" not in text
+
+
+def test_an_external_path_that_would_split_a_search_path_is_not_used(tmp_path):
+    (tmp_path / "x:").mkdir()
+    (tmp_path / "x:" / "bin").mkdir()
+    ext = sc.external("sneaky", "1", f"{tmp_path}/x:")
+    writer = sc.V2CacheWriter(tmp_path / "cache")
+    writer.add_record(ext)
+    modules = fixture_modules(parse_index(writer.write_v2_index(), mirror=1))
+    text = modules.text(modules.by_hash[TCL][ext.dag_hash].relative).decode()
+    assert "prepend-path" not in text

@@ -78,10 +78,13 @@ SYSTEM_DIRS = frozenset(
     [os.path.join(r, s) for s in ("bin", "bin64", "include", "lib", "lib64")
      for r in _SYSTEM_ROOTS] + list(_SYSTEM_ROOTS))
 # what a path written into a module file may hold: no quote, brace, bracket, dollar,
-# backslash, space or control character of Tcl or Lua
-_SAFE = re.compile(r"/[A-Za-z0-9_+.,:@%=/-]*")
+# backslash, space or control character of Tcl or Lua, and no ':' (it would split a search
+# path in two)
+_SAFE = re.compile(r"/[A-Za-z0-9_+.,@%=/-]*")
 
-# which DAG hashes of the tree get module files; default: every installed one
+# which DAG hashes of the tree get module files (default: every installed one). The hook for
+# a host-aware choice, e.g. only the best build of each name and version for this CPU; a
+# dependency left out is then not autoloaded (RPATHs still find its libraries).
 Selector = Callable[[InstallTree], Iterable[str]]
 
 
