@@ -43,7 +43,7 @@ from test_refusals import expect_refusal
 
 from lazymount.buildcache.ocimanifest import parse_image_manifest, spec_tag
 from lazymount.errors import FormatError, UsageError
-from lazymount.mirror.credentials import Credentials, read_docker_auths
+from lazymount.mirror.credentials import Credentials, RegistryLogins, read_docker_auths
 from lazymount.mirror.oci import parse_challenges
 from lazymount.mirror.ociref import parse_oci_url
 
@@ -121,6 +121,19 @@ def test_docker_config_auths_are_read(tmp_path):
     path.write_text('{"auths": {"h": {"auth": "not base64!"}}}')
     with pytest.raises(UsageError, match="not base64"):
         read_docker_auths(path)
+
+
+def test_a_broken_docker_config_costs_only_its_logins_unless_it_was_asked_for(tmp_path,
+                                                                             monkeypatch):
+    (tmp_path / "config.json").write_text("{not json")
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+    default = RegistryLogins({}, None)
+    assert default.find("ghcr.io") is None
+    assert default.notices and "is not JSON" in default.notices[0]
+    with pytest.raises(UsageError, match="is not JSON"):
+        RegistryLogins({}, tmp_path / "config.json").find("ghcr.io")
+    configured = Credentials("me", PASSWORD)
+    assert RegistryLogins({"GHCR.io": configured}, None).find("ghcr.io") is configured
 
 
 def test_a_password_never_shows_in_repr():

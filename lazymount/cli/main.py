@@ -160,7 +160,10 @@ def mirror_configs(values: dict[str, Any]) -> list[MirrorConfig]:
     for mirror in mirrors:
         unique.setdefault(mirror.url, mirror)
     logins = RegistryLogins(values.get("registries") or {}, values.get("docker_config"))
-    return [oci_mirror(m, logins) if is_oci_url(m.url) else m for m in unique.values()]
+    found = [oci_mirror(m, logins) if is_oci_url(m.url) else m for m in unique.values()]
+    for notice in logins.notices:
+        print(f"lazymount: {notice}", file=sys.stderr)
+    return found
 
 
 def oci_mirror(mirror: MirrorConfig, logins: RegistryLogins) -> MirrorConfig:

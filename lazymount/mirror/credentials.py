@@ -124,11 +124,14 @@ def from_environment(user_variable: str | None, user: str | None, password_varia
 
 class RegistryLogins:
     """Finds the login of a registry: the configured ones first, then Docker's ``auths``
-    (its file read once, when first needed)."""
+    (its file read once, when first needed). A Docker file given explicitly must be usable;
+    a broken one at the default place only costs its logins (``notices`` says so), since a
+    public registry needs none."""
 
     def __init__(self, configured: dict[str, Credentials], docker_config: Path | None):
         self.configured = {host.lower(): login for host, login in configured.items()}
         self.docker_config = docker_config
+        self.notices: list[str] = []
         self._docker: dict[str, Credentials] | None = None
 
     def find(self, registry: str) -> Credentials | None:
@@ -136,5 +139,14 @@ class RegistryLogins:
         if registry in self.configured:
             return self.configured[registry]
         if self._docker is None:
-            self._docker = read_docker_auths(self.docker_config or default_docker_config())
+            self._docker = self._read_docker()
         return self._docker.get(registry)
+
+    def _read_docker(self) -> dict[str, Credentials]:
+        if self.docker_config is not None:
+            return read_docker_auths(self.docker_config)
+        try:
+            return read_docker_auths(default_docker_config())
+        except UsageError as exc:
+            self.notices.append(f"{exc}; its registry logins are not used")
+            return {}
