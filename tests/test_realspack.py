@@ -132,7 +132,7 @@ def test_spack_finds_the_mounts_modules_named_as_it_names_them(spack, mount_cach
     (spack.config_dir / "upstreams.yaml").write_text(config)
     spack.add_repo(REPO)
     v2_hash = caches.v2_hello.dag_hash
-    loads = spack("module", "tcl", "loads", f"/{HELLO_HASH}", f"/{v2_hash}").stdout
+    loads = spack("module", "tcl", "loads", "lmhello").stdout  # both builds
     assert f"module load lmhello/1.0-gcc-12.2.0-{HELLO_HASH[:7]}\n" in loads
     assert f"module load lmhello/1.0-gcc-12.2.0-{v2_hash[:7]}\n" in loads
     loads = spack("module", "lmod", "loads", f"/{HELLO_HASH}").stdout
