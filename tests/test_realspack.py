@@ -64,6 +64,9 @@ def test_spack_reads_a_mixed_mount_as_it_would_write_it(spack, mount_cache, cach
     v2_name = f"lmhello-1.0-{caches.v2_hello.dag_hash}"
     assert sorted(hellos) == sorted([f"{LMHELLO} {mount.prefix()}",
                                      f"{v2_name} {mount.prefix(v2_name)}"])
+    for name in (LMHELLO, v2_name):
+        assert spack("location", "-i", f"/{name[-32:]}").stdout.strip() == \
+            str(mount.prefix(name))
     for pkg in (caches.migrated_pkg, caches.cross_pkg):
         name = f"{pkg.name}-{pkg.version}-{pkg.dag_hash}"
         assert f"{name} {mount.prefix(name)}" in lines
@@ -84,9 +87,15 @@ def test_spack_reads_a_mixed_mount_as_it_would_write_it(spack, mount_cache, cach
 
     assert not any((mount.store / "pkgs").iterdir())  # reading the database fetched nothing
 
-    # `spack load` looks into the prefix (its bin/, lib/...): that materializes it
-    loaded = spack("load", "--sh", f"/{caches.v2_hello.dag_hash}").stdout
-    assert f"{mount.prefix(v2_name)}/bin" in loaded
+    # `spack load` looks into the prefix (its bin/, lib/...): that materializes it; then
+    # the tools of both builds run from the environment it sets
+    for name, command, says in ((LMHELLO, "hello -v", "Hello from lmgreet, world!"),
+                                (v2_name, "lmhello", "Hello from lmhello")):
+        loaded = spack("load", "--sh", f"/{name[-32:]}").stdout
+        assert f"{mount.prefix(name)}/bin" in loaded
+        ran = subprocess.run(["bash", "-c", f"{loaded}\n{command}"], capture_output=True,
+                             text=True, timeout=60)
+        assert says in ran.stdout, ran.stdout + ran.stderr
 
 
 def test_spack_install_reuses_the_upstream(spack, mount_cache, caches):
