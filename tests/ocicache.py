@@ -221,11 +221,16 @@ class OciPusher:
 
     def push_spec(self, entry: CachedSpec, specs: dict[str, CachedSpec], *,
                   tag: str | None = None, config: dict[str, Any] | None = None,
-                  docker: bool = False) -> dict[str, Any]:
-        """Push one spec's image; ``tag`` and ``config`` override what Spack would write."""
+                  docker: bool = False, base_layers: tuple[bytes, ...] = ()
+                  ) -> dict[str, Any]:
+        """Push one spec's image; ``tag`` and ``config`` override what Spack would write;
+        ``base_layers`` come first, as a ``--base-image``'s layers do."""
         closure = [specs[h] for h in link_run_closure(entry.spec) if h in specs]
         layer_type = MEDIA_DOCKER_LAYER if docker else MEDIA_LAYER
         layers = []
+        for data in base_layers:
+            self.put_blob(data)
+            layers.append(descriptor(layer_type, data))
         for item in closure:
             self.put_blob(item.tarball)
             layers.append(descriptor(layer_type, item.tarball))

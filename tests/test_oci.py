@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import gzip
 import json
 import os
 import subprocess
@@ -309,6 +310,17 @@ def test_docker_media_types_are_read_too(tmp_path, mount_cache):
         assert_hello_runs(mount)
     finally:
         registry.stop()
+
+
+def test_only_the_last_layer_is_fetched_under_a_base_image(registry, mount_cache):
+    """Pushed onto a base image (``--base-image``), a spec's image starts with the base's
+    layers; the package is still its last layer, and nothing else is downloaded."""
+    specs = registry.specs
+    base = gzip.compress(b"not a Spack tarball: a base image layer")
+    registry.pusher.push_spec(specs[HELLO_HASH], specs, base_layers=(base,))
+    mount = mount_oci(mount_cache, registry.mirror(NAME))
+    assert_hello_runs(mount)
+    assert not any(digest_of(base) in r for r in registry.requests() if r.startswith("GET"))
 
 
 @pytest.mark.parametrize("oci_first", [True, False])
