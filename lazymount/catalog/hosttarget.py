@@ -63,6 +63,7 @@ class HostTarget:
 
     def __init__(self, name: str | None = None) -> None:
         self.override = name
+        self._depths: dict[str, int] = {}
 
     @cached_property
     def micro(self) -> Any:
@@ -97,10 +98,13 @@ class HostTarget:
         """How far down archspec's graph ``target`` is: its number of ancestors. A target
         has more than each of its ancestors, so the deepest runnable one is the most
         specific."""
-        return len(_targets()[target].ancestors)
+        depth = self._depths.get(target)
+        if depth is None:  # archspec walks the graph on every .ancestors
+            depth = self._depths[target] = len(_targets()[target].ancestors)
+        return depth
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Build:
     """One build of the index: what the choice reads."""
 
@@ -145,19 +149,31 @@ class HostView:
 
     host: HostTarget
     best: dict[str, dict[str, Build]] = field(default_factory=dict)
-    candidates: dict[tuple[str, str], list[Build]] = field(default_factory=dict)
+    every: list[Build] = field(default_factory=list)  # for the alternatives
+    _groups: dict[tuple[str, str], list[Build]] | None = None
 
     @classmethod
     def choose(cls, host: HostTarget, builds: Iterable[Build]) -> HostView:
+        """One pass: each build this host runs replaces the one kept for its name and
+        version if it ranks first."""
         view = cls(host)
         for build in builds:
-            view.candidates.setdefault((build.name, build.version), []).append(build)
-        for (name, version), group in view.candidates.items():
-            runnable = [b for b in group if host.runs(b.target)]
-            if runnable:
-                view.best.setdefault(name, {})[version] = min(
-                    runnable, key=lambda b: rank(host, b))
+            view.every.append(build)
+            if not host.runs(build.target):
+                continue
+            versions = view.best.setdefault(build.name, {})
+            kept = versions.get(build.version)
+            if kept is None or rank(host, build) < rank(host, kept):
+                versions[build.version] = build
         return view
+
+    def _group(self, name: str, version: str) -> list[Build]:
+        """Every build of ``name@version`` (grouped on first use: status, not listing)."""
+        if self._groups is None:
+            self._groups = {}
+            for build in self.every:
+                self._groups.setdefault((build.name, build.version), []).append(build)
+        return self._groups.get((name, version), [])
 
     def names(self) -> list[str]:
         return sorted(self.best)
@@ -176,7 +192,7 @@ class HostView:
     def alternatives(self, name: str, version: str) -> list[Alternative]:
         """Every build of ``name@version``: those that run here best first, then the rest
         with the reason they do not."""
-        group = self.candidates.get((name, version), [])
+        group = self._group(name, version)
         runnable = sorted((b for b in group if self.host.runs(b.target)),
                           key=lambda b: rank(self.host, b))
         others = sorted((b for b in group if not self.host.runs(b.target)),
