@@ -106,19 +106,20 @@ class Materializer:
             return state.tree
         return None
 
-    def published(self, key: str) -> Path | None:
-        """The published tree of ``key`` in the shared store, else in our own, or None."""
+    def published(self, key: str, walk: bool = True) -> Path | None:
+        """The published tree of ``key`` in the shared store, else in our own, or None.
+        ``walk``: check the whole tree, once (see Store.tree); a worker thread then."""
         if self.shared is not None:
-            tree = self.shared.tree(key)
+            tree = self.shared.tree(key, walk)
             if tree is not None:
                 return tree
-        return self.store.tree(key)
+        return self.store.tree(key, walk)
 
     def status(self, dag_hash: str) -> str:
         """One word (and the reason, for a failure) for the status xattr and logs."""
         state = self.states.get(dag_hash)
         if state is None:
-            return "ready" if self.published(self.key(dag_hash)) else "absent"
+            return "ready" if self.published(self.key(dag_hash), walk=False) else "absent"
         if state.error is not None:
             return f"failed: {state.error}"
         return "ready" if state.tree is not None else "materializing"

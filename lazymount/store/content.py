@@ -205,18 +205,20 @@ class Store:
             if fd >= 0:
                 os.close(fd)
 
-    def tree(self, key: str) -> Path | None:
+    def tree(self, key: str, walk: bool = True) -> Path | None:
         """The published tree of ``key``, or None.
 
         A package counts only with a readable receipt and a tree, both real (no link) and
         changeable by nobody but the owner: publish writes both before the one rename, so
         anything less was damaged or tampered with afterwards and is materialized again;
-        publish then replaces it.
+        publish then replaces it. ``walk``: also walk the tree, the first time in this
+        process (30,000 entries: 0.2 s warm, 0.45 s cold); without it (a status answer) only
+        the receipt is looked at.
         """
         if self.receipt(key) is None:
             return None
         path = self.pkgs / key / TREE
-        if key not in self._checked:
+        if walk and key not in self._checked:
             reason = self._tree_problem(key)
             if reason is not None:
                 log.warning("%s: not served (%s); it is materialized again", path, reason)
