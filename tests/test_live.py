@@ -246,6 +246,21 @@ def test_sighup_reloads_config_and_index_and_keeps_the_mount(http_server, daemon
     assert [m["url"] for m in mount.json_status()["mirrors"]] == [full.url]
 
 
+def test_sighup_applies_a_new_refresh_interval(http_server, daemon, tmp_path):
+    cache = served_cache(tmp_path / "cache", {"lmgreet"})
+    server = http_server(cache)
+    mount = daemon([server.url], index_refresh="off")
+    write_config(mount.config, mount.root, mirrors=[server.url], trust_keys=[str(FIXTURE_KEY)],
+                 store=str(mount.store), keyring=str(tmp_path / "no-keys"), timeout="5s",
+                 index_refresh="1s")
+    mount.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: mount.json_status()["index"]["refresh_interval_s"] == 1.0,
+             "the reload is in place")
+    served_cache(cache, {"lmgreet", "lmhello"})  # only the periodic check can see this now
+    wait_for(lambda: mount.listing() == [LMGREET, LMHELLO], "the new interval is used")
+    assert "refresh (periodic check)" in mount.log_text()
+
+
 def test_sighup_with_a_broken_config_keeps_serving(http_server, daemon, tmp_path):
     server = http_server(FIXTURE_CACHE)
     mount = daemon([server.url], index_refresh="off")

@@ -122,7 +122,7 @@ class LiveMount:
         self.retired: list[Generation] = []  # replaced, closed at the end (work may use them)
         self._lock = trio.Lock()
         self._database_lock = trio.Lock()
-        self._wake = trio.Event()
+        self._reschedule = trio.Event()  # set when a reload changes index_refresh
 
     @property
     def config(self) -> MountConfig:
@@ -139,10 +139,11 @@ class LiveMount:
             if self.config.index_refresh != interval:  # first time, or changed by a reload
                 interval = self.config.index_refresh
                 delays = refresh_delays(interval) if interval > 0 else iter(())
-            with trio.move_on_after(next(delays, math.inf)):
-                await self._wake.wait()
-            self._wake = trio.Event()
-            await self.refresh("periodic check")
+            with trio.move_on_after(next(delays, math.inf)) as waited:
+                await self._reschedule.wait()
+            self._reschedule = trio.Event()
+            if waited.cancelled_caught:  # the time came (not a reload changing the interval)
+                await self.refresh("periodic check")
 
     # ---- refresh and reload --------------------------------------------------------------
 
@@ -150,6 +151,7 @@ class LiveMount:
         """Check the indexes (after re-reading the configuration if ``reload``) and swap in
         a new generation if anything changed. Returns what happened, for the asker."""
         async with self._lock:
+            interval = self.config.index_refresh
             try:
                 return await self._refresh(why, reload)
             except LazymountError as exc:
@@ -157,6 +159,9 @@ class LiveMount:
                 log.error("refresh (%s) failed, still serving the index of %s: %s", why,
                           _when(self.refreshed), exc)
                 return {"changed": False, "error": str(exc)}
+            finally:
+                if self.config.index_refresh != interval:  # a reload changed it
+                    self._reschedule.set()
 
     async def _refresh(self, why: str, reload: bool) -> dict[str, object]:
         old = self.current
@@ -168,6 +173,8 @@ class LiveMount:
                     log.warning("reload: %s changed; it takes effect when the mount is "
                                 "mounted again", name)
                     config = _keep(config, name, getattr(old.config, name))
+        if config.index_refresh != old.config.index_refresh:
+            self._reschedule.set()  # the loop picks the new interval once it is in place
         mirrors_changed = (
             [m.url for m in config.mirrors] != [m.url for m in old.config.mirrors]
             or (config.timeouts, config.ca_certs, config.proxies)
@@ -271,10 +278,6 @@ class LiveMount:
                         "index", exc)
             return
         await trio.to_thread.run_sync(self.operations.invalidate_files, DATABASE_FILES)
-
-    def wake(self) -> None:
-        """Make the periodic loop check now (and start its interval again)."""
-        self._wake.set()
 
     async def aclose(self) -> None:
         """Close the mirrors and keys of the current and every replaced generation."""
