@@ -173,8 +173,6 @@ class LiveMount:
                     log.warning("reload: %s changed; it takes effect when the mount is "
                                 "mounted again", name)
                     config = _keep(config, name, getattr(old.config, name))
-        if config.index_refresh != old.config.index_refresh:
-            self._reschedule.set()  # the loop picks the new interval once it is in place
         mirrors_changed = (
             [m.url for m in config.mirrors] != [m.url for m in old.config.mirrors]
             or (config.timeouts, config.ca_certs, config.proxies)
