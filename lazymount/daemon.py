@@ -124,6 +124,7 @@ def serve(config: MountConfig, ready: Ready,
         keys = Trust.read_keys(config.keyring, config.trust_keys)
         sbang_script = sbang_text()
         start.control = control.bind(root, config.allow_other)
+        start.control_path = start.control.getsockname()
         if config.user is not None:
             become_user(config, root, start)
         store = Store(config.store)
@@ -149,6 +150,7 @@ class Start:
     with --user the FUSE device of the mount already made and the read-ahead helper."""
 
     control: socket.socket | None = None
+    control_path: str = ""  # where it is bound: runtime_dir() differs after --user
     device: int | None = None
     readahead: RootHelper | None = None
     served: bool = False
@@ -159,7 +161,7 @@ class Start:
         if self.device is not None and not self.served and root is not None:
             session.unmount(root)  # mounted, then failed before serving: take it away
         if self.control is not None:
-            _remove_socket(self.control)
+            _remove_socket(self.control, self.control_path)
 
 
 def become_user(config: MountConfig, root: str, start: Start) -> None:
@@ -245,7 +247,7 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path, trus
                     session.unmount(root)
                 else:
                     session.close(unmount=os.path.ismount(root))
-            _remove_socket(control_socket)  # by its path: runtime_dir() differs after --user
+            _remove_socket(control_socket, start.control_path)
         log.info("unmounted %s", root)
         return 0
     finally:
@@ -289,14 +291,17 @@ async def _serve_metrics(live: LiveMount, listen: tuple[str, int],
     await metrics.serve_http(listeners, text)
 
 
-def _remove_socket(sock: socket.socket) -> None:
+def _remove_socket(sock: socket.socket, path: str) -> None:
+    """Close the control socket and remove it, by the path it was bound to (once served,
+    the socket is closed already and cannot say where it was). After --user the daemon may
+    not remove it from the root-owned directory: the next mount there replaces it."""
+    sock.close()
     try:
-        path = sock.getsockname()
-        sock.close()
-        if path:
-            os.unlink(path)
-    except OSError:
+        os.unlink(path)
+    except FileNotFoundError:
         pass
+    except OSError as exc:
+        log.debug("the control socket %s stays: %s", path, exc.strerror)
 
 
 async def _first_database(live: LiveMount) -> None:

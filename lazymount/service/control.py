@@ -103,14 +103,6 @@ def bind(mountpoint: str, shared: bool) -> socket.socket:
     return sock
 
 
-def unbind(mountpoint: str) -> None:
-    """Remove the socket file of the mount at ``mountpoint`` (the daemon is ending)."""
-    try:
-        (runtime_dir() / socket_name(mountpoint)).unlink(missing_ok=True)
-    except OSError as exc:
-        log.warning("cannot remove the control socket: %s", exc.strerror)
-
-
 def _check_ours(directory: Path) -> None:
     """Refuse a socket directory someone else could have placed or can write to (a
     ``/tmp/lazymount-UID`` made by another user would let them answer for us)."""
