@@ -26,7 +26,7 @@ HELLO_PREFIX = f"{ROOT}/linux-x86_64/lmhello-1.0-{HELLO}"
 
 def fixture_modules(*more: dict) -> ModuleTree:
     catalog = merge_indexes([parse_index(INDEX_BLOB.read_bytes()), *more])
-    return ModuleTree.build(InstallTree(ROOT, catalog))
+    return ModuleTree.build(InstallTree(ROOT, catalog)).lay_out()
 
 
 def test_names_and_places_follow_spacks_default_layouts():
@@ -101,7 +101,7 @@ def test_an_old_spec_names_its_own_compiler(tmp_path):
 
 def test_a_selector_chooses_the_modules_and_autoloads_follow_it():
     catalog = parse_index(INDEX_BLOB.read_bytes())
-    modules = ModuleTree.build(InstallTree(ROOT, catalog), lambda tree: [HELLO])
+    modules = ModuleTree.build(InstallTree(ROOT, catalog), lambda tree: [HELLO]).lay_out()
     assert set(modules.by_hash[TCL]) == {HELLO}
     text = modules.text(modules.by_hash[TCL][HELLO].relative).decode()
     assert "module load" not in text  # no module of its dependencies to load
@@ -132,3 +132,11 @@ def test_an_external_path_that_would_split_a_search_path_is_not_used(tmp_path):
     modules = fixture_modules(parse_index(writer.write_v2_index(), mirror=1))
     text = modules.text(modules.by_hash[TCL][ext.dag_hash].relative).decode()
     assert "prepend-path" not in text
+
+
+def test_module_files_are_laid_out_only_when_asked():
+    """A mount lists modules/ at once; the files below wait for the first look there."""
+    modules = ModuleTree.build(InstallTree(ROOT, parse_index(INDEX_BLOB.read_bytes())))
+    assert not modules.laid_out and modules.by_hash[TCL] == {}
+    assert modules.dirs[""] == {"modules"}
+    assert modules.lay_out().laid_out and HELLO in modules.by_hash[TCL]

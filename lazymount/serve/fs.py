@@ -281,6 +281,14 @@ class InstallTreeFS(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
+    async def _modules_below(self, relative: str) -> None:
+        """Before a path under ``modules/`` is resolved: the module files laid out (once, in
+        a worker thread; a mount does not wait for them)."""
+        modules = self.modules
+        if modules is not None and not modules.laid_out and (
+                relative == MODULES_DIR or relative.startswith(MODULES_DIR + "/")):
+            await trio.to_thread.run_sync(modules.lay_out)
+
     def _child(self, parent: VirtualDir, name: str) -> Node | None:
         relative = f"{parent.relative}/{name}" if parent.relative else name
         if relative == HOST_DIR and self.host_dir:
@@ -422,6 +430,7 @@ class InstallTreeFS(pyfuse3.Operations):
         parent = self._node(parent_inode)
         text = os.fsdecode(name)
         if isinstance(parent, VirtualDir):
+            await self._modules_below(parent.relative)
             child = self._child(parent, text)
             if isinstance(child, RealNode):
                 await self._written(child)
@@ -466,6 +475,7 @@ class InstallTreeFS(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: Any = None) -> int:
         node = self._node(inode)
         if isinstance(node, VirtualDir):
+            await self._modules_below(node.relative)
             for name in self._children(node):
                 await self._written(self._child(node, name))
             entries = [(os.fsencode(n), self._child(node, n)) for n in self._children(node)]

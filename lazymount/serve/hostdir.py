@@ -62,7 +62,11 @@ class HostDirs:
         ``modules/host`` and below): name -> link target, file content, or None for a
         subdirectory. None if there is no such directory."""
         if relative not in self._entries:
-            self._entries[relative] = self._make_entries(await self.view(), relative)
+            view = await self.view()
+            if self.modules is not None and (
+                    relative == HOST_MODULES or relative.startswith(HOST_MODULES + "/")):
+                await trio.to_thread.run_sync(self.modules.lay_out)
+            self._entries[relative] = self._make_entries(view, relative)
         return self._entries[relative]
 
     def _make_entries(self, view: HostView, relative: str) -> hostmodules.Entries | None:

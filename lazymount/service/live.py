@@ -91,7 +91,7 @@ async def load_generation(config: MountConfig, root: str, catalogs: CatalogStore
                  len(shown.prefixes), len(tree.prefixes), host.name)
     # the catalog and tree live as long as the mount (or until the next refresh): keep them
     # out of every later garbage-collection pass (100,000 records made each take ~0.1 s)
-    modules = await trio.to_thread.run_sync(ModuleTree.build, shown)  # names only: fast
+    modules = ModuleTree.build(shown)  # the roots: their files are laid out on first look
     gc.freeze()
     return Generation(config, mirrors, trust, tree, shown, HostDirs(tree, host, modules),
                       modules)
@@ -232,6 +232,8 @@ class LiveMount:
         return True
 
     async def _swap(self, old: Generation, new: Generation) -> None:
+        if old.modules.laid_out:  # the kernel may know old module names: compare whole trees
+            await trio.to_thread.run_sync(new.modules.lay_out)
         # no await between these: the materializer and the filesystem change together
         self.materializer.swap(new.tree, new.sources)
         if self.operations is not None:

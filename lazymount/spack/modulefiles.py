@@ -37,6 +37,7 @@ import functools
 import logging
 import os
 import re
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,25 +111,37 @@ class ModuleTree:
     """The module roots of a mount: their files, directories and index files."""
 
     tree: InstallTree
+    select: Selector = installed_hashes  # which packages get modules
+    laid_out: bool = False  # files, by_hash and dirs below the roots are made (lay_out)
     files: dict[str, ModuleFile] = field(default_factory=dict)  # relative path -> file
     by_hash: dict[str, dict[str, ModuleFile]] = field(default_factory=dict)  # kind -> hash ->
     dirs: dict[str, set[str]] = field(default_factory=dict)  # relative dir -> child names
     _indexes: dict[str, bytes] = field(default_factory=dict)  # kind -> module-index.yaml
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def build(cls, tree: InstallTree, select: Selector = installed_hashes) -> ModuleTree:
-        """Lay out the module files of ``select(tree)`` (no I/O)."""
-        modules = cls(tree, by_hash={kind: {} for kind in KINDS})
+        """The module roots of ``select(tree)``. Their files are laid out by ``lay_out``,
+        on the first look below ``modules/``: 200,000 module files of a 100,000-spec index
+        take seconds, which no mount should wait for."""
+        modules = cls(tree, select, by_hash={kind: {} for kind in KINDS})
         for kind in KINDS:
             modules._add_dir(f"{MODULES_DIR}/{kind}")
             modules._add_dir(f"{MODULES_DIR}/{kind}/{INDEX_FILE}")
-        for dag_hash in select(tree):
-            record = tree.catalog.get(dag_hash)
-            if record is None:
-                continue
-            for kind in KINDS:
-                modules._place(kind, record)
         return modules
+
+    def lay_out(self) -> ModuleTree:
+        """Make every module file's name and directory (no I/O; blocking: a worker thread).
+        Idempotent, any thread; what the queries below answer needs it first."""
+        with self._lock:
+            if not self.laid_out:
+                for dag_hash in self.select(self.tree):
+                    record = self.tree.catalog.get(dag_hash)
+                    if record is not None:
+                        for kind in KINDS:
+                            self._place(kind, record)
+                self.laid_out = True
+        return self
 
     def _add_dir(self, relative: str) -> None:
         parts = relative.split("/")
