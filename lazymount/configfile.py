@@ -45,9 +45,13 @@ class ConfigError(UsageError):
     """The configuration file cannot be used; the message names file, table and key."""
 
 
+# root's defaults stay in force in a daemon that switched to another user (--user)
+STARTED_AS_ROOT = os.geteuid() == 0
+
+
 def default_config_file() -> Path:
     """/etc/lazymount/config.toml for root, the XDG config directory otherwise."""
-    if os.geteuid() == 0:
+    if STARTED_AS_ROOT:
         return Path("/etc/lazymount/config.toml")
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
     return Path(base) / "lazymount" / "config.toml"

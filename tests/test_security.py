@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -311,6 +312,39 @@ def test_the_daemon_runs_unprivileged_after_mounting(http_server, mount_cache, o
     tree = published_entry(store) / "tree"
     assert tree.stat().st_uid == service_user.pw_uid
     assert "running as lazymount from now on" in mount.log_text()
+    # the helper that stayed root raised the mount's read-ahead (a sysfs file of root's)
+    device = next(line.split()[2] for line in open("/proc/self/mountinfo")
+                  if line.split()[4] == str(mount.root))
+    assert Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text().strip() == "1024"
+
+
+def test_a_reload_of_an_unprivileged_daemon_keeps_roots_settings(http_server, mount_cache,
+                                                                  open_dir, service_user):
+    config = open_dir / "config.toml"  # a reload reads it as the daemon's user
+    config.write_text("")
+    mount = mount_cache([http_server(FIXTURE_CACHE).url], store=open_dir / "store",
+                        extra=("--user", SERVICE, "--verbose", f"--config={config}"))
+    mount.process.send_signal(signal.SIGHUP)
+    while "refresh (SIGHUP)" not in mount.log_text():
+        assert mount.process.poll() is None, mount.log_text()
+        time.sleep(0.1)
+    # the defaults that depend on the user (allow_other, the keyring, the configuration
+    # file, the store) are still root's: nothing "changed"
+    assert "changed; it takes effect" not in mount.log_text()
+    assert "refresh (SIGHUP) failed" not in mount.log_text()
+    assert HELLO in hello_output(mount.prefix())
+
+
+def test_an_unprivileged_daemon_still_binds_ready_packages(http_server, mount_cache,
+                                                           open_dir, service_user):
+    mount = mount_cache([http_server(FIXTURE_CACHE).url], store=open_dir / "store",
+                        extra=("--user", SERVICE, "--bind-ready"))
+    assert HELLO in hello_output(mount.prefix())
+    assert HELLO in hello_output(mount.prefix())  # the second run goes through the bind
+    binds = [line.split()[4] for line in open("/proc/self/mountinfo")
+             if line.split()[4].startswith(f"{mount.root}/")]
+    assert str(mount.prefix()) in binds
+    assert status_of(mount.process.pid)["Uid"].split()[0] == str(service_user.pw_uid)
 
 
 def test_a_store_root_owns_is_refused_for_another_daemon_user(http_server, open_dir, tmp_path,

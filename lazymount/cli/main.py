@@ -194,7 +194,7 @@ def build_config(args: argparse.Namespace) -> MountConfig:
                          f"on the command line, {where}")
     allow_other = values["allow_other"]
     if allow_other is None:
-        allow_other = os.geteuid() == 0
+        allow_other = configfile.STARTED_AS_ROOT  # still after --user switched users
     timeout = values["timeout"]
     return MountConfig(
         mountpoint=args.mountpoint,

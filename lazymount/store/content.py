@@ -57,9 +57,13 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _STAGING_NAME = re.compile(r"[A-Za-z0-9._-]+\.\d+\.[A-Za-z0-9_-]+")
 
 
+# root's defaults stay in force in a daemon that switched to another user (--user)
+STARTED_AS_ROOT = os.geteuid() == 0
+
+
 def default_store_dir() -> Path:
     """/var/cache/lazymount for root, the XDG cache directory otherwise."""
-    if os.geteuid() == 0:
+    if STARTED_AS_ROOT:
         return Path("/var/cache/lazymount")
     base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     return Path(base) / "lazymount"

@@ -31,9 +31,13 @@ from lazymount.trust.verify import PublicKey, read_key_file, read_public_keys
 KEY_SUFFIX = ".asc"
 
 
+# root's defaults stay in force in a daemon that switched to another user (--user)
+STARTED_AS_ROOT = os.geteuid() == 0
+
+
 def default_keyring_dir() -> Path:
     """/etc/lazymount/keys for root, ``$XDG_CONFIG_HOME/lazymount/keys`` otherwise."""
-    if os.geteuid() == 0:
+    if STARTED_AS_ROOT:
         return Path("/etc/lazymount/keys")
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
     return Path(base) / "lazymount" / "keys"
