@@ -228,6 +228,8 @@ def test_status_of_a_hidden_build_says_why_it_is_hidden(served, mount_cache):
         f"{mount.root}/linux-x86_64_v4/{LMISA['x86_64_v4']}: lmisa-1.0-exfln2z: hidden: "
         "targets = host hides it: built for x86_64_v4; this CPU is x86_64_v3")
     assert "shows only the builds it runs" in lazymount_status(str(mount.root))
+    metrics = lazymount_status("--prometheus", str(mount.root))
+    assert 'host_target="x86_64_v3"' in metrics
 
 
 MODULES_INIT = Path("/usr/share/modules/init/bash")  # Debian's environment-modules

@@ -61,7 +61,9 @@ class _StatusCollector:
         for status in self.statuses:
             mountpoint = status["mountpoint"]
             info.add_metric([mountpoint], {"version": status["version"],
-                                           "pid": str(status["pid"])})
+                                           "pid": str(status["pid"]),
+                                           "host_target": status.get("host", {}).get("target",
+                                                                                      "")})
             for mirror in status["mirrors"]:
                 layout = f"v{mirror['layout']}" if mirror["layout"] else ""
                 up.add_metric([mountpoint, mirror["url"], layout],
