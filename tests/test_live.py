@@ -514,3 +514,15 @@ def test_real_spack_sees_what_a_refresh_added(spack, http_server, daemon, tmp_pa
     served_cache(cache, {"lmgreet", "lmhello"})
     assert mount.lazymount("refresh", str(mount.root)).returncode == 0
     assert LMHELLO in found()
+
+
+def test_keys_of_an_https_mirror_with_a_private_ca(https_server, tmp_path):
+    url, ca = https_server
+    env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+    command = lazymount_command("keys", "list", url, f"--keyring={tmp_path / 'keys'}")
+    listed = subprocess.run([*command, f"--ca-certs={ca}"], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert "1556299A23063ADC6D944541DF5162CFF05DB8B3" in listed.stdout
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode != 0 and "certificate verify failed" in refused.stderr

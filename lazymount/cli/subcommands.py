@@ -56,11 +56,12 @@ def _print_keys(keys: list[PublicKey]) -> None:
         print("\n".join(_key_lines(key)))
 
 
-def _fetch_mirror_keys(url: str, timeout: float) -> list[PublicKey]:
+def _fetch_mirror_keys(url: str, timeout: float, ca_certs: Path | None = None
+                       ) -> list[PublicKey]:
     """The keys a mirror publishes, inspected (fingerprints checked against its index)."""
 
     async def fetch() -> list[MirrorKey]:
-        mirror = open_mirror(url, Timeouts(read=timeout, connect=min(timeout, 10.0)))
+        mirror = open_mirror(url, Timeouts(read=timeout, connect=min(timeout, 10.0)), ca_certs)
         try:
             return await mirror_keys(mirror)
         finally:
@@ -77,6 +78,9 @@ def keys_parser() -> argparse.ArgumentParser:
                         help=f"the keyring directory (default: {default_keyring_dir()})")
     common.add_argument("--timeout", metavar="SECONDS", type=float, default=30.0,
                         help="give up on a mirror that sends nothing for this long")
+    common.add_argument("--ca-certs", metavar="FILE", type=Path, default=None,
+                        help="CA bundle trusted for an https:// mirror, in addition to the "
+                             "default ones (a site's private CA)")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = actions.add_parser("list", parents=[common],
                                  help="the keyring's keys, or the keys a mirror publishes")
@@ -98,9 +102,9 @@ def run_keys(argv: list[str]) -> int:
     args = keys_parser().parse_args(argv)
     keyring = Keyring(args.keyring or default_keyring_dir())
     if args.action == "list":
-        return _list(keyring, args.mirror, args.timeout)
+        return _list(keyring, args.mirror, args.timeout, args.ca_certs)
     if args.action == "install":
-        return _install(keyring, args.mirror, args.trust, args.timeout)
+        return _install(keyring, args.mirror, args.trust, args.timeout, args.ca_certs)
     if args.action == "add":
         return _add(keyring, read_key_files(args.files))
     for fingerprint in args.fingerprints:
@@ -114,12 +118,13 @@ def _no_keys_of_oci(mirror: str) -> str:
             "signatures (Spack cannot sign them); mount it with --unsigned")
 
 
-def _list(keyring: Keyring, mirror: str | None, timeout: float) -> int:
+def _list(keyring: Keyring, mirror: str | None, timeout: float,
+          ca_certs: Path | None = None) -> int:
     if mirror is not None and is_oci_url(mirror):
         print(f"lazymount: {_no_keys_of_oci(mirror)}", file=sys.stderr)
         return 0
     if mirror is not None:
-        _print_keys(_fetch_mirror_keys(mirror, timeout))
+        _print_keys(_fetch_mirror_keys(mirror, timeout, ca_certs))
         return 0
     stored = keyring.keys()
     if not stored:
@@ -128,10 +133,11 @@ def _list(keyring: Keyring, mirror: str | None, timeout: float) -> int:
     return 0
 
 
-def _install(keyring: Keyring, mirror: str, trust: bool, timeout: float) -> int:
+def _install(keyring: Keyring, mirror: str, trust: bool, timeout: float,
+             ca_certs: Path | None = None) -> int:
     if is_oci_url(mirror):
         raise UsageError(f"nothing to install: {_no_keys_of_oci(mirror)}")
-    keys = _fetch_mirror_keys(mirror, timeout)
+    keys = _fetch_mirror_keys(mirror, timeout, ca_certs)
     if not trust:
         count = f"{len(keys)} key" + ("s" if len(keys) != 1 else "")
         print(f"{mirror} publishes {count}:")
