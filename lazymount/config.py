@@ -30,6 +30,7 @@ class MountConfig:
     allow_other: bool = False
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)  # bounds on one package's tarball
+    store_quota: int | None = None  # bytes the store's packages may take on disk
     bind_ready: bool = False  # bind-mount ready packages on their prefixes (root only)
     ca_certs: Path | None = None  # CA bundle trusted for https mirrors, besides the default
     config_file: Path | None = None  # the file read (for reloads), if any

@@ -297,6 +297,10 @@ KEYS: dict[str, Key] = {key.name: key for key in (
     Key("store", parse_path, flag="--store", metavar="DIR",
         help="local content store of materialized packages; a remount reuses what it holds "
              "(default: /var/cache/lazymount for root, $XDG_CACHE_HOME/lazymount otherwise)"),
+    Key("store_quota", parse_size, flag="--store-quota", metavar="SIZE",
+        help="most the store's packages may take on disk (K, M, G, T: binary units); "
+             "when a new package would pass it, whole packages not in use are evicted, "
+             "least recently used first, down to 90%% of it (default: no limit)"),
     Key("projection", parse_text, flag="--projection", metavar="TEMPLATE",
         help="install tree projection (default: Spack 1.x's, "
              "{architecture.platform}-{architecture.target}/{name}-{version}-{hash})"),
@@ -354,7 +358,6 @@ KEYS: dict[str, Key] = {key.name: key for key in (
 
 # names a later version gives meaning to: refused rather than silently ignored
 NOT_YET: dict[str, str] = {
-    "store_quota": "a size limit on the store",
 }
 
 

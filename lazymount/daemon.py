@@ -29,10 +29,12 @@ from lazymount.materialize import Materializer, root_digest
 from lazymount.serve import session
 from lazymount.serve.bindmount import PrefixBinder, clear_dead_mount
 from lazymount.serve.fs import InstallTreeFS
+from lazymount.serve.keeper import STORE_COMMANDS, StoreKeeper
 from lazymount.service import control, metrics, status
 from lazymount.service.live import LiveMount, load_generation, open_mirrors
 from lazymount.spack.upstreamdb import DB_DIR, INDEX, VERIFIER
 from lazymount.store.content import Store, create_store_dir
+from lazymount.store.quota import StoreUsage
 from lazymount.store.shared import open_shared_store
 from lazymount.system import libc
 from lazymount.system.files import remove_stale_temporaries
@@ -206,24 +208,29 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path, trus
         files = _spack_database_files(database)
         control_socket, start.control = start.control, None
         assert control_socket is not None
+        usage = StoreUsage(store, config.store_quota)
+        await trio.to_thread.run_sync(usage.load)
         mounted = False
         try:
             # the nursery first: what serves the mount starts its background work there
             async with _unwrapped_errors(), trio.open_nursery() as nursery:
                 materializer = Materializer(generation.tree, generation.sources, store,
-                                            config.limits, shared, nursery)
+                                            config.limits, shared, nursery, usage)
+                binder = PrefixBinder(root, nursery) if config.bind_ready else None
                 operations = InstallTreeFS(
-                    generation.shown, materializer, sbang, files,
-                    PrefixBinder(root, nursery) if config.bind_ready else None,
+                    generation.shown, materializer, sbang, files, binder,
                     generation.host, host_dir=config.host_view, modules=generation.modules,
                     # written while already serving: 100,000 specs take seconds
                     files_pending=trio.Event() if files else None,
                     # the kernel clamps read-ahead when it hears our INIT answer: raise it after
                     after_init=lambda: nursery.start_soon(_raise_readahead, root, start))
+                keeper = StoreKeeper(root, operations, binder)
+                if config.store_quota is not None:
+                    materializer.make_room = keeper.make_room
                 live = LiveMount(generation, root, store, catalogs, materializer,
                                  reload_config)
                 live.operations, live.database = operations, database if files else None
-                nursery.start_soon(control.serve, control_socket, _answerer(live))
+                nursery.start_soon(control.serve, control_socket, _answerer(live, keeper))
                 if config.metrics_listen is not None:
                     await nursery.start(_serve_metrics, live, config.metrics_listen)
                 session.mount(operations, root, mount_options(config), start.device)
@@ -234,12 +241,15 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path, trus
                 sd_notify("READY=1")
                 nursery.start_soon(_handle_signals, live, nursery)
                 nursery.start_soon(live.run_periodically)
+                if config.store_quota is not None and usage.total() > config.store_quota:
+                    nursery.start_soon(keeper.gc, None)  # the quota was lowered
                 if files:
                     nursery.start_soon(_first_database, live)
                 # returns on terminate() or when the mount goes away (fusermount3 -u)
                 await session.serve()
                 nursery.cancel_scope.cancel()
         finally:
+            usage.flush()  # last uses, so LRU order survives the restart
             if mounted:
                 sd_notify("STOPPING=1")
                 if start.device is not None:  # libfuse did not mount it: cannot unmount it
@@ -259,11 +269,14 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path, trus
             trust.close()
 
 
-def _answerer(live: LiveMount) -> control.Handler:
-    """What the control socket answers: the status, a package's state, a refresh."""
+def _answerer(live: LiveMount, keeper: StoreKeeper) -> control.Handler:
+    """What the control socket answers: the status, a package's state, a refresh, and the
+    store's commands (gc, fsck, preload's closure)."""
 
     async def answer(request: dict[str, Any]) -> dict[str, Any]:
         command = request.get("command")
+        if command in STORE_COMMANDS:
+            return await keeper.command(str(command), request)
         if command == "status":
             return await status.collect(live)
         if command == "package":

@@ -76,3 +76,10 @@ class Withdrawn(LazymountError):
 class UnsafePathError(StoreError):
     """A directory, or something in it, could be changed by a user other than its owner
     (or root): a store, its parents or its entries with the wrong owner, mode or a link."""
+
+
+class StoreFull(StoreError):
+    """The store has no room for a package: its file system is full, or the store quota
+    cannot hold it even after evicting every package that is not in use."""
+
+    errno = _errno.ENOSPC

@@ -8,9 +8,11 @@ worker threads under named limiters.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,8 @@ from lazymount.errors import (
 from lazymount.install import extract, relocate
 from lazymount.mirror.transport import Mirror
 from lazymount.store.content import Store
+from lazymount.store.quota import StoreUsage
+from lazymount.store.record import checked_tree, seal
 from lazymount.store.shared import HEARTBEAT, MAX_POLL, POLL, ClaimWatch, SharedStore
 from lazymount.system.redact import redact
 from lazymount.trust.policy import MirrorTrust
@@ -74,6 +78,7 @@ class Materializer:
         limits: extract.Limits | None = None,
         shared: SharedStore | None = None,
         nursery: trio.Nursery | None = None,
+        usage: StoreUsage | None = None,
     ):
         """``nursery``: where attempts and prefetches run, so that no caller's cancellation
         aborts them; without one, the first caller runs an attempt and nothing is
@@ -83,6 +88,11 @@ class Materializer:
         self.store = store
         self.shared = shared  # a store other nodes fill too: looked in first
         self.limits = limits or extract.Limits()
+        self.usage = usage or StoreUsage(store)  # the local store: sizes, last uses, quota
+        # set by the daemon when there is a quota: evicts what it must so that a new
+        # package of so many bytes fits, or raises StoreFull (key, bytes, label)
+        self.make_room: Callable[[str, int, str], Awaitable[None]] | None = None
+        self.evicting: dict[str, trio.Event] = {}  # hash -> set once its tree is gone
         self.sbang = f"{tree.root.rstrip('/')}/bin/sbang"
         self.states: dict[str, _State] = {}
         self.cpu = trio.CapacityLimiter(2)  # extraction + relocation threads at once
@@ -98,6 +108,35 @@ class Materializer:
         way finish with what they started with. The root and projection stay the same."""
         assert root_digest(tree) == self.root_digest
         self.tree, self.sources = tree, sources
+
+    def hash_of(self, key: str) -> str | None:
+        """The DAG hash of a store key of this mount (root and projection), else None."""
+        dag_hash, _, digest = key.partition(".")
+        return dag_hash if digest == self.root_digest else None
+
+    def materializing(self) -> set[str]:
+        """Store keys of the packages being materialized now."""
+        return {self.key(h) for h, state in self.states.items() if not state.done.is_set()}
+
+    async def evict(self, dag_hash: str) -> bool:
+        """Remove a ready package from the local store; it is ``absent`` again and a later
+        access materializes it anew. False (nothing done) while it is materializing. The
+        caller makes sure nothing uses it."""
+        state = self.states.get(dag_hash)
+        if state is not None and not state.done.is_set():
+            return False
+        key = self.key(dag_hash)
+        gone = self.evicting[dag_hash] = trio.Event()
+        self.states.pop(dag_hash, None)
+        self.usage.forget(key)
+        removed = False
+        try:
+            with trio.CancelScope(shield=True):
+                removed = await trio.to_thread.run_sync(self.store.remove, key)
+        finally:
+            del self.evicting[dag_hash]
+            gone.set()
+        return removed
 
     def ready_tree(self, dag_hash: str) -> Path | None:
         """The store tree if already materialized, without any waiting."""
@@ -130,6 +169,8 @@ class Materializer:
         Raises the LazymountError of the attempt (cached for RETRY_AFTER seconds).
         """
         while True:
+            while dag_hash in self.evicting:  # its old tree is being deleted: wait for that
+                await self.evicting[dag_hash].wait()
             state = self.states.get(dag_hash)
             if state is None or (state.error and
                                  time.monotonic() - state.failed_at > RETRY_AFTER):
@@ -151,7 +192,7 @@ class Materializer:
         label = self.tree.label(dag_hash)
         started = time.monotonic()
         try:
-            cached = await trio.to_thread.run_sync(self.published, self.key(dag_hash))
+            cached = await trio.to_thread.run_sync(self._checked, dag_hash, label)
             if cached is not None:
                 state.tree = cached
             elif self.shared is not None and self.shared.writable:
@@ -174,6 +215,29 @@ class Materializer:
             raise
         finally:
             state.done.set()
+
+    def _checked(self, dag_hash: str, label: str) -> Path | None:
+        """Worker thread: the published tree (shared store first), the first time it is
+        served after a start, if it still matches its record (one lstat per file). A
+        damaged one is not served; in the local store it is removed."""
+        key = self.key(dag_hash)
+        if self.shared is not None and self.shared.tree(key) is not None:
+            tree, reason = checked_tree(self.shared, key)
+            if tree is not None:
+                return tree
+            log.warning("%s: the shared store's copy does not match its record (%s); not "
+                        "using it", label, reason)
+        tree, reason = checked_tree(self.store, key)
+        if tree is not None:
+            if self.usage.size_of(key) is None:  # published by another daemon meanwhile
+                self.usage.found(key)
+            return tree
+        if reason:
+            log.warning("%s: the store's copy does not match its record (%s); removing it and "
+                        "materializing it again", label, reason)
+            self.usage.forget(key)
+            self.store.remove(key)
+        return None
 
     def _prefetch_deps(self, dag_hash: str) -> None:
         """Start the link/run dependencies that are in the cache, in the background."""
@@ -243,7 +307,8 @@ class Materializer:
                 layout = await discover(source.mirror)
                 entry = await layout.read_entry(source.mirror, record, source.trust, label)
                 self._check_signed_spec(entry, dag_hash, record, label)
-                return await self._install(source, dag_hash, entry.tarball, label, store)
+                return await self._install(source, dag_hash, entry.tarball, label, store,
+                                           entry.signed)
             except (MirrorError, IntegrityError) as exc:
                 last = exc  # fail over: another mirror may have an intact copy
                 if position + 1 < len(sources):
@@ -267,29 +332,43 @@ class Materializer:
                                  f"{root.get('version')}, not what the index says")
 
     async def _install(self, source: MirrorSource, dag_hash: str, tarball: BlobRecord,
-                       label: str, store: Store) -> Path:
-        """Download + extract (streamed), relocate, publish into ``store``."""
+                       label: str, store: Store, signed: str) -> Path:
+        """Download + extract (streamed), relocate, seal (the record), fit into the quota
+        (the local store only), publish into ``store``."""
         key = self.key(dag_hash)
         log.info("%s: fetching %s from %s", label, _size(tarball.length), source.mirror.url)
         staging = await trio.to_thread.run_sync(store.new_staging, key)
+        local = store is self.store
+        # with a quota, a package bigger than it can ever hold stops early
+        limits = dataclasses.replace(self.limits, room=self.usage.room(()) if local else None)
         try:
             async with self.cpu:
                 extracted = await stream_blob(
                     source.mirror, tarball, label,
                     lambda reader: extract.extract_tarball(
-                        reader, tarball.compression, staging, self.limits, label),
+                        reader, tarball.compression, staging, limits, label),
                     # a v2 tarball has no signed length: bound it like its expanded size
                     max_bytes=self.limits.max_bytes,
                 )
                 await trio.to_thread.run_sync(self._relocate, dag_hash, extracted, label)
+                origin = {"hash": dag_hash, "signed": signed, "tarball": tarball.checksum}
+                sealed = await trio.to_thread.run_sync(seal, extracted.root, origin)
+            # the entry: the tree, its record, the receipt and the directory itself
+            disk_bytes = sealed.disk_bytes + _blocks(len(sealed.data)) + 2 * 4096
+            if local and self.make_room is not None:
+                await self.make_room(key, disk_bytes, label)
             receipt = {"hash": dag_hash, "label": label, "mirror": redact(source.mirror.url),
                        "tarball": tarball.checksum, "root": self.tree.root,
-                       "prefix": self.tree.prefix_of(dag_hash)}
+                       "prefix": self.tree.prefix_of(dag_hash), "record": sealed.sha256,
+                       "disk_bytes": disk_bytes}
             published = await trio.to_thread.run_sync(
-                store.publish, staging, extracted.root, key, receipt)
+                store.publish, staging, extracted.root, key, receipt, sealed.data)
+            if local:
+                self.usage.published(key, disk_bytes, label)
             log.info("%s: %d files, %s unpacked", label, extracted.files, _size(extracted.bytes))
             return published
         except BaseException:
+            self.usage.release(key)
             with trio.CancelScope(shield=True):  # clean up even when cancelled
                 await trio.to_thread.run_sync(store.discard, staging)
             raise
@@ -310,6 +389,11 @@ class Materializer:
                 f"characters longer than the build root {old_root}; use a shorter mount path "
                 "or a cache built with padded_length"
             )
+
+
+def _blocks(length: int) -> int:
+    """Disk bytes of a file of ``length`` bytes, in 4 KiB blocks."""
+    return -(-length // 4096) * 4096
 
 
 def _size(length: int | None) -> str:

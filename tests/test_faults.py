@@ -226,7 +226,7 @@ def test_disk_full_during_extraction(small_tmpfs, mount_cache, tmp_path, signer)
         "share/victim/data.txt": "victim data\n", "share/victim/noise.bin": noise})
     cache.finish()
     mount = mount_cache([str(cache.root)], store=small_tmpfs)
-    assert touch(victim_prefix(mount, cache)) == errno.EIO
+    assert touch(victim_prefix(mount, cache)) == errno.ENOSPC
     lines = [line for line in log_lines(mount, cache.label) if "no space left" in line]
     assert len(lines) == 1, mount.log_text()
     assert_no_trace(small_tmpfs, cache.victim.dag_hash)  # the space is given back

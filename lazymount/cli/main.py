@@ -24,6 +24,7 @@ from typing import Any
 from lazymount import __version__, configfile
 from lazymount.buildcache.layout import DEFAULT_PROJECTION
 from lazymount.cli.servicecmds import run_refresh, run_status
+from lazymount.cli.storecmds import STORE_COMMANDS
 from lazymount.cli.subcommands import run_keys, run_spack_config
 from lazymount.config import MirrorConfig, MountConfig
 from lazymount.errors import LazymountError, UsageError
@@ -50,6 +51,9 @@ SUBCOMMANDS = {
     "spack-config": "print the upstreams.yaml that makes Spack use a mount",
     "status": "ask running mounts what they are doing (--json, --prometheus)",
     "refresh": "make a running mount check its mirrors' indexes now",
+    "preload": "materialize packages and their link/run dependencies ahead of a job",
+    "gc": "evict packages not in use from a mount's store",
+    "fsck": "re-hash the store's packages against their published records",
 }
 READY_TIMEOUT = 600.0  # seconds the command waits for a background mount to come up
 
@@ -74,6 +78,12 @@ subcommands:
                                 what running mounts are doing; a package's state and why
   lazymount refresh MOUNTPOINT  check the mirrors' indexes now (kill -HUP also reloads
                                 the configuration file)
+  lazymount preload MOUNTPOINT SPEC... | --from spack.lock
+                                materialize packages and their link/run closure now
+  lazymount gc MOUNTPOINT [--max-size SIZE]
+                                evict packages not in use from the store
+  lazymount fsck (MOUNTPOINT | --store DIR) [--repair]
+                                check every stored package against its record
 
 examples:
   lazymount keys install --trust https://cache.example.org/spack
@@ -208,6 +218,7 @@ def build_config(args: argparse.Namespace) -> MountConfig:
         limits=Limits(max_bytes=args.max_package_size or Limits.max_bytes,
                       max_members=args.max_package_files or Limits.max_members),
         bind_ready=values["bind_ready"],
+        store_quota=values["store_quota"],
         ca_certs=values["ca_certs"],
         config_file=config.path,
         host_target=values["host_target"],
@@ -433,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_status(argv[1:])
         if argv and argv[0] == "refresh":
             return run_refresh(argv[1:])
+        if argv and argv[0] in STORE_COMMANDS:
+            return STORE_COMMANDS[argv[0]](argv[1:])
         return run_mount(argv)
     except LazymountError as exc:
         print(f"lazymount: {redact(str(exc))}", file=sys.stderr)

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from lazymount.errors import FormatError, LazymountError, StoreError, UnsafeArchiveError
+from lazymount.errors import (
+    FormatError,
+    LazymountError,
+    StoreError,
+    StoreFull,
+    UnsafeArchiveError,
+)
 from lazymount.install.buildinfo import BUILDINFO, MAX_BUILDINFO_BYTES
 from lazymount.install.buildinfo import check_build_prefix as check_build_prefix  # re-exported
 from lazymount.install.buildinfo import parse_buildinfo as parse_buildinfo  # re-exported
@@ -173,6 +179,10 @@ class _Writer:
                 member.name,
                 f"would expand the package beyond {self.limits.max_bytes} bytes",
             )
+        if self.limits.room is not None and self.bytes + member.size > self.limits.room:
+            raise StoreFull(f"{self.what}: does not fit in the store quota: its files pass "
+                            f"the {self.limits.room} bytes the quota can hold beside the "
+                            "packages in use")
         try:
             fd = os.open(self._path(member.name), _OPEN_NEW, 0o600)
         except FileExistsError:
@@ -287,7 +297,8 @@ def _copy(src: Source, fd: int, size: int, truncated: str) -> None:
 
 def _store_error(exc: OSError, what: str, name: str) -> LazymountError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StoreError(f"{what}: no space left on the store while writing {show(name)}")
+        return StoreFull(f"{what}: no space left on the store's file system while writing "
+                         f"{show(name)}")
     if exc.errno == errno.ENAMETOOLONG:
         return unsafe(what, name, "makes a path too long for the store's file system")
     return StoreError(f"{what}: cannot write {show(name)} to the store ({exc.strerror})")

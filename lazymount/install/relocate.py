@@ -17,6 +17,7 @@ ever touched.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import posixpath
@@ -28,7 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from lazymount.errors import FormatError, MountPathTooLong, RelocationError, StoreError
+from lazymount.errors import (
+    FormatError,
+    MountPathTooLong,
+    RelocationError,
+    StoreError,
+    StoreFull,
+)
 from lazymount.install import elf
 from lazymount.install.prefixfiles import Prefix, patch, reader, rewrite
 from lazymount.install.sbang import (
@@ -120,6 +127,9 @@ def relocate_prefix(
                 setattr(report, name, len(done))
                 changed.update(dict.fromkeys(done))
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreFull(f"{what}: no space left on the store's file system while "
+                            "relocating") from None
         raise StoreError(f"{what}: cannot relocate {prefix_dir}: {exc}") from None
     report.changed = list(changed)
     return report

@@ -41,6 +41,7 @@ class Limits:
     max_bytes: int = 64 * 2**30  # total expanded bytes of regular files
     max_members: int = 2_000_000
     max_name_length: int = 4096
+    room: int | None = None  # bytes the store quota leaves for this package (None: no quota)
 
 
 class Source:

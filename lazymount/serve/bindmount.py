@@ -128,6 +128,18 @@ class PrefixBinder:
             self.pending.discard(relative)
         self.bound[relative] = tree
 
+    def unbind(self, relative: str, force: bool = False) -> bool:
+        """Remove the bind mount of ``relative`` (before its package is evicted); False if
+        the kernel refuses because something uses it, unless ``force`` (then it is
+        detached and goes once its last user leaves). Blocking."""
+        try:
+            libc.umount2(f"{self.root}/{relative}", libc.MNT_DETACH if force else 0)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: not mounted (any more)
+                return False
+        self.bound.pop(relative, None)
+        return True
+
 
 def _mark_ready(tree: str) -> None:
     """The status attribute a bound prefix shows (it is the store tree's own, then)."""

@@ -24,6 +24,7 @@ import logging
 import os
 import stat
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 TIMEOUT = 24 * 3600.0  # immutable content: the kernel may keep entries and attributes a day
 STATUS_XATTR = xattrs.STATUS.encode()
 PROJECTION_XATTR = xattrs.PROJECTION.encode()
+STORE_XATTR = xattrs.STORE.encode()
 TARGET_XATTR = xattrs.TARGET.encode()
 CHOICE_XATTR = xattrs.CHOICE.encode()
 
@@ -173,6 +175,10 @@ class InstallTreeFS(pyfuse3.Operations):
         self.next_handle = 1
         self.next_inode = pyfuse3.ROOT_INODE + 1
         self.uid, self.gid = os.getuid(), os.getgid()
+        # open files per store key: a package with one is never evicted
+        self.pkgs = f"{materializer.store.pkgs}/"
+        self.open_keys: Counter[str] = Counter()
+        self.handle_keys: dict[int, str] = {}
 
     def _index_files(self) -> None:
         self.file_dirs.clear()
@@ -349,12 +355,37 @@ class InstallTreeFS(pyfuse3.Operations):
                 if self.host is not None:
                     self.host.warn_foreign(node.dag_hash)
                 ready = await self.materializer.ensure(node.dag_hash)
+            self.materializer.usage.touch(self.materializer.key(node.dag_hash))
             if self.binder is not None:  # from now on the kernel serves it from the store
                 self.binder.request(node.relative, str(ready))
             return str(ready)
         if isinstance(node, RealNode):
             return node.path
         return None
+
+    def key_of(self, path: str) -> str | None:
+        """The store key of a path inside a package of the local store, else None."""
+        if not path.startswith(self.pkgs):
+            return None
+        return path[len(self.pkgs):].split("/", 1)[0]
+
+    def forget_package(self, dag_hash: str) -> None:
+        """A package left the store: make the kernel look its prefix up again (so the next
+        access materializes it) and drop what it cached of its files."""
+        relative = self.tree.prefixes.get(dag_hash)
+        if relative is None:
+            return
+        parent, _, name = relative.rpartition("/")
+        parent_ino = self.inodes.get(VirtualDir(parent))
+        if parent_ino is not None:
+            pyfuse3.invalidate_entry_async(parent_ino, os.fsencode(name), ignore_enoent=True)
+        below = f"{self.pkgs}{self.materializer.key(dag_hash)}/"
+        for ino, node in list(self.nodes.items()):
+            if isinstance(node, RealNode) and node.path.startswith(below):
+                try:
+                    pyfuse3.invalidate_inode(ino)
+                except OSError:
+                    pass  # the kernel never heard of it, or has forgotten it
 
     # ---- attributes -------------------------------------------------------------------
 
@@ -528,6 +559,11 @@ class InstallTreeFS(pyfuse3.Operations):
         if not isinstance(node, RealNode):
             raise pyfuse3.FUSEError(errno.EISDIR)
         fd = os.open(node.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        key = self.key_of(node.path)
+        if key is not None:
+            self.handle_keys[fd] = key
+            self.open_keys[key] += 1
+            self.materializer.usage.touch(key)
         # immutable content: the kernel may keep its pages across opens
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
 
@@ -541,6 +577,11 @@ class InstallTreeFS(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         if self.texts.pop(fh, None) is not None:
             return
+        key = self.handle_keys.pop(fh, None)
+        if key is not None:
+            self.open_keys[key] -= 1
+            if self.open_keys[key] <= 0:
+                del self.open_keys[key]
         try:
             os.close(fh)
         except OSError:
@@ -563,6 +604,8 @@ class InstallTreeFS(pyfuse3.Operations):
         node = self._node(inode)
         if name == PROJECTION_XATTR and inode == pyfuse3.ROOT_INODE:
             return self.tree.projection.encode()
+        if name == STORE_XATTR and inode == pyfuse3.ROOT_INODE:
+            return os.fsencode(self.materializer.store.root)
         if name == TARGET_XATTR and isinstance(node, PrefixDir) and self.host is not None:
             return self.host.target_status(node.dag_hash).encode()
         if name == CHOICE_XATTR and isinstance(node, HostDir) and self.host is not None:
@@ -579,7 +622,7 @@ class InstallTreeFS(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
         node = self._node(inode)
         if inode == pyfuse3.ROOT_INODE:
-            return [PROJECTION_XATTR]
+            return [PROJECTION_XATTR, STORE_XATTR]
         if isinstance(node, PrefixDir):
             return [STATUS_XATTR] + ([TARGET_XATTR] if self.host is not None else [])
         if isinstance(node, HostDir) and node.relative != HOST_DIR:

@@ -13,16 +13,11 @@ import os
 import time
 from typing import Any
 
-import trio
-
 from lazymount import __version__
 from lazymount.buildcache.formats import known_layout
 from lazymount.mirror.transport import Mirror
 from lazymount.serve.hostdir import render_status
 from lazymount.service.live import LiveMount
-from lazymount.store.content import Store
-
-STORE_SIZE_TTL = 60.0  # seconds a measured store size is reused: walking it is not free
 
 
 async def collect(live: LiveMount) -> dict[str, Any]:
@@ -47,7 +42,7 @@ async def collect(live: LiveMount) -> dict[str, Any]:
         "host": {"target": generation.host.host.name,
                  "given": live.config.host_target is not None,
                  "targets": live.config.targets, "view": live.config.host_view},
-        "store": await store_usage(live.store, live.materializer.root_digest),
+        "store": store_usage(live),
         "fetched_bytes": sum(m.health.fetched_bytes for m in _all_mirrors(live)),
         "proxies": proxy_health(generation.mirrors),
         "shared_store": _shared_store(live),
@@ -104,34 +99,13 @@ def packages(live: LiveMount) -> dict[str, Any]:
     return {"ready": ready, "materializing": materializing, "failed": failed}
 
 
-_sizes: dict[str, tuple[float, dict[str, Any]]] = {}
-
-
-async def store_usage(store: Store, root_digest: str) -> dict[str, Any]:
-    """The store's path, bytes on disk, quota and number of packages (all mounts sharing
-    it); measured in a worker thread, at most once a minute."""
-    key = str(store.root)
-    cached = _sizes.get(key)
-    if cached is None or time.monotonic() - cached[0] > STORE_SIZE_TTL:
-        measured = await trio.to_thread.run_sync(_measure, store)
-        cached = _sizes[key] = (time.monotonic(), measured)
-    return {"path": str(store.root), **cached[1], "quota_bytes": None}
-
-
-def _measure(store: Store) -> dict[str, Any]:
-    total, count = 0, 0
-    try:
-        entries = list(os.scandir(store.pkgs))
-    except OSError:
-        entries = []
-    count = sum(1 for entry in entries if entry.is_dir(follow_symlinks=False))
-    for directory, _, files in os.walk(store.root):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(directory, name)).st_blocks * 512
-            except OSError:
-                pass
-    return {"bytes": total, "packages": count}
+def store_usage(live: LiveMount) -> dict[str, Any]:
+    """The store's path, the bytes its packages take on disk (all mounts sharing it; kept
+    up to date as packages are published and evicted, so nothing is walked), the quota
+    and the number of packages."""
+    usage = live.materializer.usage
+    return {"path": str(live.store.root), "bytes": usage.total(), "quota_bytes": usage.quota,
+            "packages": len(usage.kept())}
 
 
 async def package_at(live: LiveMount, relative: str) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Layout under the store root::
 
     pkgs/<key>/tree/          a relocated prefix, ready to serve (never modified again)
-    pkgs/<key>/receipt.json   what was published, from which blobs, when
+    pkgs/<key>/receipt.json   what was published, from which blobs, when; its size on disk
+    pkgs/<key>/record.json    every path of the tree: mode, size, sha256, ctime, link target
     staging/<key>.<pid>.<random>/   work in progress; swept at start-up
     trash/gone.<pid>.<random>/      trees being deleted in the background
 
@@ -34,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lazymount.errors import StoreError, UnsafePathError
+from lazymount.errors import StoreError, StoreFull, UnsafePathError
 from lazymount.system import libc
 from lazymount.system.ownership import (
     check_entry,
@@ -47,6 +48,7 @@ from lazymount.system.ownership import (
 log = logging.getLogger(__name__)
 
 RECEIPT = "receipt.json"
+RECORD = "record.json"  # what the tree held when published: store/record.py
 TREE = "tree"
 PKGS, STAGING, TRASH = "pkgs", "staging", "trash"
 MAX_RECEIPT_BYTES = 1 << 20
@@ -272,11 +274,14 @@ class Store:
             raise StoreError(f"cannot create a staging directory: {exc.strerror}") from None
         return self.staging_dir / name
 
-    def publish(self, staging: Path, tree: Path, key: str, receipt: dict[str, Any]) -> Path:
-        """Make ``tree`` (inside ``staging``) the published tree of ``key``; returns its path.
+    def publish(self, staging: Path, tree: Path, key: str, receipt: dict[str, Any],
+                record: bytes = b"") -> Path:
+        """Make ``tree`` (inside ``staging``) the published tree of ``key``, with its
+        ``record`` (store/record.py; the receipt names its sha256); returns its path.
 
         If another process published the same key first, its tree wins and ours is dropped.
-        Raises StoreError when the disk fails (the staging dir is then discarded).
+        Raises StoreError (StoreFull for a full disk) when the disk fails (the staging dir
+        is then discarded).
         """
         self._inside(staging, self.staging_dir)
         try:
@@ -285,8 +290,10 @@ class Store:
                 if tree != staging / TREE:
                     os.rename(os.path.relpath(tree, staging), TREE, src_dir_fd=work_fd,
                               dst_dir_fd=work_fd)
+                if record:
+                    self._write_new(work_fd, RECORD, record)
                 receipt = dict(receipt, published=time.time())
-                self._write_new(work_fd, RECEIPT, json.dumps(receipt, indent=1) + "\n")
+                self._write_new(work_fd, RECEIPT, (json.dumps(receipt, indent=1) + "\n").encode())
                 _syncfs(work_fd)
             finally:
                 os.close(work_fd)
@@ -296,16 +303,19 @@ class Store:
                 self.discard(staging)
                 return self.pkgs / key / TREE
             self.discard(staging)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull(f"no space left on the store's file system to publish {key}"
+                                ) from None
             raise StoreError(f"cannot publish {key} in the store: {exc.strerror}") from None
         self._checked.add(key)  # made by us just now
         return self.pkgs / key / TREE
 
     @staticmethod
-    def _write_new(dir_fd: int, name: str, text: str) -> None:
+    def _write_new(dir_fd: int, name: str, data: bytes) -> None:
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o644, dir_fd=dir_fd)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
 
     def _rename_into_place(self, name: str, key: str) -> None:
         """Rename ``staging/<name>`` to ``pkgs/<key>``; a damaged entry in the way (no valid
@@ -322,6 +332,31 @@ class Store:
     def _inside(self, path: Path, directory: Path) -> None:
         if path.parent != directory:
             raise StoreError(f"{path} is not an entry of {directory}")
+
+    def keys(self) -> list[str]:
+        """The names of the published entries (``pkgs/<key>``), checked or not."""
+        try:
+            return sorted(os.listdir(self.pkgs_fd))
+        except OSError:
+            return []
+
+    def remove(self, key: str) -> bool:
+        """Take ``pkgs/<key>`` away at once (one rename, never following a link) and delete
+        it before returning, so its space is free then (eviction, repair). False if it was
+        not there. Blocking."""
+        gone = f"gone.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            os.mkdir(gone, 0o700, dir_fd=self.trash_fd)
+        except OSError as exc:
+            raise StoreError(f"cannot remove {key} from the store: {exc.strerror}") from None
+        try:
+            os.rename(key, f"{gone}/x", src_dir_fd=self.pkgs_fd, dst_dir_fd=self.trash_fd)
+        except FileNotFoundError:
+            return False
+        finally:
+            remove_entry(gone, self.trash_fd)
+        self._checked.discard(key)
+        return True
 
     def discard(self, path: Path) -> None:
         """Remove a staging directory or published package off the caller's hot path."""
