@@ -53,9 +53,11 @@ def _mapped(pid: str) -> Iterable[str]:
 
 
 def paths_in_use(roots: Iterable[str]) -> set[str]:
-    """Every path at or below one of ``roots`` that some process holds. Blocking: reads
-    every process's entries (a few ms per hundred processes)."""
-    wanted = tuple(os.path.realpath(r).rstrip("/") or "/" for r in roots)
+    """Every path at or below one of ``roots`` (absolute, without links: they are compared
+    as the kernel spells paths, and never resolved, so a FUSE daemon may ask about its own
+    mount) that some process holds. Blocking: reads every process's entries (a few ms per
+    hundred processes)."""
+    wanted = tuple(r.rstrip("/") or "/" for r in roots)
     found: set[str] = set()
     for pid in os.listdir(PROC):
         if not pid.isdigit():
