@@ -144,14 +144,20 @@ class ModuleTree:
         return self
 
     def _add_dir(self, relative: str) -> None:
-        parts = relative.split("/")
-        for depth, name in enumerate(parts):
-            self.dirs.setdefault("/".join(parts[:depth]), set()).add(name)
+        """Enter ``relative`` in its directory, and that directory in its own, up to the
+        mount root (stopping at the first one already known)."""
+        while relative:
+            parent, _, name = relative.rpartition("/")
+            known = parent in self.dirs
+            self.dirs.setdefault(parent, set()).add(name)
+            if known:
+                return
+            relative = parent
 
     def _place(self, kind: str, record: SpecRecord) -> None:
         names = _names(kind, record, self.tree)
         if names is None:
-            log.warning("%s: no %s module: its name, version or architecture is empty",
+            log.warning("%s: no %s module: its architecture is incomplete",
                         self.tree.label(record.dag_hash), kind)
             return
         folder, use_name, extension = names
@@ -226,25 +232,30 @@ class ModuleTree:
 def _names(kind: str, record: SpecRecord, tree: InstallTree) -> tuple[str, str, str] | None:
     """(architecture folder, use name, file extension) of a record's module, as Spack's
     TclFileLayout / LmodFileLayout make them (every part a polite file name, so it is safe
-    in Tcl and Lua too); None if a part is empty."""
+    in Tcl and Lua too); None if the architecture is incomplete. The index refuses empty
+    names and versions, and ``.`` or ``..``."""
     arch = record.place.get("arch") or {}
-    platform, os_name = str(arch.get("platform", "")), str(arch.get("platform_os", ""))
-    target = str(arch.get("target", ""))
+    folder = _folder(kind, str(arch.get("platform", "")), str(arch.get("platform_os", "")),
+                     str(arch.get("target", "")))
+    if folder is None:
+        return None
     name, version = polite_filename(record.name), polite_filename(record.version)
     short = record.dag_hash[:HASH_LENGTH]
     if kind == TCL:
         compiler, compiler_version = _compiler(record, tree)
-        folder = f"{platform}-{os_name}-{target}"
-        use_name = f"{name}/{version}-{compiler}-{compiler_version}-{short}"
-        extension = ""
-    else:
-        folder = f"{platform}-{os_name}-{target_family(target)}/{CORE}"
-        use_name = f"{name}/{version}-{short}"
-        extension = ".lua"
-    if any(polite_filename(part) != part or part in ("", ".", "..")
-           for part in (*folder.split("/"), *use_name.split("/"))):
+        return folder, f"{name}/{version}-{compiler}-{compiler_version}-{short}", ""
+    return folder, f"{name}/{version}-{short}", ".lua"
+
+
+@functools.lru_cache(maxsize=256)
+def _folder(kind: str, platform: str, os_name: str, target: str) -> str | None:
+    """The architecture folder of a module root: ``platform-os-target`` (Tcl), or
+    ``platform-os-family/Core`` (Lmod); None if a part is missing."""
+    if not (platform and os_name and target):
         return None
-    return folder, use_name, extension
+    if kind == TCL:
+        return polite_filename(f"{platform}-{os_name}-{target}")
+    return f"{polite_filename(f'{platform}-{os_name}-{target_family(target)}')}/{CORE}"
 
 
 def _compiler(record: SpecRecord, tree: InstallTree) -> tuple[str, str]:
