@@ -105,9 +105,12 @@ class Materializer:
     def swap(self, tree: InstallTree, sources: list[MirrorSource]) -> None:
         """Work from a refreshed index (and its mirrors and trust) from now on. Synchronous,
         so no attempt sees a tree of one index with the mirrors of another; attempts under
-        way finish with what they started with. The root and projection stay the same."""
+        way finish with what they started with; failed packages are tried again on their
+        next access. The root and projection stay the same."""
         assert root_digest(tree) == self.root_digest
         self.tree, self.sources = tree, sources
+        # what failed may work now (another index, mirror or key): the next access tries
+        self.states = {h: state for h, state in self.states.items() if state.error is None}
 
     def hash_of(self, key: str) -> str | None:
         """The DAG hash of a store key of this mount (root and projection), else None."""

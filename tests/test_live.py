@@ -97,9 +97,11 @@ def daemon(tmp_path: Path) -> Iterator[functools.partial[Daemon]]:
     def start(mirrors: list[str], env: dict[str, str] | None = None, **keys: object) -> Daemon:
         root = short_dir()
         store = tmp_path / "store"
+        settings: dict[str, object] = {
+            "trust_keys": [str(FIXTURE_KEY)], "store": str(store),
+            "keyring": str(tmp_path / "no-keys"), "timeout": "5s"}
         config = write_config(tmp_path / f"config-{len(started)}.toml", root, mirrors=mirrors,
-                              trust_keys=[str(FIXTURE_KEY)], store=str(store),
-                              keyring=str(tmp_path / "no-keys"), timeout="5s", **keys)
+                              **{**settings, **keys})
         log = tmp_path / f"daemon-{len(started)}.log"
         with open(log, "ab") as handle:
             process = subprocess.Popen(
@@ -259,6 +261,22 @@ def test_sighup_applies_a_new_refresh_interval(http_server, daemon, tmp_path):
     served_cache(cache, {"lmgreet", "lmhello"})  # only the periodic check can see this now
     wait_for(lambda: mount.listing() == [LMGREET, LMHELLO], "the new interval is used")
     assert "refresh (periodic check)" in mount.log_text()
+
+
+def test_sighup_reads_the_keyring_again(http_server, daemon, tmp_path):
+    keyring = tmp_path / "keyring"
+    keyring.mkdir(mode=0o700)
+    shutil.copy(FIXTURE_KEY.parent / "other.pub.asc", keyring)  # not the cache's signer
+    mount = daemon([http_server(FIXTURE_CACHE).url], trust_keys=[], keyring=str(keyring),
+                   index_refresh="off")
+    prefix = mount.root / "linux-x86_64" / LMHELLO
+    with pytest.raises(PermissionError):  # EACCES: signed by a key the keyring lacks
+        os.listdir(prefix)
+    added = mount.lazymount("keys", "add", str(FIXTURE_KEY), f"--keyring={keyring}")
+    assert added.returncode == 0, added.stderr
+    mount.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: os.path.exists(prefix / "bin" / "hello"), "the new key is trusted")
+    assert "Hello from lmgreet" in run(prefix / "bin" / "hello").stdout
 
 
 def test_sighup_with_a_broken_config_keeps_serving(http_server, daemon, tmp_path):

@@ -177,19 +177,29 @@ class LiveMount:
             [m.url for m in config.mirrors] != [m.url for m in old.config.mirrors]
             or (config.timeouts, config.ca_certs, config.proxies)
             != (old.config.timeouts, old.config.ca_certs, old.config.proxies))
-        keys_changed = (
+        # a reload reads the keys again: the keyring may have changed under the same name
+        keys_changed = reload or (
             (config.trust_keys, config.keyring) != (old.config.trust_keys, old.config.keyring)
             or [m.require_signature for m in config.mirrors]
             != [m.require_signature for m in old.config.mirrors])
-        if not mirrors_changed and not keys_changed and await self._indexes_unchanged():
-            self.current = Generation(config, old.mirrors, old.trust, old.tree, old.shown,
-                                      old.host, old.modules)
-            self.refreshed, self.refresh_error = time.time(), None
-            log.debug("refresh (%s): the index is unchanged", why)
-            return {"changed": False, "packages": len(old.tree.prefixes)}
-        mirrors = open_mirrors(config) if mirrors_changed else old.mirrors
         trust = (await trio.to_thread.run_sync(load_trust, config) if keys_changed
                  else old.trust)
+        try:
+            if not mirrors_changed and await self._indexes_unchanged():
+                self.current = Generation(config, old.mirrors, trust, old.tree, old.shown,
+                                          old.host, old.modules)
+                if trust is not old.trust:  # same tree, new keys
+                    self.materializer.swap(old.tree, self.current.sources)
+                    self.retired.append(Generation(old.config, [], old.trust, old.tree,
+                                                   old.shown, old.host, old.modules))
+                self.refreshed, self.refresh_error = time.time(), None
+                log.debug("refresh (%s): the index is unchanged", why)
+                return {"changed": False, "packages": len(old.tree.prefixes)}
+        except BaseException:
+            if trust is not old.trust:
+                trust.close()
+            raise
+        mirrors = open_mirrors(config) if mirrors_changed else old.mirrors
         try:
             new = await load_generation(config, self.root, self.catalogs, mirrors, trust)
         except BaseException:
