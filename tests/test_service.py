@@ -120,6 +120,9 @@ def test_kill_9_then_the_same_command_brings_the_mount_back(http_server, tmp_pat
                 break
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        status = subprocess.run(lazymount_command("status", str(root)), capture_output=True,
+                                text=True, timeout=60)
+        assert status.returncode == 2 and "is gone; mount it again" in status.stderr
         # what a crash can leave in the store: an unfinished package of a dead process
         leftover = store / "staging" / "x.4194305.unfinished"
         leftover.mkdir()
