@@ -42,6 +42,14 @@ if [ ! -x "/$lmod_exec" ] && [ ! -x ".venv/lmod/$lmod_exec" ]; then
     dpkg-deb --fsys-tarfile "$download"/lmod_*.deb | tar -x -C .venv/lmod ./usr
     rm -rf "$download"
 fi
+# the daemon's system user (it owns the store of the systemd unit, which runs --user lazymount)
+# and a second, ordinary account that the security tests attack from
+if ! id lazymount >/dev/null 2>&1; then
+    useradd --system --user-group --no-create-home --shell /usr/sbin/nologin lazymount
+fi
+if ! id lazymount-test >/dev/null 2>&1; then
+    useradd --user-group --no-create-home --shell /usr/sbin/nologin lazymount-test
+fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
 echo "setup: done ($(.venv/bin/lazymount --version))"
