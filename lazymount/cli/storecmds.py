@@ -283,7 +283,7 @@ def _fsck_directory(directory: Path, repair: bool) -> int:
         tree, reason = record.checked_tree(store, key, content=True)
         if tree is None and not reason:
             reason = "no valid receipt"
-        removed = bool(reason) and repair and store.remove(key)
+        removed = bool(reason) and repair and store.remove(key, wait=True)
         _report({"label": label, "damaged": reason, "removed": removed}, damaged)
     return _summary(damaged, repair)
 

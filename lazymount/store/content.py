@@ -340,10 +340,10 @@ class Store:
         except OSError:
             return []
 
-    def remove(self, key: str) -> bool:
-        """Take ``pkgs/<key>`` away at once (one rename, never following a link) and delete
-        it before returning, so its space is free then (eviction, repair). False if it was
-        not there. Blocking."""
+    def remove(self, key: str, wait: bool = False) -> bool:
+        """Take ``pkgs/<key>`` away at once (one rename into the trash, never following a
+        link); its files are deleted in a background thread (``wait``: before returning).
+        False if it was not there. Blocking."""
         gone = f"gone.{os.getpid()}.{secrets.token_hex(4)}"
         try:
             os.mkdir(gone, 0o700, dir_fd=self.trash_fd)
@@ -352,10 +352,14 @@ class Store:
         try:
             os.rename(key, f"{gone}/x", src_dir_fd=self.pkgs_fd, dst_dir_fd=self.trash_fd)
         except FileNotFoundError:
+            os.rmdir(gone, dir_fd=self.trash_fd)
             return False
         finally:
+            self._checked.discard(key)
+        if wait:
             remove_entry(gone, self.trash_fd)
-        self._checked.discard(key)
+        else:
+            threading.Thread(target=remove_entry, args=(gone, self.trash_fd), daemon=True).start()
         return True
 
     def discard(self, path: Path) -> None:
