@@ -29,7 +29,7 @@ from lazymount.catalog.installtree import InstallTree
 from lazymount.catalog.loader import load_catalog
 from lazymount.catalog.stored import CatalogStore
 from lazymount.config import MountConfig
-from lazymount.errors import LazymountError
+from lazymount.errors import LazymountError, UsageError
 from lazymount.materialize import Materializer, MirrorSource
 from lazymount.mirror.jitter import refresh_delays
 from lazymount.mirror.proxies import ProxyChain
@@ -47,9 +47,14 @@ DATABASE_FILES = [f"{DB_DIR}/{name}" for name in (INDEX, VERIFIER)]
 
 
 def load_trust(config: MountConfig) -> Trust:
-    """The keys ``config`` trusts (keyring and key files). Raises UsageError."""
-    return Trust.load(config.keyring, config.trust_keys,
-                      any(m.require_signature for m in config.mirrors))
+    """The keys ``config`` trusts (keyring and key files). Raises UsageError, also when
+    they cannot be read (a daemon running as ``--user`` may not reach root's files)."""
+    try:
+        return Trust.load(config.keyring, config.trust_keys,
+                          any(m.require_signature for m in config.mirrors))
+    except OSError as exc:
+        raise UsageError(f"cannot read the trusted keys: {exc.strerror}: "
+                         f"{exc.filename}") from None
 
 
 @dataclass
@@ -159,6 +164,10 @@ class LiveMount:
                 log.error("refresh (%s) failed, still serving the index of %s: %s", why,
                           _when(self.refreshed), exc)
                 return {"changed": False, "error": str(exc)}
+            except Exception as exc:  # a bug must not take the mount down: log it, go on
+                log.exception("refresh (%s): unexpected error", why)
+                self.refresh_error = f"internal error: {exc}"
+                return {"changed": False, "error": self.refresh_error}
             finally:
                 if self.config.index_refresh != interval:  # a reload changed it
                     self._reschedule.set()
@@ -177,13 +186,18 @@ class LiveMount:
             [m.url for m in config.mirrors] != [m.url for m in old.config.mirrors]
             or (config.timeouts, config.ca_certs, config.proxies)
             != (old.config.timeouts, old.config.ca_certs, old.config.proxies))
-        # a reload reads the keys again: the keyring may have changed under the same name
-        keys_changed = reload or (
+        keys_changed = (
             (config.trust_keys, config.keyring) != (old.config.trust_keys, old.config.keyring)
             or [m.require_signature for m in config.mirrors]
             != [m.require_signature for m in old.config.mirrors])
-        trust = (await trio.to_thread.run_sync(load_trust, config) if keys_changed
-                 else old.trust)
+        trust = old.trust
+        if keys_changed:
+            trust = await trio.to_thread.run_sync(load_trust, config)
+        elif reload:  # the keyring may have changed under the same name: read it again
+            try:
+                trust = await trio.to_thread.run_sync(load_trust, config)
+            except LazymountError as exc:
+                log.warning("reload: %s; keeping the keys read before", exc)
         try:
             if not mirrors_changed and await self._indexes_unchanged():
                 self.current = Generation(config, old.mirrors, trust, old.tree, old.shown,
