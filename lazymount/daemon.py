@@ -225,8 +225,7 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path, trus
                     # the kernel clamps read-ahead when it hears our INIT answer: raise it after
                     after_init=lambda: nursery.start_soon(_raise_readahead, root, start))
                 keeper = StoreKeeper(root, operations, binder)
-                if config.store_quota is not None:
-                    materializer.make_room = keeper.make_room
+                materializer.make_room = keeper.make_room  # a reload may set a quota
                 live = LiveMount(generation, root, store, catalogs, materializer,
                                  reload_config)
                 live.operations, live.database = operations, database if files else None

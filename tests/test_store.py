@@ -145,6 +145,9 @@ def test_quota_evicts_least_recently_used_never_an_open_package(stack, mount_cac
     kept = store_keys(mount)
     assert kept == {stack.packages[n].dag_hash for n in ("liba1", "appb", "libb1", "libb2")}
     assert disk_usage(mount.store / "pkgs") <= 4608 * 1024
+    shown = json.loads(lazymount("status", str(mount.root), "--json").stdout)["store"]
+    assert shown["quota_bytes"] == 4608 * 1024 and shown["packages"] == 4
+    assert disk_usage(mount.store / "pkgs") - 8192 <= shown["bytes"] <= 4608 * 1024
     evictions = [line for line in mount.log_text().splitlines() if "evicted" in line]
     assert len(evictions) == 2 and stack.label("liba2") in evictions[0], mount.log_text()
     # an evicted package comes back on access, with the right bytes

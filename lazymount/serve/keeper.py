@@ -76,7 +76,9 @@ class StoreKeeper:
 
     async def make_room(self, key: str, need: int, label: str) -> None:
         """Called before ``key`` is published: evict what the quota needs, or raise
-        StoreFull (nothing evicted then)."""
+        StoreFull (nothing evicted then). Without a quota: nothing to do."""
+        if self.usage.quota is None:
+            return
         async with self.lock:
             busy = await self.in_use()
             busy.discard(key)

@@ -182,6 +182,9 @@ class LiveMount:
                     log.warning("reload: %s changed; it takes effect when the mount is "
                                 "mounted again", name)
                     config = _keep(config, name, getattr(old.config, name))
+            if config.store_quota != self.materializer.usage.quota:
+                log.info("reload: the store quota is now %s", config.store_quota or "none")
+                self.materializer.usage.quota = config.store_quota  # checked at the next fit
         mirrors_changed = (
             [m.url for m in config.mirrors] != [m.url for m in old.config.mirrors]
             or (config.timeouts, config.ca_certs, config.proxies)

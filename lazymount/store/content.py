@@ -290,6 +290,11 @@ class Store:
                 if tree != staging / TREE:
                     os.rename(os.path.relpath(tree, staging), TREE, src_dir_fd=work_fd,
                               dst_dir_fd=work_fd)
+                    # what extraction left around the prefix: empty folders of its old path,
+                    # which would sit in the store (and count against its quota) for nothing
+                    for name in os.listdir(work_fd):
+                        if name != TREE:
+                            remove_entry(name, work_fd)
                 if record:
                     self._write_new(work_fd, RECORD, record)
                 receipt = dict(receipt, published=time.time())
