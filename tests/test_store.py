@@ -25,6 +25,8 @@ import pytest
 from conftest import lazymount_command
 from spackcache import CacheWriter, Package, Signer
 
+from lazymount.system.mountinfo import mounts_below
+
 ARCH = "linux-x86_64"
 MIB = 1 << 20
 QUOTA = "4608K"  # 4.5 MiB: one closure fits, two do not
@@ -220,6 +222,29 @@ def test_gc_max_size_zero_empties_what_is_not_in_use(stack, mount_cache):
     # what was evicted materializes again on access
     assert (prefix(mount, stack, "appa") / "bin" / "appa").read_text() == "#!/bin/sh\necho appa\n"
     use(mount, stack, "liba1")
+
+
+def test_gc_unbinds_bind_ready_packages_unless_in_use(stack, mount_cache):
+    mount = mount_cache([str(stack.root)], extra=("--bind-ready",))
+    for name in ("liba1", "liba2", "appa"):
+        use(mount, stack, name)
+    deadline = time.monotonic() + WAIT
+    while len(mounts_below(str(mount.root))) < 3:
+        assert time.monotonic() < deadline, mounts_below(str(mount.root))
+        time.sleep(0.05)
+    work = prefix(mount, stack, "liba2") / "share"  # now on the bind mount, not FUSE
+    keeper = subprocess.Popen(["sleep", "600"], cwd=work)
+    try:
+        result = lazymount("gc", str(mount.root), "--max-size", "0")
+        assert result.returncode == 0, result.stderr
+        assert mounts_below(str(mount.root)) == [str(prefix(mount, stack, "liba2"))]
+        assert store_keys(mount) == {stack.packages["liba2"].dag_hash}
+    finally:
+        keeper.kill()
+        keeper.wait()
+    assert status(mount, stack, "appa") == "absent"
+    use(mount, stack, "appa")  # materialized (and bound) again
+    assert status(mount, stack, "appa") == "ready"
 
 
 def test_gc_without_a_quota_needs_a_size(stack, mount_cache):
