@@ -228,16 +228,15 @@ class Materializer:
             tree, reason = checked_tree(self.shared, key)
             if tree is not None:
                 return tree
-            log.warning("%s: the shared store's copy does not match its record (%s); not "
-                        "using it", label, reason)
+            log.warning("%s: not served from the shared store (%s)", label, reason)
         tree, reason = checked_tree(self.store, key)
         if tree is not None:
             if self.usage.size_of(key) is None:  # published by another daemon meanwhile
                 self.usage.found(key)
             return tree
         if reason:
-            log.warning("%s: the store's copy does not match its record (%s); removing it and "
-                        "materializing it again", label, reason)
+            log.warning("%s: not served from the store (%s): removed; it is materialized "
+                        "again", label, reason)
             self.usage.forget(key)
             self.store.remove(key)
         return None

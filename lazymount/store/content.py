@@ -232,6 +232,11 @@ class Store:
             self._checked.add(key)
         return path
 
+    def walked(self, key: str) -> None:
+        """``key``'s tree was walked with its owners checked (store/record.py's check does
+        both in one walk): ``tree`` need not walk it again in this process."""
+        self._checked.add(key)
+
     def _tree_problem(self, key: str) -> str | None:
         """Why the published tree of ``key`` must not be served, or None. Walks it through
         directory fds, never following a link."""

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lazymount.store.content import RECORD, TREE, Store
+from lazymount.system.ownership import describe, unsafe_reason
 
 VERSION = 1
 MAX_RECORD_BYTES = 256 << 20  # 2 million entries of ~120 bytes
@@ -204,9 +205,11 @@ def parse(data: bytes) -> Record:
         raise RecordError("the record is malformed") from None
 
 
-def check(tree: Path, record: Record, content: bool, limit: int = 20) -> list[Difference]:
+def check(tree: Path, record: Record, content: bool, limit: int = 20,
+          owner: int | None = None) -> list[Difference]:
     """How ``tree`` differs from ``record`` (at most ``limit`` differences; empty if it
-    matches). ``content``: re-hash every file too. Blocking."""
+    matches). ``content``: re-hash every file too. ``owner``: also refuse, in the same walk,
+    an entry that a user other than root and ``owner`` could change. Blocking."""
     found: list[Difference] = []
     seen: set[str] = set()
     try:
@@ -215,11 +218,16 @@ def check(tree: Path, record: Record, content: bool, limit: int = 20) -> list[Di
         return [Difference("", "missing tree")]
     if not stat.S_ISDIR(root.st_mode) or stat.S_IMODE(root.st_mode) != record.root_mode:
         found.append(Difference(".", "mode"))
+    elif owner is not None and (unsafe := unsafe_reason(root, owner)) is not None:
+        found.append(Difference(".", describe(".", root) + "; " + unsafe))
     try:
         for path, name, dir_fd, st in _walk(tree):
             seen.add(path)
             expected = record.entries.get(path)
-            if expected is None:
+            unsafe = unsafe_reason(st, owner) if owner is not None else None
+            if unsafe is not None:
+                found.append(Difference(path, f"{describe(path, st)}; {unsafe}"))
+            elif expected is None:
                 found.append(Difference(path, "added"))
             else:
                 what = _compare(expected, name, dir_fd, st, content)
@@ -259,7 +267,7 @@ def _compare(expected: Entry, name: str, dir_fd: int, st: os.stat_result,
     return ""
 
 
-def describe(differences: list[Difference], shown: int = 3) -> str:
+def summary(differences: list[Difference], shown: int = 3) -> str:
     """``bin/hello: content, lib/x.so: missing and 4 more``."""
     text = ", ".join(str(d) for d in differences[:shown])
     if len(differences) > shown:
@@ -274,14 +282,20 @@ def checked_tree(store: Store, key: str, content: bool = False) -> tuple[Path | 
     receipt = store.receipt(key)
     if receipt is None:
         return None, ""
-    if store.tree(key) is None:  # owners and modes: the store's own walk, once a process
-        return None, "files another user could change (see the log)"
+    try:
+        entry = os.stat(key, dir_fd=store.pkgs_fd, follow_symlinks=False)
+    except OSError as exc:
+        return None, f"pkgs/{key}: {exc.strerror}"
+    if not stat.S_ISDIR(entry.st_mode) or unsafe_reason(entry, store.owner) is not None:
+        return None, describe(f"pkgs/{key}", entry)
     tree = store.pkgs / key / TREE
     try:
         record = load(store.pkgs / key / RECORD, receipt.get("record"))
     except RecordError as exc:
         return None, str(exc)
-    differences = check(tree, record, content)
+    # one walk for the record and for the owners and modes the store requires
+    differences = check(tree, record, content, owner=store.owner)
     if differences:
-        return None, describe(differences)
+        return None, summary(differences)
+    store.walked(key)
     return tree, ""
