@@ -120,6 +120,7 @@ class HostText:
 
 
 Node = VirtualDir | PrefixDir | RealNode | HostDir | HostLink | ModuleText | HostText
+Listing = list[tuple[bytes, int]]  # a directory's entries: name and inode
 VIRTUAL_FH = 1 << 40  # file handles of ModuleText opens start here (others are store fds)
 
 
@@ -171,7 +172,12 @@ class InstallTreeFS(pyfuse3.Operations):
         self.mounted_at = time.time_ns()
         self.nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: VirtualDir("")}
         self.inodes: dict[Node, int] = {VirtualDir(""): pyfuse3.ROOT_INODE}
-        self.listings: dict[int, list[tuple[bytes, Node]]] = {}
+        self.listings: dict[int, Listing] = {}  # open directory handles
+        # what a store tree holds never changes: each real node is stat'ed and each real
+        # directory listed once (the Spack database files, rewritten by a refresh, are
+        # forgotten by ``invalidate_files``)
+        self.real_attrs: dict[int, pyfuse3.EntryAttributes] = {}
+        self.real_listings: dict[int, Listing] = {}
         self.next_handle = 1
         self.next_inode = pyfuse3.ROOT_INODE + 1
         self.uid, self.gid = os.getuid(), os.getgid()
@@ -246,6 +252,7 @@ class InstallTreeFS(pyfuse3.Operations):
         for name in names:
             ino = self.inodes.get(RealNode(self.files[name])) if name in self.files else None
             if ino is not None:
+                self.real_attrs.pop(ino, None)
                 try:
                     pyfuse3.invalidate_inode(ino)
                 except OSError as exc:
@@ -400,6 +407,12 @@ class InstallTreeFS(pyfuse3.Operations):
         return attr
 
     def _real_attr(self, ino: int, path: str) -> pyfuse3.EntryAttributes:
+        attr = self.real_attrs.get(ino)
+        if attr is None:
+            attr = self.real_attrs[ino] = self._stat_attr(ino, path)
+        return attr
+
+    def _stat_attr(self, ino: int, path: str) -> pyfuse3.EntryAttributes:
         st = os.lstat(path)
         attr = self._timeouts(pyfuse3.EntryAttributes())
         attr.st_ino = ino
@@ -509,30 +522,39 @@ class InstallTreeFS(pyfuse3.Operations):
             await self._modules_below(node.relative)
             for name in self._children(node):
                 await self._written(self._child(node, name))
-            entries = [(os.fsencode(n), self._child(node, n)) for n in self._children(node)]
-            listing = [(n, c) for n, c in entries if c is not None]
+            entries = [(n, self._child(node, n)) for n in self._children(node)]
+            listing = [(os.fsencode(n), self._inode(c)) for n, c in entries if c is not None]
         elif isinstance(node, HostDir):
             children = await self._host_children(node)
-            listing = [(os.fsencode(n), children[n]) for n in sorted(children)]
+            listing = [(os.fsencode(n), self._inode(children[n])) for n in sorted(children)]
         elif isinstance(node, HostLink | ModuleText | HostText):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         else:
             directory = await self._real_dir(node, ctx)
             assert directory is not None
-            names = sorted(os.listdir(directory))
-            listing = [(os.fsencode(n), RealNode(os.path.join(directory, n))) for n in names]
+            listing = self._real_listing(inode, directory)
         handle = self.next_handle
         self.next_handle += 1
         self.listings[handle] = listing
         return handle
 
+    def _real_listing(self, inode: int, directory: str) -> Listing:
+        """The entries of a store directory, listed once."""
+        listing = self.real_listings.get(inode)
+        if listing is None:
+            listing = [(os.fsencode(name), self._inode(RealNode(os.path.join(directory, name))))
+                       for name in sorted(os.listdir(directory))]
+            self.real_listings[inode] = listing
+        return listing
+
     @errors_to_errno
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         listing = self.listings.get(fh, [])
+        reply, real_attrs, nodes = pyfuse3.readdir_reply, self.real_attrs, self.nodes
         for index in range(start_id, len(listing)):
-            name, child = listing[index]
-            ino = self._inode(child)
-            if not pyfuse3.readdir_reply(token, name, self._attr(ino, child), index + 1):
+            name, ino = listing[index]
+            attr = real_attrs.get(ino) or self._attr(ino, nodes[ino])
+            if not reply(token, name, attr, index + 1):
                 return
 
     async def releasedir(self, fh: int) -> None:
