@@ -35,6 +35,7 @@ from lazymount.mirror.credentials import Credentials
 from lazymount.mirror.ociref import is_oci_url, parse_oci_url
 from lazymount.mirror.proxies import parse_proxy_list
 from lazymount.system.files import FileTooLarge, read_bounded
+from lazymount.system.places import default_dir
 
 DEFAULTS_TABLE = "defaults"
 MOUNTS_TABLE = "mounts"
@@ -45,16 +46,9 @@ class ConfigError(UsageError):
     """The configuration file cannot be used; the message names file, table and key."""
 
 
-# root's defaults stay in force in a daemon that switched to another user (--user)
-STARTED_AS_ROOT = os.geteuid() == 0
-
-
 def default_config_file() -> Path:
     """/etc/lazymount/config.toml for root, the XDG config directory otherwise."""
-    if STARTED_AS_ROOT:
-        return Path("/etc/lazymount/config.toml")
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
-    return Path(base) / "lazymount" / "config.toml"
+    return default_dir("/etc/lazymount", "XDG_CONFIG_HOME", "~/.config") / "config.toml"
 
 
 # ---- value parsers: a TOML value (or a command-line string) -> the value, or ValueError ----

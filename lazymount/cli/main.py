@@ -38,6 +38,7 @@ from lazymount.store.content import create_store_dir, default_store_dir
 from lazymount.system.logfile import open_log
 from lazymount.system.mountinfo import fuse_device
 from lazymount.system.ownership import check_trusted_dir
+from lazymount.system.places import STARTED_AS_ROOT
 from lazymount.system.privileges import lookup_user
 from lazymount.system.redact import RedactingFilter, redact
 from lazymount.trust.keyring import default_keyring_dir
@@ -204,7 +205,7 @@ def build_config(args: argparse.Namespace) -> MountConfig:
                          f"on the command line, {where}")
     allow_other = values["allow_other"]
     if allow_other is None:
-        allow_other = configfile.STARTED_AS_ROOT  # still after --user switched users
+        allow_other = STARTED_AS_ROOT  # still after --user switched users
     timeout = values["timeout"]
     return MountConfig(
         mountpoint=args.mountpoint,

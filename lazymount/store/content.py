@@ -44,6 +44,7 @@ from lazymount.system.ownership import (
     unsafe_reason,
     walk_nofollow,
 )
+from lazymount.system.places import default_dir
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +60,9 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _STAGING_NAME = re.compile(r"[A-Za-z0-9._-]+\.\d+\.[A-Za-z0-9_-]+")
 
 
-# root's defaults stay in force in a daemon that switched to another user (--user)
-STARTED_AS_ROOT = os.geteuid() == 0
-
-
 def default_store_dir() -> Path:
     """/var/cache/lazymount for root, the XDG cache directory otherwise."""
-    if STARTED_AS_ROOT:
-        return Path("/var/cache/lazymount")
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(base) / "lazymount"
+    return default_dir("/var/cache/lazymount", "XDG_CACHE_HOME", "~/.cache")
 
 
 def create_store_dir(root: Path, owner: int, group: int) -> None:

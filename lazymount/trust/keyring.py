@@ -26,21 +26,15 @@ from pathlib import Path
 from lazymount.buildcache.formats import MirrorKey
 from lazymount.errors import LazymountError, UsageError
 from lazymount.system.files import write_atomically
+from lazymount.system.places import default_dir
 from lazymount.trust.verify import PublicKey, read_key_file, read_public_keys
 
 KEY_SUFFIX = ".asc"
 
 
-# root's defaults stay in force in a daemon that switched to another user (--user)
-STARTED_AS_ROOT = os.geteuid() == 0
-
-
 def default_keyring_dir() -> Path:
     """/etc/lazymount/keys for root, ``$XDG_CONFIG_HOME/lazymount/keys`` otherwise."""
-    if STARTED_AS_ROOT:
-        return Path("/etc/lazymount/keys")
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
-    return Path(base) / "lazymount" / "keys"
+    return default_dir("/etc/lazymount", "XDG_CONFIG_HOME", "~/.config") / "keys"
 
 
 @dataclass(frozen=True)
