@@ -386,9 +386,14 @@ class InstallTreeFS(pyfuse3.Operations):
         parent_ino = self.inodes.get(VirtualDir(parent))
         if parent_ino is not None:
             pyfuse3.invalidate_entry_async(parent_ino, os.fsencode(name), ignore_enoent=True)
+        prefix_ino = self.inodes.get(PrefixDir(relative, dag_hash))
+        if prefix_ino is not None:
+            self.real_listings.pop(prefix_ino, None)
         below = f"{self.pkgs}{self.materializer.key(dag_hash)}/"
         for ino, node in list(self.nodes.items()):
             if isinstance(node, RealNode) and node.path.startswith(below):
+                self.real_attrs.pop(ino, None)
+                self.real_listings.pop(ino, None)
                 try:
                     pyfuse3.invalidate_inode(ino)
                 except OSError:
