@@ -26,6 +26,7 @@ from typing import Any
 
 from . import generate, report
 from .floors import floor_file_creation, floor_imports, floor_index
+from .fusefloor import FloorMount, compare
 from .harness import (
     REPO,
     Mount,
@@ -39,6 +40,7 @@ from .harness import (
     wait_ready,
 )
 from .spackcompare import bench_spack
+from .workloads import TreeWorkloads
 
 OUT = REPO / "bench" / "out"
 
@@ -50,7 +52,6 @@ GOAL_SMALL = 2.0  # small files, second pass: at most this times native
 GOAL_REREAD = 0.9  # large re-read: at least this times native speed
 GOAL_MOUNT_S, GOAL_REMOUNT_S, GOAL_RSS_MIB = 1.0, 0.2, 100  # the 100,000-spec index
 STRIP = len(generate.BUILD_ROOT.strip("/").split("/"))  # tar members start with the build root
-SMALL_FILES = 10_000
 
 
 @dataclass
@@ -265,41 +266,11 @@ def bench_warm_tree(bench: Bench, store: Path, bind: bool) -> None:
     mode = "--bind-ready" if bind else "FUSE"
     suffix = "+" if bind else ""  # rows of the --bind-ready mount
     native = _store_tree(store, info["hash"])
-    files = sorted(str(p.relative_to(native)) for p in native.rglob("*")
-                   if p.is_file() and not p.is_symlink())
-    small = [f for f in files if f.endswith((".h", ".py"))]
-    step = max(1, len(small) // SMALL_FILES)
-    small = small[::step][:SMALL_FILES]
-    big_file = "share/bigpkg/data/big.dat"
-    listing = bench.work / "paths"
+    load = TreeWorkloads(native, bench.work / "paths")
+    files, small, big_file = load.files, load.small, load.big_file
+    stat_all, find_ls, read_small, read_big = (load.stat_all, load.find_ls, load.read_small,
+                                               load.read_big)
     reps = max(3, bench.reps)
-
-    def stat_all(base: Path) -> float:
-        listing.write_bytes(b"\0".join(os.fsencode(base / f) for f in files))
-        return timed(lambda: subprocess.run(
-            f"xargs -0 -a {listing} stat --format=%s > /dev/null", shell=True, check=True))
-
-    def find_ls(base: Path) -> float:
-        return timed(lambda: subprocess.run(f"find {base} -ls > /dev/null", shell=True,
-                                            check=True))
-
-    def read_small(base: Path) -> float:
-        def run() -> None:
-            for name in small:
-                fd = os.open(base / name, os.O_RDONLY)
-                while os.read(fd, 1 << 20):
-                    pass
-                os.close(fd)
-        return timed(run)
-
-    buffer = bytearray(1 << 20)
-
-    def read_big(base: Path) -> float:
-        def run() -> None:
-            with open(base / big_file, "rb", buffering=0) as handle:
-                while handle.readinto(buffer):  # type: ignore[attr-defined]
-                    pass
-        return timed(run)
 
     cold = drop_caches()
     native_first = read_small(native)
@@ -417,6 +388,43 @@ def bench_floors(bench: Bench) -> None:
     floor_index(bench, Result, document, GOAL_MOUNT_S)
 
 
+def bench_fusefloor(bench: Bench, store: Path | None) -> None:
+    """Metrics 11a-11c (see fusefloor.py): the warm-tree workloads of 3a, 4b and 5 through a
+    filesystem that does the least pyfuse3 allows, beside lazymount and the tree itself."""
+    info = bench.caches.big
+    if store is None:  # part "big" did not run: a store holding the package
+        store = bench.later(bench.work / "store-floor")
+        with bench.mount("big", store) as mount:
+            os.listdir(mount.root / info["projected"])  # materializes it
+    native = _store_tree(store, info["hash"])
+    load = TreeWorkloads(native, bench.work / "paths")
+    workloads: dict[str, Callable[[Path], float]] = {
+        "find": load.find_ls, "small": load.read_small, "big": load.read_big}
+    with FloorMount(native) as floor, bench.mount("big", store) as mount:
+        bases = {"floor": floor.root, "lazymount": mount.root / info["projected"],
+                 "native": native}
+        times = compare(workloads, bases, max(5, bench.reps))
+    rows = [("11a", "find", f"warm `find -ls` over the package ({len(load.files)} files)", 1000,
+             "ms", GOAL_FIND, "x native time"),
+            ("11b", "small", f"open+read {len(load.small)} small files, second pass", 1, "s",
+             GOAL_SMALL, "x native time"),
+            ("11c", "big", "re-read of the 48 MiB file (1 MiB reads)", 1000, "ms", GOAL_REREAD,
+             "x native speed")]
+    for metric, name, what, scale, unit, goal, reading in rows:
+        floor_s, lazy_s, native_s = (median(times[name][k]) for k in bases)
+        speed = name == "big"  # a speed: native time over ours
+        ratio = native_s / floor_s if speed else floor_s / native_s
+        lazy_ratio = native_s / lazy_s if speed else lazy_s / native_s
+        figure = f"{{:.{0 if unit == 'ms' else 2}f}} {unit}"
+        bench.add(Result(metric, f"floor: {what}, through a minimal pyfuse3 filesystem",
+                         figure.format(floor_s * scale),
+                         f"local disk: {figure.format(native_s * scale)}; lazymount: "
+                         f"{figure.format(lazy_s * scale)} ({lazy_ratio:.2f}{reading})",
+                         ratio, reading, ("≥ " if speed else "≤ ") + f"{goal}x",
+                         ratio >= goal if speed else ratio <= goal,
+                         {f"{k}_s": v for k, v in times[name].items()}))
+
+
 # ---------------------------------------------------------------------------------------------
 # (d) host/ at 100,000 specs: metric 8
 
@@ -517,8 +525,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="smaller caches and one repetition (under 3 minutes)")
-    parser.add_argument("--only", default="index,host,big,stack,spack,floors",
-                        help="comma-separated parts to run: index, host, big, stack, spack, floors")
+    parser.add_argument("--only", default="index,host,big,stack,spack,floors,fusefloor",
+                        help="comma-separated parts to run: index, host, big, stack, spack, "
+                             "floors, fusefloor")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("the benchmark needs root (FUSE mounts, dropping the page cache)", file=sys.stderr)
@@ -542,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
             if "host" in parts:
                 print("(d) host/ with an index of 100,000 specs: mount time")
                 bench_host_view(bench)
+            store = None
             if "big" in parts:
                 print("(a) the big package: first access, materialization")
                 store = bench_big(bench)
@@ -558,6 +568,9 @@ def main(argv: list[str] | None = None) -> int:
             if "floors" in parts:
                 print("(f) floors: the least CPython must spend on each missed goal")
                 bench_floors(bench)
+            if "fusefloor" in parts:
+                print("(g) FUSE floor: the warm-tree workloads through the least pyfuse3 allows")
+                bench_fusefloor(bench, store)
         finally:
             for root in bench.roots.values():
                 subprocess.run(["fusermount3", "-u", "-z", str(root)], check=False,
