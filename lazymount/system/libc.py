@@ -1,4 +1,5 @@
-"""The C library calls Python's os module lacks: mount, umount2, syncfs, malloc_trim.
+"""The C library calls Python's os module lacks: mount, umount2, syncfs, prctl, capset,
+malloc_trim.
 
 Each raises OSError with the C errno (malloc_trim: a no-op outside glibc). Blocking.
 """
@@ -37,6 +38,32 @@ def syncfs(path: str | os.PathLike[str]) -> None:
         _check(_libc.syncfs(fd), "syncfs")
     finally:
         os.close(fd)
+
+
+def prctl(option: int, value: int) -> None:
+    _check(_libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0), "prctl")
+
+
+_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def capset(capabilities: tuple[int, ...]) -> None:
+    """The effective and permitted sets of this thread become exactly ``capabilities``."""
+    data = (_CapData * 2)()
+    for cap in capabilities:
+        data[cap // 32].effective |= 1 << (cap % 32)
+        data[cap // 32].permitted |= 1 << (cap % 32)
+    header = _CapHeader(_CAPABILITY_VERSION_3, 0)
+    _check(_libc.capset(ctypes.byref(header), ctypes.byref(data)), "capset")
 
 
 def malloc_trim() -> None:

@@ -8,7 +8,7 @@ as fusermount3 runs as the user, and an exec'd program (gpg) has no capabilities
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import importlib
 import os
 import pwd
@@ -17,22 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lazymount.errors import UsageError
+from lazymount.system import libc
 
 CAP_SYS_ADMIN = 21
 PR_CAPBSET_DROP = 24
 PR_SET_KEEPCAPS = 8
 PR_SET_NO_NEW_PRIVS = 38
-_CAPABILITY_VERSION_3 = 0x20080522
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
 
 
 @dataclass(frozen=True)
@@ -53,10 +43,6 @@ def lookup_user(name: str) -> Account:
     return Account(entry.pw_name, entry.pw_uid, entry.pw_gid)
 
 
-def _prctl(option: int, value: int) -> int:
-    return int(_libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0))
-
-
 def _last_cap() -> int:
     try:
         with open("/proc/sys/kernel/cap_last_cap") as handle:
@@ -65,34 +51,24 @@ def _last_cap() -> int:
         return 40
 
 
-def _set_capabilities(keep: tuple[int, ...]) -> None:
-    """Effective and permitted sets of this thread become exactly ``keep``."""
-    data = (_CapData * 2)()
-    for cap in keep:
-        data[cap // 32].effective |= 1 << (cap % 32)
-        data[cap // 32].permitted |= 1 << (cap % 32)
-    header = _CapHeader(_CAPABILITY_VERSION_3, 0)
-    if _libc.capset(ctypes.byref(header), ctypes.byref(data)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"capset: {os.strerror(err)}")
-
-
 def drop_privileges(account: Account, keep: tuple[int, ...] = (CAP_SYS_ADMIN,)) -> None:
     """Become ``account`` for good, keeping the capabilities ``keep``. Raises OSError."""
     if threading.active_count() != 1:
         raise RuntimeError("privileges must be dropped before any thread starts")
-    for cap in range(_last_cap() + 1):  # no exec'd program can get others back
-        if cap not in keep and _prctl(PR_CAPBSET_DROP, cap) != 0:
-            break  # no CAP_SETPCAP (systemd's CapabilityBoundingSet bounds us already)
-    if _prctl(PR_SET_KEEPCAPS, 1) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_KEEPCAPS)")
+    try:
+        for cap in range(_last_cap() + 1):  # no exec'd program can get others back
+            if cap not in keep:
+                libc.prctl(PR_CAPBSET_DROP, cap)
+    except OSError:
+        pass  # no CAP_SETPCAP (systemd's CapabilityBoundingSet bounds us already)
+    libc.prctl(PR_SET_KEEPCAPS, 1)
     os.setgroups([])
     os.setresgid(account.gid, account.gid, account.gid)
     os.setresuid(account.uid, account.uid, account.uid)
-    _prctl(PR_SET_KEEPCAPS, 0)
-    _set_capabilities(keep)
-    if _prctl(PR_SET_NO_NEW_PRIVS, 1) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    with contextlib.suppress(OSError):
+        libc.prctl(PR_SET_KEEPCAPS, 0)
+    libc.capset(keep)
+    libc.prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
 def capabilities_of(pid: int | str = "self") -> dict[str, int]:
@@ -121,8 +97,9 @@ class RootHelper:
             status = 1
             try:
                 os.close(self._pipe)
-                _set_capabilities(())
-                _prctl(PR_SET_NO_NEW_PRIVS, 1)
+                libc.capset(())
+                with contextlib.suppress(OSError):
+                    libc.prctl(PR_SET_NO_NEW_PRIVS, 1)
                 if os.read(read_fd, 1) == b"1":
                     action()
                 status = 0
