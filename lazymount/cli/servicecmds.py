@@ -15,14 +15,7 @@ from lazymount.serve.bindmount import is_dead_mount
 from lazymount.service import control
 from lazymount.service.metrics import exposition
 from lazymount.service.status import render, render_package
-from lazymount.system.mountinfo import mounts
-
-FSTYPE = "fuse.lazymount"
-
-
-def lazymount_mounts() -> list[str]:
-    """The mount points of lazymount mounts in this namespace."""
-    return [mount.point for mount in mounts() if mount.fstype == FSTYPE]
+from lazymount.system.mountinfo import lazymount_mounts
 
 
 def _mount_of(path: Path) -> tuple[str, str] | None:
@@ -65,12 +58,12 @@ def run_status(argv: list[str]) -> int:
             raise UsageError(f"the daemon of {mountpoint} is gone; mount it again with the "
                              "same command (it clears the dead mount)")
         if relative:
-            answer = _checked(control.ask_mount(mountpoint, {"command": "package",
+            answer = control.checked(control.ask_mount(mountpoint, {"command": "package",
                                                              "path": relative}))
             print(json.dumps(answer, indent=1) if args.json else render_package(answer),
                   end="\n" if args.json else "")
             return 0
-        answers = [_checked(control.ask_mount(mountpoint, {"command": "status"}))]
+        answers = [control.checked(control.ask_mount(mountpoint, {"command": "status"}))]
     if args.json:
         print(json.dumps(answers[0] if args.target is not None else answers, indent=1))
     elif args.prometheus:
@@ -84,7 +77,7 @@ def _every_mount() -> list[dict[str, Any]]:
     answers = []
     for path in control.known_sockets():
         try:
-            answers.append(_checked(control.ask(path, {"command": "status"})))
+            answers.append(control.checked(control.ask(path, {"command": "status"})))
         except OSError:
             continue  # a socket left by a daemon that is gone
         except UsageError as exc:  # one confused daemon must not hide the others
@@ -105,7 +98,7 @@ def run_refresh(argv: list[str]) -> int:
                     "reading the configuration file again.")
     parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     args = parser.parse_args(argv)
-    answer = _checked(control.ask_mount(str(args.mountpoint), {"command": "refresh"}))
+    answer = control.checked(control.ask_mount(str(args.mountpoint), {"command": "refresh"}))
     if answer.get("changed"):
         print(f"lazymount: {args.mountpoint}: the index changed: {answer['packages']} packages "
               f"({answer['added']} new, {answer['removed']} removed)")
@@ -113,9 +106,3 @@ def run_refresh(argv: list[str]) -> int:
         print(f"lazymount: {args.mountpoint}: the index is unchanged "
               f"({answer['packages']} packages)")
     return 0
-
-
-def _checked(answer: dict[str, Any]) -> dict[str, Any]:
-    if "error" in answer:
-        raise UsageError(str(answer["error"]))
-    return answer

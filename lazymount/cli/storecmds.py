@@ -19,19 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from lazymount.errors import UsageError
-from lazymount.service.control import ask_mount
+from lazymount.service.control import ask_mount, checked
 from lazymount.store import record
 from lazymount.store.content import Store
 from lazymount.store.quota import show_size
 from lazymount.system import xattrs
-from lazymount.system.mountinfo import mounts
-
-FSTYPE = "fuse.lazymount"
-
-
-def lazymount_roots() -> list[str]:
-    """Where lazymount file systems are mounted now."""
-    return [m.point for m in mounts() if m.fstype == FSTYPE]
+from lazymount.system.mountinfo import lazymount_mounts
 
 
 def _size(text: str) -> int:
@@ -51,15 +44,12 @@ PRELOAD_THREADS = 8  # prefixes looked into at once (the daemon limits its own w
 
 def ask(root: str, request: dict[str, Any]) -> dict[str, Any]:
     """The daemon's answer; UsageError with its reason if it refused."""
-    answer = ask_mount(root, request)
-    if "error" in answer:
-        raise UsageError(str(answer["error"]))
-    return answer
+    return checked(ask_mount(root, request))
 
 
 def _mountpoint(path: Path) -> str:
     root = os.path.realpath(path)
-    if root not in lazymount_roots():
+    if root not in lazymount_mounts():
         raise UsageError(f"{path} is not a lazymount mount point")
     return root
 
@@ -245,7 +235,7 @@ def run_fsck(argv: list[str]) -> int:
 def _served_store(store: Path) -> str | None:
     """The mount point whose daemon serves ``store``, if one does."""
     wanted = os.path.realpath(store)
-    for root in lazymount_roots():
+    for root in lazymount_mounts():
         try:
             served = os.fsdecode(os.getxattr(root, xattrs.STORE))
         except OSError:

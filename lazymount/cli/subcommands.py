@@ -23,7 +23,7 @@ from lazymount.mirror.ociref import is_oci_url
 from lazymount.mirror.transport import Timeouts, open_mirror
 from lazymount.spack.spackconfig import upstreams_yaml
 from lazymount.system import xattrs
-from lazymount.system.mountinfo import is_mounted
+from lazymount.system.mountinfo import FSTYPE, is_mounted
 from lazymount.trust.keyring import (
     Keyring,
     default_keyring_dir,
@@ -163,7 +163,7 @@ def _add(keyring: Keyring, keys: list[PublicKey]) -> int:
 def _mounted_projection(root: str) -> str | None:
     """The projection a live lazymount mount at ``root`` serves, or None if none is there."""
     try:
-        if not is_mounted(root, "fuse.lazymount"):
+        if not is_mounted(root, FSTYPE):
             return None
         return os.getxattr(root, xattrs.PROJECTION).decode()
     except OSError:

@@ -184,6 +184,13 @@ def ask(path: Path, request: dict[str, Any], timeout: float = ASK_TIMEOUT) -> di
     return answer
 
 
+def checked(answer: dict[str, Any]) -> dict[str, Any]:
+    """``answer``, unless the daemon refused: then UsageError with its reason."""
+    if "error" in answer:
+        raise UsageError(str(answer["error"]))
+    return answer
+
+
 def ask_mount(mountpoint: str, request: dict[str, Any]) -> dict[str, Any]:
     """Ask the daemon of ``mountpoint``. Raises UsageError if none answers."""
     reasons = []

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MOUNTINFO = Path("/proc/self/mountinfo")
+FSTYPE = "fuse.lazymount"  # the file system type of our own mounts
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,11 @@ def fuse_device(root: str) -> str | None:
         if mount.point == root and mount.fstype.startswith("fuse"):
             device = mount.device
     return device
+
+
+def lazymount_mounts() -> list[str]:
+    """The mount points of lazymount file systems in this namespace."""
+    return [m.point for m in mounts() if m.fstype == FSTYPE]
 
 
 def is_mounted(root: str, fstype: str) -> bool:
