@@ -133,8 +133,10 @@ def run_preload(argv: list[str]) -> int:
                     "name, name@version, name/hashprefix or /hashprefix, and must name one "
                     "package. Shows a progress bar on a terminal, one line per package "
                     "otherwise; exits 1 naming every package that failed.")
-    parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
-    parser.add_argument("specs", metavar="SPEC", nargs="*")
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path,
+                        help="a lazymount mount point")
+    parser.add_argument("specs", metavar="SPEC", nargs="*",
+                        help="name, name@version, name/hashprefix or /hashprefix")
     parser.add_argument("--from", dest="lockfile", metavar="SPACK_LOCK", type=Path,
                         action="append", default=[],
                         help="also every root of a Spack environment's spack.lock")
@@ -192,10 +194,11 @@ def run_gc(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="lazymount gc",
         description="Evict packages that nothing uses from a mount's store, least recently "
-                    "used first, until it holds at most --max-size (default: 90%% of the "
+                    "used first, until it holds at most --max-size (default: 90% of the "
                     "store quota). Evicted packages materialize again on access. Root or "
                     "the daemon's user only.")
-    parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path,
+                        help="a lazymount mount point")
     parser.add_argument("--max-size", metavar="SIZE", type=_size, default=None,
                         help="bytes to keep at most (K, M, G, T); 0 evicts every package "
                              "not in use")
@@ -220,7 +223,8 @@ def run_fsck(argv: list[str]) -> int:
                     "Names every package whose files differ, are missing or were added, and "
                     "exits 1 if there is one. Safe while the daemon serves.")
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, nargs="?")
+    where.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, nargs="?",
+                       help="check the store of this mount, through its daemon")
     where.add_argument("--store", metavar="DIR", type=Path,
                        help="check a store directory instead of a mount")
     parser.add_argument("--repair", action="store_true",
