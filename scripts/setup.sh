@@ -5,9 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # environment-modules and Lmod's own dependencies: the module tests run both module systems;
-# docker-registry (CNCF distribution) and apache2-utils (htpasswd): the OCI registry tests
-packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv gnupg nginx squid curl
-          environment-modules lua5.3 lua-posix lua-filesystem lua-json lua-term tcl
+# docker-registry (CNCF distribution) and apache2-utils (htpasswd): the OCI registry tests;
+# openssl: the TLS tests make their own CA; binutils (readelf): the relocation tests
+packages=(fuse3 libfuse3-dev pkg-config gcc binutils python3-dev python3-venv gnupg nginx squid
+          curl openssl environment-modules lua5.3 lua-posix lua-filesystem lua-json lua-term tcl
           docker-registry apache2-utils systemd)
 missing=()
 for package in "${packages[@]}"; do
@@ -37,7 +38,9 @@ lmod_exec=usr/share/lmod/lmod/libexec/lmod
 if [ ! -x "/$lmod_exec" ] && [ ! -x ".venv/lmod/$lmod_exec" ]; then
     echo "setup: unpacking Lmod into .venv/lmod"
     download=$(mktemp -d)
-    (cd "$download" && apt-get download -qq -o APT::Sandbox::User=root lmod)
+    # a machine that had every package may have no package lists yet (apt-get clean)
+    (cd "$download" && { apt-get download -qq -o APT::Sandbox::User=root lmod 2>/dev/null \
+        || { apt-get update -qq && apt-get download -qq -o APT::Sandbox::User=root lmod; }; })
     mkdir -p .venv/lmod
     dpkg-deb --fsys-tarfile "$download"/lmod_*.deb | tar -x -C .venv/lmod ./usr
     rm -rf "$download"
