@@ -13,6 +13,7 @@ import json
 import os
 import pty
 import random
+import shutil
 import struct
 import subprocess
 import sys
@@ -67,6 +68,11 @@ def make_stack(root: Path, signer: Signer, big: int = MIB) -> Stack:
     package("appa", [package("liba1", []), package("liba2", [])])
     package("appb", [package("libb1", []), package("libb2", [])])
     package("huge", [])
+    # a real executable, to run from the mount
+    tool = Package("tool", files={"bin/pause": Path(shutil.which("sleep") or "/bin/sleep")
+                                  .read_bytes()}, executable={"bin/pause"})
+    writer.add(tool)
+    packages["tool"] = tool
     writer.finish()
     return Stack(root, writer, packages, data)
 
@@ -245,6 +251,23 @@ def test_gc_unbinds_bind_ready_packages_unless_in_use(stack, mount_cache):
     assert status(mount, stack, "appa") == "absent"
     use(mount, stack, "appa")  # materialized (and bound) again
     assert status(mount, stack, "appa") == "ready"
+
+
+def test_gc_keeps_a_package_whose_program_runs(stack, mount_cache):
+    mount = mount_cache([str(stack.root)])
+    program = prefix(mount, stack, "tool") / "bin" / "pause"
+    running = subprocess.Popen([str(program), "600"])  # mapped and executing from the mount
+    try:
+        use(mount, stack, "liba1")
+        result = lazymount("gc", str(mount.root), "--max-size", "0")
+        assert result.returncode == 0, result.stderr
+        assert store_keys(mount) == {stack.packages["tool"].dag_hash}
+        assert running.poll() is None
+    finally:
+        running.kill()
+        running.wait()
+    result = lazymount("gc", str(mount.root), "--max-size", "0")
+    assert result.returncode == 0 and store_keys(mount) == set(), result.stdout
 
 
 def test_gc_without_a_quota_needs_a_size(stack, mount_cache):
