@@ -375,6 +375,13 @@ def test_fsck_finds_a_flipped_byte_and_repair_brings_the_right_bytes(stack, moun
     assert data_file(mount, stack, "liba2").read_bytes() == stack.data["liba2"]
     result = lazymount("fsck", str(mount.root))
     assert result.returncode == 0, result.stdout
+    # an entry without its record (a store written before records existed) is named too
+    key = next(e for e in (mount.store / "pkgs").iterdir()
+               if e.name.startswith(stack.packages["liba1"].dag_hash))
+    (key / "record.json").unlink()
+    result = lazymount("fsck", str(mount.root))
+    assert result.returncode == 1
+    assert f"DAMAGED {stack.label('liba1')}: no readable record" in result.stdout
 
 
 def test_fsck_of_a_store_without_a_daemon(stack, mount_cache):

@@ -106,8 +106,9 @@ class StoreKeeper:
             if await self.materializer.evict(dag_hash):
                 self.operations.forget_package(dag_hash)
                 done.append(row)
-                log.info("%s: evicted from the store (%s, last used %s)", row.label,
-                         show_size(row.disk_bytes), _when(row.last_used))
+                if not force:
+                    log.info("%s: evicted from the store (%s, last used %s)", row.label,
+                             show_size(row.disk_bytes), _when(row.last_used))
         return done
 
     async def _unbind(self, dag_hash: str, force: bool) -> bool:
@@ -148,22 +149,26 @@ class StoreKeeper:
         package (``damaged``: why, or ""; ``removed``: only packages of this mount are,
         others are left to their mount's daemon)."""
         rows: list[dict[str, object]] = []
-        for row in self.usage.kept():
-            if row.key in self.materializer.materializing():
+        store = self.materializer.store
+        for key in await trio.to_thread.run_sync(store.keys):
+            if key in self.materializer.materializing():
                 continue
-            tree, reason = await trio.to_thread.run_sync(
-                checked_tree, self.materializer.store, row.key, True)
+            tree, reason = await trio.to_thread.run_sync(checked_tree, store, key, True)
+            receipt = await trio.to_thread.run_sync(store.receipt, key) or {}
+            label = str(receipt.get("label", key))
             if tree is None and not reason:
-                continue  # evicted meanwhile
+                reason = "no valid receipt"
+            size = self.usage.size_of(key) or 0
             removed = False
-            if reason and repair and self.materializer.hash_of(row.key) is not None:
+            if reason and repair and self.materializer.hash_of(key) is not None:
                 async with self.lock:
+                    row = Kept(key, size, 0.0, label)
                     removed = bool(await self._evict([row], set(), force=True))
             if reason:
-                log.warning("%s: fsck: %s%s", row.label, reason,
+                log.warning("%s: fsck: %s%s", label, reason,
                             "; removed: it materializes again on access" if removed else "")
-            rows.append({"label": row.label, "key": row.key, "bytes": row.disk_bytes,
-                         "damaged": reason, "removed": removed})
+            rows.append({"label": label, "key": key, "bytes": size, "damaged": reason,
+                         "removed": removed})
         return rows
 
     def closure(self, specs: list[str]) -> list[dict[str, str]]:
