@@ -28,9 +28,15 @@ def markdown(document: dict[str, Any]) -> str:
         "| # | metric | lazymount | compared with | ratio | goal | met |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(document["results"], key=lambda r: (r["metric"].rstrip("+"),
-                                                         r["metric"].endswith("+"))):
+    for r in sorted(document["results"], key=_order):
         met = {True: "yes", False: "**no**", None: ""}[r["met"]]
         cells = [r["metric"], r["what"], r["lazy"], r["baseline"], ratio_text(r), r["goal"], met]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _order(result: dict[str, Any]) -> tuple[int, str, bool]:
+    """Rows by metric number (2 before 10), then letter, then the ``+`` row after its twin."""
+    metric = result["metric"]
+    digits = len(metric) - len(metric.lstrip("0123456789"))
+    return int(metric[:digits] or 0), metric[digits:].rstrip("+"), metric.endswith("+")
