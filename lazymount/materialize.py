@@ -224,7 +224,7 @@ class Materializer:
         served after a start, if it still matches its record (one lstat per file). A
         damaged one is not served; in the local store it is removed."""
         key = self.key(dag_hash)
-        if self.shared is not None and self.shared.tree(key) is not None:
+        if self.shared is not None and self.shared.tree(key, walk=False) is not None:
             tree, reason = checked_tree(self.shared, key)
             if tree is not None:
                 return tree

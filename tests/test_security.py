@@ -257,7 +257,8 @@ def test_a_tree_file_another_user_can_write_is_not_served(http_server, mount_cac
     second = mount_cache([url], store=store, root=first.root)
     output = hello_output(second.prefix())
     assert HELLO in output and "forged" not in output
-    assert "not served" in second.log_text() and ATTACKER in second.log_text()
+    assert "not served from the store" in second.log_text()
+    assert f"bin/hello is owned by {ATTACKER}" in second.log_text()
 
 
 def test_a_world_writable_folder_in_a_tree_is_not_served(http_server, mount_cache, tmp_path):
@@ -267,7 +268,7 @@ def test_a_world_writable_folder_in_a_tree_is_not_served(http_server, mount_cach
     (published_entry(store) / "tree" / "bin").chmod(0o777)
     second = mount_cache([url], store=store, root=first.root)
     assert HELLO in hello_output(second.prefix())
-    assert "mode 0777" in second.log_text() and "materialized again" in second.log_text()
+    assert "not served from the store" in second.log_text() and "0777" in second.log_text()
     assert (published_entry(store) / "tree" / "bin").stat().st_mode & 0o777 == 0o755
 
 
@@ -320,10 +321,11 @@ def test_the_daemon_runs_unprivileged_after_mounting(http_server, mount_cache, o
 
 def test_a_reload_of_an_unprivileged_daemon_keeps_roots_settings(http_server, mount_cache,
                                                                   open_dir, service_user):
-    config = open_dir / "config.toml"  # a reload reads it as the daemon's user
+    config = open_dir / "config.toml"  # a reload reads it and the keyring as the daemon's user
     config.write_text("")
     mount = mount_cache([http_server(FIXTURE_CACHE).url], store=open_dir / "store",
-                        extra=("--user", SERVICE, "--verbose", f"--config={config}"))
+                        extra=("--user", SERVICE, "--verbose", f"--config={config}",
+                               f"--keyring={open_dir / 'keys'}"))
     mount.process.send_signal(signal.SIGHUP)
     while "refresh (SIGHUP)" not in mount.log_text():
         assert mount.process.poll() is None, mount.log_text()
@@ -332,6 +334,21 @@ def test_a_reload_of_an_unprivileged_daemon_keeps_roots_settings(http_server, mo
     # file, the store) are still root's: nothing "changed"
     assert "changed; it takes effect" not in mount.log_text()
     assert "refresh (SIGHUP) failed" not in mount.log_text()
+    assert HELLO in hello_output(mount.prefix())
+
+
+def test_a_reload_that_cannot_read_the_keyring_as_the_daemon_user_keeps_serving(
+        http_server, mount_cache, open_dir, service_user):
+    config = open_dir / "config.toml"
+    config.write_text("")
+    # the fixture's keyring is in a folder only root can enter
+    mount = mount_cache([http_server(FIXTURE_CACHE).url], store=open_dir / "store",
+                        extra=("--user", SERVICE, f"--config={config}"))
+    mount.process.send_signal(signal.SIGHUP)
+    while "refresh (SIGHUP) failed" not in mount.log_text():
+        assert mount.process.poll() is None, mount.log_text()
+        time.sleep(0.1)
+    assert "cannot read the keyring" in mount.log_text()
     assert HELLO in hello_output(mount.prefix())
 
 

@@ -57,11 +57,14 @@ class Keyring:
         Raises UsageError if the directory or a file is writable by anyone but its owner,
         or owned by another user than root or us.
         """
-        if not self.directory.exists():
-            return []
-        _check_private(self.directory)
-        files = sorted(p for p in self.directory.iterdir()
-                       if p.name.endswith(KEY_SUFFIX) and p.is_file())
+        try:  # (a daemon that switched user may no longer reach it: an error, not a crash)
+            if not self.directory.exists():
+                return []
+            _check_private(self.directory)
+            files = sorted(p for p in self.directory.iterdir()
+                           if p.name.endswith(KEY_SUFFIX) and p.is_file())
+        except OSError as exc:
+            raise UsageError(f"cannot read the keyring {self.directory}: {exc.strerror}") from None
         for path in files:
             _check_private(path)
         return files
