@@ -31,6 +31,12 @@ LMHELLO = "lmhello-1.0-3vgakfze5q7cw5gke5wbrfotzhh2tstq"
 LMGREET = "lmgreet-1.0-2zsd6bn2ih6gpzltutvgh5zkxjjtlqml"
 MOUNT_WAIT = 60.0
 
+# Python before 3.11.4 (Debian 12 ships 3.11.2) holds the GIL while a vfork()ed child execs
+# (CPython gh-104372): running a program from a mount whose mirror is served by a thread of
+# this process then stalls that thread until the daemon times out. Plain fork() avoids it.
+if sys.version_info < (3, 11, 4):
+    subprocess._USE_VFORK = False  # type: ignore[attr-defined]
+
 
 @pytest.fixture(scope="module")
 def signer() -> Iterator[Signer]:
