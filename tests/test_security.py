@@ -345,10 +345,9 @@ def test_a_reload_that_cannot_read_the_keyring_as_the_daemon_user_keeps_serving(
     mount = mount_cache([http_server(FIXTURE_CACHE).url], store=open_dir / "store",
                         extra=("--user", SERVICE, f"--config={config}"))
     mount.process.send_signal(signal.SIGHUP)
-    while "refresh (SIGHUP) failed" not in mount.log_text():
+    while "cannot read the keyring" not in mount.log_text():  # logged, not a crash
         assert mount.process.poll() is None, mount.log_text()
         time.sleep(0.1)
-    assert "cannot read the keyring" in mount.log_text()
     assert HELLO in hello_output(mount.prefix())
 
 
