@@ -129,6 +129,8 @@ class TokenServer:
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = 10  # a client that stalls (in the handshake too) ends its own thread
+
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002
                 pass
 
@@ -152,8 +154,10 @@ class TokenServer:
                 self.wfile.write(body)
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        # the handshake is made by each request's thread, not by the one that accepts: a client
+        # that stalls in it must not stop the server (nor stop() waiting for it)
         self._server.socket = self.ca.server_context().wrap_socket(
-            self._server.socket, server_side=True)
+            self._server.socket, server_side=True, do_handshake_on_connect=False)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         self.url = f"https://127.0.0.1:{self._server.server_address[1]}/token"
         return self
