@@ -20,7 +20,6 @@ Results: ``bench/out/fleet.json`` and ``bench/out/fleet.md``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -40,16 +39,6 @@ from .harness import REPO, Nginx, machine, remove_tree, short_dir, wait_ready
 
 OUT = REPO / "bench" / "out"
 MOUNT_WAIT = 300.0
-
-
-def load_squid() -> ModuleType:
-    """The test suite's squid helper, imported by path (tests/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("squid", REPO / "tests" / "squid.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["squid"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def stack_cache(out: Path) -> dict[str, Any]:
@@ -261,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     closure = [info["packages"][i] for i in info["closure"]]
     work = OUT / "fleet-work"
     remove_tree(work)
-    squid_module = load_squid()
+    squid_module = generate.load_test_module("squid")
     host = machine()
     print(f"machine: {host['nproc']} x {host['cpu']}, load {host['load']}")
     rounds = []

@@ -44,17 +44,17 @@ RECIPE = 3  # bump when the generated content changes, so stale caches are rebui
 BUILD_ROOT = "/tmp/lmt/opt/spack"  # 18 characters: mounts at short /tmp paths fit
 
 
-def load_spackcache() -> ModuleType:
-    """The test suite's cache writer, imported by path (tests/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("spackcache", REPO / "tests" / "spackcache.py")
+def load_test_module(name: str) -> ModuleType:
+    """A helper module of the test suite, imported by path (tests/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tests" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["spackcache"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
-sc = load_spackcache()
+sc = load_test_module("spackcache")  # the test suite's cache writer
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,12 @@ The real Spack comes from ``LAZYMOUNT_TEST_SPACK`` (the directory the test tier 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from . import generate
-from .harness import REPO, drop_caches, median, short_dir, timed
+from .harness import drop_caches, median, short_dir, timed
 
 RECIPE = '''from spack.package import *
 
@@ -32,16 +30,6 @@ class {cls}(Package):
 
     version("{version}", sha256="0" * 64)
 '''
-
-
-def _realspack() -> ModuleType:
-    """The test tier's Spack helpers, imported by path (tests/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("realspack", REPO / "tests" / "realspack.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["realspack"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _package_repo(work: Path, info: dict[str, Any]) -> Path:
@@ -92,7 +80,7 @@ class EagerSpack:
 
 def bench_spack(bench: Any, result_type: Any, run: Any) -> None:
     """Metric 9: cold first run through the mount vs ``spack buildcache install`` + run."""
-    realspack = _realspack()
+    realspack = generate.load_test_module("realspack")  # the test tier's Spack helpers
     real = realspack.find_real_spack()
     if real is None:
         bench.log(f"  ({realspack.ENV_VAR} is not set: the comparison with Spack is skipped)")
