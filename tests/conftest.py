@@ -90,6 +90,26 @@ def http_server() -> Iterator[functools.partial[HttpServer]]:
             server.server_close()
 
 
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """``tmpfs(size)`` mounts a tmpfs of ``size`` (as mount takes it: "4m") under the test's
+    folder and returns it; each is unmounted at the end (lazily, in case a daemon still
+    holds it)."""
+    mounted: list[Path] = []
+
+    def make(size: str) -> Path:
+        path = tmp_path / f"tmpfs-{len(mounted)}"
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
+                        str(path)], check=True)
+        mounted.append(path)
+        return path
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -207,16 +207,9 @@ def test_silent_port_as_only_mirror_fails_the_mount_in_bounded_time(tmp_path):
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path):
-    """A 4 MiB tmpfs, unmounted at the end (lazily, in case a daemon still holds it)."""
-    path = tmp_path / "tmpfs"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(path)],
-                   check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
+def small_tmpfs(tmpfs):
+    """A 4 MiB tmpfs."""
+    return tmpfs("4m")
 
 
 def test_disk_full_during_extraction(small_tmpfs, mount_cache, tmp_path, signer):

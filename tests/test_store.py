@@ -407,15 +407,9 @@ def test_fsck_of_a_store_without_a_daemon(stack, mount_cache):
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path):
-    path = tmp_path / "tmpfs"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=0755", "tmpfs", str(path)],
-                   check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
+def small_tmpfs(tmpfs):
+    """A 3 MiB tmpfs."""
+    return tmpfs("3m")
 
 
 def test_a_full_store_file_system_gives_enospc_and_keeps_serving(stack, small_tmpfs,
