@@ -352,9 +352,13 @@ class Materializer:
                     # a v2 tarball has no signed length: bound it like its expanded size
                     max_bytes=self.limits.max_bytes,
                 )
-                await trio.to_thread.run_sync(self._relocate, dag_hash, extracted, label)
+                changed = await trio.to_thread.run_sync(
+                    self._relocate, dag_hash, extracted, label)
                 origin = {"hash": dag_hash, "signed": signed, "tarball": tarball.checksum}
-                sealed = await trio.to_thread.run_sync(seal, extracted.root, origin)
+                # files hashed while extracting and not rewritten since are not read again
+                unchanged = {path: content for path, content in extracted.contents.items()
+                             if path not in changed}
+                sealed = await trio.to_thread.run_sync(seal, extracted.root, origin, unchanged)
             # the entry: the tree, its record, the receipt and the directory itself
             disk_bytes = sealed.disk_bytes + _blocks(len(sealed.data)) + 2 * 4096
             if local and self.make_room is not None:
@@ -375,13 +379,14 @@ class Materializer:
                 await trio.to_thread.run_sync(store.discard, staging)
             raise
 
-    def _relocate(self, dag_hash: str, extracted: extract.Extracted, label: str) -> None:
-        """Worker thread: rewrite build-time paths to paths under the mount."""
+    def _relocate(self, dag_hash: str, extracted: extract.Extracted, label: str) -> set[str]:
+        """Worker thread: rewrite build-time paths to paths under the mount. Returns the
+        paths (relative to the prefix) of the files it changed."""
         info = extracted.buildinfo
         self._check_root_length(info, label)
         mapping = relocate.prefix_map(info, self.tree.root, self.tree.prefix_of, self.sbang)
-        relocate.relocate_prefix(extracted.root, info, mapping, label)
-        relocate.add_sbang(extracted.root, self.sbang, label)
+        report = relocate.relocate_prefix(extracted.root, info, mapping, label)
+        return {*report.changed, *relocate.add_sbang(extracted.root, self.sbang, label)}
 
     def _check_root_length(self, info: dict[str, Any], label: str) -> None:
         old_root, new_root = info["buildpath"], self.tree.root

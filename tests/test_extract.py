@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import errno
 import gzip
 import io
 import os
 import stat
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import tarfactory as tf
 
-from lazymount.errors import FormatError, StoreError, UnsafeArchiveError
+from lazymount.errors import FormatError, StoreFull, UnsafeArchiveError
 from lazymount.install.extract import Extracted, Limits, extract_tarball, parse_buildinfo
 
 BLOBS = Path(__file__).parent / "data" / "v3-own-only" / "blobs" / "sha256"
@@ -346,8 +346,8 @@ def test_setuid_setgid_sticky_bits_are_stripped(sandbox: tuple[Path, Path]) -> N
 def test_duplicate_file_is_refused(sandbox: tuple[Path, Path]) -> None:
     blob = hostile(tf.file(f"{tf.PREFIX}/x", b"first"), tf.file(f"{tf.PREFIX}/x", b"second"))
     refused(sandbox, blob, "duplicate of an earlier member")
-    (found,) = [p for p in sandbox[0].rglob("x")]
-    assert found.read_bytes() == b"first"
+    # the refused member never reaches the disk (nor, here, the checked one before it)
+    assert all(p.read_bytes() == b"first" for p in sandbox[0].rglob("x"))
 
 
 @pytest.mark.parametrize(
@@ -366,6 +366,30 @@ def test_member_over_symlink_is_refused(sandbox: tuple[Path, Path], second: tf.E
         second,
     )
     refused(sandbox, blob, "duplicate of an earlier member")
+
+
+def _gnu_header_with_prefix(name: str, prefix: str, data: bytes) -> bytes:
+    """A member in the old GNU format whose bytes 345.. (atime and ctime there, the name's
+    prefix in ustar) hold ``prefix``: Python's tarfile reads ``prefix/name``, GNU tar ``name``."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    block = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    block[345:345 + len(prefix)] = prefix.encode()
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block[:512])
+    return bytes(block) + data.ljust(-(-len(data) // 512) * 512, b"\0")
+
+
+def test_reading_unlike_gnu_tar_is_refused(sandbox: tuple[Path, Path]) -> None:
+    """What tar made is compared with what was checked: a header the two read differently
+    is refused, and nothing of it stays."""
+    body = tf.tar(tf.package(tf.directory(f"{tf.PREFIX}/share")))
+    end = len(body)
+    while body[end - 512:end] == bytes(512):  # the end-of-archive blocks and padding
+        end -= 512
+    blob = tf.gz(body[:end] + _gnu_header_with_prefix("x", f"{tf.PREFIX}/share", b"hi")
+                 + bytes(1024))
+    refused(sandbox, blob, "GNU tar read the tarball differently from the checks")
 
 
 def test_file_under_a_file_is_refused(sandbox: tuple[Path, Path]) -> None:
@@ -465,14 +489,13 @@ def test_bad_buildinfo_in_tarball_is_refused(sandbox: tuple[Path, Path]) -> None
     refused(sandbox, blob, "buildpath 'relative/root' is not an absolute path", FormatError)
 
 
-def test_disk_full_becomes_store_error(
-    sandbox: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def full(fd: int, data: object) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "write", full)
-    refused(sandbox, LMHELLO_BLOB.read_bytes(), "no space left", StoreError)
+def test_disk_full_becomes_store_error(tmpfs: Callable[[str], Path]) -> None:
+    """A real full file system: tar's complaint becomes one StoreFull line."""
+    staging = tmpfs("256k") / "staging"
+    staging.mkdir()
+    blob = hostile(tf.file(f"{tf.PREFIX}/big", os.urandom(1 << 20)))
+    with pytest.raises(StoreFull, match="no space left on the store's file system"):
+        extract_tarball(io.BytesIO(blob), "gzip", staging, what="lmhello")
 
 
 # --- parse_buildinfo -----------------------------------------------------------------------

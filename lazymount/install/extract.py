@@ -3,17 +3,20 @@
 The blob is read once, front to back: it is decompressed in bounded chunks (``decompress``)
 and its tar headers are parsed by ``tarstream`` (not by ``tarfile.TarFile``, whose stream mode
 reads any extended header whole into memory, however large it claims to be). Every member is
-written under ``staging/raw/<member name>``, never following a symlink. The package prefix is
+checked here and its files hashed as they pass; only then are its bytes handed to GNU tar
+(``gnutar``), which creates it under ``staging/raw/<member name>``. The package prefix is
 known only at the end (``.spack/binary_distribution`` is the last member); then every member is
-checked to lie inside it. Nothing is ever written outside ``staging``.
+checked to lie inside it, and the tree tar made to be the one that was checked. Nothing is
+ever written outside ``staging``.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
-import stat
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -28,12 +31,12 @@ from lazymount.install.buildinfo import BUILDINFO, MAX_BUILDINFO_BYTES
 from lazymount.install.buildinfo import check_build_prefix as check_build_prefix  # re-exported
 from lazymount.install.buildinfo import parse_buildinfo as parse_buildinfo  # re-exported
 from lazymount.install.decompress import CHUNK, decompressed, read_ahead
+from lazymount.install.gnutar import TarChild
 from lazymount.install.tarstream import Limits as Limits  # re-exported
 from lazymount.install.tarstream import Member, Source, members, show, unsafe
 
 MAX_COMPONENT = 255  # NAME_MAX of Linux file systems
-
-_OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+PASS_ON = 256 << 10  # checked bytes gathered before they are written to tar in one call
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class Extracted:
     buildinfo: dict[str, Any]  # parsed and validated .spack/binary_distribution
     files: int  # regular files written (hard links not counted)
     bytes: int  # bytes written
+    # path below the prefix of each file (and hard link) -> its size and sha256 as extracted
+    contents: dict[str, tuple[int, str]] = field(default_factory=dict, repr=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,82 +102,71 @@ def _climbs_out(link: str, target: str, prefix: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing
+# Checking (tar writes what passes)
 
 
-class _Writer:
-    """Creates members under ``raw``; remembers just enough to check them at the end.
+class _Checker:
+    """Checks each member before GNU tar is given it, and remembers what tar should make.
 
-    Safety without following symlinks: a member is created only when its parent is a
-    directory this writer made (``dirs``), so no path it uses can pass through a symlink; the
-    last component is never followed either (O_NOFOLLOW|O_EXCL, mkdir, symlink, link).
+    Safety without looking at the file system: a member is passed on only when its parent is
+    a directory of this archive (``dirs``), so no path tar uses can pass through a symlink of
+    the archive; names are never reused. Regular files are hashed as they stream past, so
+    the store's record does not read them again.
     """
 
-    def __init__(self, raw: Path, limits: Limits, what: str) -> None:
-        self.raw = str(raw)
+    def __init__(self, limits: Limits, what: str) -> None:
         self.limits = limits
         self.what = what
-        self.dirs: dict[str, int] = {}  # every directory made -> its mode from the tarball
+        self.dirs: dict[str, int] = {}  # every directory tar makes -> its mode from the tarball
         self.dir_members: set[str] = set()
+        self.leaves: dict[str, str] = {}  # every other name -> "file" or "symlink"
         self.leaf_parents: dict[str, str] = {}  # dir holding non-dirs -> first such member
         self.updirs: list[tuple[str, str]] = []  # relative symlinks with '..': (name, target)
+        self.contents: dict[str, tuple[int, str]] = {}  # file (or hard link) -> size, sha256
+        self.odd_modes: list[tuple[str, int]] = []  # files tar cannot give our mode alone
         self.buildinfo: str | None = None
+        self.buildinfo_data = b""
         self.files = 0
         self.bytes = 0
 
-    def _path(self, name: str) -> str:
-        return f"{self.raw}/{name}"
-
-    def add(self, member: Member, src: Source) -> None:
-        """Create one member. UnsafeArchiveError if refused; OSError from the file system."""
+    def add(self, member: Member, src: Source, pass_on: Callable[[], None]) -> None:
+        """Check one member; a file's data is read (and hashed) here, calling ``pass_on``
+        as it goes. UnsafeArchiveError if refused."""
         _check_name(member.name, self.limits, self.what)
-        parent = self._ensure_parent(member.name)
+        if member.name in self.leaves or (member.kind != "dir" and member.name in self.dirs):
+            raise unsafe(self.what, member.name, "is a duplicate of an earlier member")
+        parent = self._check_parent(member.name)
         if member.kind == "dir":
-            self._add_dir(member)
+            self.dirs[member.name] = member.mode
+            self.dir_members.add(member.name)
             return
         self.leaf_parents.setdefault(parent, member.name)
         if member.kind == "file":
-            self._add_file(member, src)
+            self._add_file(member, src, pass_on)
         elif member.kind == "symlink":
             self._add_symlink(member)
         else:
             self._add_hardlink(member)
 
-    def _ensure_parent(self, name: str) -> str:
-        """The parent of ``name``, checked to be a real directory; missing ones are made (as
-        tar does)."""
+    def _check_parent(self, name: str) -> str:
+        """The parent of ``name``; missing ones will be made by tar (recorded here)."""
         parent = name.rpartition("/")[0]
         if not parent or parent in self.dirs:
             return parent
         parts = parent.split("/")
-        for i in range(1, len(parts) + 1):  # top down: each lstat sees only real directories
+        for i in range(1, len(parts) + 1):
             path = "/".join(parts[:i])
             if path in self.dirs:
                 continue
-            try:
-                mode = os.lstat(self._path(path)).st_mode
-            except FileNotFoundError:
-                os.mkdir(self._path(path), 0o700)
-                self.dirs[path] = 0o755
-                continue
-            if stat.S_ISLNK(mode):
+            kind = self.leaves.get(path)
+            if kind == "symlink":
                 raise unsafe(self.what, name, f"would be written through the symlink {path!r}")
-            raise unsafe(self.what, name, f"has a parent {path!r} that is not a directory")
+            if kind is not None:
+                raise unsafe(self.what, name, f"has a parent {path!r} that is not a directory")
+            self.dirs[path] = 0o755
         return parent
 
-    def _duplicate(self, member: Member) -> UnsafeArchiveError:
-        return unsafe(self.what, member.name, "is a duplicate of an earlier member")
-
-    def _add_dir(self, member: Member) -> None:
-        if member.name not in self.dirs:  # a directory listed twice is harmless
-            try:
-                os.mkdir(self._path(member.name), 0o700)  # owner rwx until finish()
-            except FileExistsError:
-                raise self._duplicate(member) from None
-        self.dirs[member.name] = member.mode
-        self.dir_members.add(member.name)
-
-    def _add_file(self, member: Member, src: Source) -> None:
+    def _add_file(self, member: Member, src: Source, pass_on: Callable[[], None]) -> None:
         if self.bytes + member.size > self.limits.max_bytes:
             raise unsafe(
                 self.what,
@@ -183,25 +177,20 @@ class _Writer:
             raise StoreFull(f"{self.what}: does not fit in the store quota: its files pass "
                             f"the {self.limits.room} bytes the quota can hold beside the "
                             "packages in use")
-        try:
-            fd = os.open(self._path(member.name), _OPEN_NEW, 0o600)
-        except FileExistsError:
-            raise self._duplicate(member) from None
-        try:
-            _copy(
-                src, fd, member.size, f"{self.what}: tarball is truncated (in {show(member.name)})"
-            )
-            # no setuid/setgid/sticky, and no one but the store's owner may change it
-            os.fchmod(fd, (member.mode & 0o755) | 0o400)
-            os.utime(fd, (0, 0))  # like Spack: mtimes stay 0
-        finally:
-            os.close(fd)
+        keep = _is_buildinfo(member.name) and member.size <= MAX_BUILDINFO_BYTES
+        digest, data = _stream(src, member.size, pass_on, keep,
+                               f"{self.what}: tarball is truncated (in {show(member.name)})")
+        self.leaves[member.name] = "file"
+        self.contents[member.name] = (member.size, digest)
+        if member.mode & 0o7777 != (member.mode & 0o755) | 0o400:
+            self.odd_modes.append((member.name, member.mode))
         self.files += 1
         self.bytes += member.size
         if _is_buildinfo(member.name) and (
             self.buildinfo is None or len(member.name) < len(self.buildinfo)
         ):
             self.buildinfo = member.name
+            self.buildinfo_data = data
 
     def _add_symlink(self, member: Member) -> None:
         target = member.linkname
@@ -209,11 +198,7 @@ class _Writer:
             raise unsafe(
                 self.what, member.name, "is a symlink with an empty, NUL or overlong target"
             )
-        try:
-            os.symlink(target, self._path(member.name))
-        except FileExistsError:
-            raise self._duplicate(member) from None
-        os.utime(self._path(member.name), (0, 0), follow_symlinks=False)
+        self.leaves[member.name] = "symlink"
         # absolute targets are legitimate (other prefixes, the system); relative ones with
         # '..' are checked against the prefix once it is known
         if not target.startswith("/") and ".." in target.split("/"):
@@ -223,23 +208,14 @@ class _Writer:
         target = member.linkname
         subject = f"tarball member {show(member.name)}: hard link target {show(target)}"
         _check_name(target, self.limits, self.what, subject)
-        parent = target.rpartition("/")[0]
-        mode = None
-        if not parent or parent in self.dirs:  # else the lstat could pass through a symlink
-            try:
-                mode = os.lstat(self._path(target)).st_mode
-            except FileNotFoundError:
-                pass
-        if mode is None or not stat.S_ISREG(mode):
+        if self.leaves.get(target) != "file":
             raise unsafe(
                 self.what,
                 member.name,
                 f"is a hard link to {show(target)}, which is not an earlier regular file",
             )
-        try:
-            os.link(self._path(target), self._path(member.name), follow_symlinks=False)
-        except FileExistsError:
-            raise self._duplicate(member) from None
+        self.leaves[member.name] = "file"
+        self.contents[member.name] = self.contents[target]
 
     def prefix(self) -> str:
         """The package prefix (a member name), after checking every member lies inside it.
@@ -267,32 +243,63 @@ class _Writer:
                 )
         return prefix
 
-    def read_buildinfo(self) -> bytes:
-        assert self.buildinfo is not None
-        fd = os.open(self._path(self.buildinfo), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as file:
-            return file.read(MAX_BUILDINFO_BYTES + 1)
+    def compare(self, raw: Path) -> None:
+        """UnsafeArchiveError unless tar made exactly the names and kinds that were checked
+        (a reader that parsed the stream differently would make others)."""
+        made = dict(_kinds(str(raw), ""))
+        expected = {**dict.fromkeys(self.dirs, "dir"), **self.leaves}
+        if made != expected:
+            odd = sorted(set(made.items()) ^ set(expected.items()))[0][0]
+            raise UnsafeArchiveError(f"{self.what}: GNU tar read the tarball differently from "
+                                     f"the checks (at {show(odd)}); refused")
 
-    def finish(self) -> None:
-        """Give directories their modes (owner keeps rwx) and mtime 0, now they are complete."""
+    def finish(self, raw: Path) -> None:
+        """Give files and directories their modes (owner keeps rwx on directories, others
+        never write; no setuid), and directories mtime 0, now the tree is complete."""
+        for name, mode in self.odd_modes:
+            os.chmod(f"{raw}/{name}", (mode & 0o755) | 0o400)
         for name, mode in self.dirs.items():
-            os.chmod(self._path(name), (mode & 0o755) | 0o700)  # others never write
-            os.utime(self._path(name), (0, 0))
+            os.chmod(f"{raw}/{name}", (mode & 0o755) | 0o700)
+            os.utime(f"{raw}/{name}", (0, 0))
 
 
-def _copy(src: Source, fd: int, size: int, truncated: str) -> None:
-    """Copy ``size`` bytes of member data from the stream to ``fd``, in chunks.
+def _kinds(top: str, relative: str) -> Iterator[tuple[str, str]]:
+    """(relative path, kind) of every entry below ``top``, never following a link."""
+    with os.scandir(f"{top}/{relative}" if relative else top) as listing:
+        entries = list(listing)
+    for entry in entries:
+        path = f"{relative}{entry.name}"
+        if entry.is_symlink():
+            yield path, "symlink"
+        elif entry.is_dir(follow_symlinks=False):
+            yield path, "dir"
+            yield from _kinds(top, f"{path}/")
+        elif entry.is_file(follow_symlinks=False):
+            yield path, "file"
+        else:
+            yield path, "other"
 
-    FormatError(``truncated``) if the stream ends first; OSError from writing.
+
+def _stream(src: Source, size: int, pass_on: Callable[[], None], keep: bool, truncated: str
+            ) -> tuple[str, bytes]:
+    """Read ``size`` bytes of member data, hashing them (and keeping them if ``keep``).
+
+    FormatError(``truncated``) if the stream ends first.
     """
+    digest = hashlib.sha256()
+    kept = []
     left = size
     while left:
         view = src.read(min(left, CHUNK))
         if not view:
             raise FormatError(truncated)
         left -= len(view)
-        while view:
-            view = view[os.write(fd, view) :]
+        digest.update(view)
+        if keep:
+            kept.append(view.tobytes())
+        if src.kept_bytes >= PASS_ON:
+            pass_on()
+    return digest.hexdigest(), b"".join(kept)
 
 
 def _store_error(exc: OSError, what: str, name: str) -> LazymountError:
@@ -334,19 +341,32 @@ def extract_tarball(
 def _extract(src: Source, staging: Path, limits: Limits, what: str) -> Extracted:
     """The body of extract_tarball, on an already decompressing source."""
     raw = staging / "raw"
-    writer = _Writer(raw, limits, what)
+    checker = _Checker(limits, what)
     name = str(raw)
     try:
         os.mkdir(raw, 0o755)
-        for member in members(src, limits, what):
-            name = member.name
-            writer.add(member, src)
-        name = "(end of archive)"
-        src.drain()
-        prefix = writer.prefix()
-        buildinfo = parse_buildinfo(writer.read_buildinfo(), what)
+        with TarChild(raw, what) as tar:
+
+            def pass_on() -> None:
+                tar.write(src.passed())
+
+            for member in members(src, limits, what):
+                name = member.name
+                checker.add(member, src, pass_on)
+                if src.kept_bytes >= PASS_ON:
+                    pass_on()
+            name = "(end of archive)"
+            src.drain()
+            pass_on()
+            tar.finish()
+        checker.compare(raw)
+        prefix = checker.prefix()
+        buildinfo = parse_buildinfo(checker.buildinfo_data, what)
         check_build_prefix(buildinfo, "/" + prefix, what)
-        writer.finish()
+        checker.finish(raw)
     except OSError as exc:
         raise _store_error(exc, what, name) from None
-    return Extracted(raw / prefix, "/" + prefix, buildinfo, writer.files, writer.bytes)
+    inside = len(prefix) + 1 if prefix else 0
+    contents = {n[inside:]: c for n, c in checker.contents.items() if _inside(n, prefix)}
+    return Extracted(raw / prefix, "/" + prefix, buildinfo, checker.files, checker.bytes,
+                     contents)

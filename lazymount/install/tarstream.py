@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import struct
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -45,12 +46,22 @@ class Limits:
 
 
 class Source:
-    """The decompressed tar stream, read forward once. Raises only LazymountError."""
+    """The decompressed tar stream, read forward once. Raises only LazymountError.
+
+    Every byte read is also kept (as views) until ``passed`` hands it on: extraction passes
+    the bytes of a member to the writer only once the member has been checked."""
 
     def __init__(self, chunks: Iterator[bytes], what: str) -> None:
         self._chunks = chunks
         self._what = what
         self._buf = memoryview(b"")
+        self.kept: list[memoryview] = []
+        self.kept_bytes = 0
+
+    def passed(self) -> list[memoryview]:
+        """The bytes read since the last call, in order (and forgotten here)."""
+        kept, self.kept, self.kept_bytes = self.kept, [], 0
+        return kept
 
     def _refill(self) -> bool:
         try:
@@ -69,6 +80,8 @@ class Source:
         if not self._buf and not self._refill():
             return self._buf
         view, self._buf = self._buf[:n], self._buf[n:]
+        self.kept.append(view)
+        self.kept_bytes += len(view)
         return view
 
     def read_exact(self, n: int, inside: str) -> bytes:
@@ -167,8 +180,14 @@ _OCTAL = re.compile(rb"[ \t\n\x0b\x0c\r\x1c-\x1f]*([0-7]*)[ \t\n\x0b\x0c\r\x1c-\
 def _number(field: bytes) -> int:
     """An octal number, or GNU's base-256 for values that do not fit (first byte 0x80/0xff).
     HeaderError if it is neither."""
+    head = field.split(b"\0", 1)[0]
+    if head.isdigit():  # what tar writers write: octal digits, then NUL (8 or 9: below)
+        try:
+            return int(head, 8)
+        except ValueError:
+            pass
     usual = _OCTAL.fullmatch(field)
-    if usual is not None:  # the fast path of nearly every field
+    if usual is not None:
         return int(usual[1] or b"0", 8)
     if field[:1] in (b"\x80", b"\xff"):
         value = int.from_bytes(field[1:], "big")
@@ -189,7 +208,7 @@ def parse_header(block: bytes) -> Header:
     stored = _number(chksum)
     for unused in (uid, gid, mtime, major, minor):  # tarfile refuses a header if one is bad
         _number(unused)
-    unsigned = sum(block) - sum(block[148:156]) + 256
+    unsigned = _byte_sum(block) - sum(block[148:156]) + 256
     if stored != unsigned and stored != _signed_checksum(block):
         raise tarfile.HeaderError("bad checksum")
     header = Header(_text(name), _text(linkname), kind, _number(mode), _number(size))
@@ -200,6 +219,13 @@ def parse_header(block: bytes) -> Header:
     if prefix[:1] != b"\0" and header.type not in _GNU_TYPES:  # ustar's long names
         header.name = _text(prefix) + "/" + header.name
     return header
+
+
+def _byte_sum(block: bytes) -> int:
+    """sum(block) of a 512-byte block, in C: Adler-32's low half is 1 + the byte sum modulo
+    65521, exact for each 256-byte half (at most 65,280)."""
+    view = memoryview(block)
+    return (zlib.adler32(view[:256]) & 0xFFFF) + (zlib.adler32(view[256:]) & 0xFFFF) - 2
 
 
 def _signed_checksum(block: bytes) -> int:

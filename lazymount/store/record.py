@@ -124,27 +124,36 @@ def _walk_fd(dir_fd: int, relative: str) -> Iterator[tuple[str, str, int, os.sta
                 os.close(sub)
 
 
-def _entry(name: str, dir_fd: int, st: os.stat_result, content: bool) -> Entry:
+def _entry(name: str, dir_fd: int, st: os.stat_result, content: bool,
+           known: tuple[int, str] | None = None) -> Entry:
+    """The entry of one path; a file's sha256 is ``known[1]`` when it still has the size
+    ``known[0]`` and no other name (a rewrite through another hard link would not show)."""
     kind = _kind(st.st_mode)
     mode = stat.S_IMODE(st.st_mode)
     if kind == "f":
-        digest = _hash_file(name, dir_fd) if content else ""
+        if known is not None and known[0] == st.st_size and st.st_nlink == 1:
+            digest = known[1]
+        else:
+            digest = _hash_file(name, dir_fd) if content else ""
         return Entry(kind, mode, st.st_size, digest, st.st_ctime_ns)
     if kind == "l":
         return Entry(kind, mode, 0, os.readlink(name, dir_fd=dir_fd))
     return Entry(kind, mode)
 
 
-def seal(tree: Path, provenance: dict[str, Any]) -> Sealed:
+def seal(tree: Path, provenance: dict[str, Any],
+         known: dict[str, tuple[int, str]] | None = None) -> Sealed:
     """Hash and describe every entry of ``tree``: the record to publish with it. Blocking
-    (a worker thread): it reads every byte once. ``provenance``: the spec hash and the
-    digests of the signed document and tarball it came from."""
+    (a worker thread). ``provenance``: the spec hash and the digests of the signed document
+    and tarball it came from. ``known``: size and sha256 of files hashed as they were
+    extracted and not changed since (by relative path); every other file is read."""
+    known = known or {}
     rows: list[list[Any]] = []
     inodes: set[tuple[int, int]] = set()
     root = os.lstat(tree)
     disk = root.st_blocks * 512
     for path, name, dir_fd, st in _walk(tree):
-        rows.append(_entry(name, dir_fd, st, content=True).as_row(path))
+        rows.append(_entry(name, dir_fd, st, True, known.get(path)).as_row(path))
         if (st.st_dev, st.st_ino) not in inodes:
             inodes.add((st.st_dev, st.st_ino))
             disk += st.st_blocks * 512
