@@ -17,7 +17,7 @@ from spackcache import index_bytes
 from test_properties import FAST, indexes, json_values
 
 from lazymount.buildcache import indexdecode
-from lazymount.buildcache.index import IndexNodes, _scan_with_json, _shared, scan_index
+from lazymount.buildcache.index import IndexSource, _scan_with_json, _table, scan_index
 from lazymount.errors import FormatError
 
 FIELDS = ["name", "version", "hash", "arch", "dependencies", "compiler", "external",
@@ -44,7 +44,7 @@ def both_paths(blob: bytes) -> tuple[Any, Any]:
     """What ``scan_index`` gives and what the json-module scanner gives (each a list of rows
     or the message of its FormatError)."""
     results = []
-    for scan in (scan_index, lambda b: _shared(_scan_with_json(b))):
+    for scan in (scan_index, lambda b: _table(_scan_with_json(b))):
         try:
             results.append(scan(blob))
         except FormatError as exc:
@@ -78,10 +78,9 @@ def test_spans_hold_each_whole_node():
     for blob in (index_bytes(records),
                  json.dumps({"database": {"installs": records, "version": "8"}}, indent=3,
                             ensure_ascii=False).encode()):
-        rows = scan_index(blob)
-        nodes = IndexNodes(blob)
-        nodes.spans = {row[0]: (row[7], row[8]) for row in rows}
-        assert [nodes.node(h) for h in records] == [r["spec"] for r in records.values()]
+        source = IndexSource(blob)
+        source.fill(scan_index(blob))
+        assert [source.node(row) for row in range(3)] == [r["spec"] for r in records.values()]
 
 
 def test_a_key_given_twice_or_escaped_leaves_it_to_the_json_parser():
@@ -111,7 +110,7 @@ def test_a_record_the_schemas_refuse_is_dropped_with_the_parsers_warning(caplog)
     blob = index_bytes(installs).replace(b"1e+400", b"1e400")
     with caplog.at_level(logging.WARNING):
         rows = scan_index(blob)
-    assert [(row[0], row[2]) for row in rows] == [("a" * 32, "1.0"), ("c" * 32, "2.5"),
-                                                  ("d" * 32, "1")]
+    assert [(rows.hashes[row[6]], row[1]) for row in rows.records] == [
+        ("a" * 32, "1.0"), ("c" * 32, "2.5"), ("d" * 32, "1")]
     assert "index record bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb: arch is not a mapping; not shown" \
         in caplog.text

@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import FIXTURE_CACHE, lazymount_command
+from hypothesis import given
+from hypothesis import strategies as st
+from test_properties import FAST
 
 from lazymount.buildcache.index import parse_index
-from lazymount.buildcache.layout import project
+from lazymount.buildcache.layout import project, projector
 from lazymount.catalog.installtree import InstallTree
+from lazymount.errors import FormatError
 
 INDEX_BLOB = (FIXTURE_CACHE / "blobs/sha256/37"
               / "371e373d1420f06e93b3853bdd35c0b810f8f18913ca67e6999c5c332b61bdb0")
@@ -29,6 +34,43 @@ def catalog():
 
 def run(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(path), *args], capture_output=True, text=True, timeout=60)
+
+
+# ---- the projector (placing many specs) agrees with project ----------------------------------
+
+TOKENS = ["{name}", "{version}", "{hash}", "{hash:7}", "{namespace}", "{architecture}",
+          "{architecture.platform}", "{architecture.os}", "{architecture.target}",
+          "{compiler.name}", "{compiler.version}"]
+texts = st.text(st.sampled_from("aZ9-_.+ /{}é@"), max_size=6)
+projections = st.lists(st.lists(st.sampled_from(TOKENS) | texts, min_size=1, max_size=4)
+                       .map("".join), min_size=1, max_size=3).map("/".join)
+facts = st.fixed_dictionaries({}, optional={
+    "namespace": texts,
+    "arch": st.fixed_dictionaries({"platform": texts, "platform_os": texts,
+                                   "target": texts | st.fixed_dictionaries({"name": texts})}),
+    "compiler": st.fixed_dictionaries({"name": texts, "version": texts}),
+    "annotations": st.fixed_dictionaries({"compiler": texts}),
+    "dependencies": st.lists(st.fixed_dictionaries({
+        "name": texts, "hash": st.sampled_from(["a" * 32, "b" * 32]),
+        "parameters": st.fixed_dictionaries({"virtuals": st.lists(
+            st.sampled_from(["c", "cxx", "fortran", "mpi"]))})}), max_size=2),
+})
+
+
+@FAST
+@given(projections, facts, texts, texts)
+def test_projector_places_as_project_does(projection, fields, name, version):
+    known = {"a" * 32: {"name": "gcc", "version": "12.{2}"}}
+    node = {"name": name, "version": version, "hash": "c" * 32, **fields}
+
+    def outcome(place: Callable[[], str]) -> str:
+        try:
+            return place()
+        except FormatError as exc:
+            return f"refused: {exc}"
+
+    assert outcome(lambda: projector(projection, fields, known.get)(name, version, "c" * 32)) \
+        == outcome(lambda: project(projection, node, known.get))
 
 
 # ---- {compiler.name} / {compiler.version} ----------------------------------------------------

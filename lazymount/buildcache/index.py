@@ -10,10 +10,9 @@ import json
 import json.decoder
 import logging
 import re
-import sys
+import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, NamedTuple
 
 import msgspec
 from msgspec import UNSET
@@ -32,51 +31,82 @@ _scan_string = json.decoder.scanstring  # type: ignore[attr-defined]
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class SpecRecord:
+class SpecRecord(msgspec.Struct, frozen=True, gc=False, array_like=True):
     """One node of the index: a spec and what we need to place and fetch it.
 
-    ``place`` holds the node's fields that place it under a projection and in a v2 cache
-    (see ``placement``); ``node`` is the whole node, which a record loaded from the
-    catalog store reads from disk on use, so 100,000 records stay small in memory.
+    Compact, for 100,000s of them: what records of one index share lives in their
+    ``source`` (their hashes, the distinct sets of placing fields, where each whole node is
+    in the document), and the record holds row numbers into it. Each index's records are
+    of a subclass that names its source and mirror (``IndexSource.record_class``), so the
+    catalog store decodes them straight from its file (msgpack, fields in this order).
     """
 
-    dag_hash: str
     name: str
     version: str
-    place: dict[str, Any] = field(repr=False, compare=False)
+    kind: int  # its placing fields besides name, version and hash: source.kinds[kind]
     in_buildcache: bool = False
     ref_count: int = 0
-    mirror: int = 0  # position of the mirror that lists it, in the order given
-    runtime_deps: tuple[str, ...] = ()  # hashes of link/run dependencies
-    nodes: dict[str, Any] | NodeSource | None = field(default=None, repr=False, compare=False)
+    deps: bytes = b""  # its link/run dependencies: rows of source.hashes, uint32 each
+    row: int = 0  # its own row in source
+
+    source: ClassVar[IndexSource]
+    mirror: ClassVar[int]  # position of the mirror that lists it, in the order given
+
+    @property
+    def dag_hash(self) -> str:
+        return self.source.hashes[self.row]
+
+    @property
+    def runtime_deps(self) -> tuple[str, ...]:
+        """Hashes of its link/run dependencies."""
+        hashes = self.source.hashes
+        return tuple(hashes[row] for (row,) in _U32.iter_unpack(self.deps))
+
+    @property
+    def place(self) -> dict[str, Any]:
+        """The node's fields that place it under a projection and in a v2 cache (see
+        ``placement``): a new dict each time, whose values are shared (read them only)."""
+        return {"name": self.name, "version": self.version, "hash": self.dag_hash,
+                **self.source.kinds[self.kind]}
 
     @property
     def node(self) -> dict[str, Any]:
-        """The index's whole spec node. Raises FormatError if a stored index is damaged."""
-        if isinstance(self.nodes, dict):
-            return self.nodes
-        if self.nodes is not None:
-            return self.nodes.node(self.dag_hash)
-        return self.place
+        """The index's whole spec node, read back from the index document. Raises
+        FormatError if a stored index is damaged, StoreError if it cannot be read."""
+        return self.source.node(self.row)
 
     @property
     def external_path(self) -> str | None:
-        external = self.place.get("external")
+        external = self.source.kinds[self.kind].get("external")
         if isinstance(external, dict) and isinstance(external.get("path"), str):
             return str(external["path"])
         return None
 
+    def _identity(self) -> tuple[Any, ...]:
+        return (self.dag_hash, self.name, self.version, self.in_buildcache, self.ref_count,
+                self.mirror, self.runtime_deps)
 
-# one scanned record: hash, name, version, place, in_buildcache, ref_count, runtime deps,
-# then the byte offsets of its entry in the index document
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SpecRecord) and self._identity() == other._identity()
+
+    def __hash__(self) -> int:
+        return hash(self._identity())
+
+
+# one scanned record: hash, name, version, placing fields (but name, version and hash),
+# in_buildcache, ref_count, runtime deps, then the byte offsets of its entry in the document
 Row = tuple[str, str, str, dict[str, Any], bool, int, tuple[str, ...], int, int]
+_U32 = struct.Struct("<I")
+_SPAN = struct.Struct("<QQ")
 
 
-class NodeSource(Protocol):
-    """Where the whole nodes of stored records are read from (the catalog store)."""
+class IndexTable(NamedTuple):
+    """One index document, parsed: what the catalog store keeps (as msgpack)."""
 
-    def node(self, dag_hash: str) -> dict[str, Any]: ...
+    hashes: list[str]  # the records' hashes in row order, then dependencies it does not list
+    kinds: list[dict[str, Any]]  # the distinct placing fields (``SpecRecord.kind``)
+    spans: bytes  # per row, the byte offsets of its entry in the document (_SPAN)
+    records: list[Any]  # per row, the fields of its SpecRecord, in order (tuples or records)
 
 
 def placement(node: dict[str, Any]) -> dict[str, Any]:
@@ -173,94 +203,76 @@ def _runtime_deps(node: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _count(value: Any) -> int:
-    """ref_count is informational: anything but a whole number counts as 0."""
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    """ref_count is informational: anything but a whole number (of 64 bits) counts as 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) \
+        and -1 << 63 <= value < 1 << 63 else 0
 
 
-def parse_record(dag_hash: str, entry: Any, mirror: int) -> SpecRecord:
-    """One record of ``installs``, checked; its ``place`` and ``nodes`` are the node itself.
-    Raises FormatError naming the record."""
+def check_record(dag_hash: str, entry: Any) -> Row:
+    """The row of one record of ``installs``, checked (offsets 0). Raises FormatError
+    naming the record."""
     if not is_dag_hash(dag_hash) or not isinstance(entry, dict):
         raise FormatError(f"the index has a malformed record {str(dag_hash)[:40]!r}")
     node = entry.get("spec")
     if not isinstance(node, dict):
         raise FormatError(f"index record {dag_hash} has no spec")
     # the path under the mount shows the node's hash; the signed spec is bound to the key
-    if "hash" not in node:
-        node = {**node, "hash": dag_hash}
-    elif node["hash"] != dag_hash:
+    if "hash" in node and node["hash"] != dag_hash:
         raise FormatError(f"index record {dag_hash}: spec hash {str(node['hash'])[:40]} "
                           "is not the record's key")
     _check_shape(node, dag_hash)
-    return SpecRecord(
-        dag_hash=dag_hash,
-        name=_check_name(node.get("name"), "name", dag_hash),
-        version=_check_version(node.get("version"), dag_hash),
-        place=node,
-        nodes=node,
-        in_buildcache=bool(entry.get("in_buildcache", False)),
-        ref_count=_count(entry.get("ref_count", 0)),
-        mirror=mirror,
-        runtime_deps=_runtime_deps(node),
-    )
+    name = _check_name(node.get("name"), "name", dag_hash)
+    version = _check_version(node.get("version"), dag_hash)
+    facts = placement(node)
+    for key in ("name", "version", "hash"):
+        facts.pop(key, None)
+    return (dag_hash, name, version, facts, bool(entry.get("in_buildcache", False)),
+            _count(entry.get("ref_count", 0)), _runtime_deps(node), 0, 0)
 
 
 def parse_index(data: bytes, mirror: int = 0) -> dict[str, SpecRecord]:
-    """Parse an index blob (database v6-v8 JSON) into records keyed by DAG hash: the rows of
-    ``scan_index``, whose whole nodes are read back from ``data`` on use.
+    """Parse an index blob (database v6-v8 JSON) into records keyed by DAG hash, whose
+    whole nodes are read back from ``data`` on use.
 
     Raises FormatError for anything that is not such a document; malformed records are
     dropped with a warning (see ``scan_index``). Pure but for the log; any thread.
     """
-    rows = scan_index(data)
-    return records_of(rows, mirror, IndexNodes(data))
+    return records_of(scan_index(data), mirror, IndexSource(data))
 
 
-def records_of(rows: list[Row], mirror: int, nodes: IndexNodes) -> dict[str, SpecRecord]:
-    """SpecRecords of scanned rows; whole nodes come from ``nodes``."""
-    nodes.spans = {row[0]: (row[7], row[8]) for row in rows}
-    return {row[0]: SpecRecord(row[0], row[1], row[2], row[3], row[4], row[5], mirror,
-                               row[6], nodes) for row in rows}
+def records_of(table: IndexTable, mirror: int, source: IndexSource) -> dict[str, SpecRecord]:
+    """The SpecRecords of a scanned index, keyed by hash; ``source`` takes its tables."""
+    source.fill(table)
+    record = source.record_class(mirror)
+    hashes = table.hashes
+    return {hashes[row[6]]: record(*row) for row in table.records}
 
 
-def _shared(rows: list[Row]) -> list[Row]:
-    """``rows`` with equal values made one object: a 100,000-spec index repeats a few
-    thousand names and versions and a handful of arch triples, and each hash is also a
-    dependency of others. Rows are read, never changed, so sharing is safe; ``marshal``
-    keeps it in the stored catalog, so every later mount loads the shared form too."""
-    shared: dict[Any, Any] = {row[0]: row[0] for row in rows}
-    one = shared.setdefault
-    out: list[Row] = []
-    for dag_hash, name, version, place, cached, refs, deps, start, end in rows:
-        out.append((dag_hash, one(name, name), one(version, version), _shared_place(place, one),
-                    cached, refs, tuple(one(h, h) for h in deps), start, end))
-    return out
-
-
-def _shared_place(place: dict[str, Any], one: Any) -> dict[str, Any]:
-    """``place`` with its strings and its arch made the objects other rows use."""
-    for key, value in place.items():
-        if isinstance(value, str):
-            place[key] = one(value, value)
-    arch = place.get("arch")
-    if isinstance(arch, dict) and all(isinstance(v, str) for v in arch.values()):
-        place["arch"] = one(("arch", *arch.items()), arch)
-    return place
-
-
-class IndexNodes:
-    """Whole index nodes, read back from an index document by the byte spans of its
-    entries (``scan_index``). This one holds the document in memory; the catalog store's
-    reads it from disk. Thread: any."""
+class IndexSource:
+    """What the records of one index share: their hashes, their distinct placing fields,
+    and the index document their whole nodes are read back from (by the byte spans of
+    their entries). This one holds the document in memory; the catalog store's reads it
+    from disk. Thread: any."""
 
     def __init__(self, data: bytes | None = None, name: str = "the index"):
-        self.spans: dict[str, tuple[int, int]] = {}
+        self.hashes: list[str] = []
+        self.kinds: list[dict[str, Any]] = []
+        self.spans = b""
         self.name = name  # for messages
         self._data = data
 
-    def node(self, dag_hash: str) -> dict[str, Any]:
+    def fill(self, table: IndexTable) -> None:
+        self.hashes, self.kinds, self.spans = table.hashes, table.kinds, table.spans
+
+    def record_class(self, mirror: int) -> type[SpecRecord]:
+        """The SpecRecord subclass of this index's records, listed by mirror ``mirror``."""
+        return type("SpecRecord", (SpecRecord,), {"source": self, "mirror": mirror,
+                                                  "__module__": __name__})
+
+    def node(self, row: int) -> dict[str, Any]:
         """Raises FormatError if the document does not hold the record where it was."""
-        start, end = self.spans[dag_hash]
+        dag_hash = self.hashes[row]
+        start, end = _SPAN.unpack_from(self.spans, 16 * row)
         text = self.read(start, end)
         try:
             node = json.loads(text)["spec"]
@@ -273,6 +285,48 @@ class IndexNodes:
     def read(self, start: int, end: int) -> bytes:
         assert self._data is not None
         return self._data[start:end]
+
+
+def _table(rows: list[Row]) -> IndexTable:
+    """The table of scanned rows: equal placing fields stored once (a 100,000-spec index
+    has a handful of arch triples and compilers), dependencies as row numbers. A record
+    whose fields cannot be stored (a number past 64 bits) is dropped with a warning."""
+    hashes = [row[0] for row in rows]
+    rows_of = {dag_hash: number for number, dag_hash in enumerate(hashes)}
+    kinds: list[dict[str, Any]] = []
+    kind_of: dict[bytes, int] = {}
+    by_identity: dict[int, int] = {}  # rows share placing fields: each is encoded once
+    records: list[tuple[Any, ...]] = []
+    spans: list[int] = []
+    encode, row_of = msgspec.msgpack.encode, rows_of.get
+    for number, (dag_hash, name, version, facts, cached, refs, deps, start, end) in \
+            enumerate(rows):
+        spans += (start, end)  # by row, kept or not
+        kind = by_identity.get(id(facts), -1)  # ``rows`` keeps each alive: ids are unique
+        if kind < 0:
+            try:
+                kind = kind_of.setdefault(encode(facts), len(kinds))
+            except (OverflowError, TypeError):
+                log.warning("index record %s: a value cannot be stored; not shown", dag_hash)
+                continue
+            if kind == len(kinds):
+                kinds.append(facts)
+            by_identity[id(facts)] = kind
+        dep_rows = [row_of(dep, -1) for dep in deps]
+        if -1 in dep_rows:  # dependencies the index does not list: rows past its records
+            dep_rows = [_row_of(dep, rows_of, hashes) for dep in deps]
+        records.append((name, version, kind, cached, refs,
+                        struct.pack(f"<{len(dep_rows)}I", *dep_rows), number))
+    return IndexTable(hashes, kinds, struct.pack(f"<{len(spans)}Q", *spans), records)
+
+
+def _row_of(dag_hash: str, rows_of: dict[str, int], hashes: list[str]) -> int:
+    """The row of ``dag_hash``, added past the others if it has none."""
+    row = rows_of.get(dag_hash)
+    if row is None:
+        row = rows_of[dag_hash] = len(hashes)
+        hashes.append(dag_hash)
+    return row
 
 
 def merge_indexes(indexes: list[dict[str, SpecRecord]]) -> dict[str, SpecRecord]:
@@ -291,7 +345,7 @@ def merge_indexes(indexes: list[dict[str, SpecRecord]]) -> dict[str, SpecRecord]
 # Parsing an index once: every record with the byte span of its entry
 
 
-def scan_index(blob: bytes) -> list[Row]:
+def scan_index(blob: bytes) -> IndexTable:
     """The checked records of an index document (Spack database v6-v8 JSON), each with the
     byte offsets of its ``installs`` entry (so that whole nodes need not be kept in memory).
 
@@ -308,22 +362,23 @@ def scan_index(blob: bytes) -> list[Row]:
             raise FormatError("the index is not UTF-8 JSON") from None
     decoded = indexdecode.decode(blob)
     if decoded is None:
-        return _shared(_scan_with_json(blob))
+        return _table(_scan_with_json(blob))
     version, entries = decoded
     _check_database(version, entries is not None)
     assert entries is not None
     rows: list[Row] = []
     dropped = 0
+    shared: dict[Any, dict[str, Any]] = {}
     for dag_hash, raw, start, end in entries:
         try:
-            rows.append(_decoded_row(dag_hash, raw, start, end))
+            rows.append(_decoded_row(dag_hash, raw, start, end, shared))
         except FormatError as exc:
             dropped += 1
             if dropped <= MAX_SKIP_WARNINGS:
                 log.warning("%s; not shown", exc)
     if dropped > MAX_SKIP_WARNINGS:
         log.warning("%d more malformed index records not shown", dropped - MAX_SKIP_WARNINGS)
-    return _shared(rows)
+    return _table(rows)
 
 
 def _check_database(version: Any, installs: bool) -> None:
@@ -334,15 +389,16 @@ def _check_database(version: Any, installs: bool) -> None:
         raise FormatError(f"the index has database version {version!s:.20}; supported: 6, 7, 8")
 
 
-def _decoded_row(dag_hash: str, raw: Any, start: int, end: int) -> Row:
+def _decoded_row(dag_hash: str, raw: Any, start: int, end: int,
+                 shared: dict[Any, dict[str, Any]]) -> Row:
     """The row of one raw entry: from its typed decoding, or, for an entry the typed
-    schemas refuse or that needs a closer look, from ``parse_record`` (whose FormatError
+    schemas refuse or that needs a closer look, from ``check_record`` (whose FormatError
     names what is wrong)."""
     try:
         entry = indexdecode.entry_decoder.decode(raw)
     except (msgspec.DecodeError, RecursionError):
         entry = None
-    row = _typed_row(dag_hash, entry, start, end) if entry is not None else None
+    row = _typed_row(dag_hash, entry, start, end, shared) if entry is not None else None
     if row is not None:
         return row
     try:
@@ -352,33 +408,47 @@ def _decoded_row(dag_hash: str, raw: Any, start: int, end: int) -> Row:
     return _row(dag_hash, value, start, end)
 
 
-def _typed_row(dag_hash: str, entry: indexdecode.Entry, start: int, end: int) -> Row | None:
-    """The row ``_row`` makes of the same entry, or None if it needs ``parse_record``'s
-    checks (a bad hash or name, a number for a version)."""
+def _typed_row(dag_hash: str, entry: indexdecode.Entry, start: int, end: int,
+               shared: dict[Any, dict[str, Any]]) -> Row | None:
+    """The row ``_row`` makes of the same entry, or None if it needs ``check_record``'s
+    checks (a bad hash or name, a number for a version). Placing fields made of the
+    namespace and arch alone (most records) are taken from ``shared`` when it has them."""
     node = entry.spec
     name, version = node.name, node.version
     if not (is_dag_hash(dag_hash) and node.hash in (UNSET, dag_hash)
             and _good_name(name) and _good_name(version)):
         return None
-    place: dict[str, Any] = {"name": name, "version": version, "hash": dag_hash}
+    runtime, edges = _typed_edges(node.dependencies or ())
+    if edges or node.compiler is not None or node.external is not None or \
+            node.annotations is not None and node.annotations.compiler is not UNSET:
+        facts = _typed_facts(node, edges)
+    else:
+        facts = shared.get((node.namespace, node.arch)) or \
+            shared.setdefault((node.namespace, node.arch), _typed_facts(node, edges))
+    return (dag_hash, name, version, facts, bool(entry.in_buildcache),
+            _count(entry.ref_count), runtime, start, end)
+
+
+def _typed_facts(node: indexdecode.Node, edges: list[dict[str, Any]]) -> dict[str, Any]:
+    """The placing fields of a typed node as ``placement`` makes them, but for name,
+    version and hash."""
+    facts: dict[str, Any] = {}
     if node.namespace is not UNSET:
-        place["namespace"] = node.namespace
+        facts["namespace"] = node.namespace
     arch = node.arch
     if arch is not None:
         target = arch.target
-        place["arch"] = {"platform": arch.platform, "platform_os": arch.platform_os,
+        facts["arch"] = {"platform": arch.platform, "platform_os": arch.platform_os,
                          "target": target if isinstance(target, str) else target.name}
     if node.compiler is not None:
-        place["compiler"] = node.compiler
+        facts["compiler"] = node.compiler
     if node.annotations is not None and node.annotations.compiler is not UNSET:
-        place["annotations"] = {"compiler": node.annotations.compiler}
+        facts["annotations"] = {"compiler": node.annotations.compiler}
     if node.external is not None:
-        place["external"] = {"path": node.external.path}
-    runtime, edges = _typed_edges(node.dependencies or ())
+        facts["external"] = {"path": node.external.path}
     if edges:
-        place["dependencies"] = edges
-    return (dag_hash, name, version, place, bool(entry.in_buildcache),
-            _count(entry.ref_count), runtime, start, end)
+        facts["dependencies"] = edges
+    return facts
 
 
 def _good_name(value: Any) -> bool:
@@ -391,29 +461,27 @@ def _typed_edges(edges: Iterable[Any]) -> tuple[tuple[str, ...], list[dict[str, 
     ``_runtime_deps`` and ``placement`` find them in a node."""
     runtime: list[str] = []
     compilers: list[dict[str, Any]] = []
-    intern = sys.intern
     for edge in edges:
         parameters = edge.parameters
         deptypes = (parameters.deptypes if parameters is not None else None) or edge.type or ()
         if isinstance(deptypes, str):
             deptypes = (deptypes,)
+        # only strings equal "link" or "run": the same test as _runtime_deps's
         if isinstance(deptypes, list | tuple) and isinstance(edge.hash, str) and \
-                RUNTIME_DEPTYPES.intersection(t for t in deptypes if isinstance(t, str)):
-            runtime.append(intern(edge.hash))
+                ("link" in deptypes or "run" in deptypes):
+            runtime.append(edge.hash)
         virtuals = parameters.virtuals if parameters is not None else None
-        if isinstance(virtuals, list) and any(v in COMPILER_LANGUAGES for v in virtuals):
+        if virtuals and isinstance(virtuals, list) and \
+                any(v in COMPILER_LANGUAGES for v in virtuals):
             compilers.append({"name": edge.name, "hash": edge.hash,
                               "parameters": {"virtuals": list(virtuals)}})
     return tuple(runtime), compilers
 
 
 def _row(dag_hash: str, entry: Any, start: int, end: int) -> Row:
-    """The row of one decoded entry, checked by ``parse_record``. Raises FormatError."""
-    record = parse_record(dag_hash, entry, 0)
-    intern = sys.intern  # hashes repeat as dependencies: keep one string each
-    return (intern(dag_hash), record.name, record.version, placement(record.place),
-            record.in_buildcache, record.ref_count,
-            tuple(intern(h) for h in record.runtime_deps), start, end)
+    """The row of one decoded entry, checked by ``check_record``. Raises FormatError."""
+    _, name, version, facts, cached, refs, deps, _, _ = check_record(dag_hash, entry)
+    return (dag_hash, name, version, facts, cached, refs, deps, start, end)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ msgspec, both times in C: first ``installs`` as a mapping of raw entries (only t
 checked), then each entry with typed schemas that declare just the fields that place and fetch
 a spec, so that every other field is skipped without building a Python object.
 
-The schemas accept only what the json-module parser (``index.parse_record``) accepts, and give
+The schemas accept only what the json-module parser (``index.check_record``) accepts, and give
 the same values: an entry they refuse (a field of an unexpected type) goes to that parser,
 which keeps it or drops it with its own warning. A document msgspec refuses as a whole (not
 JSON as msgspec reads it, or nested too deeply) is left to the json-module scanner: ``decode``
@@ -16,7 +16,6 @@ returns None for it.
 from __future__ import annotations
 
 import re
-import sys
 from typing import Any
 
 import msgspec
@@ -32,11 +31,11 @@ class _Mapping(Struct, gc=False):
     """Any JSON object, whose members are skipped."""
 
 
-class _Target(Struct, gc=False):
+class _Target(Struct, frozen=True, gc=False):
     name: str = ""
 
 
-class _Arch(Struct, gc=False):
+class _Arch(Struct, frozen=True, gc=False):  # hashable: records share placing fields
     platform: str = ""
     platform_os: str = ""
     target: str | _Target = ""
@@ -124,7 +123,6 @@ def _located(blob: bytes, installs: dict[str, Raw]) -> list[RawEntry] | None:
     entries: list[RawEntry] = []
     position = 0
     startswith = blob.startswith
-    intern = sys.intern  # hashes repeat as dependencies: one string each
     for key, raw in installs.items():
         encoded = key.encode()
         if startswith(b',"' + encoded + b'":', position):  # compact JSON, as Spack writes it
@@ -136,7 +134,7 @@ def _located(blob: bytes, installs: dict[str, Raw]) -> list[RawEntry] | None:
         end = start + len(raw)
         if not startswith(raw, start):
             return None
-        entries.append((intern(key), raw, start, end))
+        entries.append((key, raw, start, end))
         position = end
     return entries if _CLOSE.match(blob, position) else None
 

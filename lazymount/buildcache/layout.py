@@ -185,6 +185,55 @@ def project(projection: str, node: dict[str, Any], lookup: NodeLookup | None = N
     return "/".join(parts)
 
 
+Projector = Callable[[str, str, str], str]  # (name, version, hash) -> relative path
+
+
+def projector(projection: str, facts: dict[str, Any], lookup: NodeLookup | None = None
+              ) -> Projector:
+    """``project`` for every node whose fields other than name, version and hash are
+    ``facts``: what those fields give is worked out once, so that placing 100,000 specs
+    that share a few sets of them costs a string format each. Raises FormatError for an
+    unknown token."""
+    node = dict(facts)
+    arch = node.get("arch") or {}
+    compiler: tuple[str, str] | None = None
+    components: list[str | tuple[str]] = []  # a finished component, or (format,)
+    for pieces in _template(projection):
+        text, per_spec = "", False
+        for piece in pieces:
+            if isinstance(piece, str):
+                text += _braced(piece)
+                continue
+            token, length = piece
+            if token in _PER_SPEC:
+                spec = "" if length is None else f":.{length}"
+                text += f"{{{_PER_SPEC[token]}{spec}}}"
+                per_spec = True
+                continue
+            if token in _COMPILER_TOKENS:
+                if compiler is None:
+                    compiler = _compiler(node, lookup)
+                value = str(compiler[_COMPILER_TOKENS[token]])
+            else:
+                value = str(_FIELDS[token](node, arch))
+            text += _braced(value if length is None else value[:length])
+        components.append((text,) if per_spec else polite_filename(text.format().lower()))
+
+    def project_one(name: str, version: str, dag_hash: str) -> str:
+        return "/".join([part if isinstance(part, str)
+                         else polite_filename(part[0].format(name, version, dag_hash).lower())
+                         for part in components])
+
+    return project_one
+
+
+_PER_SPEC = {"name": 0, "version": 1, "hash": 2}  # the arguments of a Projector
+
+
+def _braced(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
+
+
 def _compiler(node: dict[str, Any], lookup: NodeLookup | None) -> tuple[str, str]:
     name, version = node_compiler(node)
     if not name and lookup is not None:

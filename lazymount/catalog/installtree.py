@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lazymount.buildcache.index import SpecRecord
-from lazymount.buildcache.layout import DEFAULT_PROJECTION, project
+from lazymount.buildcache.layout import DEFAULT_PROJECTION, Projector, project, projector
 from lazymount.errors import FormatError
 
 log = logging.getLogger(__name__)
@@ -30,9 +30,19 @@ class InstallTree:
 
     def __post_init__(self) -> None:
         self.dirs[""] = set()
+        projectors: dict[tuple[type, int], Projector] = {}
         for dag_hash, record in sorted(self.catalog.items(), key=lambda kv: kv[1].mirror):
             if record.in_buildcache and record.external_path is None:
-                self._place(dag_hash, record)
+                key = (type(record), record.kind)  # records of one index sharing their fields
+                if key not in projectors:
+                    projectors[key] = self._projector(record)
+                self._place(dag_hash, record, projectors[key])
+
+    def _projector(self, record: SpecRecord) -> Projector:
+        try:
+            return projector(self.projection, record.source.kinds[record.kind], self.node_of)
+        except FormatError:  # refused again for each record, with its name
+            return lambda *_: project(self.projection, record.place, self.node_of)
 
     @classmethod
     def placed(cls, root: str, catalog: dict[str, SpecRecord], projection: str,
@@ -45,26 +55,39 @@ class InstallTree:
         tree.prefixes, tree.by_path, tree.dirs = prefixes, by_path, dirs
         return tree
 
-    def _place(self, dag_hash: str, record: SpecRecord) -> None:
+    def _place(self, dag_hash: str, record: SpecRecord, project_one: Projector) -> None:
         try:
-            relative = project(self.projection, record.place, self.node_of)
+            relative = project_one(record.name, record.version, dag_hash)
         except FormatError as exc:
             log.warning("%s-%s: not shown: %s", record.name, record.version, exc)
             return
-        parts = relative.split("/")
-        if any(part in ("", ".", "..") for part in parts):
+        parent, slash, leaf = relative.rpartition("/")
+        if leaf in ("", ".", "..") or (slash and parent not in self.dirs and any(
+                part in ("", ".", "..") for part in parent.split("/"))):
             log.warning("%s: projected path %r is unusable; not shown", dag_hash, relative)
             return
-        ancestors = ["/".join(parts[:i]) for i in range(1, len(parts))]
-        if relative in self.by_path or relative in self.dirs or any(
-            a in self.by_path for a in ancestors
-        ):
+        if relative in self.by_path or relative in self.dirs:
             log.warning("%s: path %s clashes with another spec; not shown", dag_hash, relative)
             return
+        if parent in self.dirs:  # made for an earlier prefix: no prefix is above it
+            self.dirs[parent].add(leaf)
+        elif not self._make_dirs(parent.split("/")):
+            log.warning("%s: path %s clashes with another spec; not shown", dag_hash, relative)
+            return
+        else:
+            self.dirs[parent] = {leaf}
         self.prefixes[dag_hash] = relative
         self.by_path[relative] = dag_hash
+
+    def _make_dirs(self, parts: list[str]) -> bool:
+        """Add the directories ``parts`` names (and those above it); False if one of them
+        is a prefix."""
+        ancestors = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        if any(a in self.by_path for a in ancestors):
+            return False
         for depth, name in enumerate(parts):
             self.dirs.setdefault("/".join(parts[:depth]), set()).add(name)
+        return True
 
     def node_of(self, dag_hash: str) -> dict[str, Any] | None:
         """The placing fields of a hash's index node (``SpecRecord.place``), if the catalog

@@ -38,10 +38,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
 
 from lazymount.buildcache.formats import LAYOUT_VERSIONS, Identity, discover, stored_layout
-from lazymount.buildcache.index import IndexNodes, SpecRecord, records_of, scan_index
+from lazymount.buildcache.index import (
+    IndexSource,
+    IndexTable,
+    SpecRecord,
+    records_of,
+    scan_index,
+)
 from lazymount.buildcache.layout import is_sha256
 from lazymount.catalog.installtree import InstallTree
 from lazymount.errors import FormatError, LazymountError, NotInMirror, StoreError
@@ -50,7 +57,7 @@ from lazymount.system.files import write_atomically
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # bump when the payload changes shape (2: values shared between rows)
+FORMAT = 3  # bump when the payload changes shape (3: an IndexTable in msgpack)
 
 
 class CatalogStore:
@@ -192,13 +199,19 @@ class CatalogStore:
                       ) -> dict[str, SpecRecord] | None:
         document = self.indexes / f"{header['checksum']}.json"
         self.loaded[header["url"]] = header["checksum"]
+        source = StoredIndex(document, header["checksum"],
+                             records=self.records_path(header["url"]))
+        record = source.record_class(position)
+        decoder = msgspec.msgpack.Decoder(
+            tuple[list[str], list[dict[str, Any]], bytes, list[record]])  # type: ignore[valid-type]
         try:
             with _gc_paused():
-                rows = marshal.loads(payload)
-                nodes = StoredIndex(document, header["checksum"],
-                                     records=self.records_path(header["url"]))
-                return records_of(rows, position, nodes)
-        except (ValueError, EOFError, TypeError, IndexError) as exc:
+                table = IndexTable(*decoder.decode(payload))
+                _check_rows(table)
+                source.fill(table)
+                hashes = table.hashes
+                return {hashes[r.row]: r for r in table.records}
+        except (msgspec.DecodeError, ValueError, IndexError) as exc:
             log.warning("the stored catalog of %s is damaged (%s); rebuilding it",
                         header["url"], exc)
             return None
@@ -215,11 +228,12 @@ class CatalogStore:
             if records is not None:
                 return records
         with _gc_paused():
-            rows = scan_index(blob)
-            payload = marshal.dumps(rows)
+            table = scan_index(blob)
+            payload = msgspec.msgpack.encode(table)
         self.loaded[url] = checksum
         header = {"format": FORMAT, "python": list(sys.version_info[:2]), "url": url,
-                  "layout": layout, "checksum": checksum, "etag": etag, "records": len(rows)}
+                  "layout": layout, "checksum": checksum, "etag": etag,
+                  "records": len(table.records)}
         document = self.indexes / f"{checksum}.json"
         nodes = StoredIndex(document, checksum, verified=True)
         try:
@@ -229,7 +243,7 @@ class CatalogStore:
             log.warning("cannot store the catalog of %s: %s", url, exc.strerror)
             nodes = StoredIndex(document, checksum, data=blob)
         with _gc_paused():
-            return records_of(rows, position, nodes)
+            return records_of(table, position, nodes)
 
     def _save(self, header: dict[str, Any], payload: bytes) -> None:
         header = dict(header, payload=hashlib.sha256(payload).hexdigest())
@@ -237,7 +251,7 @@ class CatalogStore:
         write_atomically(self.records_path(header["url"]), data, make_parents=True)
 
 
-class StoredIndex(IndexNodes):
+class StoredIndex(IndexSource):
     """Whole index nodes, read back from a stored index document by byte offsets.
 
     The document's sha256 is checked once, on the first read. Thread: any (a lock guards
@@ -272,6 +286,15 @@ class StoredIndex(IndexNodes):
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _check_rows(table: IndexTable) -> None:
+    """Raises ValueError if a stored table's parts disagree (its sha256 checked out, so
+    only a bug could do this; the rows themselves are not walked, to keep a mount fast)."""
+    rows = len(table.spans) // 16
+    if len(table.spans) % 16 or len(table.records) > rows or rows > len(table.hashes):
+        raise ValueError("its parts do not match")
+
 
 _gc_lock = threading.Lock()
 _gc_pauses = 0
