@@ -14,7 +14,7 @@ import spackcache as sc
 import trio
 from conftest import FIXTURE_CACHE, LMGREET, LMHELLO
 
-from lazymount.buildcache.index import SpecRecord, parse_index, scan_index
+from lazymount.buildcache.index import SpecRecord, keyed, parse_index, scan_index
 from lazymount.buildcache.layout import DEFAULT_PROJECTION, project
 from lazymount.catalog.installtree import InstallTree
 from lazymount.catalog.loader import load_catalog
@@ -228,7 +228,7 @@ def test_scan_drops_malformed_records_like_parse_index(tmp_path, caplog):
     blob = sc.index_bytes(installs)
     with caplog.at_level(logging.WARNING):
         table = scan_index(blob)
-    assert [table.hashes[row[6]] for row in table.records] == list(parse_index(blob))
+    assert list(keyed(table.hashes, table.records)) == list(parse_index(blob))
     assert "not shown" in caplog.text
 
 

@@ -17,7 +17,13 @@ from spackcache import index_bytes
 from test_properties import FAST, indexes, json_values
 
 from lazymount.buildcache import indexdecode
-from lazymount.buildcache.index import IndexSource, _scan_with_json, _table, scan_index
+from lazymount.buildcache.index import (
+    IndexSource,
+    _scan_with_json,
+    _table,
+    parse_index,
+    scan_index,
+)
 from lazymount.errors import FormatError
 
 FIELDS = ["name", "version", "hash", "arch", "dependencies", "compiler", "external",
@@ -109,8 +115,8 @@ def test_a_record_the_schemas_refuse_is_dropped_with_the_parsers_warning(caplog)
                 "d" * 32: {"spec": {"name": "x", "version": "1", "ref_count": 1e400}}}
     blob = index_bytes(installs).replace(b"1e+400", b"1e400")
     with caplog.at_level(logging.WARNING):
-        rows = scan_index(blob)
-    assert [(rows.hashes[row[6]], row[1]) for row in rows.records] == [
+        records = parse_index(blob)
+    assert [(h, r.version) for h, r in records.items()] == [
         ("a" * 32, "1.0"), ("c" * 32, "2.5"), ("d" * 32, "1")]
     assert "index record bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb: arch is not a mapping; not shown" \
         in caplog.text

@@ -35,32 +35,48 @@ class SpecRecord(msgspec.Struct, frozen=True, gc=False, array_like=True):
     """One node of the index: a spec and what we need to place and fetch it.
 
     Compact, for 100,000s of them: what records of one index share lives in their
-    ``source`` (their hashes, the distinct sets of placing fields, where each whole node is
-    in the document), and the record holds row numbers into it. Each index's records are
-    of a subclass that names its source and mirror (``IndexSource.record_class``), so the
-    catalog store decodes them straight from its file (msgpack, fields in this order).
+    ``source`` (their hashes, names and versions, the distinct sets of placing fields, where
+    each whole node is in the document), and a record holds its numbers in those tables,
+    packed in one bytes object. Each index's records are of a subclass that names its
+    source and mirror (``IndexSource.record_class``), so that the catalog store decodes
+    them straight from its file (msgpack, fields in this order).
     """
 
-    name: str
-    version: str
-    kind: int  # its placing fields besides name, version and hash: source.kinds[kind]
+    # uint32s: its row in source.hashes, name and version in source.strings, its placing
+    # fields besides name, version and hash in source.kinds, then the rows of its link/run
+    # dependencies in source.hashes
+    numbers: bytes
     in_buildcache: bool = False
     ref_count: int = 0
-    deps: bytes = b""  # its link/run dependencies: rows of source.hashes, uint32 each
-    row: int = 0  # its own row in source
 
     source: ClassVar[IndexSource]
     mirror: ClassVar[int]  # position of the mirror that lists it, in the order given
 
     @property
+    def row(self) -> int:
+        return int(_U32.unpack_from(self.numbers)[0])
+
+    @property
     def dag_hash(self) -> str:
-        return self.source.hashes[self.row]
+        return self.source.hashes[_U32.unpack_from(self.numbers)[0]]
+
+    @property
+    def name(self) -> str:
+        return self.source.strings[_U32.unpack_from(self.numbers, 4)[0]]
+
+    @property
+    def version(self) -> str:
+        return self.source.strings[_U32.unpack_from(self.numbers, 8)[0]]
+
+    @property
+    def kind(self) -> int:
+        return int(_U32.unpack_from(self.numbers, 12)[0])
 
     @property
     def runtime_deps(self) -> tuple[str, ...]:
         """Hashes of its link/run dependencies."""
         hashes = self.source.hashes
-        return tuple(hashes[row] for (row,) in _U32.iter_unpack(self.deps))
+        return tuple(hashes[row] for (row,) in _U32.iter_unpack(self.numbers[16:]))
 
     @property
     def place(self) -> dict[str, Any]:
@@ -104,9 +120,11 @@ class IndexTable(NamedTuple):
     """One index document, parsed: what the catalog store keeps (as msgpack)."""
 
     hashes: list[str]  # the records' hashes in row order, then dependencies it does not list
-    kinds: list[dict[str, Any]]  # the distinct placing fields (``SpecRecord.kind``)
+    strings: list[str]  # the distinct names and versions
+    kinds: list[dict[str, Any]]  # the distinct placing fields
     spans: bytes  # per row, the byte offsets of its entry in the document (_SPAN)
-    records: list[Any]  # per row, the fields of its SpecRecord, in order (tuples or records)
+    records: list[Any]  # per row, the fields of its SpecRecord (a tuple, a record or None
+    # for a record dropped)
 
 
 def placement(node: dict[str, Any]) -> dict[str, Any]:
@@ -244,8 +262,16 @@ def records_of(table: IndexTable, mirror: int, source: IndexSource) -> dict[str,
     """The SpecRecords of a scanned index, keyed by hash; ``source`` takes its tables."""
     source.fill(table)
     record = source.record_class(mirror)
-    hashes = table.hashes
-    return {hashes[row[6]]: record(*row) for row in table.records}
+    return keyed(table.hashes, [None if fields is None else record(*fields)
+                                for fields in table.records])
+
+
+def keyed(hashes: list[str], records: list[SpecRecord | None]) -> dict[str, SpecRecord]:
+    """Records by hash: the records of an IndexTable's rows (None for one dropped) with
+    the hashes of those rows (the hashes past them are dependencies the index lacks)."""
+    return {dag_hash: record
+            for dag_hash, record in zip(hashes[:len(records)], records, strict=True)
+            if record is not None}
 
 
 class IndexSource:
@@ -256,13 +282,15 @@ class IndexSource:
 
     def __init__(self, data: bytes | None = None, name: str = "the index"):
         self.hashes: list[str] = []
+        self.strings: list[str] = []
         self.kinds: list[dict[str, Any]] = []
         self.spans = b""
         self.name = name  # for messages
         self._data = data
 
     def fill(self, table: IndexTable) -> None:
-        self.hashes, self.kinds, self.spans = table.hashes, table.kinds, table.spans
+        self.hashes, self.strings = table.hashes, table.strings
+        self.kinds, self.spans = table.kinds, table.spans
 
     def record_class(self, mirror: int) -> type[SpecRecord]:
         """The SpecRecord subclass of this index's records, listed by mirror ``mirror``."""
@@ -288,17 +316,19 @@ class IndexSource:
 
 
 def _table(rows: list[Row]) -> IndexTable:
-    """The table of scanned rows: equal placing fields stored once (a 100,000-spec index
-    has a handful of arch triples and compilers), dependencies as row numbers. A record
-    whose fields cannot be stored (a number past 64 bits) is dropped with a warning."""
+    """The table of scanned rows: equal names, versions and placing fields stored once (a
+    100,000-spec index has a few thousand names and versions, a handful of arch triples
+    and compilers), dependencies as row numbers. A record whose fields cannot be stored (a
+    number past 64 bits) is dropped with a warning."""
     hashes = [row[0] for row in rows]
     rows_of = {dag_hash: number for number, dag_hash in enumerate(hashes)}
+    strings: dict[str, int] = {}
     kinds: list[dict[str, Any]] = []
     kind_of: dict[bytes, int] = {}
     by_identity: dict[int, int] = {}  # rows share placing fields: each is encoded once
-    records: list[tuple[Any, ...]] = []
+    records: list[tuple[bytes, bool, int] | None] = []
     spans: list[int] = []
-    encode, row_of = msgspec.msgpack.encode, rows_of.get
+    encode, row_of, string = msgspec.msgpack.encode, rows_of.get, strings.setdefault
     for number, (dag_hash, name, version, facts, cached, refs, deps, start, end) in \
             enumerate(rows):
         spans += (start, end)  # by row, kept or not
@@ -308,6 +338,7 @@ def _table(rows: list[Row]) -> IndexTable:
                 kind = kind_of.setdefault(encode(facts), len(kinds))
             except (OverflowError, TypeError):
                 log.warning("index record %s: a value cannot be stored; not shown", dag_hash)
+                records.append(None)
                 continue
             if kind == len(kinds):
                 kinds.append(facts)
@@ -315,9 +346,11 @@ def _table(rows: list[Row]) -> IndexTable:
         dep_rows = [row_of(dep, -1) for dep in deps]
         if -1 in dep_rows:  # dependencies the index does not list: rows past its records
             dep_rows = [_row_of(dep, rows_of, hashes) for dep in deps]
-        records.append((name, version, kind, cached, refs,
-                        struct.pack(f"<{len(dep_rows)}I", *dep_rows), number))
-    return IndexTable(hashes, kinds, struct.pack(f"<{len(spans)}Q", *spans), records)
+        numbers = (number, string(name, len(strings)), string(version, len(strings)), kind,
+                   *dep_rows)
+        records.append((struct.pack(f"<{len(numbers)}I", *numbers), cached, refs))
+    return IndexTable(hashes, list(strings), kinds, struct.pack(f"<{len(spans)}Q", *spans),
+                      records)
 
 
 def _row_of(dag_hash: str, rows_of: dict[str, int], hashes: list[str]) -> int:

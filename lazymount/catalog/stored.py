@@ -46,6 +46,7 @@ from lazymount.buildcache.index import (
     IndexSource,
     IndexTable,
     SpecRecord,
+    keyed,
     records_of,
     scan_index,
 )
@@ -57,7 +58,7 @@ from lazymount.system.files import write_atomically
 
 log = logging.getLogger(__name__)
 
-FORMAT = 3  # bump when the payload changes shape (3: an IndexTable in msgpack)
+FORMAT = 4  # bump when the payload changes shape (4: an IndexTable in msgpack)
 
 
 class CatalogStore:
@@ -202,15 +203,14 @@ class CatalogStore:
         source = StoredIndex(document, header["checksum"],
                              records=self.records_path(header["url"]))
         record = source.record_class(position)
-        decoder = msgspec.msgpack.Decoder(
-            tuple[list[str], list[dict[str, Any]], bytes, list[record]])  # type: ignore[valid-type]
+        decoder = msgspec.msgpack.Decoder(tuple[list[str], list[str], list[dict[str, Any]], bytes,
+                                                list[record | None]])  # type: ignore[valid-type]
         try:
             with _gc_paused():
                 table = IndexTable(*decoder.decode(payload))
                 _check_rows(table)
                 source.fill(table)
-                hashes = table.hashes
-                return {hashes[r.row]: r for r in table.records}
+                return keyed(table.hashes, table.records)
         except (msgspec.DecodeError, ValueError, IndexError) as exc:
             log.warning("the stored catalog of %s is damaged (%s); rebuilding it",
                         header["url"], exc)
@@ -233,7 +233,7 @@ class CatalogStore:
         self.loaded[url] = checksum
         header = {"format": FORMAT, "python": list(sys.version_info[:2]), "url": url,
                   "layout": layout, "checksum": checksum, "etag": etag,
-                  "records": len(table.records)}
+                  "records": len(table.records)}  # rows, dropped ones too
         document = self.indexes / f"{checksum}.json"
         nodes = StoredIndex(document, checksum, verified=True)
         try:
@@ -292,7 +292,7 @@ def _check_rows(table: IndexTable) -> None:
     """Raises ValueError if a stored table's parts disagree (its sha256 checked out, so
     only a bug could do this; the rows themselves are not walked, to keep a mount fast)."""
     rows = len(table.spans) // 16
-    if len(table.spans) % 16 or len(table.records) > rows or rows > len(table.hashes):
+    if len(table.spans) % 16 or len(table.records) != rows or rows > len(table.hashes):
         raise ValueError("its parts do not match")
 
 
