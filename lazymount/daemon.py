@@ -197,9 +197,8 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path, trus
     live: LiveMount | None = None
     try:
         started = time.monotonic()
-        catalogs = CatalogStore(store.root / "catalog")
+        catalogs = CatalogStore(store.root / "catalog", write_later=True)
         generation = await load_generation(config, root, catalogs, mirrors, trust)
-        release_memory()  # what parsing the index left in worker-thread arenas
         log.info("catalog of %d specs ready in %.2f s", len(generation.tree.catalog),
                  time.monotonic() - started)
         shared = (await trio.to_thread.run_sync(open_shared_store, config.shared_store)
@@ -238,6 +237,7 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path, trus
                          ", ".join(m.url for m in mirrors), root)
                 ready(None)
                 sd_notify("READY=1")
+                nursery.start_soon(_store_catalog, catalogs)
                 nursery.start_soon(_handle_signals, live, nursery)
                 nursery.start_soon(live.run_periodically)
                 if config.store_quota is not None and usage.total() > config.store_quota:
@@ -314,6 +314,13 @@ def _remove_socket(sock: socket.socket, path: str) -> None:
         pass
     except OSError as exc:
         log.debug("the control socket %s stays: %s", path, exc.strerror)
+
+
+async def _store_catalog(catalogs: CatalogStore) -> None:
+    """Once mounted: store what the first load parsed, then give back what parsing left
+    in worker-thread arenas."""
+    await trio.to_thread.run_sync(catalogs.flush)
+    release_memory()
 
 
 async def _first_database(live: LiveMount) -> None:

@@ -3,12 +3,14 @@ refreshed when it changes, rebuilt when the stored files are damaged."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import subprocess
 from pathlib import Path
 
+import msgspec
 import pytest
 import spackcache as sc
 import trio
@@ -124,7 +126,7 @@ def test_changed_index_is_refreshed(tmp_path, http_server):
 
 
 @pytest.mark.parametrize("damage", ["payload byte", "truncated", "header", "other python",
-                                    "empty"])
+                                    "empty", "not a table"])
 def test_damaged_catalog_file_is_rebuilt(tmp_path, http_server, caplog, damage):
     server = http_server(FIXTURE_CACHE)
     store = tmp_path / "store"
@@ -143,6 +145,10 @@ def test_damaged_catalog_file_is_rebuilt(tmp_path, http_server, caplog, damage):
         doc = json.loads(header)
         doc["python"] = [2, 7]
         data = json.dumps(doc).encode() + b"\n" + payload
+    elif damage == "not a table":  # its sha256 checks out, its shape does not
+        payload = msgspec.msgpack.encode([["a" * 32], [], [], b"", [[b"\0", True, 0]]])
+        doc = dict(json.loads(header), payload=hashlib.sha256(payload).hexdigest())
+        data = json.dumps(doc).encode() + b"\n" + payload
     else:
         data = b""
     path.write_bytes(data)
@@ -155,6 +161,33 @@ def test_damaged_catalog_file_is_rebuilt(tmp_path, http_server, caplog, damage):
     server.requests.clear()
     load(store, server.url)  # and stored again, intact
     assert server.requests == [INDEX_MANIFEST]
+
+
+def test_a_daemon_stores_the_parsed_index_once_it_is_mounted(tmp_path):
+    write_cache(tmp_path / "cache", ["alpha", "beta"])
+    store = tmp_path / "store"
+
+    async def main() -> dict[str, SpecRecord]:
+        mirror = open_mirror(str(tmp_path / "cache"))
+        catalogs = CatalogStore(store, write_later=True)
+        records = await catalogs.load(mirror, 0)
+        catalogs.tree("/tmp/x", records, DEFAULT_PROJECTION, [str(tmp_path / "cache")])
+        assert not store.exists()  # nothing written yet: whole nodes come from memory
+        assert {r.node["name"] for r in records.values()} >= {"alpha", "beta"}
+        catalogs.flush()
+        await mirror.aclose()
+        return records
+
+    records = trio.run(main)
+    assert [len(list((store / part).iterdir())) for part in ("indexes", "mirrors", "trees")] \
+        == [1, 1, 1]
+    (document,) = (store / "indexes").iterdir()
+    document.write_bytes(document.read_bytes().replace(b'"alpha"', b'"alphA"'))
+    # whole nodes are now read from the file (written by this process: not checked again)
+    assert next(r for r in records.values() if r.name == "alpha").node["name"] == "alphA"
+    document.unlink()  # the next mount finds the document missing: fetched again
+    again = load(store, str(tmp_path / "cache"))
+    assert next(r for r in again.values() if r.name == "alpha").node["name"] == "alpha"
 
 
 def test_damaged_stored_index_document_fails_its_nodes_then_is_fetched_again(

@@ -33,7 +33,7 @@ import marshal
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -66,12 +66,33 @@ class CatalogStore:
     concurrent loads of different mirrors; several daemons may share a store (every file
     is replaced atomically)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, *, write_later: bool = False):
         self.root = root
         self.indexes = root / "indexes"
         self.mirrors = root / "mirrors"
         self.trees = root / "trees"
         self.loaded: dict[str, str] = {}  # mirror URL -> checksum of the index its records are of
+        # a daemon stores what a first load parsed after it has mounted (``flush``): writing
+        # the 118 MB document and the tables is off the path to a usable mount
+        self.write_later = write_later
+        self._pending: list[Callable[[], None]] = []
+        self._pending_lock = threading.Lock()
+
+    def flush(self) -> None:
+        """Write what loads left for later (with ``write_later``). Blocking; any thread."""
+        while True:
+            with self._pending_lock:
+                if not self._pending:
+                    return
+                write = self._pending.pop(0)
+            write()
+
+    def _store(self, write: Callable[[], None]) -> None:
+        if self.write_later:
+            with self._pending_lock:
+                self._pending.append(write)
+        else:
+            write()
 
     def records_path(self, url: str) -> Path:
         return self.mirrors / f"{hashlib.sha256(url.encode()).hexdigest()[:32]}.bin"
@@ -157,14 +178,7 @@ class CatalogStore:
             log.warning("the stored placement %s is damaged (%s); placing again", path, exc)
         with _gc_paused():
             tree = InstallTree(root, catalog, projection)
-            payload = marshal.dumps((tree.prefixes, tree.by_path, tree.dirs))
-        header = {"identity": identity, "python": list(sys.version_info[:2]),
-                  "payload": hashlib.sha256(payload).hexdigest()}
-        try:
-            write_atomically(path, json.dumps(header).encode() + b"\n" + payload,
-                             make_parents=True)
-        except OSError as exc:
-            log.warning("cannot store the placement of the catalog: %s", exc.strerror)
+        self._store(lambda: _save_tree(path, identity, tree))
         return tree
 
     # ---- worker threads -------------------------------------------------------------------
@@ -199,6 +213,9 @@ class CatalogStore:
     def _load_records(self, header: dict[str, Any], payload: bytes, position: int
                       ) -> dict[str, SpecRecord] | None:
         document = self.indexes / f"{header['checksum']}.json"
+        if not document.is_file():  # whole nodes could not be read: fetch it again
+            log.warning("the stored index of %s is missing; rebuilding it", header["url"])
+            return None
         self.loaded[header["url"]] = header["checksum"]
         source = StoredIndex(document, header["checksum"],
                              records=self.records_path(header["url"]))
@@ -234,16 +251,19 @@ class CatalogStore:
         header = {"format": FORMAT, "python": list(sys.version_info[:2]), "url": url,
                   "layout": layout, "checksum": checksum, "etag": etag,
                   "records": len(table.records)}  # rows, dropped ones too
-        document = self.indexes / f"{checksum}.json"
-        nodes = StoredIndex(document, checksum, verified=True)
-        try:
-            write_atomically(document, blob, make_parents=True)
-            self._save(header, payload)
-        except OSError as exc:  # the mount works without it; the next one parses again
-            log.warning("cannot store the catalog of %s: %s", url, exc.strerror)
-            nodes = StoredIndex(document, checksum, data=blob)
+        nodes = StoredIndex(self.indexes / f"{checksum}.json", checksum, data=blob)
+        self._store(lambda: self._save_index(header, payload, nodes))
         with _gc_paused():
             return records_of(table, position, nodes)
+
+    def _save_index(self, header: dict[str, Any], payload: bytes, nodes: StoredIndex) -> None:
+        """Store a parsed index: its document (then read back from disk), then its records.
+        The mount works without them (logged): the next one parses again."""
+        try:
+            nodes.save()
+            self._save(header, payload)
+        except OSError as exc:
+            log.warning("cannot store the catalog of %s: %s", header["url"], exc.strerror)
 
     def _save(self, header: dict[str, Any], payload: bytes) -> None:
         header = dict(header, payload=hashlib.sha256(payload).hexdigest())
@@ -266,6 +286,16 @@ class StoredIndex(IndexSource):
         self._lock = threading.Lock()
         self._checked = verified
 
+    def save(self) -> None:
+        """Write the document held in memory to ``path``, and read from there from now on.
+        Raises OSError (it stays in memory)."""
+        with self._lock:
+            data = self._data
+        if data is not None:
+            write_atomically(self.path, data, make_parents=True)
+            with self._lock:
+                self._data, self._checked = None, True
+
     def read(self, start: int, end: int) -> bytes:
         with self._lock:
             if self._data is not None:
@@ -286,6 +316,19 @@ class StoredIndex(IndexSource):
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _save_tree(path: Path, identity: str, tree: InstallTree) -> None:
+    """Keep the placement of a tree for the next mount of the same indexes and projection;
+    the mount works without it (logged)."""
+    with _gc_paused():
+        payload = marshal.dumps((tree.prefixes, tree.by_path, tree.dirs))
+    header = {"identity": identity, "python": list(sys.version_info[:2]),
+              "payload": hashlib.sha256(payload).hexdigest()}
+    try:
+        write_atomically(path, json.dumps(header).encode() + b"\n" + payload, make_parents=True)
+    except OSError as exc:
+        log.warning("cannot store the placement of the catalog: %s", exc.strerror)
 
 
 def _check_rows(table: IndexTable) -> None:

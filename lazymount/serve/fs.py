@@ -80,40 +80,40 @@ def _is_own_thread(tid: int) -> bool:
     return os.path.exists(f"/proc/self/task/{tid}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class VirtualDir:
     relative: str  # path under the mount root, "" for the root
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PrefixDir:
     relative: str
     dag_hash: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RealNode:
     path: str  # absolute path in the store
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HostDir:
     relative: str  # "host" or "host/<name>"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HostLink:
     relative: str
     target: str  # what readlink answers
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ModuleText:
     relative: str  # a module file or module-index.yaml under modules/
     generation: int = 0  # which ModuleTree: a refresh makes new nodes (new inodes)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HostText:
     relative: str  # a module file of modules/host/
     text: bytes
@@ -306,8 +306,9 @@ class InstallTreeFS(pyfuse3.Operations):
         relative = f"{parent.relative}/{name}" if parent.relative else name
         if relative == HOST_DIR and self.host_dir:
             return HostDir(relative)
-        if relative in self.tree.by_path:
-            return PrefixDir(relative, self.tree.by_path[relative])
+        dag_hash = self.tree.by_path.get(relative)
+        if dag_hash is not None:  # the tree's own string: 100,000 listed prefixes share it
+            return PrefixDir(self.tree.prefixes[dag_hash], dag_hash)
         if relative in self.tree.dirs:
             return VirtualDir(relative)
         if relative in self.files:

@@ -227,6 +227,7 @@ class LiveMount:
                 trust.close()
             raise
         await self._swap(old, new)
+        await trio.to_thread.run_sync(self.catalogs.flush)  # what the load left to store
         added = len(new.tree.prefixes.keys() - old.tree.prefixes.keys())
         removed = len(old.tree.prefixes.keys() - new.tree.prefixes.keys())
         log.info("refresh (%s): %d packages now (%d new, %d removed)", why,
