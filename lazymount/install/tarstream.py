@@ -48,22 +48,36 @@ class Limits:
 class Source:
     """The decompressed tar stream, read forward once. Raises only LazymountError.
 
-    Every byte read is also kept (as views) until ``passed`` hands it on: extraction passes
-    the bytes of a member to the writer only once the member has been checked."""
+    Every byte read is also kept until ``passed`` hands it on: extraction passes the bytes
+    of a member to the writer only once the member has been checked. What is kept is one
+    view per chunk (reads are consecutive), not one per read."""
 
     def __init__(self, chunks: Iterator[bytes], what: str) -> None:
         self._chunks = chunks
         self._what = what
-        self._buf = memoryview(b"")
-        self.kept: list[memoryview] = []
-        self.kept_bytes = 0
+        self._chunk = memoryview(b"")
+        self._pos = 0  # next byte of _chunk to read
+        self._mark = 0  # first byte of _chunk not yet passed on
+        self._kept: list[memoryview] = []  # read, not yet passed on, of earlier chunks
+        self._kept_bytes = 0
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes read and not yet passed on."""
+        return self._kept_bytes + self._pos - self._mark
 
     def passed(self) -> list[memoryview]:
         """The bytes read since the last call, in order (and forgotten here)."""
-        kept, self.kept, self.kept_bytes = self.kept, [], 0
+        kept = self._kept
+        if self._pos > self._mark:
+            kept.append(self._chunk[self._mark:self._pos])
+        self._kept, self._kept_bytes, self._mark = [], 0, self._pos
         return kept
 
     def _refill(self) -> bool:
+        if self._pos > self._mark:
+            self._kept.append(self._chunk[self._mark:self._pos])
+            self._kept_bytes += self._pos - self._mark
         try:
             chunk = next(self._chunks, b"")
         except Fault as fault:
@@ -72,17 +86,16 @@ class Source:
             raise FormatError(f"{self._what}: {fault.reason}") from None
         except OSError as exc:
             raise StoreError(f"{self._what}: cannot read the tarball ({exc})") from None
-        self._buf = memoryview(chunk)
+        self._chunk, self._pos, self._mark = memoryview(chunk), 0, 0
         return bool(chunk)
 
     def read(self, n: int) -> memoryview:
-        """Up to ``n`` bytes (a view, valid until the next call); empty only at the end."""
-        if not self._buf and not self._refill():
-            return self._buf
-        view, self._buf = self._buf[:n], self._buf[n:]
-        self.kept.append(view)
-        self.kept_bytes += len(view)
-        return view
+        """Up to ``n`` bytes (a view); empty only at the end."""
+        if self._pos == len(self._chunk) and not self._refill():
+            return self._chunk[:0]
+        start = self._pos
+        self._pos = min(start + n, len(self._chunk))
+        return self._chunk[start:self._pos]
 
     def read_exact(self, n: int, inside: str) -> bytes:
         """Exactly ``n`` bytes, or FormatError saying the archive ends inside ``inside``."""
@@ -177,6 +190,12 @@ _OCTAL = re.compile(rb"[ \t\n\x0b\x0c\r\x1c-\x1f]*([0-7]*)[ \t\n\x0b\x0c\r\x1c-\
                     re.DOTALL)
 
 
+# mode, uid, gid, size, mtime and checksum (bytes 100-156) and the device numbers (329-345) in
+# the form GNU tar and Python's tarfile write them: the fast path of parse_header
+_WRITTEN = re.compile(rb"[0-7]{7}\0[0-7]{7}\0[0-7]{7}\0[0-7]{11}\0[0-7]{11}\0[0-7]{6}\0 ")
+_DEVICES = re.compile(rb"(?:[0-7]{7}\0|\0{8}){2}")
+
+
 def _number(field: bytes) -> int:
     """An octal number, or GNU's base-256 for values that do not fit (first byte 0x80/0xff).
     HeaderError if it is neither."""
@@ -203,15 +222,19 @@ def parse_header(block: bytes) -> Header:
     """Parse one header block as ``tarfile.TarInfo.frombuf`` would, for the fields we use,
     at a fraction of its cost (it dominated extraction of packages with many small files).
     Raises ``tarfile.HeaderError`` for a block that is not a valid header."""
-    (name, mode, uid, gid, size, mtime, chksum, kind, linkname, _magic, _uname, _gname,
-     major, minor, prefix) = _USTAR.unpack(block)
-    stored = _number(chksum)
-    for unused in (uid, gid, mtime, major, minor):  # tarfile refuses a header if one is bad
-        _number(unused)
+    (name, mode_field, uid, gid, size_field, mtime, chksum, kind, linkname, _magic, _uname,
+     _gname, major, minor, prefix) = _USTAR.unpack(block)
+    if _WRITTEN.match(block, 100) and _DEVICES.match(block, 329):
+        # every number field as tar writers write them: read the three we use directly
+        stored, mode, size = int(chksum[:6], 8), int(mode_field[:7], 8), int(size_field[:11], 8)
+    else:
+        stored, mode, size = _number(chksum), _number(mode_field), _number(size_field)
+        for unused in (uid, gid, mtime, major, minor):  # tarfile refuses a header if one is bad
+            _number(unused)
     unsigned = _byte_sum(block) - sum(block[148:156]) + 256
     if stored != unsigned and stored != _signed_checksum(block):
         raise tarfile.HeaderError("bad checksum")
-    header = Header(_text(name), _text(linkname), kind, _number(mode), _number(size))
+    header = Header(_text(name), _text(linkname), kind, mode, size)
     if header.type == tarfile.AREGTYPE and header.name.endswith("/"):
         header.type = tarfile.DIRTYPE  # old V7 tar's directories
     if header.type == tarfile.DIRTYPE:
