@@ -368,6 +368,23 @@ def test_member_over_symlink_is_refused(sandbox: tuple[Path, Path], second: tf.E
     refused(sandbox, blob, "duplicate of an earlier member")
 
 
+def test_deep_nesting_extracts_up_to_the_limit(sandbox: tuple[Path, Path]) -> None:
+    """248 directories below the prefix (256 names deep with the prefix and the file):
+    extracted, and the file at the bottom reads back."""
+    deep = "/".join(["d"] * 248)
+    result = extract(hostile(tf.file(f"{tf.PREFIX}/{deep}/leaf", b"bottom")), sandbox[0])
+    assert (result.root / deep / "leaf").read_bytes() == b"bottom"
+    assert result.contents[f"{deep}/leaf"][0] == len(b"bottom")
+
+
+def test_deeper_nesting_is_refused(sandbox: tuple[Path, Path]) -> None:
+    """1,200 nested directories (2,400 bytes of name): refused before anything is written,
+    not left to break every later walk of the tree."""
+    deep = "/".join(["d"] * 1200)
+    refused(sandbox, hostile(tf.file(f"{tf.PREFIX}/{deep}/leaf", b"x")),
+            "is nested more than 256 directories deep")
+
+
 def _gnu_header_with_prefix(name: str, prefix: str, data: bytes) -> bytes:
     """A member in the old GNU format whose bytes 345.. (atime and ctime there, the name's
     prefix in ustar) hold ``prefix``: Python's tarfile reads ``prefix/name``, GNU tar ``name``."""

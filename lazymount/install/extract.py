@@ -36,6 +36,9 @@ from lazymount.install.tarstream import Limits as Limits  # re-exported
 from lazymount.install.tarstream import Member, Source, members, show, unsafe
 
 MAX_COMPONENT = 255  # NAME_MAX of Linux file systems
+# real prefixes nest a few dozen levels; every walk of a tree (the record, removal) would
+# otherwise have to survive thousands
+MAX_DEPTH = 256
 PASS_ON = 256 << 10  # checked bytes gathered before they are written to tar in one call
 
 
@@ -75,6 +78,8 @@ def _check_name(name: str, limits: Limits, what: str, subject: str = "") -> None
         raise refuse("has a '..' component")
     if "" in parts or "." in parts:
         raise refuse("has an empty or '.' component")
+    if len(parts) > MAX_DEPTH:
+        raise refuse(f"is nested more than {MAX_DEPTH} directories deep")
     if size > MAX_COMPONENT and any(  # a name that short has no long component
             len(part.encode("utf-8", "surrogateescape")) > MAX_COMPONENT for part in parts):
         raise refuse(f"has a component longer than {MAX_COMPONENT} bytes")
@@ -246,7 +251,7 @@ class _Checker:
     def compare(self, raw: Path) -> None:
         """UnsafeArchiveError unless tar made exactly the names and kinds that were checked
         (a reader that parsed the stream differently would make others)."""
-        made = dict(_kinds(str(raw), ""))
+        made = dict(_kinds(str(raw)))
         expected = {**dict.fromkeys(self.dirs, "dir"), **self.leaves}
         if made != expected:
             odd = sorted(set(made.items()) ^ set(expected.items()))[0][0]
@@ -263,21 +268,24 @@ class _Checker:
             os.utime(f"{raw}/{name}", (0, 0))
 
 
-def _kinds(top: str, relative: str) -> Iterator[tuple[str, str]]:
-    """(relative path, kind) of every entry below ``top``, never following a link."""
-    with os.scandir(f"{top}/{relative}" if relative else top) as listing:
-        entries = list(listing)
-    for entry in entries:
-        path = f"{relative}{entry.name}"
-        if entry.is_symlink():
-            yield path, "symlink"
-        elif entry.is_dir(follow_symlinks=False):
-            yield path, "dir"
-            yield from _kinds(top, f"{path}/")
-        elif entry.is_file(follow_symlinks=False):
-            yield path, "file"
-        else:
-            yield path, "other"
+def _kinds(top: str) -> Iterator[tuple[str, str]]:
+    """(relative path, kind) of every entry below ``top``, never following a link. Not
+    recursive: a hostile archive may nest thousands of directories."""
+    pending = [""]
+    while pending:
+        relative = pending.pop()
+        with os.scandir(f"{top}/{relative}" if relative else top) as listing:
+            for entry in listing:
+                path = f"{relative}{entry.name}"
+                if entry.is_symlink():
+                    yield path, "symlink"
+                elif entry.is_dir(follow_symlinks=False):
+                    pending.append(f"{path}/")
+                    yield path, "dir"
+                elif entry.is_file(follow_symlinks=False):
+                    yield path, "file"
+                else:
+                    yield path, "other"
 
 
 def _stream(src: Source, size: int, pass_on: Callable[[], None], keep: bool, truncated: str
