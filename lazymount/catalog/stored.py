@@ -58,7 +58,7 @@ from lazymount.system.files import write_atomically
 
 log = logging.getLogger(__name__)
 
-FORMAT = 4  # bump when the payload changes shape (4: an IndexTable in msgpack)
+FORMAT = 5  # bump when a payload changes shape (4: an IndexTable in msgpack; 5: trees by order)
 
 
 class CatalogStore:
@@ -170,8 +170,7 @@ class CatalogStore:
                 if header.get("payload") != hashlib.sha256(payload).hexdigest():
                     raise ValueError("sha256 mismatch")
                 with _gc_paused():
-                    prefixes, by_path, dirs = marshal.loads(payload)
-                return InstallTree.placed(root, catalog, projection, prefixes, by_path, dirs)
+                    return _placed_tree(root, catalog, projection, marshal.loads(payload))
         except FileNotFoundError:
             pass
         except (OSError, ValueError, EOFError, TypeError) as exc:
@@ -320,15 +319,36 @@ class StoredIndex(IndexSource):
 
 def _save_tree(path: Path, identity: str, tree: InstallTree) -> None:
     """Keep the placement of a tree for the next mount of the same indexes and projection;
-    the mount works without it (logged)."""
+    the mount works without it (logged). The paths are kept in the catalog's order, so that
+    a mount loading them keys them with the catalog's own hash strings (100,000 of them:
+    8 MB not held twice)."""
+    prefixes = tree.prefixes
     with _gc_paused():
-        payload = marshal.dumps((tree.prefixes, tree.by_path, tree.dirs))
+        payload = marshal.dumps((_order(tree.catalog), [prefixes.get(h) for h in tree.catalog],
+                                 tree.dirs))
     header = {"identity": identity, "python": list(sys.version_info[:2]),
               "payload": hashlib.sha256(payload).hexdigest()}
     try:
         write_atomically(path, json.dumps(header).encode() + b"\n" + payload, make_parents=True)
     except OSError as exc:
         log.warning("cannot store the placement of the catalog: %s", exc.strerror)
+
+
+def _placed_tree(root: str, catalog: dict[str, SpecRecord], projection: str,
+                 stored: Any) -> InstallTree:
+    """The tree a stored placement gives. Raises ValueError if it was not made for the
+    catalog's hashes in this order."""
+    order, relatives, dirs = stored
+    if order != _order(catalog):
+        raise ValueError("made for another catalog")
+    prefixes = {h: r for h, r in zip(catalog, relatives, strict=True) if r is not None}
+    by_path = {relative: dag_hash for dag_hash, relative in prefixes.items()}
+    return InstallTree.placed(root, catalog, projection, prefixes, by_path, dirs)
+
+
+def _order(catalog: dict[str, SpecRecord]) -> str:
+    """The digest of a catalog's hashes in order."""
+    return hashlib.sha256("".join(catalog).encode()).hexdigest()
 
 
 def _check_rows(table: IndexTable) -> None:

@@ -2,23 +2,20 @@
 and a small HTTP endpoint for it (``metrics_listen = "127.0.0.1:9101"``).
 
 The metrics are made from the status dict (``service.status.collect``), so both always say
-the same; prometheus-client writes the exposition format.
+the same; prometheus-client writes the exposition format. It is imported when metrics are
+first asked for, not at every mount's start.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    InfoMetricFamily,
-    Metric,
-)
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +31,12 @@ class _StatusCollector:
         self.statuses = statuses
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            InfoMetricFamily,
+        )
+
         info = InfoMetricFamily("lazymount", "the running lazymount", labels=["mountpoint"])
         up = GaugeMetricFamily("lazymount_mirror_up", "1 if the mirror's last request "
                                "succeeded, 0 if it failed or was not made yet",
@@ -96,6 +99,8 @@ class _StatusCollector:
 
 def exposition(*statuses: dict[str, Any]) -> str:
     """The Prometheus text exposition of the status dicts of one or more mounts."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_StatusCollector(list(statuses)))  # type: ignore[arg-type]
     return generate_latest(registry).decode()

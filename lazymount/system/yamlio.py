@@ -1,10 +1,9 @@
-"""The one door to PyYAML: safe loading and dumping only."""
+"""The one door to PyYAML: safe loading and dumping only. PyYAML is imported on first use:
+a mount that never reads or writes YAML does not load it (a faster start)."""
 
 from __future__ import annotations
 
 from typing import Any
-
-import yaml
 
 
 class YamlError(ValueError):
@@ -13,6 +12,8 @@ class YamlError(ValueError):
 
 def safe_load(text: bytes | str) -> Any:
     """The document in ``text`` (plain data only: no Python objects). Raises YamlError. Pure."""
+    import yaml
+
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -21,4 +22,6 @@ def safe_load(text: bytes | str) -> Any:
 
 def safe_dump(data: Any, **options: Any) -> str:
     """``data`` as YAML text; ``options`` are PyYAML's ``safe_dump`` keywords. Pure."""
+    import yaml
+
     return str(yaml.safe_dump(data, **options))
