@@ -5,19 +5,22 @@ Under ``STORE/catalog/``::
     indexes/<sha256>.json      an index document as the mirror served it (content-addressed)
     mirrors/<url digest>.bin   the parsed records of one mirror: one JSON header line (format,
                                mirror URL, layout, index checksum, ETag, payload sha256), then
-                               the records as a ``marshal`` payload
+                               its ``IndexTable`` as msgpack (decoded straight into records)
+    trees/<digest>.bin         where a tree placed the catalog's specs (a JSON header, then a
+                               ``marshal`` payload), per set of indexes and projection
 
 A mount first asks the mirror one small question: has the document that names the index
 changed (the v3 index manifest, or v2's ``index.json.hash``)? It asks with If-None-Match when
 the server gave an ETag, so an unchanged index costs one small request and a 304. If the
 index is the one stored, the records are loaded from here: no download, no JSON parsing.
-Otherwise the index is downloaded, parsed, and stored for the next time.
+Otherwise the index is downloaded, parsed, and stored for the next time (a daemon stores it
+once it has mounted: ``write_later`` and ``flush``).
 
-Records are light (``SpecRecord.place``): a record's whole node is read back from the stored
-index document, by byte offsets, when something asks for it. A stored file that does not
-check out (format, Python version, sha256) is ignored and rebuilt from the mirror. If the
-mirror cannot be reached, the last stored catalog is used, with a warning: the index is only a
-hint, and packages already in the store keep working.
+Records are light (``SpecRecord``): a record's whole node is read back from the stored index
+document, by byte offsets, when something asks for it. A stored file that does not check out
+(format, Python version, sha256, shape, a missing document) is ignored and rebuilt from the
+mirror. If the mirror cannot be reached, the last stored catalog is used, with a warning: the
+index is only a hint, and packages already in the store keep working.
 
 Async functions run on the trio thread; parsing, loading and writing run in worker threads.
 """
