@@ -50,7 +50,6 @@ from lazymount.buildcache.index import (
     IndexTable,
     SpecRecord,
     keyed,
-    records_of,
     scan_index,
 )
 from lazymount.buildcache.layout import is_sha256
@@ -221,15 +220,8 @@ class CatalogStore:
         self.loaded[header["url"]] = header["checksum"]
         source = StoredIndex(document, header["checksum"],
                              records=self.records_path(header["url"]))
-        record = source.record_class(position)
-        decoder = msgspec.msgpack.Decoder(tuple[list[str], list[str], list[dict[str, Any]], bytes,
-                                                list[record | None]])  # type: ignore[valid-type]
         try:
-            with _gc_paused():
-                table = IndexTable(*decoder.decode(payload))
-                _check_rows(table)
-                source.fill(table)
-                return keyed(table.hashes, table.records)
+            return _decoded(payload, source, position)
         except (msgspec.DecodeError, ValueError, IndexError) as exc:
             log.warning("the stored catalog of %s is damaged (%s); rebuilding it",
                         header["url"], exc)
@@ -253,10 +245,13 @@ class CatalogStore:
         header = {"format": FORMAT, "python": list(sys.version_info[:2]), "url": url,
                   "layout": layout, "checksum": checksum, "etag": etag,
                   "records": len(table.records)}  # rows, dropped ones too
+        del table  # with the parse's other leftovers: records made now are laid out together
         nodes = StoredIndex(self.indexes / f"{checksum}.json", checksum, data=blob)
         self._store(lambda: self._save_index(header, payload, nodes))
-        with _gc_paused():
-            return records_of(table, position, nodes)
+        # decoded from the stored form, as a remount does: the records get memory of their
+        # own instead of holes between the parse's freed objects (a first mount's RSS after
+        # start-up: 134 -> 124 MiB), for 40 ms
+        return _decoded(payload, nodes, position)
 
     def _save_index(self, header: dict[str, Any], payload: bytes, nodes: StoredIndex) -> None:
         """Store a parsed index: its document (then read back from disk), then its records.
@@ -352,6 +347,19 @@ def _placed_tree(root: str, catalog: dict[str, SpecRecord], projection: str,
 def _order(catalog: dict[str, SpecRecord]) -> str:
     """The digest of a catalog's hashes in order."""
     return hashlib.sha256("".join(catalog).encode()).hexdigest()
+
+
+def _decoded(payload: bytes, source: StoredIndex, position: int) -> dict[str, SpecRecord]:
+    """The records of a stored ``IndexTable``, keyed by hash; ``source`` takes its tables.
+    Raises msgspec.DecodeError or ValueError if it is not one."""
+    record = source.record_class(position)
+    decoder = msgspec.msgpack.Decoder(tuple[list[str], list[str], list[dict[str, Any]], bytes,
+                                            list[record | None]])  # type: ignore[valid-type]
+    with _gc_paused():
+        table = IndexTable(*decoder.decode(payload))
+        _check_rows(table)
+        source.fill(table)
+        return keyed(table.hashes, table.records)
 
 
 def _check_rows(table: IndexTable) -> None:
