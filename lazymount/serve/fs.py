@@ -526,10 +526,11 @@ class InstallTreeFS(pyfuse3.Operations):
         node = self._node(inode)
         if isinstance(node, VirtualDir):
             await self._modules_below(node.relative)
-            for name in self._children(node):
-                await self._written(self._child(node, name))
-            entries = [(n, self._child(node, n)) for n in self._children(node)]
-            listing = [(os.fsencode(n), self._inode(c)) for n, c in entries if c is not None]
+            names = self._children(node)
+            for name in names:
+                if (f"{node.relative}/{name}" if node.relative else name) in self.files:
+                    await self._written(self._child(node, name))
+            listing = self._virtual_listing(node, names)
         elif isinstance(node, HostDir):
             children = await self._host_children(node)
             listing = [(os.fsencode(n), self._inode(children[n])) for n in sorted(children)]
@@ -543,6 +544,18 @@ class InstallTreeFS(pyfuse3.Operations):
         self.next_handle += 1
         self.listings[handle] = listing
         return handle
+
+    def _virtual_listing(self, node: VirtualDir, names: list[str]) -> Listing:
+        """The entries of a virtual directory. Its nodes are made first, its listing after:
+        the nodes stay, the listing goes at releasedir, and made in turn they would leave
+        the heap full of holes (listing 100,000 prefixes: +30 MiB of RSS)."""
+        kept, inodes = [], []
+        for name in names:
+            child = self._child(node, name)
+            if child is not None:
+                kept.append(name)
+                inodes.append(self._inode(child))
+        return list(zip(map(os.fsencode, kept), inodes, strict=True))
 
     def _real_listing(self, inode: int, directory: str) -> Listing:
         """The entries of a store directory, listed once."""
