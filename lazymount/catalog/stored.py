@@ -81,13 +81,18 @@ class CatalogStore:
         self._pending_lock = threading.Lock()
 
     def flush(self) -> None:
-        """Write what loads left for later (with ``write_later``). Blocking; any thread."""
+        """Write what loads left for later (with ``write_later``). A write that fails is
+        logged: the mount works without it, and the next one parses again. Blocking; any
+        thread."""
         while True:
             with self._pending_lock:
                 if not self._pending:
                     return
                 write = self._pending.pop(0)
-            write()
+            try:
+                write()
+            except Exception:  # a bug here must not take the mount down
+                log.exception("storing the catalog failed")
 
     def _store(self, write: Callable[[], None]) -> None:
         if self.write_later:
