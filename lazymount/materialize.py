@@ -386,7 +386,8 @@ class Materializer:
         self._check_root_length(info, label)
         mapping = relocate.prefix_map(info, self.tree.root, self.tree.prefix_of, self.sbang)
         report = relocate.relocate_prefix(extracted.root, info, mapping, label)
-        return {*report.changed, *relocate.add_sbang(extracted.root, self.sbang, label)}
+        sbanged = relocate.add_sbang(extracted.root, self.sbang, label, extracted.scripts)
+        return {*report.changed, *sbanged}
 
     def _check_root_length(self, info: dict[str, Any], label: str) -> None:
         old_root, new_root = info["buildpath"], self.tree.root

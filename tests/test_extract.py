@@ -368,6 +368,20 @@ def test_member_over_symlink_is_refused(sandbox: tuple[Path, Path], second: tf.E
     refused(sandbox, blob, "duplicate of an earlier member")
 
 
+def test_scripts_are_the_executable_files_starting_with_a_shebang(
+        sandbox: tuple[Path, Path]) -> None:
+    """What sbang looks at: executable files whose first bytes are "#!", found as they
+    stream past (hard links are their target's inode, so they are not listed again)."""
+    result = extract(hostile(
+        tf.file(f"{tf.PREFIX}/bin/tool", b"#!/bin/sh\necho\n", mode=0o755),
+        tf.file(f"{tf.PREFIX}/bin/plain", b"#!/bin/sh\n", mode=0o644),
+        tf.file(f"{tf.PREFIX}/bin/binary", b"\x7fELF", mode=0o755),
+        tf.file(f"{tf.PREFIX}/bin/tiny", b"#", mode=0o755),
+        tf.hardlink(f"{tf.PREFIX}/bin/again", f"{tf.PREFIX}/bin/tool"),
+    ), sandbox[0])
+    assert result.scripts == ["bin/tool"]
+
+
 def test_deep_nesting_extracts_up_to_the_limit(sandbox: tuple[Path, Path]) -> None:
     """248 directories below the prefix (256 names deep with the prefix and the file):
     extracted, and the file at the bottom reads back."""

@@ -452,7 +452,8 @@ def test_add_sbang_to_a_200_byte_shebang(tmp_path):
     assert relocate.add_sbang(prefix, "/mnt/root/bin/sbang", "pkg") == []  # idempotent
 
 
-def test_add_sbang_skips_what_spack_skips(tmp_path):
+@pytest.mark.parametrize("told", [False, True], ids=["walked", "told-the-scripts"])
+def test_add_sbang_skips_what_spack_skips(tmp_path, told):
     line = long_shebang(b"perl")
     files = {
         "bin/short": b"#!/bin/sh\necho\n",
@@ -466,7 +467,10 @@ def test_add_sbang_skips_what_spack_skips(tmp_path):
     (prefix / "share/not-executable").chmod(0o644)
     (prefix / "bin/over-limit").write_bytes(long_shebang(b"sh", 127) + b"\n")
     (prefix / "bin/over-limit").chmod(0o700)
-    assert relocate.add_sbang(prefix, "/r/bin/sbang", "pkg") == ["bin/over-limit"]
+    # told: every file is named (extraction names those starting with "#!"); the same
+    # filters still apply
+    scripts = [*files, "bin/over-limit"] if told else None
+    assert relocate.add_sbang(prefix, "/r/bin/sbang", "pkg", scripts) == ["bin/over-limit"]
 
 
 @pytest.mark.parametrize(("interpreter", "second"), [

@@ -53,6 +53,8 @@ class Extracted:
     bytes: int  # bytes written
     # path below the prefix of each file (and hard link) -> its size and sha256 as extracted
     contents: dict[str, tuple[int, str]] = field(default_factory=dict, repr=False)
+    # paths below the prefix of the executable files that start with "#!" (sbang's candidates)
+    scripts: list[str] = field(default_factory=list, repr=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +131,7 @@ class _Checker:
         self.updirs: list[tuple[str, str]] = []  # relative symlinks with '..': (name, target)
         self.contents: dict[str, tuple[int, str]] = {}  # file (or hard link) -> size, sha256
         self.odd_modes: list[tuple[str, int]] = []  # files tar cannot give our mode alone
+        self.scripts: list[str] = []  # executable files starting with "#!" (for sbang)
         self.buildinfo: str | None = None
         self.buildinfo_data = b""
         self.files = 0
@@ -183,10 +186,12 @@ class _Checker:
                             f"the {self.limits.room} bytes the quota can hold beside the "
                             "packages in use")
         keep = _is_buildinfo(member.name) and member.size <= MAX_BUILDINFO_BYTES
-        digest, data = _stream(src, member.size, pass_on, keep,
-                               f"{self.what}: tarball is truncated (in {show(member.name)})")
+        digest, data, head = _stream(src, member.size, pass_on, keep,
+                                     f"{self.what}: tarball is truncated (in {show(member.name)})")
         self.leaves[member.name] = "file"
         self.contents[member.name] = (member.size, digest)
+        if head == b"#!" and member.mode & 0o111:
+            self.scripts.append(member.name)
         if member.mode & 0o7777 != (member.mode & 0o755) | 0o400:
             self.odd_modes.append((member.name, member.mode))
         self.files += 1
@@ -289,13 +294,15 @@ def _kinds(top: str) -> Iterator[tuple[str, str]]:
 
 
 def _stream(src: Source, size: int, pass_on: Callable[[], None], keep: bool, truncated: str
-            ) -> tuple[str, bytes]:
+            ) -> tuple[str, bytes, bytes]:
     """Read ``size`` bytes of member data, hashing them (and keeping them if ``keep``).
+    Returns the sha256, the kept bytes and the first two bytes.
 
     FormatError(``truncated``) if the stream ends first.
     """
     digest = hashlib.sha256()
     kept = []
+    head = b""
     left = size
     while left:
         view = src.read(min(left, CHUNK))
@@ -303,11 +310,13 @@ def _stream(src: Source, size: int, pass_on: Callable[[], None], keep: bool, tru
             raise FormatError(truncated)
         left -= len(view)
         digest.update(view)
+        if len(head) < 2:  # a read may end anywhere, even after one byte
+            head += view[:2 - len(head)].tobytes()
         if keep:
             kept.append(view.tobytes())
         if src.kept_bytes >= PASS_ON:
             pass_on()
-    return digest.hexdigest(), b"".join(kept)
+    return digest.hexdigest(), b"".join(kept), head
 
 
 def _store_error(exc: OSError, what: str, name: str) -> LazymountError:
@@ -376,5 +385,6 @@ def _extract(src: Source, staging: Path, limits: Limits, what: str) -> Extracted
         raise _store_error(exc, what, name) from None
     inside = len(prefix) + 1 if prefix else 0
     contents = {n[inside:]: c for n, c in checker.contents.items() if _inside(n, prefix)}
+    scripts = [n[inside:] for n in checker.scripts if _inside(n, prefix)]
     return Extracted(raw / prefix, "/" + prefix, buildinfo, checker.files, checker.bytes,
-                     contents)
+                     contents, scripts)

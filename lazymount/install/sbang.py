@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lazymount.errors import RelocationError, StoreError
-from lazymount.install.prefixfiles import reader, rewrite
+from lazymount.install.prefixfiles import Prefix, reader, rewrite
 
 SHEBANG_LIMIT = 127  # Spack's system_shebang_limit on Linux
 SHEBANG_READ_LIMIT = 4096  # Spack's spack_shebang_limit: longer first lines are left alone
@@ -23,7 +23,8 @@ _INTERPRETER = re.compile(rb"#![ \t]*?([^ \t\0\n]+)")
 _EXEC_BITS = stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
 
 
-def add_sbang(prefix_dir: Path, sbang_path: str, what: str) -> list[str]:
+def add_sbang(prefix_dir: Path, sbang_path: str, what: str,
+              scripts: list[str] | None = None) -> list[str]:
     """Spack's sbang hook: make overlong shebangs run through ``sbang_path``.
 
     Input: the (relocated) prefix; the sbang script's path under the mount; ``what`` for errors.
@@ -32,6 +33,9 @@ def add_sbang(prefix_dir: Path, sbang_path: str, what: str) -> list[str]:
     ``#!/bin/sh <sbang_path>`` prepended; the old line becomes line 2 (``--!`` for lua/luajit,
     ``//!`` for node, ``<?php #!… ?>`` for php, exactly as Spack writes them). First lines
     without a newline in 4096 bytes are left alone.
+    ``scripts``: the relative paths of the executable files that start with ``#!``, when the
+    caller knows them (extraction sees every file's first bytes); otherwise the prefix is
+    walked to find them.
     Output: the relative paths changed, sorted per directory. Errors: ``RelocationError`` when a
     file needs sbang but ``sbang_path`` itself is longer than 127 bytes; ``StoreError`` on I/O
     failure. Thread: blocking, any worker thread.
@@ -39,9 +43,17 @@ def add_sbang(prefix_dir: Path, sbang_path: str, what: str) -> list[str]:
     line = _SBANG + os.fsencode(sbang_path) + b"\n"
     changed: list[str] = []
     try:
-        for rel, dir_fd, name, st in _executables(os.fspath(prefix_dir)):
-            if _filter_shebang(dir_fd, name, st, line, rel, what):
-                changed.append(rel)
+        if scripts is None:
+            for rel, dir_fd, name, st in _executables(os.fspath(prefix_dir)):
+                if _filter_shebang(dir_fd, name, st, line, rel, what):
+                    changed.append(rel)
+        else:
+            with Prefix(prefix_dir, what) as prefix:
+                outside_spack = [r for r in scripts if not r.startswith(".spack/")]
+                for rel, dir_fd, name, st in prefix.files(outside_spack):
+                    if st.st_mode & _EXEC_BITS and _filter_shebang(dir_fd, name, st, line,
+                                                                   rel, what):
+                        changed.append(rel)
     except OSError as exc:
         raise StoreError(f"{what}: cannot add sbang lines in {prefix_dir}: {exc}") from None
     return changed
