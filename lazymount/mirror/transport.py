@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import httpcore
 import httpx
 import trio
 
@@ -26,6 +27,12 @@ from lazymount.mirror.ociref import is_oci_url, parse_oci_url
 from lazymount.mirror.proxies import DIRECT, GATEWAY_ERRORS, Proxy, ProxyChain, bypasses_proxies
 
 CHUNK = 1 << 20
+# httpcore receives HTTP/1.1 bodies 64 KiB at a time, and each receive is a round through
+# trio, h11 and the GIL, on the thread that also serves the file system: with 1 MiB receives
+# the big package's 120 MiB blob materializes about 0.2 s sooner (bench part "big")
+RECEIVE_BYTES = 1 << 20
+if getattr(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES", 0) < RECEIVE_BYTES:
+    httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = RECEIVE_BYTES
 # asked of a shared cache for what may change under the same URL (the index and its
 # manifest): it must check with the origin, so a refresh sees a new index
 REVALIDATE = {"Cache-Control": "max-age=0"}
