@@ -149,6 +149,12 @@ class Mount:
             handle.seek(self.log_start)
             return handle.read().decode(errors="replace")
 
+    def cpu_seconds(self) -> float:
+        """CPU time the daemon and its reaped children (tar, gpg) have used so far."""
+        assert self.process is not None
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
     def memory(self) -> dict[str, float]:
         """The daemon's resident set now and at its peak, in MiB."""
         assert self.process is not None
