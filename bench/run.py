@@ -256,7 +256,7 @@ def bench_materialize_in_memory(bench: Bench) -> None:
     # the least wall time that CPU work allows on this machine's cores, against the goal's
     cores = os.cpu_count() or 1
     cpu, goal = median(lazy_cpu), baseline / GOAL_MATERIALIZE
-    bench.add(Result("2c", "CPU time of that materialization (daemon and its tar), tmpfs",
+    bench.add(Result("2mc", "CPU time of the materialization of 2m (daemon and its tar)",
                      f"{cpu:.2f} CPU-s: at best {cpu / cores:.2f} s on {cores} cores",
                      f"GNU tar xzf: {median(tar_cpu):.2f} CPU-s; goal {goal:.2f} s",
                      cpu / cores / goal, "x the goal's time, at best",
