@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 
 # environment-modules and Lmod's own dependencies: the module tests run both module systems;
 # docker-registry (CNCF distribution) and apache2-utils (htpasswd): the OCI registry tests;
-# openssl: the TLS tests make their own CA; binutils (readelf): the relocation tests
-packages=(fuse3 libfuse3-dev pkg-config gcc binutils python3-dev python3-venv gnupg nginx squid
+# openssl: the TLS tests make their own CA; binutils (readelf): the relocation tests;
+# tar (GNU tar, in every Debian base system): it writes the files of a package
+packages=(fuse3 libfuse3-dev pkg-config gcc binutils tar python3-dev python3-venv gnupg nginx squid
           curl openssl environment-modules lua5.3 lua-posix lua-filesystem lua-json lua-term tcl
           docker-registry apache2-utils systemd)
 missing=()
