@@ -382,6 +382,14 @@ def test_scripts_are_the_executable_files_starting_with_a_shebang(
     assert result.scripts == ["bin/tool"]
 
 
+def test_zero_padding_past_what_tar_reads_extracts(sandbox: tuple[Path, Path]) -> None:
+    """8 MiB of zeros after the end-of-archive blocks (allowed up to 16 MiB): GNU tar stops
+    reading at the end blocks and exits, and the package is still extracted."""
+    raw = tf.tar(tf.package(tf.file(f"{tf.PREFIX}/x", b"hi")))
+    result = extract(tf.gz(raw + bytes(8 << 20)), sandbox[0])
+    assert (result.root / "x").read_bytes() == b"hi"
+
+
 def test_deep_nesting_extracts_up_to_the_limit(sandbox: tuple[Path, Path]) -> None:
     """248 directories below the prefix (256 names deep with the prefix and the file):
     extracted, and the file at the bottom reads back."""

@@ -70,6 +70,7 @@ class TarChild:
             env=_ENVIRONMENT, umask=0o022, close_fds=True)
         assert self._process.stdin is not None
         self._fd = self._process.stdin.fileno()
+        self._ended = False  # tar exited well before reading all it was given
         try:  # fewer, larger hand-overs between the two processes
             fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
@@ -84,14 +85,20 @@ class TarChild:
         self._errors.close()
 
     def write(self, buffers: Sequence[bytes | memoryview]) -> None:
-        """Pass ``buffers`` on to tar, in order. StoreError if tar has stopped reading."""
+        """Pass ``buffers`` on to tar, in order. StoreError if tar has stopped reading
+        because it failed; once it has exited well (it reads no further than the archive's
+        end blocks, and the padding after them is the extractor's to check), the rest is
+        not passed on."""
         views = [memoryview(b) for b in buffers if len(b)]
         start = 0
-        while start < len(views):
+        while start < len(views) and not self._ended:
             try:
                 done = os.writev(self._fd, views[start:start + _IOV])
             except BrokenPipeError:
-                raise self._failure() from None
+                if self._process.wait() != 0:
+                    raise self._failure() from None
+                self._ended = True
+                return
             while done:  # skip what was written; keep the rest of a partly written buffer
                 size = len(views[start])
                 if done >= size:
