@@ -165,7 +165,7 @@ def project(projection: str, node: dict[str, Any], lookup: NodeLookup | None = N
     its path stays usable. Raises FormatError for an unknown token.
     """
     arch = node.get("arch") or {}
-    compiler: tuple[str, str] | None = None  # looked up only if the projection names it
+    compiler = _compiler_once(node, lookup)
     parts = []
     for pieces in _template(projection):
         text = ""
@@ -174,13 +174,7 @@ def project(projection: str, node: dict[str, Any], lookup: NodeLookup | None = N
                 text += piece
                 continue
             token, length = piece
-            if token in _COMPILER_TOKENS:
-                if compiler is None:
-                    compiler = _compiler(node, lookup)
-                value = str(compiler[_COMPILER_TOKENS[token]])
-            else:
-                value = str(_FIELDS[token](node, arch))
-            text += value if length is None else value[:length]
+            text += _token_value(token, length, node, arch, compiler)
         parts.append(polite_filename(text.lower()))
     return "/".join(parts)
 
@@ -196,7 +190,7 @@ def projector(projection: str, facts: dict[str, Any], lookup: NodeLookup | None 
     unknown token."""
     node = dict(facts)
     arch = node.get("arch") or {}
-    compiler: tuple[str, str] | None = None
+    compiler = _compiler_once(node, lookup)
     components: list[str | tuple[str]] = []  # a finished component, or (format,)
     for pieces in _template(projection):
         text, per_spec = "", False
@@ -210,13 +204,7 @@ def projector(projection: str, facts: dict[str, Any], lookup: NodeLookup | None 
                 text += f"{{{_PER_SPEC[token]}{spec}}}"
                 per_spec = True
                 continue
-            if token in _COMPILER_TOKENS:
-                if compiler is None:
-                    compiler = _compiler(node, lookup)
-                value = str(compiler[_COMPILER_TOKENS[token]])
-            else:
-                value = str(_FIELDS[token](node, arch))
-            text += _braced(value if length is None else value[:length])
+            text += _braced(_token_value(token, length, node, arch, compiler))
         components.append((text,) if per_spec else polite_filename(text.format().lower()))
 
     def project_one(name: str, version: str, dag_hash: str) -> str:
@@ -232,6 +220,23 @@ _PER_SPEC = {"name": 0, "version": 1, "hash": 2}  # the arguments of a Projector
 
 def _braced(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
+
+
+def _token_value(token: str, length: int | None, node: dict[str, Any], arch: dict[str, Any],
+                 compiler: Callable[[], tuple[str, str]]) -> str:
+    """What a token other than name, version and hash gives for ``node``, cut to ``length``
+    characters; ``compiler`` is asked only for the compiler tokens."""
+    if token in _COMPILER_TOKENS:
+        value = str(compiler()[_COMPILER_TOKENS[token]])
+    else:
+        value = str(_FIELDS[token](node, arch))
+    return value if length is None else value[:length]
+
+
+def _compiler_once(node: dict[str, Any], lookup: NodeLookup | None
+                   ) -> Callable[[], tuple[str, str]]:
+    """``_compiler`` of ``node``, looked up on the first call only (and only if called)."""
+    return functools.cache(functools.partial(_compiler, node, lookup))
 
 
 def _compiler(node: dict[str, Any], lookup: NodeLookup | None) -> tuple[str, str]:
