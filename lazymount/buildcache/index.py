@@ -414,18 +414,33 @@ def scan_index(blob: bytes) -> IndexTable:
     _check_database(version, entries is not None)
     assert entries is not None
     rows: list[Row] = []
-    dropped = 0
+    dropped = _Dropped()
     shared: dict[Any, dict[str, Any]] = {}
     for dag_hash, raw, start, end in entries:
         try:
             rows.append(_decoded_row(dag_hash, raw, start, end, shared))
         except FormatError as exc:
-            dropped += 1
-            if dropped <= MAX_SKIP_WARNINGS:
-                log.warning("%s; not shown", exc)
-    if dropped > MAX_SKIP_WARNINGS:
-        log.warning("%d more malformed index records not shown", dropped - MAX_SKIP_WARNINGS)
+            dropped.note(exc)
+    dropped.close()
     return _table(rows)
+
+
+class _Dropped:
+    """Malformed records dropped from an index: the first few logged one by one, the rest
+    counted in one line at the end."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def note(self, exc: FormatError) -> None:
+        self.count += 1
+        if self.count <= MAX_SKIP_WARNINGS:
+            log.warning("%s; not shown", exc)
+
+    def close(self) -> None:
+        if self.count > MAX_SKIP_WARNINGS:
+            log.warning("%d more malformed index records not shown",
+                        self.count - MAX_SKIP_WARNINGS)
 
 
 def _check_database(version: Any, installs: bool) -> None:
@@ -569,18 +584,15 @@ def _scan_with_json(blob: bytes) -> list[Row]:
 def _scan_installs(cursor: _Cursor, rows: list[Row]) -> None:
     if cursor.text[cursor.skip():cursor.pos + 1] != "{":
         raise FormatError("the index's installs is not a mapping")
-    dropped = 0
+    dropped = _Dropped()
     for dag_hash in cursor.members():
         start = cursor.skip()
         entry = cursor.value()
         try:
             rows.append(_row(dag_hash, entry, start, cursor.pos))
         except FormatError as exc:
-            dropped += 1
-            if dropped <= MAX_SKIP_WARNINGS:
-                log.warning("%s; not shown", exc)
-    if dropped > MAX_SKIP_WARNINGS:
-        log.warning("%d more malformed index records not shown", dropped - MAX_SKIP_WARNINGS)
+            dropped.note(exc)
+    dropped.close()
 
 
 def _byte_offsets(text: str, rows: list[Row]) -> list[Row]:
