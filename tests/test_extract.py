@@ -523,6 +523,11 @@ def test_top_level_binary_distribution_is_refused(sandbox: tuple[Path, Path]) ->
     refused(sandbox, blob, "lacks the package prefix directory", FormatError)
 
 
+def test_oversized_buildinfo_in_tarball_is_refused(sandbox: tuple[Path, Path]) -> None:
+    blob = hostile(buildinfo=b"{" + b" " * (1 << 20) + b"}")
+    refused(sandbox, blob, "binary_distribution is larger than 1048576 bytes", FormatError)
+
+
 def test_bad_buildinfo_in_tarball_is_refused(sandbox: tuple[Path, Path]) -> None:
     blob = hostile(buildinfo=b"{buildpath: relative/root}")
     refused(sandbox, blob, "buildpath 'relative/root' is not an absolute path", FormatError)

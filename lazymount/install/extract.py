@@ -185,7 +185,9 @@ class _Checker:
             raise StoreFull(f"{self.what}: does not fit in the store quota: its files pass "
                             f"the {self.limits.room} bytes the quota can hold beside the "
                             "packages in use")
-        keep = _is_buildinfo(member.name) and member.size <= MAX_BUILDINFO_BYTES
+        buildinfo = _is_buildinfo(member.name)
+        # one byte past the limit is enough for parse_buildinfo to refuse an oversized one
+        keep = MAX_BUILDINFO_BYTES + 1 if buildinfo else 0
         digest, data, head = _stream(src, member.size, pass_on, keep,
                                      f"{self.what}: tarball is truncated (in {show(member.name)})")
         self.leaves[member.name] = "file"
@@ -196,9 +198,7 @@ class _Checker:
             self.odd_modes.append((member.name, member.mode))
         self.files += 1
         self.bytes += member.size
-        if _is_buildinfo(member.name) and (
-            self.buildinfo is None or len(member.name) < len(self.buildinfo)
-        ):
+        if buildinfo and (self.buildinfo is None or len(member.name) < len(self.buildinfo)):
             self.buildinfo = member.name
             self.buildinfo_data = data
 
@@ -293,9 +293,9 @@ def _kinds(top: str) -> Iterator[tuple[str, str]]:
                     yield path, "other"
 
 
-def _stream(src: Source, size: int, pass_on: Callable[[], None], keep: bool, truncated: str
+def _stream(src: Source, size: int, pass_on: Callable[[], None], keep: int, truncated: str
             ) -> tuple[str, bytes, bytes]:
-    """Read ``size`` bytes of member data, hashing them (and keeping them if ``keep``).
+    """Read ``size`` bytes of member data, hashing them and keeping the first ``keep``.
     Returns the sha256, the kept bytes and the first two bytes.
 
     FormatError(``truncated``) if the stream ends first.
@@ -313,7 +313,8 @@ def _stream(src: Source, size: int, pass_on: Callable[[], None], keep: bool, tru
         if len(head) < 2:  # a read may end anywhere, even after one byte
             head += view[:2 - len(head)].tobytes()
         if keep:
-            kept.append(view.tobytes())
+            kept.append(view[:keep].tobytes())
+            keep -= len(kept[-1])
         if src.kept_bytes >= PASS_ON:
             pass_on()
     return digest.hexdigest(), b"".join(kept), head
