@@ -43,17 +43,12 @@ def add_sbang(prefix_dir: Path, sbang_path: str, what: str,
     line = _SBANG + os.fsencode(sbang_path) + b"\n"
     changed: list[str] = []
     try:
-        if scripts is None:
-            for rel, dir_fd, name, st in _executables(os.fspath(prefix_dir)):
-                if _filter_shebang(dir_fd, name, st, line, rel, what):
+        with Prefix(prefix_dir, what) as prefix:
+            found = (_executables(os.fspath(prefix_dir)) if scripts is None else
+                     prefix.files([r for r in scripts if not r.startswith(".spack/")]))
+            for rel, dir_fd, name, st in found:
+                if st.st_mode & _EXEC_BITS and _filter_shebang(dir_fd, name, st, line, rel, what):
                     changed.append(rel)
-        else:
-            with Prefix(prefix_dir, what) as prefix:
-                outside_spack = [r for r in scripts if not r.startswith(".spack/")]
-                for rel, dir_fd, name, st in prefix.files(outside_spack):
-                    if st.st_mode & _EXEC_BITS and _filter_shebang(dir_fd, name, st, line,
-                                                                   rel, what):
-                        changed.append(rel)
     except OSError as exc:
         raise StoreError(f"{what}: cannot add sbang lines in {prefix_dir}: {exc}") from None
     return changed
