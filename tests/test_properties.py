@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import marshal
 import os
 import tarfile
 import tempfile
@@ -33,8 +34,10 @@ from spackcache import (
 
 from lazymount.buildcache.formats import parse_spec_document
 from lazymount.buildcache.index import parse_index
+from lazymount.buildcache.layout import project
 from lazymount.buildcache.manifest import BlobRecord, is_clearsigned, parse_manifest
 from lazymount.catalog.installtree import InstallTree
+from lazymount.catalog.stored import _placed_tree, stored_placement
 from lazymount.errors import (
     FormatError,
     IntegrityError,
@@ -215,6 +218,71 @@ def check_index(data: bytes) -> dict[str, Any] | None:
     for relative in tree.prefixes.values():
         assert all(part not in ("", ".", "..") for part in relative.split("/"))
     return records
+
+
+def plain_placement(records, projection: str, keep=lambda record: True):
+    """The placement rules with plain dicts and sets (the tree packs the same answers)."""
+    prefixes, dirs = {}, {"": set()}
+    for dag_hash, record in sorted(records.items(), key=lambda kv: kv[1].mirror):
+        if not record.in_buildcache or record.external_path is not None:
+            continue
+        try:
+            relative = project(projection, record.place, lambda h: None)
+        except FormatError:
+            continue
+        parts = relative.split("/")
+        above = ["/".join(parts[:i]) for i in range(1, len(parts))]
+        if (any(p in ("", ".", "..") for p in parts) or relative in prefixes.values()
+                or relative in dirs or any(a in prefixes.values() for a in above)):
+            continue
+        prefixes[dag_hash] = relative
+        for depth, name in enumerate(parts):
+            dirs.setdefault("/".join(parts[:depth]), set()).add(name)
+    prefixes = {h: r for h, r in prefixes.items() if keep(records[h])}
+    shown = {"": set()}
+    for relative in prefixes.values():
+        parts = relative.split("/")
+        for depth, name in enumerate(parts):
+            shown.setdefault("/".join(parts[:depth]), set()).add(name)
+    return prefixes, shown
+
+
+def check_tree(tree: InstallTree, prefixes: dict[str, str], dirs: dict[str, set[str]],
+               probes: list[str]) -> None:
+    assert dict(tree.prefixes) == prefixes and len(tree.prefixes) == len(prefixes)
+    assert dict(tree.by_path) == {r: h for h, r in prefixes.items()}
+    assert {k: set(v) for k, v in tree.dirs.items()} == dirs
+    assert all(len(tree.dirs[k]) == len(v) for k, v in dirs.items())
+    for probe in probes:  # absent names are absent
+        assert (probe in tree.prefixes) == (probe in prefixes)
+        assert tree.by_path.get(probe) == {r: h for h, r in prefixes.items()}.get(probe)
+        for relative, names in dirs.items():
+            assert (probe in tree.dirs[relative]) == (probe in names)
+
+
+projections = st.sampled_from([
+    "{name}/{version}-{hash:4}", "{name}", "{name}-{version}", "{version}/{name}/{hash:2}",
+    "{architecture.target}/{name}-{hash}", "{name}/{hash:1}", "x/{version}"])
+
+
+@FAST
+@given(indexes(), projections, st.lists(names | dag_hashes, max_size=4))
+def test_packed_tree_answers_as_plain_dicts(records, projection, probes):
+    """The packed install tree (folders of hashes, paths projected when asked) gives the
+    placement plain dicts give: after placing, after the catalog store's round trip, and
+    filtered; names that are not there are not found."""
+    for record in records.values():  # few names and versions: paths clash and nest
+        record["spec"]["name"] = record["spec"]["name"][:1] or "n"
+        record["spec"]["version"] = record["spec"]["version"][:1] or "v"
+    catalog = parse_index(index_bytes(records))
+    tree = InstallTree("/tmp/lmprop", catalog, projection)
+    prefixes, dirs = plain_placement(catalog, projection)
+    check_tree(tree, prefixes, dirs, probes + [r.rpartition("/")[2] for r in prefixes.values()])
+    stored = marshal.loads(marshal.dumps(stored_placement(tree)))
+    check_tree(_placed_tree("/tmp/lmprop", catalog, projection, stored), prefixes, dirs, probes)
+    keep = lambda record: record.place["arch"]["target"] == "x86_64"  # noqa: E731
+    shown, shown_dirs = plain_placement(catalog, projection, keep)
+    check_tree(tree.filtered(keep), shown, shown_dirs, probes)
 
 
 @FAST

@@ -219,12 +219,4 @@ def runnable_tree(tree: InstallTree, host: HostTarget) -> InstallTree:
     """The same tree without the builds ``host`` cannot run (``--targets host``), and without
     the directories left empty (a ``linux-x86_64_v4/`` folder on a ``zen2`` host). Prefixes
     keep their paths; the catalog is shared."""
-    prefixes = {dag_hash: relative for dag_hash, relative in tree.prefixes.items()
-                if host.runs(target_of(tree.catalog[dag_hash].place))}
-    dirs: dict[str, set[str]] = {"": set()}
-    for relative in prefixes.values():
-        parts = relative.split("/")
-        for depth, name in enumerate(parts):
-            dirs.setdefault("/".join(parts[:depth]), set()).add(name)
-    by_path = {relative: dag_hash for dag_hash, relative in prefixes.items()}
-    return InstallTree.placed(tree.root, tree.catalog, tree.projection, prefixes, by_path, dirs)
+    return tree.filtered(lambda record: host.runs(target_of(record.place)))

@@ -27,6 +27,7 @@ Async functions run on the trio thread; parsing, loading and writing run in work
 
 from __future__ import annotations
 
+import array
 import gc
 import hashlib
 import json
@@ -53,14 +54,15 @@ from lazymount.buildcache.index import (
     scan_index,
 )
 from lazymount.buildcache.layout import is_sha256
-from lazymount.catalog.installtree import InstallTree
+from lazymount.catalog.installtree import Folder, InstallTree
 from lazymount.errors import FormatError, LazymountError, NotInMirror, StoreError
 from lazymount.mirror.transport import Mirror
 from lazymount.system.files import write_atomically
 
 log = logging.getLogger(__name__)
 
-FORMAT = 5  # bump when a payload changes shape (4: an IndexTable in msgpack; 5: trees by order)
+FORMAT = 6  # bump when a payload changes shape (4: an IndexTable in msgpack; 5: trees by
+# order; 6: trees as folders of catalog positions)
 
 
 class CatalogStore:
@@ -180,7 +182,7 @@ class CatalogStore:
                     return _placed_tree(root, catalog, projection, marshal.loads(payload))
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, EOFError, TypeError) as exc:
+        except (OSError, ValueError, EOFError, TypeError, IndexError) as exc:
             log.warning("the stored placement %s is damaged (%s); placing again", path, exc)
         with _gc_paused():
             tree = InstallTree(root, catalog, projection)
@@ -322,13 +324,10 @@ class StoredIndex(IndexSource):
 
 def _save_tree(path: Path, identity: str, tree: InstallTree) -> None:
     """Keep the placement of a tree for the next mount of the same indexes and projection;
-    the mount works without it (logged). The paths are kept in the catalog's order, so that
-    a mount loading them keys them with the catalog's own hash strings (100,000 of them:
-    8 MB not held twice)."""
-    prefixes = tree.prefixes
-    with _gc_paused():
-        payload = marshal.dumps((_order(tree.catalog), [prefixes.get(h) for h in tree.catalog],
-                                 tree.dirs))
+    the mount works without it (logged). A folder's prefixes are kept as their positions
+    in the catalog's order, so that a mount loading them keys them with the catalog's own
+    hash strings (100,000 of them: 8 MB not held twice)."""
+    payload = marshal.dumps(stored_placement(tree))
     header = {"identity": identity, "python": list(sys.version_info[:2]),
               "payload": hashlib.sha256(payload).hexdigest()}
     try:
@@ -337,16 +336,31 @@ def _save_tree(path: Path, identity: str, tree: InstallTree) -> None:
         log.warning("cannot store the placement of the catalog: %s", exc.strerror)
 
 
+def stored_placement(tree: InstallTree) -> tuple[str, dict[str, tuple[list[str], bytes]],
+                                                 list[str]]:
+    """What is kept of a tree's placement: the catalog's order, each folder's subdirectory
+    names and the catalog positions of its prefixes, the refused hashes."""
+    position = {dag_hash: n for n, dag_hash in enumerate(tree.catalog)}
+    folders = {relative: (sorted(folder.subdirs),
+                          array.array("I", [position[h] for h in folder.leaves]).tobytes())
+               for relative, folder in tree.folders.items()}
+    return _order(tree.catalog), folders, sorted(tree.refused)
+
+
 def _placed_tree(root: str, catalog: dict[str, SpecRecord], projection: str,
                  stored: Any) -> InstallTree:
     """The tree a stored placement gives. Raises ValueError if it was not made for the
     catalog's hashes in this order."""
-    order, relatives, dirs = stored
+    order, stored_folders, refused = stored
     if order != _order(catalog):
         raise ValueError("made for another catalog")
-    prefixes = {h: r for h, r in zip(catalog, relatives, strict=True) if r is not None}
-    by_path = {relative: dag_hash for dag_hash, relative in prefixes.items()}
-    return InstallTree.placed(root, catalog, projection, prefixes, by_path, dirs)
+    hashes = list(catalog)
+    folders = {}
+    for relative, (subdirs, leaves) in stored_folders.items():
+        positions = array.array("I")
+        positions.frombytes(leaves)
+        folders[relative] = Folder(set(subdirs), [hashes[n] for n in positions])
+    return InstallTree.placed(root, catalog, projection, folders, refused)
 
 
 def _order(catalog: dict[str, SpecRecord]) -> str:

@@ -38,6 +38,7 @@ from lazymount.errors import LazymountError
 from lazymount.materialize import Materializer
 from lazymount.serve.bindmount import PrefixBinder
 from lazymount.serve.hostdir import HOST_DIR, HostDirs
+from lazymount.serve.prefixinodes import FolderListing, PrefixDir, PrefixInodes
 from lazymount.spack.hostmodules import HOST_MODULES
 from lazymount.spack.modulefiles import MODULES_DIR, ModuleTree
 from lazymount.system import xattrs
@@ -50,6 +51,8 @@ PROJECTION_XATTR = xattrs.PROJECTION.encode()
 STORE_XATTR = xattrs.STORE.encode()
 TARGET_XATTR = xattrs.TARGET.encode()
 CHOICE_XATTR = xattrs.CHOICE.encode()
+SERVED_XATTRS = frozenset({STATUS_XATTR, PROJECTION_XATTR, STORE_XATTR, TARGET_XATTR,
+                           CHOICE_XATTR})
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -86,12 +89,6 @@ class VirtualDir:
 
 
 @dataclass(frozen=True, slots=True)
-class PrefixDir:
-    relative: str
-    dag_hash: str
-
-
-@dataclass(frozen=True, slots=True)
 class RealNode:
     path: str  # absolute path in the store
 
@@ -120,7 +117,7 @@ class HostText:
 
 
 Node = VirtualDir | PrefixDir | RealNode | HostDir | HostLink | ModuleText | HostText
-Listing = list[tuple[bytes, int]]  # a directory's entries: name and inode
+Listing = list[tuple[bytes, int]] | FolderListing  # a directory's entries: name and inode
 VIRTUAL_FH = 1 << 40  # file handles of ModuleText opens start here (others are store fds)
 
 
@@ -180,6 +177,7 @@ class InstallTreeFS(pyfuse3.Operations):
         self.real_listings: dict[int, Listing] = {}
         self.next_handle = 1
         self.next_inode = pyfuse3.ROOT_INODE + 1
+        self.prefix_inodes = self._number_prefixes(tree)
         self.uid, self.gid = os.getuid(), os.getgid()
         # open files per store key: a package with one is never evicted
         self.pkgs = f"{materializer.store.pkgs}/"
@@ -200,6 +198,10 @@ class InstallTreeFS(pyfuse3.Operations):
         open or running keeps being served. The kernel's cached entries (found and not
         found) for the names that changed are dropped, so it asks again."""
         old, self.tree = self.tree, tree
+        for ino, node in self.prefix_inodes.given_out():  # they stay valid
+            self.nodes[ino] = node
+            self.inodes[node] = ino
+        self.prefix_inodes = self._number_prefixes(tree)
         changed = 0
         for relative in old.dirs.keys() | tree.dirs.keys():
             names = old.dirs.get(relative, set()) ^ tree.dirs.get(relative, set())
@@ -279,8 +281,15 @@ class InstallTreeFS(pyfuse3.Operations):
 
     # ---- inode table ----------------------------------------------------------------
 
+    def _number_prefixes(self, tree: InstallTree) -> PrefixInodes:
+        inodes = PrefixInodes(tree, self.next_inode)
+        self.next_inode += inodes.size
+        return inodes
+
     def _inode(self, node: Node) -> int:
         ino = self.inodes.get(node)
+        if ino is None and isinstance(node, PrefixDir):
+            ino = self.prefix_inodes.inode_of(node)
         if ino is None:
             ino = self.next_inode
             self.next_inode += 1
@@ -289,10 +298,10 @@ class InstallTreeFS(pyfuse3.Operations):
         return ino
 
     def _node(self, ino: int) -> Node:
-        try:
-            return self.nodes[ino]
-        except KeyError:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        node = self.nodes.get(ino) or self.prefix_inodes.node(ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
 
     async def _modules_below(self, relative: str) -> None:
         """Before a path under ``modules/`` is resolved: the module files laid out (once, in
@@ -307,8 +316,8 @@ class InstallTreeFS(pyfuse3.Operations):
         if relative == HOST_DIR and self.host_dir:
             return HostDir(relative)
         dag_hash = self.tree.by_path.get(relative)
-        if dag_hash is not None:  # the tree's own string: 100,000 listed prefixes share it
-            return PrefixDir(self.tree.prefixes[dag_hash], dag_hash)
+        if dag_hash is not None:
+            return PrefixDir(relative, dag_hash)
         if relative in self.tree.dirs:
             return VirtualDir(relative)
         if relative in self.files:
@@ -325,7 +334,9 @@ class InstallTreeFS(pyfuse3.Operations):
         return None
 
     def _children(self, parent: VirtualDir) -> list[str]:
-        names = set(self.tree.dirs.get(parent.relative, ()))
+        """The names of a virtual directory, but for its prefixes (``_virtual_listing``)."""
+        folder = self.tree.folders.get(parent.relative)
+        names = set(folder.subdirs) if folder is not None else set()
         names.update(self.file_dirs.get(parent.relative, ()))
         if self.modules is not None:
             names.update(self.modules.dirs.get(parent.relative, ()))
@@ -387,7 +398,8 @@ class InstallTreeFS(pyfuse3.Operations):
         parent_ino = self.inodes.get(VirtualDir(parent))
         if parent_ino is not None:
             pyfuse3.invalidate_entry_async(parent_ino, os.fsencode(name), ignore_enoent=True)
-        prefix_ino = self.inodes.get(PrefixDir(relative, dag_hash))
+        prefix = PrefixDir(relative, dag_hash)
+        prefix_ino = self.inodes.get(prefix) or self.prefix_inodes.given_inode_of(prefix)
         if prefix_ino is not None:
             self.real_listings.pop(prefix_ino, None)
         below = f"{self.pkgs}{self.materializer.key(dag_hash)}/"
@@ -546,16 +558,15 @@ class InstallTreeFS(pyfuse3.Operations):
         return handle
 
     def _virtual_listing(self, node: VirtualDir, names: list[str]) -> Listing:
-        """The entries of a virtual directory. Its nodes are made first, its listing after:
-        the nodes stay, the listing goes at releasedir, and made in turn they would leave
-        the heap full of holes (listing 100,000 prefixes: +30 MiB of RSS)."""
-        kept, inodes = [], []
+        """The entries of a virtual directory: ``names``, then its prefixes, whose names
+        and inodes are worked out as readdir reaches them (a prefix wins over another
+        entry of the same name, as in ``_child``)."""
+        others = []
         for name in names:
             child = self._child(node, name)
-            if child is not None:
-                kept.append(name)
-                inodes.append(self._inode(child))
-        return list(zip(map(os.fsencode, kept), inodes, strict=True))
+            if child is not None and not isinstance(child, PrefixDir):
+                others.append((os.fsencode(name), self._inode(child)))
+        return FolderListing(others, self.prefix_inodes, node.relative)
 
     def _real_listing(self, inode: int, directory: str) -> Listing:
         """The entries of a store directory, listed once."""
@@ -570,11 +581,24 @@ class InstallTreeFS(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         listing = self.listings.get(fh, [])
         reply, real_attrs, nodes = pyfuse3.readdir_reply, self.real_attrs, self.nodes
+        prefixes = listing.inodes if isinstance(listing, FolderListing) else None
         for index in range(start_id, len(listing)):
             name, ino = listing[index]
-            attr = real_attrs.get(ino) or self._attr(ino, nodes[ino])
+            if prefixes is not None and prefixes.holds(ino):
+                attr = self._dir_attr(ino)
+                if prefixes is not self.prefix_inodes:  # opened before a refresh
+                    self._keep(ino, prefixes)
+            else:
+                attr = real_attrs.get(ino) or self._attr(ino, nodes[ino])
             if not reply(token, name, attr, index + 1):
                 return
+
+    def _keep(self, ino: int, prefixes: PrefixInodes) -> None:
+        """Keep serving a prefix inode of a replaced tree."""
+        node = prefixes.node(ino)
+        if node is not None:
+            self.nodes[ino] = node
+            self.inodes[node] = ino
 
     async def releasedir(self, fh: int) -> None:
         self.listings.pop(fh, None)
@@ -642,6 +666,8 @@ class InstallTreeFS(pyfuse3.Operations):
 
     @errors_to_errno
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        if name not in SERVED_XATTRS:  # `ls -l` asks for ACLs and labels of every entry
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         node = self._node(inode)
         if name == PROJECTION_XATTR and inode == pyfuse3.ROOT_INODE:
             return self.tree.projection.encode()
