@@ -95,7 +95,11 @@ def test_the_real_spack_index_is_stored_faithfully(tmp_path):
 def test_remount_of_an_unchanged_index_reads_only_its_manifest(tmp_path, http_server):
     server = http_server(FIXTURE_CACHE)
     load(tmp_path / "store", server.url)
-    assert any(r.startswith("/blobs/") for r in server.requests)
+    # a first mount: the layout's probe, then the manifest once, then the index blob it names
+    assert server.requests.count(INDEX_MANIFEST) == 2
+    assert [r for r in server.requests if r.startswith("/blobs/")] == [
+        f"/blobs/sha256/{c[:2]}/{c}" for c in [hashlib.sha256(index_blob(FIXTURE_CACHE))
+                                               .hexdigest()]]
     server.requests.clear()
     records = load(tmp_path / "store", server.url)
     assert server.requests == [INDEX_MANIFEST]

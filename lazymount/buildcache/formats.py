@@ -107,6 +107,7 @@ class Identity:
     unchanged: bool  # the server answered 304 to our ETag
     checksum: str | None  # sha256 of the index document, if the mirror names one
     etag: str | None
+    named: BlobRecord | None = None  # the index blob the document names (v3, OCI)
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,9 @@ class CacheLayout:
     version: int = 0
     index_path: str = ""  # the file whose presence tells this layout
 
-    async def read_index(self, mirror: Mirror) -> bytes:
-        """The index document (Spack database JSON) of a mirror of this layout."""
+    async def read_index(self, mirror: Mirror, named: BlobRecord | None = None) -> bytes:
+        """The index document (Spack database JSON) of a mirror of this layout; ``named``:
+        the blob an ``index_identity`` just read names (not asked for again)."""
         raise NotImplementedError
 
     async def index_identity(self, mirror: Mirror, etag: str | None) -> Identity:
@@ -148,10 +150,12 @@ class LayoutV3(CacheLayout):
     version = 3
     index_path = INDEX_MANIFEST
 
-    async def read_index(self, mirror: Mirror) -> bytes:
+    async def read_index(self, mirror: Mirror, named: BlobRecord | None = None) -> bytes:
         what = f"index of {mirror.url}"
-        text = await mirror.read(INDEX_MANIFEST, MAX_MANIFEST_BYTES, revalidate=True)
-        record = pick(parse_manifest(text, what), MEDIA_INDEX, what)
+        record = named
+        if record is None:
+            text = await mirror.read(INDEX_MANIFEST, MAX_MANIFEST_BYTES, revalidate=True)
+            record = pick(parse_manifest(text, what), MEDIA_INDEX, what)
         if record.compression != "none":
             raise MirrorError(f"{what}: unsupported index compression {record.compression!r}")
         return await fetch_bytes(mirror, record, what, MAX_INDEX_BYTES)
@@ -161,8 +165,8 @@ class LayoutV3(CacheLayout):
         text, new_etag = await mirror.read_if_changed(INDEX_MANIFEST, MAX_MANIFEST_BYTES, etag)
         if text is None:
             return Identity(True, None, etag)
-        return Identity(False, pick(parse_manifest(text, what), MEDIA_INDEX, what).checksum,
-                        new_etag)
+        record = pick(parse_manifest(text, what), MEDIA_INDEX, what)
+        return Identity(False, record.checksum, new_etag, record)
 
     async def read_entry(
         self, mirror: Mirror, record: SpecRecord, trust: DocumentTrust, label: str
@@ -186,7 +190,7 @@ class LayoutV2(CacheLayout):
     version = 2
     index_path = V2_INDEX
 
-    async def read_index(self, mirror: Mirror) -> bytes:
+    async def read_index(self, mirror: Mirror, named: BlobRecord | None = None) -> bytes:
         return await mirror.read(V2_INDEX, MAX_INDEX_BYTES, revalidate=True)
 
     async def index_identity(self, mirror: Mirror, etag: str | None) -> Identity:
@@ -247,10 +251,12 @@ class LayoutOCI(CacheLayout):
     version = 3  # the configs say buildcache_layout_version 3; the envelope is the mirror's kind
     index_path = manifest_location(INDEX_TAG)
 
-    async def read_index(self, mirror: Mirror) -> bytes:
+    async def read_index(self, mirror: Mirror, named: BlobRecord | None = None) -> bytes:
         what = f"index of {mirror.url}"
-        text = await mirror.read(self.index_path, MAX_MANIFEST_BYTES, revalidate=True)
-        record = index_record(parse_image_manifest(text, what))
+        record = named
+        if record is None:
+            text = await mirror.read(self.index_path, MAX_MANIFEST_BYTES, revalidate=True)
+            record = index_record(parse_image_manifest(text, what))
         return await fetch_bytes(mirror, record, what, MAX_INDEX_BYTES)
 
     async def index_identity(self, mirror: Mirror, etag: str | None) -> Identity:
@@ -258,8 +264,8 @@ class LayoutOCI(CacheLayout):
         text, new_etag = await mirror.read_if_changed(self.index_path, MAX_MANIFEST_BYTES, etag)
         if text is None:
             return Identity(True, None, etag)
-        return Identity(False, index_record(parse_image_manifest(text, what)).checksum,
-                        new_etag)
+        record = index_record(parse_image_manifest(text, what))
+        return Identity(False, record.checksum, new_etag, record)
 
     async def read_entry(
         self, mirror: Mirror, record: SpecRecord, trust: DocumentTrust, label: str

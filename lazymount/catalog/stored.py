@@ -135,7 +135,7 @@ class CatalogStore:
         layout = await discover(mirror)
         if identity is None or identity.unchanged:
             identity = await layout.index_identity(mirror, None)
-        blob = await layout.read_index(mirror)
+        blob = await layout.read_index(mirror, identity.named)
         return await trio.to_thread.run_sync(
             self._build, mirror.url, layout.version, identity, blob, position, saved)
 
