@@ -36,7 +36,7 @@ from lazymount.buildcache.formats import parse_spec_document
 from lazymount.buildcache.index import parse_index
 from lazymount.buildcache.layout import project
 from lazymount.buildcache.manifest import BlobRecord, is_clearsigned, parse_manifest
-from lazymount.catalog.installtree import InstallTree
+from lazymount.catalog.installtree import InstallTree, changed_names
 from lazymount.catalog.stored import _placed_tree, stored_placement
 from lazymount.errors import (
     FormatError,
@@ -283,6 +283,17 @@ def test_packed_tree_answers_as_plain_dicts(records, projection, probes):
     keep = lambda record: record.place["arch"]["target"] == "x86_64"  # noqa: E731
     shown, shown_dirs = plain_placement(catalog, projection, keep)
     check_tree(tree.filtered(keep), shown, shown_dirs, probes)
+    # a refresh to a smaller index: the names to forget are those whose entry differs
+    smaller = dict(list(catalog.items())[::2])
+    fewer, fewer_dirs = plain_placement(smaller, projection)
+    entries = [{(d, n): prefixes_at.get(f"{d}/{n}" if d else n, "dir")
+                for d, names in dirs_at.items()
+                for n in names} for prefixes_at, dirs_at in
+               (({r: h for h, r in prefixes.items()}, dirs),
+                ({r: h for h, r in fewer.items()}, fewer_dirs))]
+    differ = {k for k in entries[0].keys() | entries[1].keys()
+              if entries[0].get(k) != entries[1].get(k)}
+    assert set(changed_names(tree, InstallTree("/tmp/lmprop", smaller, projection))) == differ
 
 
 @FAST

@@ -157,6 +157,21 @@ class InstallTree:
         return f"{record.name}-{record.version}-{dag_hash[:7]}"
 
 
+def changed_names(old: InstallTree, new: InstallTree) -> Iterator[tuple[str, str]]:
+    """(directory, name) of every name that one tree has and the other has not (the same
+    projection: a hash in the same folder of both has the same name there, so only the
+    hashes that came or went are projected)."""
+    for relative in old.folders.keys() | new.folders.keys():
+        before, after = old.folders.get(relative), new.folders.get(relative)
+        for name in (before.subdirs if before else set()) ^ (after.subdirs if after else set()):
+            yield relative, name
+        kept = set(before.leaves if before else ()) & set(after.leaves if after else ())
+        for tree, folder in ((old, before), (new, after)):
+            for dag_hash in folder.leaves if folder else ():
+                if dag_hash not in kept:
+                    yield relative, tree.leaf_name(dag_hash)
+
+
 def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from lazymount.catalog.installtree import InstallTree
+from lazymount.catalog.installtree import InstallTree, changed_names
 from lazymount.errors import LazymountError
 from lazymount.materialize import Materializer
 from lazymount.serve.bindmount import PrefixBinder
@@ -203,13 +203,10 @@ class InstallTreeFS(pyfuse3.Operations):
             self.inodes[node] = ino
         self.prefix_inodes = self._number_prefixes(tree)
         changed = 0
-        for relative in old.dirs.keys() | tree.dirs.keys():
-            names = old.dirs.get(relative, set()) ^ tree.dirs.get(relative, set())
-            changed += len(names)
+        for relative, name in changed_names(old, tree):
+            changed += 1
             parent = self.inodes.get(VirtualDir(relative))
-            if parent is None:
-                continue  # never looked up: the kernel holds nothing of it
-            for name in names:
+            if parent is not None:  # else never looked up: the kernel holds nothing of it
                 pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
         return changed
 
