@@ -3,11 +3,14 @@ and the materializer's state machine, against the real Spack cache."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,11 +27,13 @@ from lazymount.errors import (
     MirrorError,
     NotInMirror,
     SignatureError,
+    StoreError,
     UsageError,
 )
 from lazymount.materialize import Materializer, MirrorSource
 from lazymount.mirror.transport import LocalMirror, Timeouts, open_mirror
 from lazymount.store.content import Store
+from lazymount.system import libc
 from lazymount.trust.policy import Trust
 from lazymount.trust.verify import Verifier, read_key_file
 
@@ -181,6 +186,51 @@ def test_store_publishes_atomically_and_keeps_the_first_publisher(tmp_path):
     (second / "tree" / "file").write_text("two")
     assert store.publish(second, second / "tree", "k", {}) == published
     assert published.joinpath("file").read_text() == "one"
+
+
+def test_publishes_at_once_share_their_flushes_and_each_is_covered(tmp_path, monkeypatch):
+    """Packages published at the same time share syncfs calls (a group commit), yet each
+    publish returns only after a syncfs that began after it was called has ended; a failed
+    flush fails the publishes that waited on it, and publishes nothing."""
+    store = Store(tmp_path / "store")
+    spans: list[tuple[float, float]] = []
+    failing = threading.Event()
+    real_syncfs = libc.syncfs_fd
+
+    def syncfs(fd: int) -> None:  # the real call, made slow enough for publishes to meet
+        start = time.monotonic()
+        time.sleep(0.05)
+        real_syncfs(fd)
+        spans.append((start, time.monotonic()))
+        if failing.is_set():
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(libc, "syncfs_fd", syncfs)
+
+    def publish(key: str, calls: list[tuple[float, float]]) -> None:
+        staging = store.new_staging(key)
+        (staging / "tree").mkdir()
+        (staging / "tree" / "file").write_text(key)
+        called = time.monotonic()
+        try:
+            store.publish(staging, staging / "tree", key, {"hash": key})
+        finally:
+            calls.append((called, time.monotonic()))
+
+    calls: list[tuple[float, float]] = []
+    threads = [threading.Thread(target=publish, args=(f"k{n}", calls)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(store.tree(f"k{n}") is not None for n in range(12))
+    assert len(spans) < len(calls) == 12  # shared
+    for called, returned in calls:  # and each covered by a flush that began after it
+        assert any(called <= start and end <= returned for start, end in spans)
+    failing.set()
+    with pytest.raises(StoreError, match="cannot publish k12 in the store: Input/output"):
+        publish("k12", [])
+    assert store.tree("k12") is None
 
 
 def test_store_sweep_removes_leftovers_of_dead_processes_only(tmp_path):
