@@ -3,7 +3,8 @@
 Three kinds of node:
   * virtual directories (the root, ``<platform>-<target>/``, ...), answered from the index;
   * prefix directories (one per cached spec): stat answered from the index, but looking
-    inside one awaits its materialization;
+    inside one awaits its materialization; their inodes are worked out from their place in
+    the tree, not stored (``prefixinodes``);
   * real nodes: files, links and directories of a materialized tree in the store (and our
     ``bin/sbang``), served straight from the store;
   * ``host/``: per name and version, a link to the best build this CPU runs (``hostdir``);
