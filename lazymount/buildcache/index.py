@@ -231,9 +231,9 @@ def _count(value: Any) -> int:
         and -1 << 63 <= value < 1 << 63 else 0
 
 
-def check_record(dag_hash: str, entry: Any) -> Row:
-    """The row of one record of ``installs``, checked (offsets 0). Raises FormatError
-    naming the record."""
+def check_record(dag_hash: str, entry: Any, start: int = 0, end: int = 0) -> Row:
+    """The row of one record of ``installs``, checked; ``start`` and ``end``: the byte
+    offsets of its entry in the document. Raises FormatError naming the record."""
     if not is_dag_hash(dag_hash) or not isinstance(entry, dict):
         raise FormatError(f"the index has a malformed record {str(dag_hash)[:40]!r}")
     node = entry.get("spec")
@@ -250,7 +250,7 @@ def check_record(dag_hash: str, entry: Any) -> Row:
     for key in ("name", "version", "hash"):
         facts.pop(key, None)
     return (dag_hash, name, version, facts, bool(entry.get("in_buildcache", False)),
-            _count(entry.get("ref_count", 0)), _runtime_deps(node), 0, 0)
+            _count(entry.get("ref_count", 0)), _runtime_deps(node), start, end)
 
 
 def parse_index(data: bytes, mirror: int = 0) -> dict[str, SpecRecord]:
@@ -467,12 +467,12 @@ def _decoded_row(dag_hash: str, raw: Any, start: int, end: int,
         value = json.loads(bytes(raw))
     except (ValueError, RecursionError):
         raise FormatError(f"the index has a malformed record {dag_hash[:40]!r}") from None
-    return _row(dag_hash, value, start, end)
+    return check_record(dag_hash, value, start, end)
 
 
 def _typed_row(dag_hash: str, entry: indexdecode.Entry, start: int, end: int,
                shared: dict[Any, dict[str, Any]]) -> Row | None:
-    """The row ``_row`` makes of the same entry, or None if it needs ``check_record``'s
+    """The row ``check_record`` makes of the same entry, or None if it needs its
     checks (a bad hash or name, a number for a version). Placing fields made of the
     namespace and arch alone (most records) are taken from ``shared`` when it has them."""
     node = entry.spec
@@ -540,12 +540,6 @@ def _typed_edges(edges: Iterable[Any]) -> tuple[tuple[str, ...], list[dict[str, 
     return tuple(runtime), compilers
 
 
-def _row(dag_hash: str, entry: Any, start: int, end: int) -> Row:
-    """The row of one decoded entry, checked by ``check_record``. Raises FormatError."""
-    _, name, version, facts, cached, refs, deps, _, _ = check_record(dag_hash, entry)
-    return (dag_hash, name, version, facts, cached, refs, deps, start, end)
-
-
 # ---------------------------------------------------------------------------------------------
 # The json-module scanner: for documents msgspec cannot read (it accepts what ``json`` does)
 
@@ -589,7 +583,7 @@ def _scan_installs(cursor: _Cursor, rows: list[Row]) -> None:
         start = cursor.skip()
         entry = cursor.value()
         try:
-            rows.append(_row(dag_hash, entry, start, cursor.pos))
+            rows.append(check_record(dag_hash, entry, start, cursor.pos))
         except FormatError as exc:
             dropped.note(exc)
     dropped.close()

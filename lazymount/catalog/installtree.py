@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Set
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from lazymount.buildcache.index import SpecRecord
@@ -32,8 +32,8 @@ class Folder:
     """A virtual directory: the names of its subdirectories, and the hashes of the prefixes
     right inside it, in the order of their names."""
 
-    subdirs: set[str] = field(default_factory=set)
-    leaves: list[str] = field(default_factory=list)
+    subdirs: set[str]
+    leaves: list[str]
 
 
 class InstallTree:
@@ -286,7 +286,7 @@ class _Dirs(Mapping[str, Set[str]]):
         self.tree = tree
 
     def __getitem__(self, relative: str) -> Set[str]:
-        return _Names(self.tree, self.tree.folders[relative])
+        return _Names(self.tree, relative, self.tree.folders[relative])
 
     def __contains__(self, relative: object) -> bool:
         return relative in self.tree.folders
@@ -301,8 +301,8 @@ class _Dirs(Mapping[str, Set[str]]):
 class _Names(Set[str]):
     """The names in one folder."""
 
-    def __init__(self, tree: InstallTree, folder: Folder):
-        self.tree, self.folder = tree, folder
+    def __init__(self, tree: InstallTree, relative: str, folder: Folder):
+        self.tree, self.relative, self.folder = tree, relative, folder
 
     @classmethod
     def _from_iterable(cls, names: Iterable[str]) -> set[str]:  # type: ignore[override]
@@ -311,11 +311,8 @@ class _Names(Set[str]):
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
             return False
-        if name in self.folder.subdirs:
-            return True
-        leaves = self.folder.leaves
-        index = bisect.bisect_left(leaves, name, key=self.tree.leaf_name)
-        return index < len(leaves) and self.tree.leaf_name(leaves[index]) == name
+        return (name in self.folder.subdirs
+                or self.tree.locate(_join(self.relative, name)) is not None)
 
     def __iter__(self) -> Iterator[str]:
         yield from self.folder.subdirs

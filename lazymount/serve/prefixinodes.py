@@ -48,24 +48,26 @@ class PrefixInodes:
 
     def inode(self, folder_relative: str, index: int) -> int:
         """The inode of the ``index``-th prefix of a folder, marked as given out."""
-        position = self.start_of[folder_relative] + index
-        self.given[position >> 3] |= 1 << (position & 7)
-        return self.base + position
+        return self._give(self.start_of[folder_relative] + index)
 
     def inode_of(self, node: PrefixDir) -> int | None:
         """The inode of a prefix of the tree (marked as given out), or None."""
-        found = self.tree.locate(node.relative)
-        if found is None or found[0].leaves[found[1]] != node.dag_hash:
-            return None
-        return self.inode(node.relative.rpartition("/")[0], found[1])
+        position = self._position(node)
+        return self._give(position) if position is not None else None
 
     def given_inode_of(self, node: PrefixDir) -> int | None:
         """The inode of a prefix if the kernel was given it, else None."""
+        position = self._position(node)
+        return self.base + position if position is not None and self._was_given(position) \
+            else None
+
+    def _position(self, node: PrefixDir) -> int | None:
+        """Where a prefix of the tree is in this range, or None if the tree has no such
+        prefix."""
         found = self.tree.locate(node.relative)
         if found is None or found[0].leaves[found[1]] != node.dag_hash:
             return None
-        position = self.start_of[node.relative.rpartition("/")[0]] + found[1]
-        return self.base + position if self._was_given(position) else None
+        return self.start_of[node.relative.rpartition("/")[0]] + found[1]
 
     def node(self, ino: int) -> PrefixDir | None:
         """The prefix an inode of this range stands for."""
@@ -88,6 +90,10 @@ class PrefixInodes:
                         node = self.node(ino)
                         assert node is not None
                         yield ino, node
+
+    def _give(self, position: int) -> int:
+        self.given[position >> 3] |= 1 << (position & 7)
+        return self.base + position
 
     def _was_given(self, position: int) -> bool:
         return bool(self.given[position >> 3] & (1 << (position & 7)))
