@@ -227,11 +227,11 @@ class LiveMount:
                 trust.close()
             raise
         await self._swap(old, new)
-        await trio.to_thread.run_sync(self.catalogs.flush)  # what the load left to store
         added = len(new.tree.prefixes.keys() - old.tree.prefixes.keys())
         removed = len(old.tree.prefixes.keys() - new.tree.prefixes.keys())
         log.info("refresh (%s): %d packages now (%d new, %d removed)", why,
                  len(new.tree.prefixes), added, removed)
+        await trio.to_thread.run_sync(self.catalogs.flush)  # what the load left to store
         await self._rewrite_database(new.tree)
         return {"changed": True, "packages": len(new.tree.prefixes), "added": added,
                 "removed": removed}
