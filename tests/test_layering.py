@@ -25,6 +25,7 @@ LAYERS: list[set[str]] = [
     {"trust"},
     {"install", "store"},
     {"catalog"},
+    {"publish"},
     {"config", "configfile"},
     {"spack"},
     {"materialize"},

@@ -55,6 +55,7 @@ SUBCOMMANDS = {
     "preload": "materialize packages and their link/run dependencies ahead of a job",
     "gc": "evict packages not in use from a mount's store",
     "fsck": "re-hash the store's packages against their published records",
+    "publish": "describe a mirror for clients: a signed site catalog and tables of contents",
 }
 READY_TIMEOUT = 600.0  # seconds the command waits for a background mount to come up
 
@@ -85,6 +86,8 @@ subcommands:
                                 evict packages not in use from the store
   lazymount fsck (MOUNTPOINT | --store DIR) [--repair]
                                 check every stored package against its record
+  lazymount publish MIRROR --signing-key FILE [--output DIR]
+                                write a signed site catalog and tables of contents
 
 examples:
   lazymount keys install --trust https://cache.example.org/spack
@@ -445,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_status(argv[1:])
         if argv and argv[0] == "refresh":
             return run_refresh(argv[1:])
+        if argv and argv[0] == "publish":
+            from lazymount.cli.publishcmd import run_publish
+
+            return run_publish(argv[1:])
         if argv and argv[0] in STORE_COMMANDS:
             return STORE_COMMANDS[argv[0]](argv[1:])
         return run_mount(argv)

@@ -1,0 +1,64 @@
+"""Clearsigning with a site's secret key, for what ``lazymount publish`` writes.
+
+The key is imported into a private, throw-away GNUPGHOME, as verification does; the user's
+``~/.gnupg`` and any agent are never touched. Everything here blocks: call it from a thread.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import gnupg
+
+from lazymount.errors import UsageError
+from lazymount.system.files import FileTooLarge, read_bounded
+
+MAX_KEY_BYTES = 1 << 20
+
+
+class Signer:
+    """Signs with the one secret key of ``key_file`` (ASCII-armored, without a passphrase)."""
+
+    def __init__(self, key_file: Path):
+        try:
+            text = read_bounded(key_file, MAX_KEY_BYTES)
+        except FileTooLarge:
+            raise UsageError(f"{key_file} is larger than {MAX_KEY_BYTES} bytes") from None
+        except OSError as exc:
+            raise UsageError(f"cannot read signing key {key_file}: {exc.strerror}") from None
+        if b"-----BEGIN PGP PRIVATE KEY BLOCK-----" not in text:
+            raise UsageError(f"{key_file} is not an ASCII-armored secret key "
+                             "(gpg --armor --export-secret-keys KEY)")
+        self.home = Path(tempfile.mkdtemp(prefix="lazymount-sign-"))
+        try:
+            self.gpg = gnupg.GPG(gnupghome=str(self.home))
+            result = self.gpg.import_keys(text)
+            secret = self.gpg.list_keys(secret=True)
+            if not secret:
+                raise UsageError(f"{key_file}: gpg imported no secret key "
+                                 f"({result.stderr.strip()[-200:]})")
+            if len(secret) > 1:
+                raise UsageError(f"{key_file} holds {len(secret)} secret keys; give one")
+        except (OSError, ValueError, RuntimeError) as exc:
+            self.close()
+            raise UsageError(f"cannot run gpg: {exc}") from None
+        except UsageError:
+            self.close()
+            raise
+        self.fingerprint = str(secret[0]["fingerprint"]).upper()
+
+    def clearsign(self, text: bytes) -> bytes:
+        """``text`` clearsigned; UsageError if gpg fails (a passphrase-protected key)."""
+        signed = self.gpg.sign(text, keyid=self.fingerprint, clearsign=True,
+                               extra_args=["--batch", "--pinentry-mode", "error"])
+        data = bytes(signed.data or b"")
+        if not data:
+            raise UsageError(f"gpg could not sign with {self.fingerprint} "
+                             f"({signed.stderr.strip()[-200:]}); the key must have no "
+                             "passphrase")
+        return data
+
+    def close(self) -> None:
+        shutil.rmtree(self.home, ignore_errors=True)
