@@ -34,6 +34,7 @@ from lazymount.errors import UsageError
 from lazymount.mirror.credentials import Credentials
 from lazymount.mirror.ociref import is_oci_url, parse_oci_url
 from lazymount.mirror.proxies import parse_proxy_list
+from lazymount.system import sizes
 from lazymount.system.files import FileTooLarge, read_bounded
 from lazymount.system.places import default_dir
 
@@ -170,19 +171,13 @@ def parse_refresh(value: Any, base: Path) -> float:
     return seconds
 
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
 def parse_size(value: Any, base: Path) -> int:
     """A positive byte count: an integer, or a string with a binary-unit suffix (``"64G"``)."""
     if isinstance(value, int) and not isinstance(value, bool):
         if value <= 0:
             raise ValueError(f"{value} must be more than zero")
         return value
-    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", _text(value), re.IGNORECASE)
-    if not match or int(match.group(1)) <= 0:
-        raise ValueError(f"{value!r} is not a size (like 512M or 64G)")
-    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+    return sizes.parse_size(_text(value))
 
 
 def parse_listen(value: Any, base: Path) -> tuple[str, int]:

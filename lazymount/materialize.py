@@ -38,6 +38,7 @@ from lazymount.store.quota import StoreUsage
 from lazymount.store.record import checked_tree, seal
 from lazymount.store.shared import HEARTBEAT, MAX_POLL, POLL, ClaimWatch, SharedStore
 from lazymount.system.redact import redact
+from lazymount.system.sizes import show_size
 from lazymount.trust.policy import MirrorTrust
 
 log = logging.getLogger(__name__)
@@ -338,7 +339,8 @@ class Materializer:
         """Download + extract (streamed), relocate, seal (the record), fit into the quota
         (the local store only), publish into ``store``."""
         key = self.key(dag_hash)
-        log.info("%s: fetching %s from %s", label, _size(tarball.length), source.mirror.url)
+        size = "an unknown size" if tarball.length is None else show_size(tarball.length)
+        log.info("%s: fetching %s from %s", label, size, source.mirror.url)
         staging = await trio.to_thread.run_sync(store.new_staging, key)
         local = store is self.store
         # with a quota, a package bigger than it can ever hold stops early
@@ -371,7 +373,8 @@ class Materializer:
                 store.publish, staging, extracted.root, key, receipt, sealed.data)
             if local:
                 self.usage.published(key, disk_bytes, label)
-            log.info("%s: %d files, %s unpacked", label, extracted.files, _size(extracted.bytes))
+            log.info("%s: %d files, %s unpacked", label, extracted.files,
+                     show_size(extracted.bytes))
             return published
         except BaseException:
             self.usage.release(key)
@@ -402,17 +405,3 @@ class Materializer:
 def _blocks(length: int) -> int:
     """Disk bytes of a file of ``length`` bytes, in 4 KiB blocks."""
     return -(-length // 4096) * 4096
-
-
-def _size(length: int | None) -> str:
-    """A byte count for log lines: 812 bytes, 9.7 KiB, 201.3 MiB."""
-    if length is None:
-        return "an unknown size"
-    if length < 1024:
-        return f"{length} bytes"
-    units = ("KiB", "MiB", "GiB")
-    value, index = length / 1024, 0
-    while value >= 1024 and index + 1 < len(units):
-        value, index = value / 1024, index + 1
-    return f"{value:.1f} {units[index]}"
-

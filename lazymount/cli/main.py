@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import re
 import select
 import shutil
 import subprocess
@@ -35,6 +34,7 @@ from lazymount.mirror.transport import Timeouts
 from lazymount.serve.bindmount import clear_dead_mount, unmount_below
 from lazymount.spack.spackconfig import read_spack_mirrors
 from lazymount.store.content import create_store_dir, default_store_dir
+from lazymount.system import sizes
 from lazymount.system.logfile import open_log
 from lazymount.system.mountinfo import fuse_device
 from lazymount.system.ownership import check_trusted_dir
@@ -125,7 +125,7 @@ def mount_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-package-size", metavar="BYTES", type=byte_size, default=None,
                         help="refuse a package whose files expand to more than this (a "
                              "decompression bomb); K, M, G, T suffixes (default: "
-                             f"{_show_size(Limits.max_bytes)})")
+                             f"{sizes.option_size(Limits.max_bytes)})")
     parser.add_argument("--max-package-files", metavar="N", type=positive_int, default=None,
                         help="refuse a package whose tarball has more members than this "
                              f"(default: {Limits.max_members})")
@@ -135,28 +135,18 @@ def mount_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
 def byte_size(text: str) -> int:
     """``"64G"`` -> 68719476736: a positive byte count with an optional binary-unit suffix."""
-    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not match or int(match.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (like 512M or 64G)")
-    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+    try:
+        return sizes.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def positive_int(text: str) -> int:
     if not text.strip().isdigit() or int(text) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
     return int(text)
-
-
-def _show_size(size: int) -> str:
-    for suffix in ("T", "G", "M", "K"):
-        if size % _UNITS[suffix] == 0:
-            return f"{size // _UNITS[suffix]}{suffix}"
-    return str(size)
 
 
 def mirror_configs(values: dict[str, Any]) -> list[MirrorConfig]:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from lazymount.errors import UsageError
+from lazymount.system.sizes import parse_size
 
 DESCRIPTION = """\
 Describe a Spack build cache for lazymount clients: a compact, signed site catalog of its
@@ -52,10 +53,8 @@ def publish_parser() -> argparse.ArgumentParser:
 
 
 def _size(text: str) -> int:
-    from lazymount.configfile import parse_size
-
     try:
-        return parse_size(text, Path.cwd())
+        return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

@@ -22,19 +22,15 @@ from lazymount.errors import UsageError
 from lazymount.service.control import ask_mount, checked
 from lazymount.store import record
 from lazymount.store.content import Store
-from lazymount.store.quota import show_size
 from lazymount.system import xattrs
 from lazymount.system.mountinfo import lazymount_mounts
+from lazymount.system.sizes import parse_size, show_size
 
 
 def _size(text: str) -> int:
     """``--max-size``: a byte count with K/M/G/T (binary) suffixes; 0 allowed."""
-    from lazymount.configfile import parse_size
-
-    if text.strip() == "0":
-        return 0
     try:
-        return parse_size(text, Path.cwd())
+        return parse_size(text, zero=True)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

@@ -26,9 +26,10 @@ from lazymount.errors import UsageError
 from lazymount.materialize import Materializer
 from lazymount.serve.bindmount import PrefixBinder
 from lazymount.serve.fs import InstallTreeFS
-from lazymount.store.quota import Kept, show_size
+from lazymount.store.quota import Kept
 from lazymount.store.record import checked_tree
 from lazymount.system.inuse import paths_in_use
+from lazymount.system.sizes import show_size
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from lazymount.buildcache.formats import known_layout
 from lazymount.mirror.transport import Mirror
 from lazymount.serve.hostdir import render_status
 from lazymount.service.live import LiveMount
+from lazymount.system.sizes import show_size
 
 
 async def collect(live: LiveMount) -> dict[str, Any]:
@@ -212,11 +213,4 @@ def _age(seconds: float) -> str:
 
 
 def _bytes(count: int | None) -> str:
-    if count is None:
-        return "?"
-    value, unit = float(count), "bytes"
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            break
-        value /= 1024
-    return f"{count} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+    return "?" if count is None else show_size(count)

@@ -23,23 +23,12 @@ from dataclasses import dataclass
 
 from lazymount.errors import StoreFull
 from lazymount.store.content import Store
+from lazymount.system.sizes import show_size
 
 log = logging.getLogger(__name__)
 
 LOW_WATER = 0.9
 WRITE_EVERY = 600.0  # seconds between two writes of one package's last use
-
-
-def show_size(count: int) -> str:
-    """A byte count for messages: 812 bytes, 9.7 KiB, 201.3 MiB."""
-    if count < 1024:
-        return f"{count} bytes"
-    value = float(count)
-    for unit in ("KiB", "MiB", "GiB"):
-        value /= 1024
-        if value < 1024:
-            return f"{value:.1f} {unit}"
-    return f"{value / 1024:.1f} TiB"
 
 
 @dataclass(frozen=True)
