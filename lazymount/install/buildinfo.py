@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import posixpath
+import reprlib
 from typing import Any
 
 from lazymount.errors import FormatError
@@ -12,6 +13,12 @@ BUILDINFO = ".spack/binary_distribution"
 MAX_BUILDINFO_BYTES = 1 << 20
 
 _LISTS = ("relocate_binaries", "relocate_links", "relocate_textfiles")
+
+# A value quoted in an error message: a few levels and items of it, never its whole repr
+# (the value of a hostile build info can be huge; building its repr holds the GIL)
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict = 2, 4, 4
+_SHOWN.maxstring, _SHOWN.maxother = 200, 80
 
 
 def parse_buildinfo(text: bytes, what: str) -> dict[str, Any]:
@@ -71,19 +78,24 @@ def check_build_prefix(info: dict[str, Any], build_prefix: str, what: str) -> No
 def _abs(value: object, key: str, what: str) -> str:
     """``value`` as an absolute, '..'-free path string, else FormatError."""
     if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
-        raise FormatError(f"{what}: {BUILDINFO}: {key} {value!r:.200} is not an absolute path")
+        raise FormatError(f"{what}: {BUILDINFO}: {key} {_shown(value)} is not an absolute path")
     if ".." in value.split("/"):
-        raise FormatError(f"{what}: {BUILDINFO}: {key} {value!r:.200} contains '..'")
+        raise FormatError(f"{what}: {BUILDINFO}: {key} {_shown(value)} contains '..'")
     return value
 
 
 def _rel(value: object, key: str, what: str) -> str:
     """``value`` as a relative path that stays inside the prefix, else FormatError."""
     if not isinstance(value, str) or not value or value.startswith("/") or "\0" in value:
-        raise FormatError(f"{what}: {BUILDINFO}: {key} entry {value!r:.200} is not a relative path")
+        raise FormatError(f"{what}: {BUILDINFO}: {key} entry {_shown(value)} is not a "
+                          f"relative path")
     if ".." in value.split("/"):
-        raise FormatError(f"{what}: {BUILDINFO}: {key} entry {value!r:.200} leaves the prefix")
+        raise FormatError(f"{what}: {BUILDINFO}: {key} entry {_shown(value)} leaves the prefix")
     return value
+
+
+def _shown(value: object) -> str:
+    return _SHOWN.repr(value)
 
 
 def _hash_to_prefix(doc: dict[Any, Any], what: str) -> dict[str, str]:
@@ -98,6 +110,6 @@ def _hash_to_prefix(doc: dict[Any, Any], what: str) -> dict[str, str]:
     for key, value in mapping.items():
         dag_hash, prefix = (value, key) if inverted else (key, value)
         if not isinstance(dag_hash, str) or not dag_hash:
-            raise FormatError(f"{what}: {BUILDINFO}: hash {dag_hash!r:.80} is not a string")
+            raise FormatError(f"{what}: {BUILDINFO}: hash {_shown(dag_hash)} is not a string")
         result[dag_hash] = _abs(prefix, f"prefix of {dag_hash}", what)
     return result
