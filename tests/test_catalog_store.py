@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import msgspec
@@ -20,7 +21,7 @@ from lazymount.buildcache.index import SpecRecord, keyed, parse_index, scan_inde
 from lazymount.buildcache.layout import DEFAULT_PROJECTION, project
 from lazymount.catalog.installtree import InstallTree
 from lazymount.catalog.loader import load_catalog
-from lazymount.catalog.stored import CatalogStore
+from lazymount.catalog.stored import PRUNE_GRACE, CatalogStore
 from lazymount.errors import FormatError, MirrorError
 from lazymount.mirror.transport import Timeouts, open_mirror
 
@@ -334,3 +335,35 @@ def test_remount_serves_from_the_stored_catalog(tmp_path, http_server, mount_cac
     assert "Hello from lmgreet" in subprocess.run(
         [second.prefix() / "bin" / "hello"], capture_output=True, text=True, timeout=60).stdout
     assert server.requests == [INDEX_MANIFEST]  # no index blob, no package fetched again
+
+
+def test_unused_indexes_and_placements_are_pruned(tmp_path):
+    """An index that changed five times leaves its current and previous documents and their
+    placements; older ones go once they are older than PRUNE_GRACE, younger ones stay."""
+    cache, store = tmp_path / "cache", tmp_path / "store"
+    checksums = []
+
+    def age_all() -> None:  # as if PRUNE_GRACE had passed since every file was written
+        then = time.time() - PRUNE_GRACE - 60
+        for path in store.rglob("*"):
+            os.utime(path, (then, then))
+
+    for n in range(5):
+        write_cache(cache, [f"p{i}" for i in range(n + 1)])
+        checksums.append(hashlib.sha256(index_blob(cache)).hexdigest())
+        load_tree(store, [str(cache)])
+        load_tree(store, [str(cache)], "{name}/{hash}")
+        age_all()
+    young = store / "indexes" / f"{'0' * 64}.json"  # another daemon's, just written
+    young.write_bytes(b"{}")
+    write_cache(cache, ["p0", "last"])
+    checksums.append(hashlib.sha256(index_blob(cache)).hexdigest())
+    tree = load_tree(store, [str(cache)])
+    assert "last" in {p.split("-")[0] for p in tree.dirs["linux-x86_64"]}
+    assert sorted(p.name for p in (store / "indexes").iterdir()) == sorted(
+        [f"{checksums[-1]}.json", f"{checksums[-2]}.json", young.name])
+    placed = [json.loads(json.loads(p.read_bytes().partition(b"\n")[0])["identity"])
+              for p in (store / "trees").iterdir()]
+    assert sorted((projection, checksum) for _, projection, [(_, checksum)] in placed) == \
+        sorted([(DEFAULT_PROJECTION, checksums[-1]), (DEFAULT_PROJECTION, checksums[-2]),
+                ("{name}/{hash}", checksums[-2])])

@@ -16,6 +16,12 @@ index is the one stored, the records are loaded from here: no download, no JSON 
 Otherwise the index is downloaded, parsed, and stored for the next time (a daemon stores it
 once it has mounted: ``write_later`` and ``flush``).
 
+Only what is in use is kept: each mirror's current index document and the one before it (a
+daemon may still read nodes of the index it served before a refresh), and the placements
+made of them; the others are deleted whenever a new index is stored. A file younger than
+``PRUNE_GRACE`` is kept too: another daemon sharing the store may have written it a moment
+before the records that name it.
+
 Records are light (``SpecRecord``): a record's whole node is read back from the stored index
 document, by byte offsets, when something asks for it. A stored file that does not check out
 (format, Python version, sha256, shape, a missing document) is ignored and rebuilt from the
@@ -37,6 +43,7 @@ import marshal
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,6 +70,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 6  # bump when a payload changes shape (4: an IndexTable in msgpack; 5: trees by
 # order; 6: trees as folders of catalog positions)
+PRUNE_GRACE = 600.0  # seconds an unused stored file is kept after it was written
 
 
 class CatalogStore:
@@ -156,12 +164,7 @@ class CatalogStore:
 
     def _read_header(self, url: str) -> dict[str, Any] | None:
         """The header line of the stored records of ``url`` (not checked: ``load`` does)."""
-        try:
-            with open(self.records_path(url), "rb") as handle:
-                header = json.loads(handle.readline(1 << 16))
-        except (OSError, ValueError):
-            return None
-        return header if isinstance(header, dict) else None
+        return _header_of(self.records_path(url))
 
     def tree(self, root: str, catalog: dict[str, SpecRecord], projection: str,
              urls: list[str]) -> InstallTree:
@@ -268,11 +271,34 @@ class CatalogStore:
             self._save(header, payload)
         except OSError as exc:
             log.warning("cannot store the catalog of %s: %s", header["url"], exc.strerror)
+            return
+        self.prune()
 
     def _save(self, header: dict[str, Any], payload: bytes) -> None:
         header = dict(header, payload=hashlib.sha256(payload).hexdigest())
+        before = self._read_header(header["url"]) or {}
+        previous = (before.get("checksum") if before.get("checksum") != header["checksum"]
+                    else before.get("previous"))
+        if isinstance(previous, str) and is_sha256(previous):
+            header["previous"] = previous  # kept by ``prune`` while this index is current
         data = json.dumps(header).encode() + b"\n" + payload
         write_atomically(self.records_path(header["url"]), data, make_parents=True)
+
+    def prune(self) -> None:
+        """Delete the index documents no mirror's stored records name as their current or
+        previous index, and the placements made of other indexes, unless younger than
+        PRUNE_GRACE. Blocking; any thread."""
+        keep = set(self.loaded.values())
+        for path in _listing(self.mirrors, ".bin"):
+            header = _header_of(path) or {}
+            keep.update(str(header.get(key)) for key in ("checksum", "previous"))
+        old = time.time() - PRUNE_GRACE
+        for path in _listing(self.indexes, ".json"):
+            if path.name.removesuffix(".json") not in keep:
+                _remove_if_older(path, old)
+        for path in _listing(self.trees, ".bin"):
+            if not _tree_indexes(path) <= keep:
+                _remove_if_older(path, old)
 
 
 class StoredIndex(IndexSource):
@@ -320,6 +346,42 @@ class StoredIndex(IndexSource):
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _header_of(path: Path) -> dict[str, Any] | None:
+    """The JSON header line of a stored file (not checked), or None."""
+    try:
+        with open(path, "rb") as handle:
+            header = json.loads(handle.readline(1 << 20))
+    except (OSError, ValueError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def _listing(directory: Path, suffix: str) -> list[Path]:
+    try:
+        return [path for path in directory.iterdir() if path.name.endswith(suffix)]
+    except FileNotFoundError:
+        return []
+
+
+def _tree_indexes(path: Path) -> set[str]:
+    """The index checksums a stored placement was made of ({""}: unreadable)."""
+    try:
+        identity = json.loads((_header_of(path) or {})["identity"])
+        return {str(checksum) for _url, checksum in identity[2]}
+    except (KeyError, ValueError, TypeError, IndexError):
+        return {""}
+
+
+def _remove_if_older(path: Path, limit: float) -> None:
+    try:
+        if path.stat().st_mtime < limit:
+            path.unlink()
+    except FileNotFoundError:
+        pass  # another daemon sharing the store pruned it first
+    except OSError as exc:  # the mount works with it
+        log.warning("cannot delete the unused %s: %s", path, exc.strerror)
 
 
 def _save_tree(path: Path, identity: str, tree: InstallTree) -> None:
