@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lazymount.buildcache.layout import DEFAULT_PROJECTION
-from lazymount.install.extract import Limits
+from lazymount.install.limits import Limits
 from lazymount.mirror.credentials import Credentials
-from lazymount.mirror.transport import Timeouts
+from lazymount.mirror.timeouts import Timeouts
 
 
 @dataclass(frozen=True)

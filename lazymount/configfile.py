@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lazymount.catalog.hosttarget import TARGET_CHOICES, unknown_target
 from lazymount.errors import UsageError
 from lazymount.mirror.credentials import Credentials
 from lazymount.mirror.ociref import is_oci_url, parse_oci_url
@@ -191,6 +190,8 @@ def parse_listen(value: Any, base: Path) -> tuple[str, int]:
 
 def parse_host_target(value: Any, base: Path) -> str:
     """An archspec microarchitecture name (``zen2``, ``x86_64_v3``, ``neoverse_v1``...)."""
+    from lazymount.catalog.hosttarget import unknown_target  # archspec: only when given
+
     name = _text(value).strip()
     problem = unknown_target(name)
     if problem is not None:
@@ -199,6 +200,8 @@ def parse_host_target(value: Any, base: Path) -> str:
 
 
 def parse_targets(value: Any, base: Path) -> str:
+    from lazymount.catalog.hosttarget import TARGET_CHOICES
+
     text = _text(value).strip()
     if text not in TARGET_CHOICES:
         raise ValueError(f"{text!r} is not one of {', '.join(TARGET_CHOICES)}")

@@ -22,7 +22,8 @@ from lazymount.catalog.hosttarget import (
 )
 from lazymount.catalog.installtree import InstallTree
 from lazymount.errors import UsageError
-from lazymount.serve.hostdir import HostDirs, render_status
+from lazymount.serve.hostdir import HostDirs
+from lazymount.service.statustext import render_status
 
 
 def build(target: str, version: str = "1.0", name: str = "app", mirror: int = 0,

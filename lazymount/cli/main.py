@@ -1,450 +1,52 @@
 """Command line: ``lazymount [options] MOUNTPOINT`` and its subcommands.
 
-Mounting returns once the mount is ready: a background child serves it and reports back
-through a pipe (or ``--foreground`` serves in this process). Exit codes: 0 success,
-1 failure, 2 bad usage.
+This module only dispatches: each subcommand's module is imported when that subcommand
+runs, so ``lazymount status`` or ``--help`` never pay for the daemon's modules (trio,
+pyfuse3, httpx, the catalog). Mounting is ``mountcmd``. Exit codes: 0 success, 1 failure,
+2 bad usage.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import logging
-import os
-import select
-import shutil
-import subprocess
+import importlib
 import sys
-import threading
-import time
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
-from lazymount import __version__, configfile
-from lazymount.buildcache.layout import DEFAULT_PROJECTION
-from lazymount.cli.servicecmds import run_refresh, run_status
-from lazymount.cli.storecmds import STORE_COMMANDS
-from lazymount.cli.subcommands import run_keys, run_spack_config
-from lazymount.config import MirrorConfig, MountConfig
-from lazymount.errors import LazymountError, UsageError
-from lazymount.install.extract import Limits
-from lazymount.mirror.credentials import RegistryLogins
-from lazymount.mirror.ociref import is_oci_url, registry_of
-from lazymount.mirror.transport import Timeouts
-from lazymount.serve.bindmount import clear_dead_mount, unmount_below
-from lazymount.spack.spackconfig import read_spack_mirrors
-from lazymount.store.content import create_store_dir, default_store_dir
-from lazymount.system import sizes
-from lazymount.system.logfile import open_log
-from lazymount.system.mountinfo import fuse_device
-from lazymount.system.ownership import check_trusted_dir
-from lazymount.system.places import STARTED_AS_ROOT
-from lazymount.system.privileges import lookup_user
-from lazymount.system.redact import RedactingFilter, redact
-from lazymount.trust.keyring import default_keyring_dir
+from lazymount.errors import LazymountError
+from lazymount.system.redact import redact
 
-log = logging.getLogger("lazymount")
-
-SUBCOMMANDS = {
-    "umount": "unmount a lazymount mount point",
-    "demo": "serve the embedded demo cache on loopback, mount it, run a relocated binary",
-    "keys": "manage the keyring of trusted keys (list, install, add, remove)",
-    "spack-config": "print the upstreams.yaml that makes Spack use a mount",
-    "status": "ask running mounts what they are doing (--json, --prometheus)",
-    "refresh": "make a running mount check its mirrors' indexes now",
-    "preload": "materialize packages and their link/run dependencies ahead of a job",
-    "gc": "evict packages not in use from a mount's store",
-    "fsck": "re-hash the store's packages against their published records",
-    "publish": "describe a mirror for clients: a signed site catalog and tables of contents",
+# subcommand -> "module:function" that runs it with the rest of the command line
+RUNNERS = {
+    "umount": "lazymount.cli.umountcmd:run_umount",
+    "demo": "lazymount.cli.demo:main",
+    "keys": "lazymount.cli.subcommands:run_keys",
+    "spack-config": "lazymount.cli.subcommands:run_spack_config",
+    "status": "lazymount.cli.servicecmds:run_status",
+    "refresh": "lazymount.cli.servicecmds:run_refresh",
+    "preload": "lazymount.cli.storecmds:run_preload",
+    "gc": "lazymount.cli.storecmds:run_gc",
+    "fsck": "lazymount.cli.storecmds:run_fsck",
+    "publish": "lazymount.cli.publishcmd:run_publish",
 }
-READY_TIMEOUT = 600.0  # seconds the command waits for a background mount to come up
-
-DESCRIPTION = """\
-Mount a Spack binary build cache read-only as an install tree. Every package of the
-mirror's index appears at MOUNTPOINT/<platform>-<target>/<name>-<version>-<hash>; the
-first access inside a package verifies its signed manifest, downloads and checks its
-tarball, extracts and relocates it into the local store, and then serves it from there.
-"""
-
-EPILOG = """\
-subcommands:
-  lazymount umount MOUNTPOINT   unmount (same as fusermount3 -u MOUNTPOINT)
-  lazymount demo                run the built-in demo (needs root or FUSE access)
-  lazymount keys list [MIRROR]  the keyring's keys, or the keys MIRROR publishes
-  lazymount keys install [--trust] MIRROR
-                                import MIRROR's keys into the keyring (see keys --help)
-  lazymount keys add FILE | remove FINGERPRINT
-  lazymount spack-config MOUNTPOINT
-                                print the upstreams.yaml that makes Spack use the mount
-  lazymount status [MOUNTPOINT|PATH] [--json|--prometheus]
-                                what running mounts are doing; a package's state and why
-  lazymount refresh MOUNTPOINT  check the mirrors' indexes now (kill -HUP also reloads
-                                the configuration file)
-  lazymount preload MOUNTPOINT SPEC... | --from spack.lock
-                                materialize packages and their link/run closure now
-  lazymount gc MOUNTPOINT [--max-size SIZE]
-                                evict packages not in use from the store
-  lazymount fsck (MOUNTPOINT | --store DIR) [--repair]
-                                check every stored package against its record
-  lazymount publish MIRROR --signing-key FILE [--output DIR]
-                                write a signed site catalog and tables of contents
-
-examples:
-  lazymount keys install --trust https://cache.example.org/spack
-  lazymount --mirror https://cache.example.org/spack /opt/spack
-  lazymount --unsigned --mirror oci://ghcr.io/org/buildcache /opt/spack   (OCI registry)
-  /opt/spack/linux-x86_64/lmhello-1.0-<hash>/bin/hello -v
-  lazymount spack-config /opt/spack > ~/.spack/upstreams.yaml
-  lazymount umount /opt/spack
-"""
+MOUNT = "lazymount.cli.mountcmd:run_mount"
 
 
-def mount_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lazymount", description=DESCRIPTION, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path,
-                        help="existing directory to mount the install tree on; its path "
-                             "becomes the install root packages are relocated to, so it must "
-                             "be no longer than the cache's build root unless the cache was "
-                             "built with padded_length")
-    parser.add_argument("--config", metavar="FILE", type=Path, default=None,
-                        help="configuration file (default: "
-                             f"{configfile.default_config_file()}, if it exists); its "
-                             "[mounts.\"MOUNTPOINT\"] table, over its [defaults], says what "
-                             "to mount; the options below override it")
-    configfile.add_options(parser)
-    parser.add_argument("--foreground", "-f", action="store_true",
-                        help="stay attached and log to stderr until unmounted (for systemd "
-                             "and debugging); without it the command returns once the mount "
-                             "is ready and a background process keeps serving it")
-    parser.add_argument("--log-file", metavar="FILE", type=Path, default=None,
-                        help="where the background process logs (default: "
-                             "STORE/lazymount.log)")
-    parser.add_argument("--max-package-size", metavar="BYTES", type=byte_size, default=None,
-                        help="refuse a package whose files expand to more than this (a "
-                             "decompression bomb); K, M, G, T suffixes (default: "
-                             f"{sizes.option_size(Limits.max_bytes)})")
-    parser.add_argument("--max-package-files", metavar="N", type=positive_int, default=None,
-                        help="refuse a package whose tarball has more members than this "
-                             f"(default: {Limits.max_members})")
-    parser.add_argument("--verbose", "-v", action="store_true", help="log more")
-    parser.add_argument("--version", action="version", version=f"lazymount {__version__}")
-    parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
-    return parser
-
-
-def byte_size(text: str) -> int:
-    """``"64G"`` -> 68719476736: a positive byte count with an optional binary-unit suffix."""
-    try:
-        return sizes.parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def positive_int(text: str) -> int:
-    if not text.strip().isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return int(text)
-
-
-def mirror_configs(values: dict[str, Any]) -> list[MirrorConfig]:
-    """The mirrors first, then the binary mirrors of each Spack mirrors file; a URL
-    given twice is kept at its first place. Prints a notice for each skipped mirror.
-    OCI registries get their logins; one not mounted unsigned is refused (UsageError)."""
-    signed = not values["unsigned"]
-    mirrors = [MirrorConfig(url, require_signature=signed) for url in values["mirrors"]]
-    for path in values["spack_mirrors"]:
-        found, notices = read_spack_mirrors(path, require_signature=signed)
-        for notice in notices:
-            print(f"lazymount: {redact(notice)}", file=sys.stderr)
-        mirrors += found
-    unique: dict[str, MirrorConfig] = {}
-    for mirror in mirrors:
-        unique.setdefault(mirror.url, mirror)
-    logins = RegistryLogins(values.get("registries") or {}, values.get("docker_config"))
-    found = [oci_mirror(m, logins) if is_oci_url(m.url) else m for m in unique.values()]
-    for notice in logins.notices:
-        print(f"lazymount: {notice}", file=sys.stderr)
-    return found
-
-
-def oci_mirror(mirror: MirrorConfig, logins: RegistryLogins) -> MirrorConfig:
-    """An OCI registry mirror with its login. OCI caches are never signed (Spack cannot sign
-    them), so one that would require signatures is refused here, before anything mounts."""
-    if mirror.require_signature:
-        raise UsageError(
-            f"mirror {mirror.url}: OCI registry build caches carry no signatures (Spack "
-            "cannot sign them), so lazymount serves one only when told to trust it unsigned: "
-            "give --unsigned, or signed: false for it in mirrors.yaml, or unsigned = true in "
-            "the configuration file. Integrity then rests on TLS and the blobs' sha256 "
-            "digests (README: OCI registries)")
-    if mirror.credentials is not None:
-        return mirror
-    return dataclasses.replace(mirror, credentials=logins.find(registry_of(mirror.url)))
-
-
-def build_config(args: argparse.Namespace) -> MountConfig:
-    """The mount's configuration: the command line over the configuration file."""
-    config = configfile.load(args.config)
-    values = configfile.settings(args, config, args.mountpoint)
-    mirrors = mirror_configs(values)
-    if not mirrors:
-        where = (f"nor in a [mounts.\"{configfile.mount_key(args.mountpoint)}\"] table of "
-                 f"{config.path}" if config.path is not None else
-                 f"and there is no configuration file {configfile.default_config_file()}")
-        raise UsageError("no mirror to mount: give --mirror URL (or --spack-mirrors FILE) "
-                         f"on the command line, {where}")
-    allow_other = values["allow_other"]
-    if allow_other is None:
-        allow_other = STARTED_AS_ROOT  # still after --user switched users
-    timeout = values["timeout"]
-    return MountConfig(
-        mountpoint=args.mountpoint,
-        mirrors=tuple(mirrors),
-        trust_keys=tuple(path.resolve() for path in values["trust_keys"]),
-        keyring=(values["keyring"] or default_keyring_dir()).resolve(),
-        store=(values["store"] or default_store_dir()).resolve(),
-        projection=values["projection"] or DEFAULT_PROJECTION,
-        allow_other=allow_other,
-        timeouts=Timeouts(read=timeout, connect=min(timeout, 10.0)),
-        limits=Limits(max_bytes=args.max_package_size or Limits.max_bytes,
-                      max_members=args.max_package_files or Limits.max_members),
-        bind_ready=values["bind_ready"],
-        store_quota=values["store_quota"],
-        ca_certs=values["ca_certs"],
-        config_file=config.path,
-        host_target=values["host_target"],
-        index_refresh=values["index_refresh"],
-        metrics_listen=values["metrics_listen"],
-        targets=values["targets"],
-        proxies=values["proxies"],
-        shared_store=values["shared_store"].resolve() if values["shared_store"] else None,
-        host_view=values["host_view"],
-        user=values["user"],
-    )
-
-
-class _JournalFormatter(logging.Formatter):
-    """One line per record, prefixed with its syslog priority (``<3>`` error, ``<4>``
-    warning...) so that ``journalctl -p err`` finds the failures."""
-
-    PRIORITIES = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6}
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record).replace("\n", " | ")
-        return f"<{self.PRIORITIES.get(record.levelno, 7)}>{text}"
-
-
-def setup_logging(verbose: bool, log_file: Path | None = None) -> None:
-    """Log to stderr, or to ``log_file`` (opened safely: no link followed, mode 0640).
-    Passwords in URLs never reach either."""
-    handler: logging.Handler
-    if log_file is not None:
-        handler = logging.StreamHandler(os.fdopen(open_log(log_file), "a", buffering=1))
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    elif os.environ.get("JOURNAL_STREAM"):  # under systemd: journald reads the <N> priority
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_JournalFormatter("lazymount: %(message)s"))
+def runner(argv: list[str]) -> tuple[Callable[[list[str]], int], list[str]]:
+    """The function that runs this command line, and the arguments it gets."""
+    if argv and argv[0] in RUNNERS:
+        target, argv = RUNNERS[argv[0]], argv[1:]
     else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("lazymount: %(message)s"))
-    handler.addFilter(RedactingFilter())
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
-    for noisy in ("httpx", "httpcore", "gnupg", "trio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def run_mount(argv: list[str]) -> int:
-    args = mount_parser().parse_args(argv)
-    config = build_config(args)
-    if args.foreground or args.ready_fd is not None:
-        return _serve_here(config, args)
-    return _serve_in_background(config, args, argv)
-
-
-def _serve_here(config: MountConfig, args: argparse.Namespace) -> int:
-    from lazymount.daemon import serve  # imports pyfuse3: only where a mount is made
-
-    if args.ready_fd is None:
-        setup_logging(args.verbose)
-    else:
-        setup_logging(args.verbose, args.log_file or config.store / "lazymount.log")
-
-    def ready(error: str | None) -> None:
-        if error is not None:
-            log.error("%s", error)
-        if args.ready_fd is not None:
-            os.write(args.ready_fd, f"error: {error}\n".encode() if error else b"ok\n")
-            os.close(args.ready_fd)
-            args.ready_fd = None
-
-    return serve(config, ready, lambda: build_config(args))
-
-
-def _serve_in_background(config: MountConfig, args: argparse.Namespace, argv: list[str]) -> int:
-    """Start a detached child that serves the mount; return once it says it is ready."""
-    owner, group = os.geteuid(), os.getegid()
-    if config.user is not None and owner == 0:
-        account = lookup_user(config.user)
-        owner, group = account.uid, account.gid
-    create_store_dir(config.store, owner, group)
-    check_trusted_dir(config.store, owner, "the store")  # before writing the log into it
-    log_file = (args.log_file or config.store / "lazymount.log").absolute()
-    log_fd = open_log(log_file, owner)
-    read_fd, write_fd = os.pipe()
-    command = [sys.executable, "-m", "lazymount", *argv, "--ready-fd", str(write_fd),
-               "--log-file", str(log_file)]
-    try:
-        child = subprocess.Popen(command, pass_fds=(write_fd,), start_new_session=True,
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=log_fd)
-    finally:
-        os.close(log_fd)
-    os.close(write_fd)
-    message = _wait_for_child(read_fd, child)
-    if message == "ok":
-        print(f"lazymount: mounted at {config.mountpoint} (pid {child.pid}, log {log_file})")
-        return 0
-    reason = redact(message) or f"the mount process ended without a word; see {log_file}"
-    print(f"lazymount: {reason}", file=sys.stderr)
-    return 1
-
-
-def _wait_for_child(read_fd: int, child: subprocess.Popen[bytes]) -> str:
-    deadline = time.monotonic() + READY_TIMEOUT
-    data = b""
-    with os.fdopen(read_fd, "rb", buffering=0) as pipe:
-        while time.monotonic() < deadline:
-            readable, _, _ = select.select([pipe], [], [], 1.0)
-            if readable:
-                chunk = pipe.read(4096)
-                if not chunk:
-                    break
-                data += chunk
-                if data.endswith(b"\n"):
-                    break
-            elif child.poll() is not None:
-                break
-        else:
-            child.terminate()
-            return f"the mount was not ready after {READY_TIMEOUT:.0f} s; stopped it"
-    text = data.decode(errors="replace").strip()
-    return text.removeprefix("error: ")
-
-
-def run_umount(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lazymount umount",
-                                     description="Unmount a lazymount mount point; its "
-                                                 "background process then exits.")
-    parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
-    parser.add_argument("--abort", action="store_true",
-                        help="for a mount whose daemon hangs or is stopped: abort its FUSE "
-                             "connection (every waiting and later request fails with "
-                             "ENOTCONN instead of hanging), then detach it; root only")
-    args = parser.parse_args(argv)
-    if args.abort:
-        return _abort(args.mountpoint)
-    return _bounded_unmount(args.mountpoint)
-
-
-UMOUNT_WAIT = 5.0  # seconds `lazymount umount` waits for a daemon that may hang
-
-
-def _bounded_unmount(mountpoint: Path) -> int:
-    """Unmount in a worker thread; if a stopped or hung daemon keeps it waiting more than
-    UMOUNT_WAIT seconds, give up and name --abort (the command never hangs with no hint)."""
-    outcome: dict[str, Any] = {}
-    tools: list[subprocess.Popen[bytes]] = []
-
-    def work() -> None:
-        try:
-            outcome["status"] = _unmount(mountpoint, tools)
-        except BaseException as exc:  # handed to the main thread
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=work, daemon=True)
-    worker.start()
-    worker.join(UMOUNT_WAIT)
-    if worker.is_alive():
-        for tool in tools:
-            tool.kill()
-        print(f"lazymount: {mountpoint}: its daemon does not answer (stopped or hung); the "
-              f"unmount did not finish in {UMOUNT_WAIT:.0f} s. `lazymount umount --abort "
-              f"{mountpoint}` (root) aborts its FUSE connection and detaches it",
-              file=sys.stderr)
-        return 1
-    if "error" in outcome:
-        raise outcome["error"]
-    return int(outcome["status"])
-
-
-def _unmount(mountpoint: Path, tools: list[subprocess.Popen[bytes]]) -> int:
-    if clear_dead_mount(os.path.abspath(mountpoint)):
-        print(f"lazymount: {mountpoint}: its daemon was gone; detached the dead mount")
-        return 0
-    if fuse_device(os.path.abspath(mountpoint)) is None and not os.path.ismount(mountpoint):
-        raise UsageError(f"{mountpoint} is not mounted")
-    if os.geteuid() == 0:  # packages bind-mounted by --bind-ready go first
-        for busy in unmount_below(str(mountpoint)):
-            log.warning("%s is busy", busy)
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    command = [tool, "-u", str(mountpoint)] if tool else ["umount", str(mountpoint)]
-    tools.append(subprocess.Popen(command))
-    return tools[-1].wait()
-
-
-FUSECTL = Path("/sys/fs/fuse/connections")
-
-
-def _abort(mountpoint: Path) -> int:
-    """Abort the FUSE connection of ``mountpoint`` and detach the mount lazily."""
-    device = fuse_device(os.path.abspath(mountpoint))
-    if device is None:
-        raise UsageError(f"{mountpoint} is not a FUSE mount")
-    if os.geteuid() != 0:
-        raise UsageError("aborting a FUSE connection needs root")
-    if not os.path.ismount(FUSECTL):
-        subprocess.call(["mount", "-t", "fusectl", "fusectl", str(FUSECTL)])
-    abort = FUSECTL / device.split(":")[1] / "abort"
-    try:
-        abort.write_text("1")
-    except OSError as exc:
-        raise UsageError(f"cannot abort the connection of {mountpoint}: {exc.strerror}") from None
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    command = [tool, "-u", "-z", str(mountpoint)] if tool else ["umount", "-l", str(mountpoint)]
-    return subprocess.call(command)
-
-
-def run_demo(argv: list[str]) -> int:
-    from lazymount.cli.demo import main as demo_main
-
-    return demo_main(argv)
+        target = MOUNT
+    module, _, function = target.partition(":")
+    run: Callable[[list[str]], int] = getattr(importlib.import_module(module), function)
+    return run, argv
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] == "umount":
-            return run_umount(argv[1:])
-        if argv and argv[0] == "demo":
-            return run_demo(argv[1:])
-        if argv and argv[0] == "keys":
-            return run_keys(argv[1:])
-        if argv and argv[0] == "spack-config":
-            return run_spack_config(argv[1:])
-        if argv and argv[0] == "status":
-            return run_status(argv[1:])
-        if argv and argv[0] == "refresh":
-            return run_refresh(argv[1:])
-        if argv and argv[0] == "publish":
-            from lazymount.cli.publishcmd import run_publish
-
-            return run_publish(argv[1:])
-        if argv and argv[0] in STORE_COMMANDS:
-            return STORE_COMMANDS[argv[0]](argv[1:])
-        return run_mount(argv)
+        run, rest = runner(argv)
+        return run(rest)
     except LazymountError as exc:
         print(f"lazymount: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code

@@ -14,7 +14,7 @@ from lazymount.errors import UsageError
 from lazymount.serve.bindmount import is_dead_mount
 from lazymount.service import control
 from lazymount.service.metrics import exposition
-from lazymount.service.status import render, render_package
+from lazymount.service.statustext import render, render_package
 from lazymount.system.mountinfo import lazymount_mounts
 
 

@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -288,9 +287,3 @@ def _summary(damaged: list[str], repair: bool) -> int:
           file=sys.stderr)
     return 1
 
-
-STORE_COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "preload": run_preload,
-    "gc": run_gc,
-    "fsck": run_fsck,
-}

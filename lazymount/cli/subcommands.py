@@ -14,14 +14,9 @@ import os
 import sys
 from pathlib import Path
 
-import trio
-
-from lazymount.buildcache.formats import MirrorKey, mirror_keys
 from lazymount.buildcache.layout import DEFAULT_PROJECTION
 from lazymount.errors import UsageError
 from lazymount.mirror.ociref import is_oci_url
-from lazymount.mirror.transport import Timeouts, open_mirror
-from lazymount.spack.spackconfig import upstreams_yaml
 from lazymount.system import xattrs
 from lazymount.system.mountinfo import FSTYPE, is_mounted
 from lazymount.trust.keyring import (
@@ -59,6 +54,10 @@ def _print_keys(keys: list[PublicKey]) -> None:
 def _fetch_mirror_keys(url: str, timeout: float, ca_certs: Path | None = None
                        ) -> list[PublicKey]:
     """The keys a mirror publishes, inspected (fingerprints checked against its index)."""
+    import trio  # the transports: only a command that asks a mirror pays for them
+
+    from lazymount.buildcache.formats import MirrorKey, mirror_keys
+    from lazymount.mirror.transport import Timeouts, open_mirror
 
     async def fetch() -> list[MirrorKey]:
         mirror = open_mirror(url, Timeouts(read=timeout, connect=min(timeout, 10.0)), ca_certs)
@@ -182,6 +181,8 @@ def run_spack_config(argv: list[str]) -> int:
     parser.add_argument("--projection", metavar="TEMPLATE", default=None,
                         help="the mount's projection (default: read from the live mount)")
     args = parser.parse_args(argv)
+    from lazymount.spack.spackconfig import upstreams_yaml
+
     if not args.name:
         raise UsageError("--name must not be empty")
     root = os.path.realpath(args.mountpoint)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from lazymount.errors import FormatError, StoreError, UnsafeArchiveError
 from lazymount.install.decompress import CHUNK, Fault
+from lazymount.install.limits import Limits
 
 BLOCK = tarfile.BLOCKSIZE
 ZERO_BLOCK = bytes(BLOCK)
@@ -33,16 +34,6 @@ _REFUSED_TYPES = {
     tarfile.FIFOTYPE: "a FIFO",
     tarfile.GNUTYPE_SPARSE: "a sparse file",
 }
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds that make a decompression bomb or a hostile archive fail early."""
-
-    max_bytes: int = 64 * 2**30  # total expanded bytes of regular files
-    max_members: int = 2_000_000
-    max_name_length: int = 4096
-    room: int | None = None  # bytes the store quota leaves for this package (None: no quota)
 
 
 class Source:

@@ -25,6 +25,7 @@ from lazymount.errors import MirrorError, NotInMirror, UsageError
 from lazymount.mirror.credentials import Credentials
 from lazymount.mirror.ociref import is_oci_url, parse_oci_url
 from lazymount.mirror.proxies import DIRECT, GATEWAY_ERRORS, Proxy, ProxyChain, bypasses_proxies
+from lazymount.mirror.timeouts import Timeouts
 
 CHUNK = 1 << 20
 # httpcore receives HTTP/1.1 bodies 64 KiB at a time, and each receive is a round through
@@ -36,31 +37,6 @@ if getattr(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES", 0) < RECEIVE_BYTES:
 # asked of a shared cache for what may change under the same URL (the index and its
 # manifest): it must check with the origin, so a refresh sees a new index
 REVALIDATE = {"Cache-Control": "max-age=0"}
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Bounds on talking to a mirror."""
-
-    connect: float = 10.0  # seconds to open a connection
-    read: float = 30.0  # seconds without a byte before giving up
-    min_rate: float = 256 * 1024  # bytes/s a download must average, past its base allowance
-    base: float | None = None  # seconds every request may take regardless of size (None: read)
-    retries: int = 2  # extra attempts after a connection failure or a 5xx answer
-
-    @property
-    def allowance(self) -> float:
-        """Seconds a request may take before its rate counts (``base``, else ``read``)."""
-        return self.read if self.base is None else self.base
-
-    def deadline(self, length: int | None) -> float:
-        """Seconds a transfer of ``length`` bytes may take in all."""
-        return self.allowance + (length or 0) / self.min_rate
-
-    def too_slow(self, received: int, elapsed: float) -> bool:
-        """True when a transfer is behind ``min_rate`` past its allowance: a trickle ends
-        after about ``allowance`` seconds, however large the blob it pretends to send."""
-        return received < (elapsed - self.allowance) * self.min_rate
 
 
 @dataclass

@@ -24,11 +24,13 @@ import logging
 import os
 import shutil
 import subprocess
-
-import trio
+from typing import TYPE_CHECKING
 
 from lazymount.system import libc, xattrs
 from lazymount.system.mountinfo import fuse_device, mounts_below
+
+if TYPE_CHECKING:  # trio is the daemon's: `lazymount umount` and `status` use the rest
+    import trio
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,8 @@ class PrefixBinder:
         self.nursery.start_soon(self._bind, relative, tree)
 
     async def _bind(self, relative: str, tree: str) -> None:
+        import trio
+
         target = f"{self.root}/{relative}"
         try:
             await trio.to_thread.run_sync(_mark_ready, tree)

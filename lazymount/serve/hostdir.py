@@ -165,18 +165,3 @@ class HostDirs:
             self._warned.add(dag_hash)
             log.warning("%s: %s: materializing it anyway; its programs may stop with "
                         "'Illegal instruction' here", self.tree.label(dag_hash), reason)
-
-
-def render_status(info: dict[str, Any]) -> list[str]:
-    """``status_of`` for a person: a few indented lines."""
-    if info["runs_here"]:
-        lines = [f"  target: {info['target']}, runs on this CPU ({info['host_target']})"
-                 + ("; host/ chooses it" if info["chosen_for_host"] else "")]
-    else:
-        lines = [f"  target: {info['target']}, does not run here: {info['why_not']}"]
-    if len(info["alternatives"]) > 1:
-        lines.append(f"  builds of this version, best for {info['host_target']} first:")
-        for alternative in info["alternatives"]:
-            note = "runs here" if alternative["runs_here"] else alternative["why_not"]
-            lines.append(f"    {alternative['target']:<12} {alternative['prefix']} ({note})")
-    return lines

@@ -19,11 +19,12 @@ import stat
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
-
-import trio
+from typing import TYPE_CHECKING, Any
 
 from lazymount.errors import LazymountError, UsageError
+
+if TYPE_CHECKING:  # the daemon's side only: the clients (`lazymount status`) need no trio
+    import trio
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ def _check_ours(directory: Path) -> None:
 async def serve(sock: socket.socket, handler: Handler) -> None:
     """Answer requests on ``sock`` until cancelled. ``handler`` gets the request (with the
     asker's ``uid`` added) and returns the answer."""
+    import trio
+
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
     async def one(stream: trio.SocketStream) -> None:
@@ -147,6 +150,8 @@ def _peer_uid(sock: Any) -> int:
 
 
 async def _read_line(stream: trio.SocketStream) -> bytes:
+    import trio
+
     data = b""
     with trio.fail_after(30):
         while not data.endswith(b"\n"):

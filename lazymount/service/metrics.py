@@ -12,9 +12,8 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import trio
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # trio: the endpoint's only; `lazymount status --prometheus` needs none
+    import trio
     from prometheus_client.core import Metric
 
 log = logging.getLogger(__name__)
@@ -109,6 +108,7 @@ def exposition(*statuses: dict[str, Any]) -> str:
 async def serve_http(listeners: list[trio.SocketListener], metrics: Any) -> None:
     """Answer ``GET /metrics`` on ``listeners`` with ``await metrics()`` (the exposition
     text); anything else gets a 404. Runs until cancelled."""
+    import trio
 
     async def answer(stream: trio.SocketStream) -> None:
         try:

@@ -22,12 +22,15 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lazymount.buildcache.formats import MirrorKey
 from lazymount.errors import LazymountError, UsageError
 from lazymount.system.files import write_atomically
 from lazymount.system.places import default_dir
 from lazymount.trust.verify import PublicKey, read_key_file, read_public_keys
+
+if TYPE_CHECKING:  # the formats (httpx, trio) are not needed to read the keyring
+    from lazymount.buildcache.formats import MirrorKey
 
 KEY_SUFFIX = ".asc"
 
