@@ -110,7 +110,9 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a server that takes a port
+    number rather than a socket."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -125,7 +127,7 @@ def nginx_server(tmp_path: Path) -> Iterator[functools.partial[str]]:
     processes: list[subprocess.Popen[bytes]] = []
 
     def start(directory: Path) -> str:
-        port = _free_port()
+        port = free_port()
         conf = tmp_path / f"nginx-{port}.conf"
         # nginx hands its temporary folders to its worker user: not the test's own folder,
         # which holds the store (that must stay root's)
@@ -185,9 +187,43 @@ def lazymount_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "lazymount", *args]
 
 
-def unmount(path: Path) -> None:
-    if os.path.ismount(path):
-        subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)
+def unmount(root: Path) -> None:
+    """Detach ``root`` if it is in the mount table, even when its daemon is dead (then
+    os.path.ismount, which stats it, says no)."""
+    if any(line.split()[4] == str(root) for line in open("/proc/self/mountinfo")):
+        subprocess.run(["fusermount3", "-u", "-z", str(root)], check=False)
+
+
+def write_config(path: Path, mountpoint: Path, **keys: object) -> Path:
+    """A config file with one [mounts."MOUNTPOINT"] table of ``keys`` (TOML by hand: the
+    values here are strings, lists of strings and booleans)."""
+    def value(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = [f'[mounts."{mountpoint}"]'] + [f"{k} = {value(v)}" for k, v in keys.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def expect_refusal(mount: Mount, wanted_errno: int, message: str, name: str = LMHELLO) -> None:
+    """Touching the package fails with ``wanted_errno``; the log names it and the reason."""
+    with pytest.raises(OSError) as info:
+        os.listdir(mount.prefix(name))
+    assert info.value.errno == wanted_errno, info.value
+    log = mount.log_text()
+    package = name.split("-")[0]
+    lines = [line for line in log.splitlines() if message in line and package in line]
+    assert lines, f"no log line naming {package} with {message!r}:\n{log}"
+    pkgs = mount.store / "pkgs"
+    assert not any(entry.name.startswith(name.rsplit("-", 1)[1]) for entry in pkgs.iterdir())
+    deadline = time.monotonic() + 5  # staging is discarded in the background
+    while any((mount.store / "staging").iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any((mount.store / "staging").iterdir())
 
 
 @pytest.fixture

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conftest import free_port
+
 SQUID = shutil.which("squid") or "/usr/sbin/squid"
 
 # what a site's squid needs for a Spack build cache (README "Behind a caching proxy"):
@@ -35,12 +37,6 @@ refresh_pattern /blobs/sha256/ 10080 100% 525600
 refresh_pattern \\.spec\\.manifest\\.json$ 10080 100% 525600
 refresh_pattern . 0 20% 4320
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

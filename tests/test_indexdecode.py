@@ -14,7 +14,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 from spackcache import index_bytes
-from test_properties import FAST, indexes, json_values
+from strategies import FAST, indexes, json_values
 
 from lazymount.buildcache import indexdecode
 from lazymount.buildcache.index import (

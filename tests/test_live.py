@@ -26,12 +26,13 @@ from conftest import (
     FIXTURE_KEY,
     LMGREET,
     LMHELLO,
-    _free_port,
+    free_port,
     lazymount_command,
     short_dir,
+    unmount,
+    write_config,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from test_service import unmount, write_config
 
 from lazymount.service import control
 
@@ -294,7 +295,7 @@ def test_sighup_with_a_broken_config_keeps_serving(http_server, daemon, tmp_path
 
 def test_status_json_and_prometheus(http_server, daemon, tmp_path):
     server = http_server(FIXTURE_CACHE)
-    port = _free_port()
+    port = free_port()
     mount = daemon([server.url], index_refresh="10m", metrics_listen=f"127.0.0.1:{port}")
     assert run(mount.root / "linux-x86_64" / LMHELLO / "bin" / "hello").returncode == 0
     status = mount.json_status()

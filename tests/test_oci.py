@@ -21,6 +21,7 @@ from conftest import (
     FIXTURE_CACHE,
     LMGREET,
     LMHELLO,
+    expect_refusal,
     lazymount_command,
     short_dir,
     unmount,
@@ -40,7 +41,6 @@ from ocicache import (
 )
 from ociregistry import Registry, RegistryCA, RegistryFront, TokenServer
 from spackcache import CacheWriter, Package
-from test_refusals import expect_refusal
 
 from lazymount.buildcache.ocimanifest import parse_image_manifest, spec_tag
 from lazymount.errors import FormatError, UsageError

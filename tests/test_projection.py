@@ -14,7 +14,7 @@ import yaml
 from conftest import FIXTURE_CACHE, lazymount_command
 from hypothesis import given
 from hypothesis import strategies as st
-from test_properties import FAST
+from strategies import FAST
 
 from lazymount.buildcache.index import parse_index
 from lazymount.buildcache.layout import project, projector

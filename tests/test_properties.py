@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import tarfactory as tf
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from spackcache import (
     Signer,
@@ -31,6 +31,7 @@ from spackcache import (
     index_bytes,
     manifest_text,
 )
+from strategies import FAST, SLOW, dag_hashes, indexes, json_values, names
 
 from lazymount.buildcache.formats import parse_spec_document
 from lazymount.buildcache.index import parse_index
@@ -51,26 +52,11 @@ from lazymount.install.relocate import relocate_prefix
 from lazymount.trust.verify import Verifier
 
 DATA = Path(__file__).parent / "data" / "keys"
-HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large]
-# no example database: nothing is written into the work tree
-FAST = settings(max_examples=60, deadline=None, database=None, suppress_health_check=HEALTH)
-SLOW = settings(max_examples=25, deadline=None, database=None, suppress_health_check=HEALTH)
 
 # ---------------------------------------------------------------------------------------------
 # Strategies
 
-json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | \
-    st.text(max_size=12)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
-                                                                max_size=4),
-    max_leaves=20,
-)
 hex64 = st.text("0123456789abcdef", min_size=64, max_size=64)
-dag_hashes = st.text("abcdefghijklmnopqrstuvwxyz234567", min_size=32, max_size=32)
-names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1,
-                max_size=12)
 path_parts = st.sampled_from(["a", "bin", "lib", "..", ".", "", "x y", "é", "\0", "-"])
 
 
@@ -186,23 +172,6 @@ def test_any_text_is_refused_by_the_verifier(signed, data):
 # The index
 
 
-def node_strategy(dag_hash: str) -> st.SearchStrategy[dict[str, Any]]:
-    return st.fixed_dictionaries({
-        "name": names, "version": names, "hash": st.just(dag_hash),
-        "arch": st.fixed_dictionaries({"platform": st.just("linux"),
-                                       "platform_os": st.just("debian12"),
-                                       "target": st.sampled_from(["x86_64", "aarch64"])}),
-        "namespace": st.just("builtin"),
-    })
-
-
-@st.composite
-def indexes(draw) -> dict[str, dict[str, Any]]:
-    hashes = draw(st.lists(dag_hashes, min_size=1, max_size=5, unique=True))
-    return {h: {"spec": draw(node_strategy(h)), "ref_count": draw(st.integers(0, 3)),
-                "in_buildcache": draw(st.booleans())} for h in hashes}
-
-
 def check_index(data: bytes) -> dict[str, Any] | None:
     try:
         records = parse_index(data)
@@ -256,8 +225,8 @@ def check_tree(tree: InstallTree, prefixes: dict[str, str], dirs: dict[str, set[
     for probe in probes:  # absent names are absent
         assert (probe in tree.prefixes) == (probe in prefixes)
         assert tree.by_path.get(probe) == {r: h for h, r in prefixes.items()}.get(probe)
-        for relative, names in dirs.items():
-            assert (probe in tree.dirs[relative]) == (probe in names)
+        for relative, listed in dirs.items():
+            assert (probe in tree.dirs[relative]) == (probe in listed)
 
 
 projections = st.sampled_from([

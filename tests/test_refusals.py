@@ -15,7 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DATA, FIXTURE_CACHE, FIXTURE_SECRET_KEY, LMGREET, LMHELLO
+from conftest import (
+    DATA,
+    FIXTURE_CACHE,
+    FIXTURE_SECRET_KEY,
+    LMGREET,
+    LMHELLO,
+    expect_refusal,
+)
 
 HELLO_MANIFEST = f"v3/manifests/spec/lmhello/{LMHELLO}.spec.manifest.json"
 GREET_MANIFEST = f"v3/manifests/spec/lmgreet/{LMGREET}.spec.manifest.json"
@@ -47,23 +54,6 @@ def clearsign(text: bytes, secret_key: Path, home: Path) -> bytes:
 def plaintext(manifest: Path) -> bytes:
     text = manifest.read_bytes()
     return text.split(b"\n\n", 1)[1].split(b"-----BEGIN PGP SIGNATURE-----")[0]
-
-
-def expect_refusal(mount, wanted_errno: int, message: str, name: str = LMHELLO) -> None:
-    """Touching the package fails with ``wanted_errno``; the log names it and the reason."""
-    with pytest.raises(OSError) as info:
-        os.listdir(mount.prefix(name))
-    assert info.value.errno == wanted_errno, info.value
-    log = mount.log_text()
-    package = name.split("-")[0]
-    lines = [line for line in log.splitlines() if message in line and package in line]
-    assert lines, f"no log line naming {package} with {message!r}:\n{log}"
-    pkgs = mount.store / "pkgs"
-    assert not any(entry.name.startswith(name.rsplit("-", 1)[1]) for entry in pkgs.iterdir())
-    deadline = time.monotonic() + 5  # staging is discarded in the background
-    while any((mount.store / "staging").iterdir()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any((mount.store / "staging").iterdir())
 
 
 def expect_rest_works(mount) -> None:

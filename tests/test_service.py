@@ -13,29 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_CACHE, FIXTURE_KEY, LMHELLO, lazymount_command, short_dir
-
-
-def unmount(root: Path) -> None:
-    """Detach ``root`` if it is in the mount table, even when its daemon is dead (then
-    os.path.ismount, which stats it, says no)."""
-    if any(line.split()[4] == str(root) for line in open("/proc/self/mountinfo")):
-        subprocess.run(["fusermount3", "-u", "-z", str(root)], check=False)
-
-
-def write_config(path: Path, mountpoint: Path, **keys: object) -> Path:
-    """A config file with one [mounts."MOUNTPOINT"] table of ``keys`` (TOML by hand: the
-    values here are strings, lists of strings and booleans)."""
-    def value(v: object) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-    lines = [f'[mounts."{mountpoint}"]'] + [f"{k} = {value(v)}" for k, v in keys.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+from conftest import (
+    FIXTURE_CACHE,
+    FIXTURE_KEY,
+    LMHELLO,
+    lazymount_command,
+    short_dir,
+    unmount,
+    write_config,
+)
 
 
 def test_config_file_alone_says_what_to_mount(http_server, tmp_path):
