@@ -37,7 +37,7 @@ LAYERS: list[set[str]] = [
 
 # Third-party libraries that exactly one part of the code may import.
 SOLE_IMPORTERS = {"pyfuse3": "serve", "yaml": "system", "gnupg": "trust", "elftools": "install",
-                  "archspec": "catalog"}
+                  "archspec": "catalog", "indexed_gzip": "publish"}
 
 
 def layer_of(part: str) -> int:

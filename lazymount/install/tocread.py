@@ -1,0 +1,136 @@
+"""One member of a tarball read from its table of contents: the compressed spans it lies in
+and the window before the first one, inflated from that seek point (``buildcache/toc.py``).
+
+Only zlib is needed: a raw inflate with the window as its preset dictionary. A point that
+starts inside a byte (the deflate block before it ends there) cannot simply be shifted to bit
+0: a stored block pads to the next byte boundary, so every bit must keep its place modulo 8
+(zlib's C API has ``inflatePrime`` for this; Python's zlib does not). Instead the low
+``bits`` bits of that byte are replaced by empty deflate blocks of exactly that length modulo
+8 (10-bit fixed blocks, one 95-bit dynamic block for an odd count), which inflate to nothing.
+Every
+input is checked against the TOC (spans, window) and the output against the member's sha256:
+the TOC is signed, the bytes fetched are not. Blocking; run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+
+from lazymount.buildcache.toc import Toc, TocMember, span_end, spans_of
+from lazymount.errors import IntegrityError
+
+
+def read_member(toc: Toc, member: TocMember, span_bytes: bytes, window_bytes: bytes) -> bytes:
+    """The content of file ``member``: ``span_bytes`` are the tarball's bytes from its first
+    point's ``compressed`` to the end of its last span (``toc.points_for``), ``window_bytes``
+    the first point's window blob. IntegrityError if a span, the window or the content does
+    not match the TOC."""
+    what = f"{member.path[:200]!r}"
+    if member.kind != "file":
+        raise ValueError(f"{what} is a {member.kind}; read its target")
+    if member.size == 0:
+        return _checked(b"", member, what)
+    spans = spans_of(toc, member)
+    point = toc.points[spans.start]
+    _check_spans(toc, spans, span_bytes, what)
+    if (hashlib.sha256(window_bytes).hexdigest() != point.window if point.window
+            else window_bytes):
+        raise IntegrityError(f"{what}: the window of its seek point does not match the "
+                             "table of contents")
+    skip = member.offset - point.uncompressed
+    stream = _aligned(span_bytes, point.bits)
+    inflate = (zlib.decompressobj(-15, zdict=window_bytes) if window_bytes
+               else zlib.decompressobj(-15))
+    try:
+        data = inflate.decompress(stream, skip + member.size)
+    except zlib.error as exc:
+        raise IntegrityError(f"{what}: cannot inflate from its seek point ({exc})") from None
+    return _checked(data[skip:], member, what)
+
+
+def _check_spans(toc: Toc, spans: range, data: bytes, what: str) -> None:
+    base = toc.points[spans.start].compressed
+    if len(data) != span_end(toc, spans[-1]) - base:
+        raise IntegrityError(f"{what}: got {len(data)} compressed bytes, the table of "
+                             f"contents says {span_end(toc, spans[-1]) - base}")
+    for index in spans:
+        start = toc.points[index].compressed - base
+        piece = memoryview(data)[start:span_end(toc, index) - base]
+        if hashlib.sha256(piece).hexdigest() != toc.points[index].span:
+            raise IntegrityError(f"{what}: compressed span {index} does not match the table "
+                                 "of contents")
+
+
+def _aligned(data: bytes, bits: int) -> bytes:
+    """``data`` with its first ``bits`` bits (the end of the block before the point) replaced
+    by empty blocks that end at the same bit, so the point's block keeps its alignment."""
+    if not bits:
+        return data
+    filler, length = _FILLERS[bits]
+    whole = length // 8
+    last = filler[whole] | (data[0] & (0xFF << bits) & 0xFF)
+    return filler[:whole] + bytes([last]) + data[1:]
+
+
+class _Bits:
+    """A deflate bit stream being written: fields from their lowest bit, Huffman codes from
+    their highest (RFC 1951, 3.1.1)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self.length = 0
+
+    def field(self, value: int, length: int) -> None:
+        self.value |= value << self.length
+        self.length += length
+
+    def code(self, code: int, length: int) -> None:
+        for shift in range(length - 1, -1, -1):
+            self.field((code >> shift) & 1, 1)
+
+    def fixed_empty(self) -> None:
+        """A non-final block with fixed codes and only its end: 10 bits."""
+        self.field(0, 1)
+        self.field(1, 2)
+        self.code(0, 7)
+
+    def dynamic_empty(self) -> None:
+        """A non-final block with its own codes and only its end: 95 bits. The literal code
+        has one symbol (end of block, length 1), there are no distance codes; the code-length
+        code {18: 1, 0: 2, 1: 2 bits} sends 256 zero lengths as two runs, then 1, then 0."""
+        self.field(0, 1)
+        self.field(2, 2)
+        self.field(0, 5)  # 257 literal/length codes
+        self.field(0, 5)  # 1 distance code
+        self.field(15, 4)  # all 19 code-length code lengths follow
+        lengths = {18: 1, 0: 2, 1: 2}
+        for symbol in (16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15):
+            self.field(lengths.get(symbol, 0), 3)
+        self.code(0b0, 1)  # 18: a run of 11 + 127 zeros
+        self.field(127, 7)
+        self.code(0b0, 1)  # 18: a run of 11 + 107 zeros
+        self.field(107, 7)
+        self.code(0b11, 2)  # 1: end of block has a code of one bit
+        self.code(0b10, 2)  # 0: the one distance code is unused
+        self.code(0b0, 1)  # end of block
+
+
+def _filler(bits: int) -> tuple[bytes, int]:
+    """Empty blocks whose length is ``bits`` modulo 8, as bytes, and that length in bits."""
+    stream = _Bits()
+    if bits % 2:
+        stream.dynamic_empty()
+    while stream.length % 8 != bits:
+        stream.fixed_empty()
+    return stream.value.to_bytes(stream.length // 8 + 1, "little"), stream.length
+
+
+_FILLERS = {bits: _filler(bits) for bits in range(1, 8)}
+
+
+def _checked(data: bytes, member: TocMember, what: str) -> bytes:
+    if len(data) != member.size or hashlib.sha256(data).hexdigest() != member.sha256:
+        raise IntegrityError(f"{what}: its content does not match the sha256 of the table of "
+                             "contents")
+    return data
