@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import tarfactory as tf
 from conftest import (
     FIXTURE_CACHE,
     FIXTURE_KEY,
@@ -24,6 +25,7 @@ from conftest import (
     short_dir,
     unmount,
 )
+from hostile import ARCH_DIR, HostileCache, wait_until_empty
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (users, chown, mounts)")
 
@@ -369,6 +371,59 @@ def test_a_store_root_owns_is_refused_for_another_daemon_user(http_server, open_
     store.mkdir(mode=0o755)
     result = refused_mount(http_server(FIXTURE_CACHE).url, store, tmp_path, "--user", SERVICE)
     assert f"chown -R {service_user.pw_uid}: {store}" in result.stderr
+
+
+# ---- packages with read-only folders, under --user -----------------------------------------
+
+
+def test_read_only_and_mode_0_folders_install_under_user_and_are_deleted(
+        mount_cache, open_dir, service_user, signer):
+    """Real packages ship 0555 folders: the daemon's user writes them, then sets their
+    modes; it can still evict them, and a remount sweeps such a tree a crash left."""
+    cache = HostileCache(open_dir / "cache", signer)
+    cache.hostile_tarball(
+        tf.directory(cache.in_prefix("share")),
+        tf.directory(cache.in_prefix("share/ro"), 0o555),
+        tf.directory(cache.in_prefix("share/ro/deeper"), 0o555),
+        tf.file(cache.in_prefix("share/ro/deeper/a.txt"), b"in a read-only folder\n"),
+        tf.directory(cache.in_prefix("share/locked"), 0o000),
+        tf.file(cache.in_prefix("share/locked/b.txt"), b"in a mode-0 folder\n"))
+    cache.finish()
+    store = open_dir / "store"
+    mount = mount_cache([str(cache.root)], store=store, extra=("--user", SERVICE))
+    share = mount.root / ARCH_DIR / cache.dirname / "share"
+    assert (share / "ro" / "deeper" / "a.txt").read_text() == "in a read-only folder\n"
+    assert (share / "locked" / "b.txt").read_text() == "in a mode-0 folder\n"
+    for folder in ("ro", "ro/deeper", "locked"):  # none writable but by the daemon
+        assert not (share / folder).stat().st_mode & 0o022
+    (entry,) = [p for p in (store / "pkgs").iterdir()
+                if p.name.startswith(cache.victim.dag_hash)]
+    # what a crash leaves in staging/ right after tar wrote a package: its folders with the
+    # tarball's modes, made by the daemon's user
+    crashed = store / "staging" / f"{entry.name}.{dead_pid()}.0badc0de"
+    subprocess.run(["cp", "-a", str(entry), str(crashed)], check=True)
+    tree = crashed / "tree" / "share"
+    for folder, mode in (("ro/deeper", 0o555), ("ro", 0o555), ("locked", 0o000)):
+        (tree / folder).chmod(mode)
+    result = subprocess.run(lazymount_command("gc", str(mount.root), "--max-size", "0"),
+                            capture_output=True, text=True, timeout=120)
+    assert f"evicted {cache.label}" in result.stdout, result.stderr
+    wait_until_empty(store / "trash")
+    assert not entry.exists()
+    unmount(mount.root)
+    mount.process.wait(60)
+    again = mount_cache([str(cache.root)], store=store, root=mount.root,
+                        extra=("--user", SERVICE))
+    wait_until_empty(store / "staging")
+    assert "removed 1 unfinished entries from the store" in again.log_text()
+    assert (share / "locked" / "b.txt").read_text() == "in a mode-0 folder\n"
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
 
 
 # ---- bounded admin tools -----------------------------------------------------------------

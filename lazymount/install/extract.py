@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,8 +256,11 @@ class _Checker:
 
     def compare(self, raw: Path) -> None:
         """UnsafeArchiveError unless tar made exactly the names and kinds that were checked
-        (a reader that parsed the stream differently would make others)."""
-        made = dict(_kinds(str(raw)))
+        (a reader that parsed the stream differently would make others). Directories get
+        their owner's rwx on the way: tar gave them their mode from the tarball (0555,
+        even 0000), which would keep the daemon's user out of them (``finish`` sets the
+        modes kept)."""
+        made = dict(_kinds(str(raw), unlock=True))
         expected = {**dict.fromkeys(self.dirs, "dir"), **self.leaves}
         if made != expected:
             odd = sorted(set(made.items()) ^ set(expected.items()))[0][0]
@@ -273,9 +277,11 @@ class _Checker:
             os.utime(f"{raw}/{name}", (0, 0))
 
 
-def _kinds(top: str) -> Iterator[tuple[str, str]]:
+def _kinds(top: str, unlock: bool = False) -> Iterator[tuple[str, str]]:
     """(relative path, kind) of every entry below ``top``, never following a link. Not
-    recursive: a hostile archive may nest thousands of directories."""
+    recursive: a hostile archive may nest thousands of directories. ``unlock``: give each
+    directory its owner's rwx before entering it (the path to it holds no link: only
+    directories are entered, and no one else writes in staging)."""
     pending = [""]
     while pending:
         relative = pending.pop()
@@ -285,6 +291,9 @@ def _kinds(top: str) -> Iterator[tuple[str, str]]:
                 if entry.is_symlink():
                     yield path, "symlink"
                 elif entry.is_dir(follow_symlinks=False):
+                    mode = entry.stat(follow_symlinks=False).st_mode
+                    if unlock and mode & 0o700 != 0o700:
+                        os.chmod(entry.path, stat.S_IMODE(mode) | 0o700)
                     pending.append(f"{path}/")
                     yield path, "dir"
                 elif entry.is_file(follow_symlinks=False):

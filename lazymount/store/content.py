@@ -158,8 +158,33 @@ def remove_entry(name: str, dir_fd: int) -> None:
         return
     if stat.S_ISDIR(st.st_mode):
         shutil.rmtree(name, ignore_errors=True, dir_fd=dir_fd)
+        try:
+            os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        _unlock_folders(name, dir_fd)  # it held a folder it could not empty
+        shutil.rmtree(name, ignore_errors=True, dir_fd=dir_fd)
     else:
         os.unlink(name, dir_fd=dir_fd)
+
+
+def _unlock_folders(name: str, dir_fd: int) -> None:
+    """Give the folder ``name`` in ``dir_fd``, and every folder below it, its owner's rwx,
+    never following a link: a tree the daemon made may hold folders it made read-only
+    (0555, 0000: a crash before their modes were set), which it could not empty."""
+    try:
+        _unlock(name, dir_fd)
+        for _path, folders, _files, fd in os.fwalk(name, dir_fd=dir_fd):
+            for folder in folders:
+                _unlock(folder, fd)
+    except OSError:
+        pass  # not ours: left for rmtree to skip
+
+
+def _unlock(name: str, dir_fd: int) -> None:
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o700 != 0o700:
+        os.chmod(name, stat.S_IMODE(st.st_mode) | 0o700, dir_fd=dir_fd)
 
 
 class Store:
