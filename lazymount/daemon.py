@@ -198,7 +198,8 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path, trus
     try:
         started = time.monotonic()
         catalogs = CatalogStore(store.root / "catalog", write_later=True)
-        generation = await load_generation(config, root, catalogs, mirrors, trust)
+        generation = await load_generation(config, root, catalogs, mirrors, trust,
+                                           stored_first=True)
         log.info("catalog of %d specs ready in %.2f s", len(generation.tree.catalog),
                  time.monotonic() - started)
         shared = (await trio.to_thread.run_sync(open_shared_store, config.shared_store)
@@ -239,6 +240,7 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path, trus
                 sd_notify("READY=1")
                 nursery.start_soon(_store_catalog, catalogs)
                 nursery.start_soon(_handle_signals, live, nursery)
+                nursery.start_soon(live.check_stored)  # the mirrors, not asked yet
                 nursery.start_soon(live.run_periodically)
                 if config.store_quota is not None and usage.total() > config.store_quota:
                     nursery.start_soon(keeper.gc, None)  # the quota was lowered

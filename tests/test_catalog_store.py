@@ -334,6 +334,10 @@ def test_remount_serves_from_the_stored_catalog(tmp_path, http_server, mount_cac
     assert sorted(os.listdir(second.root / "linux-x86_64")) == [LMGREET, LMHELLO]
     assert "Hello from lmgreet" in subprocess.run(
         [second.prefix() / "bin" / "hello"], capture_output=True, text=True, timeout=60).stdout
+    deadline = time.monotonic() + 60  # the mirror is asked once mounted, in the background
+    while "the stored catalog is current" not in second.log_text():
+        assert time.monotonic() < deadline, second.log_text()
+        time.sleep(0.05)
     assert server.requests == [INDEX_MANIFEST]  # no index blob, no package fetched again
 
 

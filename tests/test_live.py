@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -228,6 +229,48 @@ def test_index_is_checked_every_index_refresh(http_server, daemon, tmp_path):
         wait_for(lambda: mount.listing() == [LMGREET, LMHELLO], "the new package is listed")
         assert held.read()
     assert "periodic check" in mount.log_text()
+
+
+def stopped(mount: Daemon) -> None:
+    unmount(mount.root)
+    mount.process.wait(20)
+
+
+def test_a_remount_serves_the_stored_catalog_then_takes_a_changed_index(http_server, daemon,
+                                                                        tmp_path):
+    cache = served_cache(tmp_path / "cache", {"lmgreet"})
+    server = http_server(cache)
+    first = daemon([server.url])
+    assert first.listing() == [LMGREET]
+    stopped(first)
+    served_cache(cache, {"lmgreet", "lmhello"})  # changed while nothing was mounted
+    second = daemon([server.url])  # the same store; no periodic check for 10 minutes
+    wait_for(lambda: second.listing() == [LMGREET, LMHELLO], "the new package is listed")
+    log = second.log_text()
+    assert f"serving the catalog stored at the last mount; checking {server.url} now" in log
+    assert "refresh (the check after mounting): 2 packages now (1 new, 0 removed)" in log
+
+
+def test_a_remount_with_the_mirror_down_serves_at_once(http_server, daemon, tmp_path):
+    server = http_server(FIXTURE_CACHE)
+    first = daemon([server.url])
+    assert first.listing() == [LMGREET, LMHELLO]
+    stopped(first)
+    server.stop()
+    # the mirror's address now takes connections and never answers: a mount that asked it
+    # first would wait for the timeout (and its retries) before serving
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.socket() as silent:
+        silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        silent.bind(("127.0.0.1", port))
+        silent.listen(16)
+        second = daemon([server.url], timeout="2s")
+        assert second.listing() == [LMGREET, LMHELLO]
+        assert "failed" not in second.log_text()  # served before the mirror could answer
+        wait_for(lambda: "refresh (the check after mounting) failed, still serving the index"
+                 in second.log_text(), "the log says the check failed")
+        assert second.json_status()["index"]["last_error"]
+        assert second.listing() == [LMGREET, LMHELLO]
 
 
 def test_sighup_reloads_config_and_index_and_keeps_the_mount(http_server, daemon, tmp_path):

@@ -18,21 +18,23 @@ from lazymount.mirror.transport import Mirror
 log = logging.getLogger(__name__)
 
 
-async def load_index(mirror: Mirror, position: int, store: CatalogStore | None = None
-                     ) -> dict[str, SpecRecord]:
+async def load_index(mirror: Mirror, position: int, store: CatalogStore | None = None,
+                     stored_first: bool = False) -> dict[str, SpecRecord]:
     """The records of one mirror's index, whichever layout (v3, or the old v2) it has; with
-    a ``store``, parsed once and reused while unchanged. Raises a LazymountError naming the
-    mirror."""
+    a ``store``, parsed once and reused while unchanged (with ``stored_first``, reused
+    without asking the mirror: see ``CatalogStore.load``). Raises a LazymountError naming
+    the mirror."""
     if store is not None:
-        return await store.load(mirror, position)
+        return await store.load(mirror, position, ask=not stored_first)
     layout = await discover(mirror)
     blob = await layout.read_index(mirror)
     return await trio.to_thread.run_sync(parse_index, blob, position)
 
 
-async def load_catalog(mirrors: list[Mirror], store: CatalogStore | None = None
-                       ) -> dict[str, SpecRecord]:
-    """Merged catalog of all mirrors, first mirror first (kept in ``store`` if given).
+async def load_catalog(mirrors: list[Mirror], store: CatalogStore | None = None,
+                       stored_first: bool = False) -> dict[str, SpecRecord]:
+    """Merged catalog of all mirrors, first mirror first (kept in ``store`` if given;
+    ``stored_first``: see ``load_index``).
 
     A mirror whose index cannot be read is skipped with a warning; if none can be read, the
     first error is raised.
@@ -41,7 +43,7 @@ async def load_catalog(mirrors: list[Mirror], store: CatalogStore | None = None
 
     async def one(position: int, mirror: Mirror) -> None:
         try:
-            results[position] = await load_index(mirror, position, store)
+            results[position] = await load_index(mirror, position, store, stored_first)
         except LazymountError as exc:
             results[position] = exc
 

@@ -84,6 +84,7 @@ class CatalogStore:
         self.mirrors = root / "mirrors"
         self.trees = root / "trees"
         self.loaded: dict[str, str] = {}  # mirror URL -> checksum of the index its records are of
+        self.unchecked: set[str] = set()  # URLs loaded from here without asking their mirror
         # a daemon stores what a first load parsed after it has mounted (``flush``): writing
         # the 118 MB document and the tables is off the path to a usable mount
         self.write_later = write_later
@@ -114,12 +115,21 @@ class CatalogStore:
     def records_path(self, url: str) -> Path:
         return self.mirrors / f"{hashlib.sha256(url.encode()).hexdigest()[:32]}.bin"
 
-    async def load(self, mirror: Mirror, position: int) -> dict[str, SpecRecord]:
+    async def load(self, mirror: Mirror, position: int, *, ask: bool = True
+                   ) -> dict[str, SpecRecord]:
         """The records of one mirror's index, from the store when the index is unchanged.
-        Raises a LazymountError naming the mirror (only if there is no stored catalog to
-        fall back on)."""
+        Without ``ask``, stored records are used without asking the mirror first (the URL
+        goes into ``unchecked``: ``unchanged`` asks later). Raises a LazymountError naming
+        the mirror (only if there is no stored catalog to fall back on)."""
         saved = await trio.to_thread.run_sync(self._read_saved, mirror.url)
         identity: Identity | None = None
+        if saved is not None and not ask:
+            records = await trio.to_thread.run_sync(
+                self._load_records, saved[0], saved[1], position)
+            if records is not None:
+                self.unchecked.add(mirror.url)
+                return records
+            saved = None
         if saved is not None:
             header, payload = saved
             try:

@@ -82,10 +82,13 @@ def open_mirrors(config: MountConfig) -> list[Mirror]:
 
 
 async def load_generation(config: MountConfig, root: str, catalogs: CatalogStore,
-                          mirrors: list[Mirror], trust: Trust) -> Generation:
-    """Load the catalog of ``mirrors`` and place its tree (worker threads). Raises a
-    LazymountError if no mirror's index can be read (and none is stored)."""
-    catalog = await load_catalog(mirrors, catalogs)
+                          mirrors: list[Mirror], trust: Trust, stored_first: bool = False
+                          ) -> Generation:
+    """Load the catalog of ``mirrors`` and place its tree (worker threads); with
+    ``stored_first``, a stored catalog is used without asking its mirror (a mount: the
+    check follows once mounted, ``LiveMount.check_stored``). Raises a LazymountError if no
+    mirror's index can be read (and none is stored)."""
+    catalog = await load_catalog(mirrors, catalogs, stored_first)
     tree = await trio.to_thread.run_sync(
         catalogs.tree, root, catalog, config.projection, [m.url for m in mirrors])
     host = HostTarget(config.host_target)
@@ -149,6 +152,19 @@ class LiveMount:
             self._reschedule = trio.Event()
             if waited.cancelled_caught:  # the time came (not a reload changing the interval)
                 await self.refresh("periodic check")
+
+    async def check_stored(self) -> None:
+        """Right after a mount served from the stored catalog: ask the mirrors whether
+        their indexes changed since (a refresh: a changed one is swapped in)."""
+        urls = sorted(self.catalogs.unchecked)
+        self.catalogs.unchecked.clear()
+        if not urls:
+            return
+        log.info("serving the catalog stored at the last mount; checking %s now",
+                 ", ".join(urls))
+        answer = await self.refresh("the check after mounting")
+        if not answer.get("changed") and "error" not in answer:
+            log.info("the check after mounting: the stored catalog is current")
 
     # ---- refresh and reload --------------------------------------------------------------
 
