@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
@@ -65,6 +65,15 @@ from lazymount.catalog.installtree import Folder, InstallTree
 from lazymount.errors import FormatError, LazymountError, NotInMirror, StoreError
 from lazymount.mirror.transport import Mirror
 from lazymount.system.files import write_atomically
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+    from lazymount.buildcache.formats import CacheLayout
+    from lazymount.catalog.sitecatalog import SiteCatalog
+
+    # the site catalog of a mirror for the index an Identity names, or None (sitecatalog.py)
+    SiteReader = Callable[[Mirror, CacheLayout, Identity], Awaitable[SiteCatalog | None]]
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +124,14 @@ class CatalogStore:
     def records_path(self, url: str) -> Path:
         return self.mirrors / f"{hashlib.sha256(url.encode()).hexdigest()[:32]}.bin"
 
-    async def load(self, mirror: Mirror, position: int, *, ask: bool = True
-                   ) -> dict[str, SpecRecord]:
-        """The records of one mirror's index, from the store when the index is unchanged.
-        Without ``ask``, stored records are used without asking the mirror first (the URL
-        goes into ``unchecked``: ``unchanged`` asks later). Raises a LazymountError naming
-        the mirror (only if there is no stored catalog to fall back on)."""
+    async def load(self, mirror: Mirror, position: int, site: SiteReader | None = None, *,
+                   ask: bool = True) -> dict[str, SpecRecord]:
+        """The records of one mirror's index, from the store when the index is unchanged,
+        else from ``site`` (the site catalog, if it gives one for the mirror's index), else
+        from the JSON index. Without ``ask``, stored records are used without asking the
+        mirror first (the URL goes into ``unchecked``: ``unchanged`` asks later). Raises a
+        LazymountError naming the mirror (only if there is no stored catalog to fall back
+        on)."""
         saved = await trio.to_thread.run_sync(self._read_saved, mirror.url)
         identity: Identity | None = None
         if saved is not None and not ask:
@@ -153,6 +164,11 @@ class CatalogStore:
         layout = await discover(mirror)
         if identity is None or identity.unchanged:
             identity = await layout.index_identity(mirror, None)
+        if site is not None:
+            catalog = await site(mirror, layout, identity)
+            if catalog is not None:
+                return await trio.to_thread.run_sync(
+                    self._adopt, mirror.url, layout.version, identity, catalog, position)
         blob = await layout.read_index(mirror, identity.named)
         return await trio.to_thread.run_sync(
             self._build, mirror.url, layout.version, identity, blob, position, saved)
@@ -261,12 +277,28 @@ class CatalogStore:
         with _gc_paused():
             table = scan_index(blob)
             payload = msgspec.msgpack.encode(table)
+        rows = len(table.records)
+        del table  # with the parse's other leftovers: records made now are laid out together
+        nodes = StoredIndex(self.indexes / f"{checksum}.json", checksum, data=blob)
+        return self._keep(url, layout, checksum, etag, payload, rows, nodes, position)
+
+    def _adopt(self, url: str, layout: int, identity: Identity, catalog: SiteCatalog,
+               position: int) -> dict[str, SpecRecord]:
+        """Records of a site catalog made from the index ``identity`` names: kept as if
+        parsed here."""
+        assert identity.checksum is not None
+        nodes = catalog.nodes(self.indexes / f"{identity.checksum}.json",
+                              self.records_path(url))
+        return self._keep(url, layout, identity.checksum, identity.etag, catalog.records,
+                          catalog.rows, nodes, position)
+
+    def _keep(self, url: str, layout: int, checksum: str, etag: str | None, payload: bytes,
+              rows: int, nodes: StoredIndex, position: int) -> dict[str, SpecRecord]:
+        """The records of a stored-form ``payload``, stored for the next mount."""
         self.loaded[url] = checksum
         header = {"format": FORMAT, "python": list(sys.version_info[:2]), "url": url,
                   "layout": layout, "checksum": checksum, "etag": etag,
-                  "records": len(table.records)}  # rows, dropped ones too
-        del table  # with the parse's other leftovers: records made now are laid out together
-        nodes = StoredIndex(self.indexes / f"{checksum}.json", checksum, data=blob)
+                  "records": rows}  # rows, dropped ones too
         self._store(lambda: self._save_index(header, payload, nodes))
         # decoded from the stored form, as a remount does: the records get memory of their
         # own instead of holes between the parse's freed objects (a first mount's RSS after

@@ -88,7 +88,7 @@ async def load_generation(config: MountConfig, root: str, catalogs: CatalogStore
     ``stored_first``, a stored catalog is used without asking its mirror (a mount: the
     check follows once mounted, ``LiveMount.check_stored``). Raises a LazymountError if no
     mirror's index can be read (and none is stored)."""
-    catalog = await load_catalog(mirrors, catalogs, stored_first)
+    catalog = await load_catalog(mirrors, catalogs, trust, stored_first)
     tree = await trio.to_thread.run_sync(
         catalogs.tree, root, catalog, config.projection, [m.url for m in mirrors])
     host = HostTarget(config.host_target)

@@ -60,5 +60,12 @@ class Signer:
                              "passphrase")
         return data
 
+    def signed(self, document: bytes) -> bytes | None:
+        """What ``document`` says if this key clearsigned it (a file written before is kept
+        when it still checks out), else None."""
+        result = self.gpg.decrypt(document)
+        signer = (result.pubkey_fingerprint or result.fingerprint or "").upper()
+        return bytes(result.data) if result.valid and signer == self.fingerprint else None
+
     def close(self) -> None:
         shutil.rmtree(self.home, ignore_errors=True)

@@ -1,0 +1,200 @@
+"""The site catalog: ``lazymount publish`` writes the index as a compact, signed catalog, and
+a mount (or a refresh) uses it instead of the JSON index only when a trusted key signed it and
+it names the mirror's current index. Real publishes, real mounts, a real HTTP server whose
+requests are counted."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import msgspec
+import zstandard
+from conftest import (
+    FIXTURE_CACHE,
+    FIXTURE_KEY,
+    FIXTURE_SECRET_KEY,
+    LMGREET,
+    LMHELLO,
+    lazymount_command,
+)
+from test_live import INDEX_MANIFEST, daemon, run, served_cache, wait_for  # noqa: F401
+
+from lazymount.buildcache import published
+from lazymount.buildcache.index import IndexTable
+from lazymount.catalog import sitecatalog
+from lazymount.trust.sign import Signer
+
+KEYS = FIXTURE_KEY.parent
+USED = "index of 6 specs from the site catalog"
+NOT_USED = "the site catalog is not used"
+
+
+def publish(cache: Path, key: Path = FIXTURE_SECRET_KEY) -> str:
+    result = subprocess.run(
+        lazymount_command("publish", str(cache), f"--signing-key={key}",
+                          f"--trust-key={FIXTURE_KEY}"),
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def index_blob(cache: Path) -> str:
+    """The request path of the JSON index the cache's index manifest names."""
+    checksum = json.loads((cache / INDEX_MANIFEST).read_text())["data"][0]["checksum"]
+    return f"/blobs/sha256/{checksum[:2]}/{checksum}"
+
+
+def tree_of(root: Path) -> list[str]:
+    """Every path under a mount (packages materialize as they are walked)."""
+    found = []
+    for directory, dirs, files in os.walk(root):
+        dirs.sort()
+        relative = os.path.relpath(directory, root)
+        found += [os.path.join(relative, name) for name in sorted(dirs + files)]
+    return found
+
+
+def database(root: Path) -> dict:
+    path = root / ".spack-db" / "index.json"
+    wait_for(path.exists, "the Spack database is written")
+    installs = json.loads(path.read_text())["database"]["installs"]
+    for record in installs.values():
+        record.pop("installation_time")
+        record["path"] = record["path"].replace(str(root), "MOUNT")
+    return installs
+
+
+def test_publish_writes_a_signed_catalog_and_keeps_it_while_the_index_holds(tmp_path):
+    cache = shutil.copytree(FIXTURE_CACHE, tmp_path / "cache")
+    assert "catalog: 6 specs" in publish(cache)
+    envelope = (cache / published.catalog_path()).read_bytes()
+    assert envelope.startswith(b"-----BEGIN PGP SIGNED MESSAGE-----")
+    body = json.loads(envelope.split(b"\n\n", 1)[1].split(b"\n-----BEGIN PGP SIGNATURE", 1)[0])
+    assert body["index"]["sha256"] == index_blob(cache).rsplit("/", 1)[1]
+    payload = cache / published.blob_path(body["payload"]["sha256"])
+    assert payload.stat().st_size == body["payload"]["size"]
+    assert "catalog: up to date (6 specs" in publish(cache)
+    assert (cache / published.catalog_path()).read_bytes() == envelope
+    # signed by another key: written again, with this one
+    assert "catalog: 6 specs" in publish(cache, KEYS / "other.secret.asc")
+    assert (cache / published.catalog_path()).read_bytes() != envelope
+
+
+def test_a_good_catalog_is_used_and_the_tree_is_the_json_index_tree(http_server, mount_cache,
+                                                                    tmp_path):
+    cache = shutil.copytree(FIXTURE_CACHE, tmp_path / "cache")
+    publish(cache)
+    server = http_server(cache)
+    mount = mount_cache([server.url], store=tmp_path / "store")
+    assert USED in mount.log_text()
+    assert index_blob(cache) not in server.requests  # the 118 MB document of a big site
+    plain = http_server(shutil.copytree(FIXTURE_CACHE, tmp_path / "plain"))
+    reference = mount_cache([plain.url], store=tmp_path / "store-json")
+    assert "site catalog" in reference.log_text()  # it has none: said so, JSON read
+    assert index_blob(FIXTURE_CACHE) in plain.requests
+    assert sorted(os.listdir(mount.root / "linux-x86_64")) == [LMGREET, LMHELLO]
+    assert tree_of(mount.root) == tree_of(reference.root)
+    assert database(mount.root) == database(reference.root)
+    assert "Hello from lmgreet" in run(mount.prefix() / "bin" / "hello").stdout
+
+
+def test_a_catalog_signed_by_an_unknown_key_is_not_used(http_server, mount_cache, tmp_path):
+    cache = shutil.copytree(FIXTURE_CACHE, tmp_path / "cache")
+    publish(cache, KEYS / "other.secret.asc")
+    server = http_server(cache)
+    mount = mount_cache([server.url])
+    log = mount.log_text()
+    assert NOT_USED in log and "which is not trusted" in log, log
+    assert index_blob(cache) in server.requests
+    assert sorted(os.listdir(mount.root / "linux-x86_64")) == [LMGREET, LMHELLO]
+
+
+def test_a_catalog_of_another_index_is_not_used(http_server, mount_cache, tmp_path):
+    cache = served_cache(tmp_path / "cache", {"lmgreet"})
+    publish(cache)
+    served_cache(cache, {"lmgreet", "lmhello"})  # the index changed, not published again
+    server = http_server(cache)
+    mount = mount_cache([server.url])
+    log = mount.log_text()
+    assert NOT_USED in log and "it was made from the index" in log, log
+    assert index_blob(cache) in server.requests
+    assert sorted(os.listdir(mount.root / "linux-x86_64")) == [LMGREET, LMHELLO]
+
+
+def test_a_truncated_or_corrupt_catalog_is_not_used(http_server, mount_cache, tmp_path):
+    cache = shutil.copytree(FIXTURE_CACHE, tmp_path / "cache")
+    publish(cache)
+    (payload,) = (cache / published.ROOT / "blobs").iterdir()
+    whole = payload.read_bytes()
+    server = http_server(cache)
+    payload.write_bytes(whole[:len(whole) // 2])
+    mount = mount_cache([server.url], store=tmp_path / "store-truncated")
+    log = mount.log_text()
+    assert NOT_USED in log and "truncated" in log, log
+    assert index_blob(cache) in server.requests
+    assert sorted(os.listdir(mount.root / "linux-x86_64")) == [LMGREET, LMHELLO]
+    payload.write_bytes(whole[:-8] + bytes(8))
+    mount = mount_cache([server.url], store=tmp_path / "store-corrupt")
+    log = mount.log_text()
+    assert NOT_USED in log and "corrupt" in log, log
+    assert sorted(os.listdir(mount.root / "linux-x86_64")) == [LMGREET, LMHELLO]
+
+
+def test_a_signed_catalog_of_a_hostile_index_shows_no_more_than_its_json(
+        http_server, mount_cache, tmp_path):
+    """The publisher's parser dropped nothing here; the catalog was altered (and signed)
+    after: a package named '..' is refused by the mount's own checks, the other is shown."""
+    cache = shutil.copytree(FIXTURE_CACHE, tmp_path / "cache")
+    publish(cache)
+    body_path = cache / published.catalog_path()
+    body = json.loads(body_path.read_bytes().split(b"\n\n", 1)[1].split(b"\n-----BEGIN", 1)[0])
+    payload_path = cache / published.blob_path(body["payload"]["sha256"])
+    form, records, packed, placement = msgspec.msgpack.decode(payload_path.read_bytes())
+    table = IndexTable(*msgspec.msgpack.decode(sitecatalog._decompress(records, 1 << 30)))
+    hostile = table._replace(strings=[".." if s == "lmgreet" else s for s in table.strings])
+    payload = msgspec.msgpack.encode([form, zstandard.ZstdCompressor().compress(
+        msgspec.msgpack.encode(hostile)), packed, None])
+    digest = hashlib.sha256(payload).hexdigest()
+    (cache / published.blob_path(digest)).write_bytes(payload)
+    body["payload"].update(sha256=digest, size=len(payload))
+    del body["lazymount"], body["format"]
+    signer = Signer(FIXTURE_SECRET_KEY)
+    try:
+        body_path.write_bytes(signer.clearsign(published.make_envelope("catalog", body)))
+    finally:
+        signer.close()
+    server = http_server(cache)
+    mount = mount_cache([server.url])
+    log = mount.log_text()
+    assert "from the site catalog" in log, log
+    assert "'..'" in log and "not shown" in log, log
+    assert index_blob(cache) not in server.requests
+    assert os.listdir(mount.root / "linux-x86_64") == [LMHELLO]
+
+
+def test_a_refresh_after_a_new_index_is_published_fetches_the_small_catalog(
+        http_server, daemon, tmp_path):  # noqa: F811
+    cache = served_cache(tmp_path / "cache", {"lmgreet"})
+    publish(cache)
+    server = http_server(cache)
+    mount = daemon([server.url], index_refresh="off")
+    assert mount.listing() == [LMGREET]
+    assert "from the site catalog" in mount.log_text()
+    served_cache(cache, {"lmgreet", "lmhello"})
+    publish(cache)
+    before = len(server.requests)
+    result = mount.lazymount("refresh", str(mount.root))
+    assert result.returncode == 0, result.stderr
+    assert "2 packages (1 new, 0 removed)" in result.stdout
+    assert mount.listing() == [LMGREET, LMHELLO]
+    asked = server.requests[before:]
+    assert index_blob(cache) not in asked
+    assert f"/{published.catalog_path()}" in asked
+    assert mount.log_text().count("from the site catalog") == 2
+    assert "Hello from lmgreet" in run(mount.root / "linux-x86_64" / LMHELLO / "bin" /
+                                       "hello").stdout
