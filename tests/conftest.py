@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.server
+import json
 import os
 import shutil
 import signal
@@ -30,6 +32,7 @@ FIXTURE_SECRET_KEY = DATA / "keys" / "lazymount-fixtures.secret.asc"
 LMHELLO = "lmhello-1.0-3vgakfze5q7cw5gke5wbrfotzhh2tstq"
 LMGREET = "lmgreet-1.0-2zsd6bn2ih6gpzltutvgh5zkxjjtlqml"
 MOUNT_WAIT = 60.0
+INDEX_MANIFEST = Path("v3/manifests/index/index.manifest.json")
 
 # Python before 3.11.4 (Debian 12 ships 3.11.2) holds the GIL while a vfork()ed child execs
 # (CPython gh-104372): running a program from a mount whose mirror is served by a thread of
@@ -165,6 +168,29 @@ def short_dir(prefix: str = "lm") -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     assert len(str(path)) <= 17, path
     return path
+
+
+def served_cache(directory: Path, names: set[str]) -> Path:
+    """A copy of the fixture cache whose index lists only the packages ``names`` (and the
+    records they need); call again to change what it lists."""
+    if not directory.exists():
+        shutil.copytree(FIXTURE_CACHE, directory)
+    manifest = json.loads((FIXTURE_CACHE / INDEX_MANIFEST).read_text())
+    checksum = manifest["data"][0]["checksum"]
+    index = json.loads((FIXTURE_CACHE / "blobs/sha256" / checksum[:2] / checksum).read_text())
+    installs = index["database"]["installs"]
+    for dag_hash in [h for h, r in installs.items()
+                     if r["in_buildcache"] and r["spec"]["name"] not in names]:
+        del installs[dag_hash]
+    blob = json.dumps(index).encode()
+    digest = hashlib.sha256(blob).hexdigest()
+    (directory / "blobs/sha256" / digest[:2]).mkdir(parents=True, exist_ok=True)
+    (directory / "blobs/sha256" / digest[:2] / digest).write_bytes(blob)
+    manifest["data"][0].update(checksum=digest, contentLength=len(blob))
+    temporary = directory / INDEX_MANIFEST.with_suffix(".tmp")
+    temporary.write_text(json.dumps(manifest))
+    os.replace(temporary, directory / INDEX_MANIFEST)
+    return directory
 
 
 @dataclass

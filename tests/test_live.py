@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import hashlib
 import http.server
 import json
 import os
@@ -29,6 +28,7 @@ from conftest import (
     LMHELLO,
     free_port,
     lazymount_command,
+    served_cache,
     short_dir,
     unmount,
     write_config,
@@ -39,29 +39,6 @@ from lazymount.service import control
 
 INDEX_MANIFEST = Path("v3/manifests/index/index.manifest.json")
 WAIT = 60.0  # seconds before a condition that should come true is declared broken
-
-
-def served_cache(directory: Path, names: set[str]) -> Path:
-    """A copy of the fixture cache whose index lists only the packages ``names`` (and the
-    records they need); call again to change what it lists."""
-    if not directory.exists():
-        shutil.copytree(FIXTURE_CACHE, directory)
-    manifest = json.loads((FIXTURE_CACHE / INDEX_MANIFEST).read_text())
-    checksum = manifest["data"][0]["checksum"]
-    index = json.loads((FIXTURE_CACHE / "blobs/sha256" / checksum[:2] / checksum).read_text())
-    installs = index["database"]["installs"]
-    for dag_hash in [h for h, r in installs.items()
-                     if r["in_buildcache"] and r["spec"]["name"] not in names]:
-        del installs[dag_hash]
-    blob = json.dumps(index).encode()
-    digest = hashlib.sha256(blob).hexdigest()
-    (directory / "blobs/sha256" / digest[:2]).mkdir(parents=True, exist_ok=True)
-    (directory / "blobs/sha256" / digest[:2] / digest).write_bytes(blob)
-    manifest["data"][0].update(checksum=digest, contentLength=len(blob))
-    temporary = directory / INDEX_MANIFEST.with_suffix(".tmp")
-    temporary.write_text(json.dumps(manifest))
-    os.replace(temporary, directory / INDEX_MANIFEST)
-    return directory
 
 
 @dataclass

@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -18,11 +20,12 @@ from conftest import (
     FIXTURE_CACHE,
     FIXTURE_KEY,
     FIXTURE_SECRET_KEY,
+    INDEX_MANIFEST,
     LMGREET,
     LMHELLO,
     lazymount_command,
+    served_cache,
 )
-from test_live import INDEX_MANIFEST, daemon, run, served_cache, wait_for  # noqa: F401
 
 from lazymount.buildcache import published
 from lazymount.buildcache.index import IndexTable
@@ -47,6 +50,17 @@ def index_blob(cache: Path) -> str:
     """The request path of the JSON index the cache's index manifest names."""
     checksum = json.loads((cache / INDEX_MANIFEST).read_text())["data"][0]["checksum"]
     return f"/blobs/sha256/{checksum[:2]}/{checksum}"
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.1)
+
+
+def run(path: Path) -> str:
+    return subprocess.run([str(path)], capture_output=True, text=True, timeout=60).stdout
 
 
 def tree_of(root: Path) -> list[str]:
@@ -100,7 +114,7 @@ def test_a_good_catalog_is_used_and_the_tree_is_the_json_index_tree(http_server,
     assert sorted(os.listdir(mount.root / "linux-x86_64")) == [LMGREET, LMHELLO]
     assert tree_of(mount.root) == tree_of(reference.root)
     assert database(mount.root) == database(reference.root)
-    assert "Hello from lmgreet" in run(mount.prefix() / "bin" / "hello").stdout
+    assert "Hello from lmgreet" in run(mount.prefix() / "bin" / "hello")
 
 
 def test_a_catalog_signed_by_an_unknown_key_is_not_used(http_server, mount_cache, tmp_path):
@@ -178,23 +192,24 @@ def test_a_signed_catalog_of_a_hostile_index_shows_no_more_than_its_json(
 
 
 def test_a_refresh_after_a_new_index_is_published_fetches_the_small_catalog(
-        http_server, daemon, tmp_path):  # noqa: F811
+        http_server, mount_cache, tmp_path):
     cache = served_cache(tmp_path / "cache", {"lmgreet"})
     publish(cache)
     server = http_server(cache)
-    mount = daemon([server.url], index_refresh="off")
-    assert mount.listing() == [LMGREET]
+    mount = mount_cache([server.url], extra=("--index-refresh=off",))
+    listing = mount.root / "linux-x86_64"
+    assert os.listdir(listing) == [LMGREET]
     assert "from the site catalog" in mount.log_text()
     served_cache(cache, {"lmgreet", "lmhello"})
     publish(cache)
     before = len(server.requests)
-    result = mount.lazymount("refresh", str(mount.root))
+    result = subprocess.run(lazymount_command("refresh", str(mount.root)), capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "2 packages (1 new, 0 removed)" in result.stdout
-    assert mount.listing() == [LMGREET, LMHELLO]
+    assert sorted(os.listdir(listing)) == [LMGREET, LMHELLO]
     asked = server.requests[before:]
     assert index_blob(cache) not in asked
     assert f"/{published.catalog_path()}" in asked
     assert mount.log_text().count("from the site catalog") == 2
-    assert "Hello from lmgreet" in run(mount.root / "linux-x86_64" / LMHELLO / "bin" /
-                                       "hello").stdout
+    assert "Hello from lmgreet" in run(listing / LMHELLO / "bin" / "hello")
