@@ -60,7 +60,7 @@ class _State:
     done: trio.Event = field(default_factory=trio.Event)
     tree: Path | None = None
     error: LazymountError | None = None
-    failed_at: float = 0.0
+    failed_at: float = 0.0  # trio.current_time() of the failure: a test clock can move it
 
 
 def root_digest(tree: InstallTree) -> str:
@@ -177,7 +177,7 @@ class Materializer:
                 await self.evicting[dag_hash].wait()
             state = self.states.get(dag_hash)
             if state is None or (state.error and
-                                 time.monotonic() - state.failed_at > RETRY_AFTER):
+                                 trio.current_time() - state.failed_at > RETRY_AFTER):
                 state = self.states[dag_hash] = _State()
                 if self.nursery is not None:
                     # in the daemon's nursery, so a caller that is interrupted does not abort
@@ -206,13 +206,13 @@ class Materializer:
                 log.info("%s: materialized in %.2f s", label, time.monotonic() - started)
             self._prefetch_deps(dag_hash)
         except LazymountError as exc:
-            state.error, state.failed_at = exc, time.monotonic()
+            state.error, state.failed_at = exc, trio.current_time()
             message = str(exc)
             log.error("%s", message if message.startswith(label) else f"{label}: {message}")
         except Exception as exc:  # a bug must not take the mount down: log it, answer EIO
             log.exception("%s: unexpected failure", label)
             state.error = LazymountError(f"{label}: internal error: {exc}")
-            state.failed_at = time.monotonic()
+            state.failed_at = trio.current_time()
         except BaseException:  # cancelled: neither ready nor failed, so forget the attempt
             if self.states.get(dag_hash) is state:
                 del self.states[dag_hash]

@@ -41,6 +41,17 @@ if sys.version_info < (3, 11, 4):
     subprocess._USE_VFORK = False  # type: ignore[attr-defined]
 
 
+# fixtures that start a lazymount daemon or mount something: a test that uses one is
+# end-to-end (``pytest -m "not e2e"`` leaves it out; docs/TESTING.md)
+MOUNTING_FIXTURES = frozenset({"mount_cache", "daemon", "nodes", "tmpfs", "spack"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if MOUNTING_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(scope="module")
 def signer() -> Iterator[Signer]:
     """The throw-away fixture key, ready to sign manifests (a private GNUPGHOME)."""
@@ -163,13 +174,6 @@ def nginx_server(tmp_path: Path) -> Iterator[functools.partial[str]]:
         process.wait(10)
 
 
-def short_dir(prefix: str = "lm") -> Path:
-    """A mount point under /tmp with a path no longer than the fixture's 17-character root."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    assert len(str(path)) <= 17, path
-    return path
-
-
 def served_cache(directory: Path, names: set[str]) -> Path:
     """A copy of the fixture cache whose index lists only the packages ``names`` (and the
     records they need); call again to change what it lists."""
@@ -191,6 +195,13 @@ def served_cache(directory: Path, names: set[str]) -> Path:
     temporary.write_text(json.dumps(manifest))
     os.replace(temporary, directory / INDEX_MANIFEST)
     return directory
+
+
+def short_dir(prefix: str = "lm") -> Path:
+    """A mount point under /tmp with a path no longer than the fixture's 17-character root."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    assert len(str(path)) <= 17, path
+    return path
 
 
 @dataclass

@@ -38,6 +38,8 @@ from hostile import (
 )
 from spackcache import CacheWriter, Package, Signer
 
+pytestmark = pytest.mark.e2e  # these tests start daemons
+
 HANG = 60.0  # seconds after which a file operation counts as hung (a bound, not a speed check)
 TIMEOUT = "--timeout=2"  # the daemon's mirror timeout in these tests
 

@@ -39,6 +39,8 @@ from hostile import (
 )
 from spackcache import MEDIA_INDEX, MEDIA_SPEC, Signer, buildinfo_bytes, gzip_bytes
 
+pytestmark = pytest.mark.e2e  # these tests start daemons
+
 EACCES, EIO = errno.EACCES, errno.EIO
 
 

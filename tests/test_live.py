@@ -24,6 +24,7 @@ import pytest
 from conftest import (
     FIXTURE_CACHE,
     FIXTURE_KEY,
+    INDEX_MANIFEST,
     LMGREET,
     LMHELLO,
     free_port,
@@ -37,7 +38,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lazymount.service import control
 
-INDEX_MANIFEST = Path("v3/manifests/index/index.manifest.json")
+pytestmark = pytest.mark.e2e  # these tests start daemons
+
 WAIT = 60.0  # seconds before a condition that should come true is declared broken
 
 

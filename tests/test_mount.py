@@ -22,6 +22,8 @@ from conftest import (
     unmount,
 )
 
+pytestmark = pytest.mark.e2e  # these tests start daemons
+
 TARBALL = "ffbd89d56eecaba88ffc49d210360e40b083fd45dbadde88109d48a4ede7988f"
 
 

@@ -27,7 +27,8 @@ from conftest import (
 )
 from hostile import ARCH_DIR, HostileCache, wait_until_empty
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (users, chown, mounts)")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root (users, chown, mounts)"),
+              pytest.mark.e2e]  # these tests start daemons
 
 ATTACKER = "lazymount-test"
 SERVICE = "lazymount"

@@ -23,6 +23,8 @@ from conftest import (
     write_config,
 )
 
+pytestmark = pytest.mark.e2e  # these tests start daemons
+
 
 def test_config_file_alone_says_what_to_mount(http_server, tmp_path):
     server = http_server(FIXTURE_CACHE)
