@@ -141,7 +141,9 @@ def eager_install(bench: Bench, cache: str, entries: list[dict[str, Any]], root:
                   projected: dict[str, str]) -> dict[str, float]:
     """Install ``entries`` under ``root`` the eager way, one after the other, as a script
     around ``curl | tar xz`` would. Returns seconds for download+extract and relocation."""
-    from lazymount.install import extract, relocate
+    from lazymount.install import relocate
+    from lazymount.install.buildinfo import parse_buildinfo
+    from lazymount.install.sbang import add_sbang
 
     fetch = timed(lambda: [subprocess.run(
         f"curl -sSf {_blob_url(bench, cache, e['tarball'])} | "
@@ -151,13 +153,13 @@ def eager_install(bench: Bench, cache: str, entries: list[dict[str, Any]], root:
     def relocate_all() -> None:
         for entry in entries:
             prefix = root / entry["projected"]
-            info = extract.parse_buildinfo(
+            info = parse_buildinfo(
                 (prefix / ".spack" / "binary_distribution").read_bytes(), entry["name"])
             mapping = relocate.prefix_map(
                 info, str(root), lambda h: f"{root}/{projected[h]}" if h in projected else None,
                 f"{root}/bin/sbang")
             relocate.relocate_prefix(prefix, info, mapping, entry["name"])
-            relocate.add_sbang(prefix, f"{root}/bin/sbang", entry["name"])
+            add_sbang(prefix, f"{root}/bin/sbang", entry["name"])
 
     return {"fetch_extract_s": fetch, "relocate_s": timed(relocate_all)}
 

@@ -32,6 +32,8 @@ from lazymount.errors import (
     Withdrawn,
 )
 from lazymount.install import extract, relocate
+from lazymount.install.limits import Limits
+from lazymount.install.sbang import add_sbang
 from lazymount.mirror.transport import Mirror
 from lazymount.store.content import Store
 from lazymount.store.quota import StoreUsage
@@ -76,7 +78,7 @@ class Materializer:
         tree: InstallTree,
         sources: list[MirrorSource],
         store: Store,
-        limits: extract.Limits | None = None,
+        limits: Limits | None = None,
         shared: SharedStore | None = None,
         nursery: trio.Nursery | None = None,
         usage: StoreUsage | None = None,
@@ -88,7 +90,7 @@ class Materializer:
         self.sources = sources
         self.store = store
         self.shared = shared  # a store other nodes fill too: looked in first
-        self.limits = limits or extract.Limits()
+        self.limits = limits or Limits()
         self.usage = usage or StoreUsage(store)  # the local store: sizes, last uses, quota
         # set by the daemon when there is a quota: evicts what it must so that a new
         # package of so many bytes fits, or raises StoreFull (key, bytes, label)
@@ -389,7 +391,7 @@ class Materializer:
         self._check_root_length(info, label)
         mapping = relocate.prefix_map(info, self.tree.root, self.tree.prefix_of, self.sbang)
         report = relocate.relocate_prefix(extracted.root, info, mapping, label)
-        sbanged = relocate.add_sbang(extracted.root, self.sbang, label, extracted.scripts)
+        sbanged = add_sbang(extracted.root, self.sbang, label, extracted.scripts)
         return {*report.changed, *sbanged}
 
     def _check_root_length(self, info: dict[str, Any], label: str) -> None:

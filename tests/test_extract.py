@@ -14,7 +14,9 @@ import pytest
 import tarfactory as tf
 
 from lazymount.errors import FormatError, StoreFull, UnsafeArchiveError
-from lazymount.install.extract import Extracted, Limits, extract_tarball, parse_buildinfo
+from lazymount.install.buildinfo import parse_buildinfo
+from lazymount.install.extract import Extracted, extract_tarball
+from lazymount.install.limits import Limits
 
 BLOBS = Path(__file__).parent / "data" / "v3-own-only" / "blobs" / "sha256"
 LMHELLO_BLOB = BLOBS / "ff" / "ffbd89d56eecaba88ffc49d210360e40b083fd45dbadde88109d48a4ede7988f"

@@ -47,7 +47,9 @@ from lazymount.errors import (
     SignatureError,
     UnsafeArchiveError,
 )
-from lazymount.install.extract import Limits, extract_tarball, parse_buildinfo
+from lazymount.install.buildinfo import parse_buildinfo
+from lazymount.install.extract import extract_tarball
+from lazymount.install.limits import Limits
 from lazymount.install.relocate import relocate_prefix
 from lazymount.trust.verify import Verifier
 

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from lazymount.errors import FormatError, MountPathTooLong, RelocationError
 from lazymount.install import relocate
+from lazymount.install.sbang import add_sbang
 
 BLOBS = Path(__file__).parent / "data" / "v3-own-only" / "blobs" / "sha256"
 TARBALLS = {
@@ -162,7 +163,7 @@ def test_relocate_fixtures_to_a_shorter_root(tmp_path):
     for rel in ("bin/hello", "bin/hello-wrapper", "bin/hello.py"):
         assert stat.S_IMODE((hello / rel).stat().st_mode) == 0o755
     assert stat.S_IMODE((greet / "lib/pkgconfig/greet.pc").stat().st_mode) == 0o644
-    assert relocate.add_sbang(hello, new_root + "/bin/sbang", "lmhello") == []  # short shebangs
+    assert add_sbang(hello, new_root + "/bin/sbang", "lmhello") == []  # short shebangs
 
 
 def test_relocated_fixtures_run_from_their_new_root():
@@ -444,12 +445,12 @@ def test_add_sbang_to_a_200_byte_shebang(tmp_path):
     assert len(first) == 200
     prefix = make_prefix(tmp_path, {"bin/tool": first + b"\nprint('hi')\n"}, mode=0o755)
     (prefix / "bin/tool-link").symlink_to("tool")
-    changed = relocate.add_sbang(prefix, "/mnt/root/bin/sbang", "pkg")
+    changed = add_sbang(prefix, "/mnt/root/bin/sbang", "pkg")
     assert changed == ["bin/tool"]
     assert (prefix / "bin/tool").read_bytes() == (
         b"#!/bin/sh /mnt/root/bin/sbang\n" + first + b"\nprint('hi')\n")
     assert stat.S_IMODE((prefix / "bin/tool").stat().st_mode) == 0o755
-    assert relocate.add_sbang(prefix, "/mnt/root/bin/sbang", "pkg") == []  # idempotent
+    assert add_sbang(prefix, "/mnt/root/bin/sbang", "pkg") == []  # idempotent
 
 
 @pytest.mark.parametrize("told", [False, True], ids=["walked", "told-the-scripts"])
@@ -470,7 +471,7 @@ def test_add_sbang_skips_what_spack_skips(tmp_path, told):
     # told: every file is named (extraction names those starting with "#!"); the same
     # filters still apply
     scripts = [*files, "bin/over-limit"] if told else None
-    assert relocate.add_sbang(prefix, "/r/bin/sbang", "pkg", scripts) == ["bin/over-limit"]
+    assert add_sbang(prefix, "/r/bin/sbang", "pkg", scripts) == ["bin/over-limit"]
 
 
 @pytest.mark.parametrize(("interpreter", "second"), [
@@ -478,7 +479,7 @@ def test_add_sbang_skips_what_spack_skips(tmp_path, told):
 def test_add_sbang_comment_variants(tmp_path, interpreter, second):
     first = long_shebang(interpreter)
     prefix = make_prefix(tmp_path, {"bin/s": first + b" -x\nbody\n"}, mode=0o755)
-    relocate.add_sbang(prefix, "/r/bin/sbang", "pkg")
+    add_sbang(prefix, "/r/bin/sbang", "pkg")
     lines = (prefix / "bin/s").read_bytes().split(b"\n")
     assert lines == [b"#!/bin/sh /r/bin/sbang", second + first[2:] + b" -x", b"body", b""]
 
@@ -486,7 +487,7 @@ def test_add_sbang_comment_variants(tmp_path, interpreter, second):
 def test_add_sbang_php_variant_as_spack_writes_it(tmp_path):
     first = long_shebang(b"php")
     prefix = make_prefix(tmp_path, {"bin/p": first + b"\n<?php echo 1;\n"}, mode=0o755)
-    relocate.add_sbang(prefix, "/r/bin/sbang", "pkg")
+    add_sbang(prefix, "/r/bin/sbang", "pkg")
     assert (prefix / "bin/p").read_bytes() == (
         b"#!/bin/sh /r/bin/sbang\n<?php " + first + b"\n ?><?php echo 1;\n")
 
@@ -494,7 +495,7 @@ def test_add_sbang_php_variant_as_spack_writes_it(tmp_path):
 def test_add_sbang_refuses_an_overlong_sbang_path(tmp_path):
     prefix = make_prefix(tmp_path, {"bin/s": long_shebang(b"sh") + b"\n"}, mode=0o755)
     with pytest.raises(RelocationError, match="sbang path is longer"):
-        relocate.add_sbang(prefix, "/" + "s" * 130, "pkg")
+        add_sbang(prefix, "/" + "s" * 130, "pkg")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,12 +28,15 @@ from lazymount.errors import (
     StoreFull,
     UnsafeArchiveError,
 )
-from lazymount.install.buildinfo import BUILDINFO, MAX_BUILDINFO_BYTES
-from lazymount.install.buildinfo import check_build_prefix as check_build_prefix  # re-exported
-from lazymount.install.buildinfo import parse_buildinfo as parse_buildinfo  # re-exported
+from lazymount.install.buildinfo import (
+    BUILDINFO,
+    MAX_BUILDINFO_BYTES,
+    check_build_prefix,
+    parse_buildinfo,
+)
 from lazymount.install.decompress import CHUNK, decompressed, read_ahead
 from lazymount.install.gnutar import TarChild
-from lazymount.install.tarstream import Limits as Limits  # re-exported
+from lazymount.install.limits import Limits
 from lazymount.install.tarstream import Member, Source, members, show, unsafe
 
 MAX_COMPONENT = 255  # NAME_MAX of Linux file systems

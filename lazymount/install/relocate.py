@@ -38,9 +38,6 @@ from lazymount.errors import (
 )
 from lazymount.install import elf
 from lazymount.install.prefixfiles import Prefix, patch, reader, rewrite
-from lazymount.install.sbang import (
-    add_sbang as add_sbang,  # re-exported: callers run it after relocate_prefix
-)
 
 SUFFIX_SAFETY = 7  # Spack's suffix_safety_size: C-string tail bytes that must survive a rewrite
 
