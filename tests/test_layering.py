@@ -7,6 +7,7 @@ as much as those at the top: a lazy import is still a dependency.
 from __future__ import annotations
 
 import ast
+import re
 import textwrap
 from pathlib import Path
 
@@ -149,3 +150,36 @@ def test_pyfuse3_has_one_importer() -> None:
     assert violations("import pyfuse3\n", "lazymount.daemon") == [
         "lazymount.daemon:1 imports pyfuse3, which only serve may"
     ]
+
+
+# ---- docs/ARCHITECTURE.md, checked against the code ----------------------------------------
+
+ARCHITECTURE = PACKAGE.parent / "docs" / "ARCHITECTURE.md"
+_ROW = re.compile(r"\| (\d+) \| `([\w/]+\.py)` \|")
+_NAMED = re.compile(r"(?<![\w/.-])((?:[a-z_]+/)*[a-z_]+\.py)\b")
+
+
+def architecture_rows() -> dict[str, int]:
+    """``system/files.py`` -> 2 for each row of the layer table."""
+    return {path: int(layer) for layer, path in _ROW.findall(ARCHITECTURE.read_text())}
+
+
+def test_architecture_has_a_row_for_every_module_in_its_layer() -> None:
+    modules = {str(p.relative_to(PACKAGE)) for p in package_modules()
+               if not p.name.startswith("__")}
+    rows = architecture_rows()
+    assert sorted(modules - rows.keys()) == [], "modules without a row in ARCHITECTURE.md"
+    assert sorted(rows.keys() - modules) == [], "rows of ARCHITECTURE.md naming no module"
+    wrong = {path: layer for path, layer in rows.items()
+             if layer != layer_of(path.split("/")[0].removesuffix(".py"))}
+    assert wrong == {}, "rows whose layer is not the one LAYERS gives"
+
+
+def test_every_file_architecture_names_exists() -> None:
+    text = ARCHITECTURE.read_text()
+    assert not re.search(r"^(<<<<<<<|=======|>>>>>>>)", text, re.MULTILINE)
+    names = {str(p.relative_to(PACKAGE)) for p in package_modules()}
+    names |= {p.name for p in package_modules()}  # ``fs.py`` under its package's heading
+    missing = [name for name in set(_NAMED.findall(text))
+               if name not in names and not (PACKAGE.parent / name).exists()]
+    assert sorted(missing) == []
