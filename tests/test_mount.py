@@ -202,3 +202,24 @@ def test_umount_abort_frees_a_mount_whose_daemon_hangs(http_server, mount_cache)
         assert not os.path.ismount(mount.root)
     finally:
         mount.process.send_signal(signal.SIGCONT)
+
+
+def test_ls_l_asks_for_labels_and_acls_once_not_per_entry(http_server, mount_cache):
+    mount = mount_cache([http_server(FIXTURE_CACHE).url])
+    folder = mount.root / "linux-x86_64"
+    for name in ("security.selinux", "system.posix_acl_access", "system.posix_acl_default"):
+        with pytest.raises(OSError) as refused:
+            os.getxattr(folder / LMHELLO, name)
+        assert refused.value.errno == errno.EOPNOTSUPP  # what makes ls stop asking
+    assert os.getxattr(folder / LMHELLO, "user.lazymount.status") == b"absent"
+    with pytest.raises(OSError) as absent:
+        os.getxattr(folder / LMHELLO, "user.other")
+    assert absent.value.errno == errno.ENODATA
+    if shutil.which("strace") is None:
+        return
+    traced = subprocess.run(["strace", "-f", "-e", "trace=getxattr,lgetxattr", "ls", "-l",
+                             str(folder)], capture_output=True, text=True, timeout=60)
+    assert traced.returncode == 0, traced.stderr
+    assert LMHELLO in traced.stdout and LMGREET in traced.stdout
+    asked = [line for line in traced.stderr.splitlines() if "getxattr(" in line]
+    assert len(asked) <= 3, asked  # the first entry only (it was 3 per entry)
