@@ -42,3 +42,5 @@ class MountConfig:
     user: str | None = None  # after mounting, run as this user (root only)
     shared_store: Path | None = None  # a store many nodes share (looked in first)
     host_view: bool = True  # serve host/
+    tocs: tuple[str, ...] = ()  # where tables of contents are, besides each mirror
+    fill: str = "read"  # "whole": an opened package is completed in the background

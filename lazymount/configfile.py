@@ -208,6 +208,13 @@ def parse_targets(value: Any, base: Path) -> str:
     return text
 
 
+def parse_fill(value: Any, base: Path) -> str:
+    text = _text(value).strip()
+    if text not in ("read", "whole"):
+        raise ValueError(f"{text!r} is not read or whole")
+    return text
+
+
 def parse_proxies(value: Any, base: Path) -> str:
     """A proxy list in CernVM-FS syntax (``"http://p1:3128|http://p2:3128;DIRECT"``)."""
     text = _text(value).strip()
@@ -344,6 +351,13 @@ KEYS: dict[str, Key] = {key.name: key for key in (
     Key("targets", parse_targets, flag="--targets", metavar="all|host", default="all",
         help="which builds to show under <platform>-<target>/: all (default), or host: only "
              "those the host target can run (Spack's upstream database still lists all)"),
+    Key("toc", parse_url, shape="list", flag="--toc", metavar="URL",
+        help="where tables of contents (`lazymount publish`) are, besides each mirror "
+             "itself: a package whose tarball has one signed by a trusted key is opened "
+             "file by file, fetching only what is read (repeat for several places)"),
+    Key("fill", parse_fill, flag="--fill", metavar="read|whole", default="read",
+        help="what an opened package fetches: read (default: only the files read), or "
+             "whole: the rest of it too, in the background"),
     Key("metrics_listen", parse_listen, flag="--metrics-listen", metavar="HOST:PORT",
         help="also serve the Prometheus metrics over HTTP at http://HOST:PORT/metrics"),
 )}

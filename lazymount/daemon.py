@@ -31,7 +31,7 @@ from lazymount.serve.bindmount import PrefixBinder, clear_dead_mount
 from lazymount.serve.fs import InstallTreeFS
 from lazymount.serve.keeper import STORE_COMMANDS, StoreKeeper
 from lazymount.service import control, metrics, status
-from lazymount.service.live import LiveMount, load_generation, open_mirrors
+from lazymount.service.live import LiveMount, load_generation, open_mirrors, open_toc_places
 from lazymount.spack.upstreamdb import DB_DIR, INDEX, VERIFIER
 from lazymount.store.content import Store, create_store_dir
 from lazymount.store.quota import StoreUsage
@@ -216,6 +216,8 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path, trus
             async with _unwrapped_errors(), trio.open_nursery() as nursery:
                 materializer = Materializer(generation.tree, generation.sources, store,
                                             config.limits, shared, nursery, usage)
+                materializer.toc_places = open_toc_places(config)
+                materializer.fill_whole = config.fill == "whole"
                 binder = PrefixBinder(root, nursery) if config.bind_ready else None
                 operations = InstallTreeFS(
                     generation.shown, materializer, sbang, files, binder,

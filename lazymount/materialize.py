@@ -9,8 +9,10 @@ worker threads under named limiters.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from lazymount.buildcache.fetch import stream_blob
 from lazymount.buildcache.formats import Entry, discover
 from lazymount.buildcache.index import SpecRecord
 from lazymount.buildcache.manifest import BlobRecord
+from lazymount.buildcache.toc import parse_toc
 from lazymount.catalog.installtree import InstallTree
 from lazymount.errors import (
     IntegrityError,
@@ -35,9 +38,19 @@ from lazymount.install import extract, relocate
 from lazymount.install.limits import Limits
 from lazymount.install.sbang import add_sbang
 from lazymount.mirror.transport import Mirror
+from lazymount.opened import (
+    FoundToc,
+    Opened,
+    Shape,
+    TocUnusable,
+    find_toc,
+    make_skeleton,
+    read_buildinfo,
+)
+from lazymount.store import partial
 from lazymount.store.content import Store
 from lazymount.store.quota import StoreUsage
-from lazymount.store.record import checked_tree, seal
+from lazymount.store.record import checked_tree, seal, summary
 from lazymount.store.shared import HEARTBEAT, MAX_POLL, POLL, ClaimWatch, SharedStore
 from lazymount.system.redact import redact
 from lazymount.system.sizes import show_size
@@ -101,6 +114,9 @@ class Materializer:
         self.cpu = trio.CapacityLimiter(2)  # extraction + relocation threads at once
         self.nursery = nursery
         self.root_digest = root_digest(tree)
+        self.toc_places: list[Mirror] = []  # where TOCs are besides each mirror (--toc)
+        self.opened: dict[str, Opened] = {}  # store key -> a package opened through its TOC
+        self.fill_whole = False  # complete every opened package in the background
 
     def key(self, dag_hash: str) -> str:
         return f"{dag_hash}.{self.root_digest}"
@@ -134,6 +150,7 @@ class Materializer:
         key = self.key(dag_hash)
         gone = self.evicting[dag_hash] = trio.Event()
         self.states.pop(dag_hash, None)
+        self.opened.pop(key, None)
         self.usage.forget(key)
         removed = False
         try:
@@ -162,6 +179,9 @@ class Materializer:
 
     def status(self, dag_hash: str) -> str:
         """One word (and the reason, for a failure) for the status xattr and logs."""
+        opened = self.opened.get(self.key(dag_hash))
+        if opened is not None and opened.replaced is None:
+            return f"opened: {opened.describe()}"
         state = self.states.get(dag_hash)
         if state is None:
             return "ready" if self.published(self.key(dag_hash), walk=False) else "absent"
@@ -232,7 +252,13 @@ class Materializer:
             if tree is not None:
                 return tree
             log.warning("%s: not served from the shared store (%s)", label, reason)
-        tree, reason = checked_tree(self.store, key)
+        if partial.is_partial(self.store.receipt(key)):
+            differences, _ = partial.check(self.store, key, content=False)
+            if not differences:
+                return None  # opened again through its stored TOC
+            tree, reason = None, summary(differences)
+        else:
+            tree, reason = checked_tree(self.store, key)
         if tree is not None:
             if self.usage.size_of(key) is None:  # published by another daemon meanwhile
                 self.usage.found(key)
@@ -312,6 +338,10 @@ class Materializer:
                 layout = await discover(source.mirror)
                 entry = await layout.read_entry(source.mirror, record, source.trust, label)
                 self._check_signed_spec(entry, dag_hash, record, label)
+                if store is self.store:
+                    opened = await self._open(source, dag_hash, entry, label)
+                    if opened is not None:
+                        return opened
                 return await self._install(source, dag_hash, entry.tarball, label, store,
                                            entry.signed)
             except (MirrorError, IntegrityError) as exc:
@@ -319,6 +349,198 @@ class Materializer:
                 if position + 1 < len(sources):
                     log.warning("%s: %s; trying the next mirror", label, exc)
         raise last
+
+    # ---- packages opened through a table of contents ------------------------------------
+
+    async def _open(self, source: MirrorSource, dag_hash: str, entry: Entry, label: str
+                    ) -> Path | None:
+        """Open the package through its TOC (the store gets its folders and links, files
+        come on first open); None (logged) where there is none or it cannot be used."""
+        key = self.key(dag_hash)
+        try:
+            # opened before a restart: its stored TOC (verified then) and the files it holds
+            found, reopened = await trio.to_thread.run_sync(self._stored_toc, key, entry,
+                                                            label)
+            if found is None:
+                found = await find_toc([source.mirror, *self.toc_places],
+                                       source.trust.trust, entry.tarball, label)
+            if found is None:
+                return None
+            opened = Opened(key, label, found, Shape(found.toc, label), source.mirror,
+                            entry.tarball, self.store, self._start)
+            info = read_buildinfo(opened)
+            self._check_root_length(info, label)
+            mapping = relocate.prefix_map(info, self.tree.root, self.tree.prefix_of,
+                                          self.sbang)
+            opened.prepare(info, mapping, self.sbang)
+            opened.origin = (source, entry)
+            if found.place is None:
+                opened.window_places = [source.mirror, *self.toc_places]
+            opened.grown = functools.partial(self.usage.grow, key)
+            if reopened is None:
+                tree = await self._publish_opened(opened, dag_hash, source, label)
+            else:
+                tree = opened.tree
+                opened.present, opened.present_bytes = reopened
+        except (TocUnusable, MirrorError) as exc:
+            log.warning("%s: its table of contents is not used (%s); it is materialized "
+                        "whole", label, exc)
+            return None
+        self.opened[key] = opened
+        log.info("%s: opened through its table of contents (%d files, %s)", label,
+                 len(opened.sizes), show_size(sum(opened.sizes.values())))
+        if self.fill_whole:
+            opened.filling = True
+            self._start(lambda: self.fill(opened))
+        return tree
+
+    def _stored_toc(self, key: str, entry: Entry, label: str
+                    ) -> tuple[FoundToc | None, tuple[set[str], int] | None]:
+        """Worker thread: the TOC of a partial package of the store for this tarball, and
+        the files (and bytes) its tree holds; (None, None) if there is none."""
+        receipt = self.store.receipt(key)
+        if not partial.is_partial(receipt) or receipt is None or \
+                receipt.get("tarball") != entry.tarball.checksum:
+            return None, None
+        plaintext = partial.read_toc(self.store, key, receipt.get("toc"))
+        if plaintext is None:
+            return None, None
+        try:
+            toc = parse_toc(plaintext, f"{self.store.pkgs / key / partial.TOC}")
+        except LazymountError:
+            return None, None
+        filled = partial.filled(self.store, key)
+        present = {rel for rel in filled
+                   if os.path.lexists(self.store.pkgs / key / "tree" / rel)}
+        return FoundToc(toc, plaintext, None), (present, sum(filled[r][0] for r in present))
+
+    async def fill(self, opened: Opened) -> None:
+        """Fetch every file of an opened package not there yet, one at a time (the files
+        being read go first), then complete it (``--fill whole``, ``lazymount preload``)."""
+        for rel in opened.shape.files():
+            if opened.replaced is not None or self.opened.get(opened.key) is not opened:
+                return
+            try:
+                await self.open_file(opened, rel)
+            except LazymountError as exc:
+                log.warning("%s: not completed: %s", opened.label, exc)
+                return
+
+    async def _complete(self, opened: Opened) -> None:
+        """Seal an opened package that holds every file: from now on it is a package like
+        one materialized whole."""
+        assert opened.origin is not None
+        source, entry = opened.origin
+        key = opened.key
+        origin = {"hash": self.hash_of(key), "signed": entry.signed,
+                  "tarball": entry.tarball.checksum}
+        receipt = await trio.to_thread.run_sync(self.store.receipt, key)
+        if receipt is None or self.opened.get(key) is not opened:
+            return
+        sealed = await trio.to_thread.run_sync(seal, opened.tree, origin)
+        await trio.to_thread.run_sync(partial.complete, self.store, key, receipt, sealed)
+        if self.opened.get(key) is opened:
+            del self.opened[key]
+        self.usage.published(key, sealed.disk_bytes + 3 * 4096, opened.label)
+        log.info("%s: completed (%d files, %s)", opened.label, sealed.files,
+                 show_size(opened.present_bytes))
+
+    def _start(self, work: Callable[[], Awaitable[None]]) -> None:
+        assert self.nursery is not None
+        self.nursery.start_soon(work)
+
+    def nursery_start(self, work: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run ``work(*args)`` in the daemon's nursery."""
+        assert self.nursery is not None
+        self.nursery.start_soon(work, *args)
+
+    async def _publish_opened(self, opened: Opened, dag_hash: str, source: MirrorSource,
+                              label: str) -> Path:
+        key = opened.key
+        staging = await trio.to_thread.run_sync(self.store.new_staging, key)
+        try:
+            tree = await trio.to_thread.run_sync(make_skeleton, staging, opened)
+            toc_sha256 = await trio.to_thread.run_sync(partial.write_toc, staging,
+                                                       opened.plaintext)
+            disk_bytes = 4096 * (3 + len(opened.shape.children))
+            if self.make_room is not None:
+                await self.make_room(key, disk_bytes, label)
+            receipt = {"hash": dag_hash, "label": label, "mirror": redact(source.mirror.url),
+                       "tarball": opened.tarball.checksum, "root": self.tree.root,
+                       "prefix": self.tree.prefix_of(dag_hash), "partial": True,
+                       "toc": toc_sha256, "disk_bytes": disk_bytes}
+            published = await trio.to_thread.run_sync(
+                self.store.publish, staging, tree, key, receipt)
+        except BaseException:
+            self.usage.release(key)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.store.discard, staging)
+            raise
+        self.usage.published(key, disk_bytes, label)
+        return published
+
+    def partial(self, path: str) -> tuple[Opened, str] | None:
+        """The opened package a store path lies in, and the path below its tree."""
+        pkgs = f"{self.store.pkgs}/"
+        if not self.opened or not path.startswith(pkgs):
+            return None
+        key, _, rest = path[len(pkgs):].partition("/")
+        opened = self.opened.get(key)
+        if opened is None or not (rest == "tree" or rest.startswith("tree/")):
+            return None
+        return opened, rest[5:]
+
+    async def open_file(self, opened: Opened, rel: str) -> None:
+        """Make a file of an opened package present; if its TOC fails it, the package is
+        materialized whole instead (once, whoever asked first) and this waits for that."""
+        if opened.replaced is None:
+            try:
+                await opened.ensure(rel)
+                if opened.filled() and not opened.completing:
+                    opened.completing = True
+                    self._start(lambda: self._complete(opened))
+                return
+            except TocUnusable as exc:
+                if opened.replaced is None:
+                    self._replace(opened, str(exc))
+        await self.settled(opened)
+
+    async def settled(self, opened: Opened) -> None:
+        """Wait for a replacement of ``opened`` under way (nothing if none is)."""
+        if opened.replaced is not None:
+            await opened.replaced.wait()
+            if opened.failure is not None:
+                raise opened.failure
+
+    def _replace(self, opened: Opened, reason: str) -> None:
+        opened.replaced = trio.Event()
+        opened.reason = reason
+        message = reason if reason.startswith(opened.label) else f"{opened.label}: {reason}"
+        log.warning("%s; its table of contents is not used: it is materialized whole", message)
+        self._start(lambda: self._whole(opened))
+
+    async def _whole(self, opened: Opened) -> None:
+        """Replace an opened package with the whole tarball's tree (same store path)."""
+        assert opened.replaced is not None and opened.origin is not None
+        source, entry = opened.origin
+        dag_hash = entry.root.get("hash") if isinstance(entry.root, dict) else None
+        try:
+            assert isinstance(dag_hash, str)
+            await self._install(source, dag_hash, entry.tarball, opened.label, self.store,
+                                entry.signed, replace=True)
+        except LazymountError as exc:
+            opened.failure = exc
+            log.error("%s", exc)
+            await trio.to_thread.run_sync(self.store.remove, opened.key)
+            self.usage.forget(opened.key)
+        finally:
+            if self.opened.get(opened.key) is opened:
+                del self.opened[opened.key]
+            if opened.failure is not None and isinstance(dag_hash, str):
+                failed = self.states[dag_hash] = _State(error=opened.failure,
+                                                        failed_at=time.monotonic())
+                failed.done.set()
+            opened.replaced.set()
 
     def _sources_for(self, first: int) -> list[MirrorSource]:
         """Every mirror, the one whose index lists the package (position ``first``) first."""
@@ -337,9 +559,10 @@ class Materializer:
                                  f"{root.get('version')}, not what the index says")
 
     async def _install(self, source: MirrorSource, dag_hash: str, tarball: BlobRecord,
-                       label: str, store: Store, signed: str) -> Path:
+                       label: str, store: Store, signed: str, replace: bool = False) -> Path:
         """Download + extract (streamed), relocate, seal (the record), fit into the quota
-        (the local store only), publish into ``store``."""
+        (the local store only), publish into ``store``. ``replace``: an opened package of
+        the same key is in the store; it goes just before this one is published."""
         key = self.key(dag_hash)
         size = "an unknown size" if tarball.length is None else show_size(tarball.length)
         log.info("%s: fetching %s from %s", label, size, source.mirror.url)
@@ -371,6 +594,9 @@ class Materializer:
                        "tarball": tarball.checksum, "root": self.tree.root,
                        "prefix": self.tree.prefix_of(dag_hash), "record": sealed.sha256,
                        "disk_bytes": disk_bytes}
+            if replace:
+                self.usage.forget(key)
+                await trio.to_thread.run_sync(store.remove, key)
             published = await trio.to_thread.run_sync(
                 store.publish, staging, extracted.root, key, receipt, sealed.data)
             if local:

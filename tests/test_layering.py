@@ -29,7 +29,7 @@ LAYERS: list[set[str]] = [
     {"publish"},
     {"config", "configfile"},
     {"spack"},
-    {"materialize"},
+    {"materialize", "opened"},
     {"serve"},
     {"service"},
     {"daemon"},

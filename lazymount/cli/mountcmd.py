@@ -205,6 +205,8 @@ def build_config(args: argparse.Namespace) -> MountConfig:
         shared_store=values["shared_store"].resolve() if values["shared_store"] else None,
         host_view=values["host_view"],
         user=values["user"],
+        tocs=tuple(values["toc"] or ()),
+        fill=values["fill"],
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from lazymount.errors import UsageError
 from lazymount.service.control import ask_mount, checked
-from lazymount.store import record
+from lazymount.store import partial, record
 from lazymount.store.content import Store
 from lazymount.system import xattrs
 from lazymount.system.mountinfo import lazymount_mounts
@@ -155,6 +155,8 @@ def run_preload(argv: list[str]) -> int:
                 event: dict[str, Any] = {"label": package["label"], "ok": not error,
                                          "error": error}
                 if not error:
+                    # an opened package is completed by the daemon, in the background
+                    ask(root, {"command": "fill", "hashes": [package["hash"]]})
                     sizes = ask(root, {"command": "sizes", "hashes": [package["hash"]]})
                     event["bytes"] = sizes["sizes"].get(package["hash"]) or 0
                 else:
@@ -269,9 +271,12 @@ def _fsck_directory(directory: Path, repair: bool) -> int:
     for key in store.keys():
         receipt = store.receipt(key) or {}
         label = str(receipt.get("label", key))
-        tree, reason = record.checked_tree(store, key, content=True)
-        if tree is None and not reason:
-            reason = "no valid receipt"
+        if partial.is_partial(receipt):  # opened: the files it holds so far
+            tree, reason = None, record.summary(partial.check(store, key, content=True)[0])
+        else:
+            tree, reason = record.checked_tree(store, key, content=True)
+            if tree is None and not reason:
+                reason = "no valid receipt"
         removed = bool(reason) and repair and store.remove(key, wait=True)
         _report({"label": label, "damaged": reason, "removed": removed}, damaged)
     return _summary(damaged, repair)

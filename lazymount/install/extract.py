@@ -99,7 +99,7 @@ def _is_buildinfo(name: str) -> bool:
     return name == BUILDINFO or name.endswith("/" + BUILDINFO)
 
 
-def _climbs_out(link: str, target: str, prefix: str) -> bool:
+def climbs_out(link: str, target: str, prefix: str) -> bool:
     """True if the relative ``target`` of symlink ``link`` ever steps above ``prefix``."""
     depth = link.count("/") - prefix.count("/") - 1  # the link's directory, below prefix
     for part in target.split("/"):
@@ -251,7 +251,7 @@ class _Checker:
             if not _inside(parent, prefix):
                 raise unsafe(self.what, name, f"lies outside the package prefix {prefix!r}")
         for name, target in self.updirs:
-            if _climbs_out(name, target, prefix):
+            if climbs_out(name, target, prefix):
                 raise unsafe(
                     self.what, name, f"is a symlink to {target!r}, which climbs out of the prefix"
                 )

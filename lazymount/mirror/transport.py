@@ -85,6 +85,12 @@ class Mirror:
         have ETags; other mirrors always read the file. Raises like ``read``."""
         return await self.read(path, max_bytes), None
 
+    async def read_range(self, path: str, start: int, end: int) -> bytes | None:
+        """Bytes ``start`` up to ``end`` (exclusive) of a file, in one request; None when
+        the mirror cannot answer a range (a server that sends the whole file instead, or
+        another range): nothing of such an answer is read. Raises like ``read``."""
+        return None
+
     def open(
         self, path: str, expected: int | None, revalidate: bool = False
     ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
@@ -135,6 +141,24 @@ class LocalMirror(Mirror):
             yield chunks()
         finally:
             handle.close()
+
+
+    async def read_range(self, path: str, start: int, end: int) -> bytes | None:
+        target = self._resolve(path)
+
+        def read() -> bytes:
+            with open(target, "rb") as handle:
+                handle.seek(start)
+                return handle.read(end - start)
+
+        try:
+            data = await trio.to_thread.run_sync(read)
+        except FileNotFoundError:
+            raise NotInMirror(f"{target} does not exist") from None
+        except OSError as exc:
+            raise MirrorError(f"cannot read {target}: {exc.strerror}") from None
+        self.health.fetched_bytes += len(data)
+        return data
 
 
 class HttpMirror(Mirror):
@@ -258,6 +282,19 @@ class HttpMirror(Mirror):
         finally:
             await response.aclose()
 
+    async def read_range(self, path: str, start: int, end: int) -> bytes | None:
+        # one range per request (S3 answers no more); identity: a range of a compressed
+        # answer would be a range of other bytes
+        headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
+        async with self._exchange(path, end - start, headers) as (response, chunks):
+            if response.status_code != 206 or not _covers(response, start, end):
+                return None  # the whole file, or another range: closed unread
+            data = await _gather(chunks, end - start, f"{self.url}/{path}")
+        if len(data) != end - start:
+            raise MirrorError(f"{self.url}/{path}: the range {start}-{end - 1} ended after "
+                              f"{len(data)} bytes")
+        return data
+
     async def read_if_changed(self, path: str, max_bytes: int, etag: str | None
                               ) -> tuple[bytes | None, str | None]:
         headers = dict(REVALIDATE)
@@ -280,6 +317,7 @@ class HttpMirror(Mirror):
         the deadline)."""
         last, pause = "", 0.0
         conditional = bool(headers and "If-None-Match" in headers)
+        ranged = bool(headers and "Range" in headers)
         began = trio.current_time()
         deadline = began + self.timeouts.deadline(expected)
         for attempt in range(self.timeouts.retries + 1):
@@ -309,7 +347,8 @@ class HttpMirror(Mirror):
                         self._proxy_failed(proxy, describe(exc))
                     continue
                 status = response.status_code
-                if status == 200 or (status == 304 and conditional):
+                if status == 200 or (status == 304 and conditional) or (
+                        status == 206 and ranged):
                     self._proxy_answered(proxy)
                     return response, deadline
                 await response.aclose()
@@ -369,6 +408,12 @@ def _retry_after(response: httpx.Response) -> float:
         return min(max(0.0, float(response.headers.get("retry-after", "1"))), MAX_RETRY_AFTER)
     except ValueError:
         return 1.0
+
+
+def _covers(response: httpx.Response, start: int, end: int) -> bool:
+    """True if a 206 answer's Content-Range is exactly bytes ``start`` to ``end - 1``."""
+    unit, _, rest = response.headers.get("content-range", "").partition(" ")
+    return unit.strip() == "bytes" and rest.partition("/")[0].strip() == f"{start}-{end - 1}"
 
 
 def _content_length(response: httpx.Response) -> int | None:

@@ -381,7 +381,8 @@ class InstallTreeFS(pyfuse3.Operations):
                     self.host.warn_foreign(node.dag_hash)
                 ready = await self.materializer.ensure(node.dag_hash)
             self.materializer.usage.touch(self.materializer.key(node.dag_hash))
-            if self.binder is not None:  # from now on the kernel serves it from the store
+            if self.binder is not None and self.materializer.partial(str(ready)) is None:
+                # from now on the kernel serves it from the store
                 self.binder.request(node.relative, str(ready))
             return str(ready)
         if isinstance(node, RealNode):
@@ -418,6 +419,47 @@ class InstallTreeFS(pyfuse3.Operations):
                 except OSError:
                     pass  # the kernel never heard of it, or has forgotten it
 
+    # ---- packages opened through a table of contents ----------------------------------
+    # Their store tree holds the folders, the links and the files fetched so far; the TOC
+    # answers for the other files (stats, listings), and their first open fetches them.
+
+    def _toc_attr(self, ino: int, path: str) -> pyfuse3.EntryAttributes | None:
+        found = self.materializer.partial(path)
+        shape = found[0].attr(found[1]) if found is not None else None
+        if shape is None:
+            return None
+        mode, size, links = shape
+        attr = self._dir_attr(ino)
+        attr.st_mode, attr.st_size, attr.st_nlink = mode, size, links
+        attr.st_blocks = -(-size // 512)
+        attr.st_blksize = 1 << 17
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = 0
+        return attr
+
+    async def _in_toc(self, path: str) -> bool:
+        """True for a file of an opened package not fetched yet (or fetched meanwhile: a
+        package being replaced by its whole tree is waited for)."""
+        found = self.materializer.partial(path)
+        if found is None:
+            return False
+        opened, rel = found
+        if opened.replaced is not None:
+            await self.materializer.settled(opened)
+            return os.path.lexists(path)
+        return opened.is_file(rel)
+
+    def _toc_names(self, directory: str) -> list[str]:
+        found = self.materializer.partial(directory)
+        return found[0].listing(found[1]) if found is not None else []
+
+    async def _fetched(self, path: str) -> bool:
+        """Fetch a file of an opened package; False if ``path`` is none."""
+        found = self.materializer.partial(path)
+        if found is None or not found[0].is_file(found[1]):
+            return False
+        await self.materializer.open_file(*found)
+        return True
+
     # ---- attributes -------------------------------------------------------------------
 
     def _dir_attr(self, ino: int) -> pyfuse3.EntryAttributes:
@@ -437,7 +479,13 @@ class InstallTreeFS(pyfuse3.Operations):
         return attr
 
     def _stat_attr(self, ino: int, path: str) -> pyfuse3.EntryAttributes:
-        st = os.lstat(path)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            attr = self._toc_attr(ino, path)  # a file of an opened package, not fetched yet
+            if attr is None:
+                raise
+            return attr
         attr = self._timeouts(pyfuse3.EntryAttributes())
         attr.st_ino = ino
         attr.st_mode = st.st_mode
@@ -515,7 +563,7 @@ class InstallTreeFS(pyfuse3.Operations):
             directory = await self._real_dir(parent, ctx)
             assert directory is not None
             path = os.path.join(directory, text)
-            if not os.path.lexists(path):
+            if not os.path.lexists(path) and not await self._in_toc(path):
                 return self._negative()
             child = RealNode(path)
         ino = self._inode(child)
@@ -578,8 +626,9 @@ class InstallTreeFS(pyfuse3.Operations):
         """The entries of a store directory, listed once."""
         listing = self.real_listings.get(inode)
         if listing is None:
+            names = set(os.listdir(directory)) | set(self._toc_names(directory))
             listing = [(os.fsencode(name), self._inode(RealNode(os.path.join(directory, name))))
-                       for name in sorted(os.listdir(directory))]
+                       for name in sorted(names)]
             self.real_listings[inode] = listing
         return listing
 
@@ -629,7 +678,12 @@ class InstallTreeFS(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=handle, keep_cache=True)
         if not isinstance(node, RealNode):
             raise pyfuse3.FUSEError(errno.EISDIR)
-        fd = os.open(node.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fd = os.open(node.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if not await self._fetched(node.path):
+                raise
+            fd = os.open(node.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         key = self.key_of(node.path)
         if key is not None:
             self.handle_keys[fd] = key

@@ -26,8 +26,9 @@ from lazymount.errors import UsageError
 from lazymount.materialize import Materializer
 from lazymount.serve.bindmount import PrefixBinder
 from lazymount.serve.fs import InstallTreeFS
+from lazymount.store import partial
 from lazymount.store.quota import Kept
-from lazymount.store.record import checked_tree
+from lazymount.store.record import checked_tree, summary
 from lazymount.system.inuse import paths_in_use
 from lazymount.system.sizes import show_size
 
@@ -51,6 +52,7 @@ class StoreKeeper:
     async def in_use(self) -> set[str]:
         """Store keys that must not be evicted now."""
         busy = self.materializer.materializing() | set(self.operations.open_keys)
+        busy.update(key for key, opened in self.materializer.opened.items() if opened.busy())
         store_pkgs = str(self.materializer.store.pkgs)
         paths = await trio.to_thread.run_sync(paths_in_use, [self.root, store_pkgs])
         for path in paths:
@@ -154,10 +156,14 @@ class StoreKeeper:
         for key in await trio.to_thread.run_sync(store.keys):
             if key in self.materializer.materializing():
                 continue
-            tree, reason = await trio.to_thread.run_sync(checked_tree, store, key, True)
             receipt = await trio.to_thread.run_sync(store.receipt, key) or {}
+            if partial.is_partial(receipt):  # opened: the files it holds so far
+                differences, _ = await trio.to_thread.run_sync(partial.check, store, key, True)
+                tree, reason = None, summary(differences)
+            else:
+                tree, reason = await trio.to_thread.run_sync(checked_tree, store, key, True)
             label = str(receipt.get("label", key))
-            if tree is None and not reason:
+            if tree is None and not reason and not partial.is_partial(receipt):
                 reason = "no valid receipt"
             size = self.usage.size_of(key) or 0
             removed = False
@@ -186,6 +192,18 @@ class StoreKeeper:
         """Bytes each package takes in the store (None: not there)."""
         return {h: self.usage.size_of(self.materializer.key(h)) for h in hashes}
 
+    def fill(self, hashes: list[str]) -> list[str]:
+        """Complete the packages of ``hashes`` that are opened, in the background; returns
+        their labels."""
+        started = []
+        for dag_hash in hashes:
+            opened = self.materializer.opened.get(self.materializer.key(dag_hash))
+            if opened is not None and not opened.filling:
+                opened.filling = True
+                self.materializer.nursery_start(self.materializer.fill, opened)
+                started.append(opened.label)
+        return started
+
     def status(self) -> dict[str, object]:
         """The store's part of ``lazymount status``."""
         return {"path": str(self.materializer.store.root), "bytes": self.usage.total(),
@@ -205,6 +223,11 @@ class StoreKeeper:
             if not isinstance(hashes, list) or not all(isinstance(h, str) for h in hashes):
                 raise UsageError("hashes must be a list of strings")
             return {"sizes": self.sizes(hashes)}
+        if name == "fill":
+            hashes = request.get("hashes")
+            if not isinstance(hashes, list) or not all(isinstance(h, str) for h in hashes):
+                raise UsageError("hashes must be a list of strings")
+            return {"filling": self.fill(hashes)}
         if name == "gc":
             if not owner:
                 raise UsageError("only root or the user the daemon runs as may evict packages")
@@ -218,7 +241,7 @@ class StoreKeeper:
         return {"packages": await self.fsck(repair), "store": self.status()}
 
 
-STORE_COMMANDS = ("gc", "fsck", "closure", "sizes")
+STORE_COMMANDS = ("gc", "fsck", "closure", "sizes", "fill")
 
 
 def _when(epoch: float) -> str:

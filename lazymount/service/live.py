@@ -81,6 +81,12 @@ def open_mirrors(config: MountConfig) -> list[Mirror]:
             for m in config.mirrors]
 
 
+def open_toc_places(config: MountConfig) -> list[Mirror]:
+    """The places ``--toc`` names, read like mirrors."""
+    proxies = ProxyChain.parse(config.proxies) if config.proxies else None
+    return [open_mirror(url, config.timeouts, config.ca_certs, proxies) for url in config.tocs]
+
+
 async def load_generation(config: MountConfig, root: str, catalogs: CatalogStore,
                           mirrors: list[Mirror], trust: Trust, stored_first: bool = False
                           ) -> Generation:
@@ -107,7 +113,8 @@ async def load_generation(config: MountConfig, root: str, catalogs: CatalogStore
 
 # settings a running mount cannot change: a reload that changes them says so
 FIXED = ("mountpoint", "store", "projection", "allow_other", "bind_ready", "limits",
-         "metrics_listen", "host_target", "targets", "host_view", "shared_store")
+         "metrics_listen", "host_target", "targets", "host_view", "shared_store", "tocs",
+         "fill")
 
 
 class LiveMount:

@@ -91,6 +91,7 @@ class _StatusCollector:
             for state in ("ready", "materializing"):
                 packages.add_metric([mountpoint, state], pkgs[state])
             packages.add_metric([mountpoint, "failed"], len(pkgs["failed"]))
+            packages.add_metric([mountpoint, "opened"], len(pkgs.get("opened", [])))
             fetched.add_metric([mountpoint], status["fetched_bytes"])
         yield from (info, up, mirror_bytes, proxy_up, proxy_failures, *gauges.values(),
                     packages, fetched)

@@ -95,7 +95,12 @@ def packages(live: LiveMount) -> dict[str, Any]:
             ready += 1
         else:
             materializing += 1
-    return {"ready": ready, "materializing": materializing, "failed": failed}
+    opened = [{"label": o.label, "hash": materializer.hash_of(key), "files": len(o.sizes),
+               "files_present": len(o.present), "bytes": sum(o.sizes.values()),
+               "bytes_present": o.present_bytes}
+              for key, o in materializer.opened.items() if o.replaced is None]
+    return {"ready": ready, "materializing": materializing, "failed": failed,
+            "opened": opened}
 
 
 def store_usage(live: LiveMount) -> dict[str, Any]:

@@ -23,6 +23,10 @@ def render(status: dict[str, Any]) -> str:
     ]
     for failure in pkgs["failed"]:
         lines.append(f"  failed  {failure['name']}/{failure['hash'][:7]}: {failure['reason']}")
+    for opened in pkgs.get("opened", []):  # through a table of contents: partly present
+        lines.append(f"  opened  {opened['label']}: {opened['files_present']} of "
+                     f"{opened['files']} files, {show_size(opened['bytes_present'])} of "
+                     f"{show_size(opened['bytes'])}")
     host = status.get("host")
     if host:
         how = "--host-target" if host["given"] else "detected"

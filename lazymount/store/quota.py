@@ -22,6 +22,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from lazymount.errors import StoreFull
+from lazymount.store import partial
 from lazymount.store.content import Store
 from lazymount.system.sizes import show_size
 
@@ -69,6 +70,8 @@ class StoreUsage:
         if receipt is None:
             return None
         size = receipt.get("disk_bytes")
+        if partial.is_partial(receipt):  # what it holds now, not what it held when opened
+            size = partial.check(self.store, key, content=False)[1].disk_bytes + 3 * 4096
         if not isinstance(size, int) or size < 0:
             return None  # published before records existed: not served, re-materialized
         try:
@@ -89,6 +92,12 @@ class StoreUsage:
             self._labels[key] = label
             self._used[key] = now
             self._written[key] = now  # publishing just set the entry's mtime
+
+    def grow(self, key: str, disk_bytes: int) -> None:
+        """A partial package took ``disk_bytes`` more (a file fetched into it)."""
+        with self._lock:
+            if key in self._sizes:
+                self._sizes[key] += disk_bytes
 
     def forget(self, key: str) -> None:
         with self._lock:

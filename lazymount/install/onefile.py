@@ -1,0 +1,83 @@
+"""One member of a package made ready on its own: written, relocated and moved into a tree.
+
+An opened package (one with a table of contents) is filled file by file, so each file goes
+through the same relocation a whole prefix goes through (``relocate.relocate_prefix`` and
+``sbang.add_sbang``), run on a work folder that holds that file alone at its path: the rules
+that apply to a file depend on its bytes, its path and the mapping, never on its
+neighbours. The skeleton of a package (its directories and symbolic links) is relocated the
+same way, with no file listed. Blocking; any worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lazymount.install import relocate
+from lazymount.install.prefixfiles import Prefix
+from lazymount.install.sbang import add_sbang
+
+FILE_MODE_KEEP = 0o755  # what extraction keeps of a file's mode (no setuid, no writes by others)
+
+
+def file_mode(mode: int) -> int:
+    """The permission bits a file of the tarball gets in the store (as extraction gives)."""
+    return (mode & FILE_MODE_KEEP) | 0o400
+
+
+def dir_mode(mode: int) -> int:
+    """The permission bits a directory of the tarball gets in the store."""
+    return (mode & FILE_MODE_KEEP) | 0o700
+
+
+def relocate_skeleton(prefix_dir: Path, info: dict[str, Any], mapping: list[tuple[str, str]],
+                      what: str) -> None:
+    """Re-point the listed symbolic links of a prefix that holds only directories and links."""
+    only_links = dict(info, relocate_textfiles=[], relocate_binaries=[],
+                      hardlinks_deduped=True)
+    relocate.relocate_prefix(prefix_dir, only_links, mapping, what)
+
+
+class Lists:
+    """The relocation lists of one package's build info, as sets (looked up per file)."""
+
+    def __init__(self, info: dict[str, Any]):
+        self.info = info
+        self.texts = set(info.get("relocate_textfiles") or [])
+        self.binaries = set(info.get("relocate_binaries") or [])
+
+
+def write_relocated(work: Path, rel: str, data: bytes, mode: int, lists: Lists,
+                    mapping: list[tuple[str, str]], sbang: str, what: str) -> Path:
+    """Write ``data`` at ``work/rel`` with the store's mode for ``mode``, and relocate it as a
+    whole prefix would have been; returns its path. ``work`` is an empty folder."""
+    path = work / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        os.fchmod(handle.fileno(), file_mode(mode))
+    one = dict(lists.info, relocate_textfiles=[rel] if rel in lists.texts else [],
+               relocate_binaries=[rel] if rel in lists.binaries else [],
+               relocate_links=[], hardlinks_deduped=True)
+    relocate.relocate_prefix(work, one, mapping, what)
+    if data[:2] == b"#!" and mode & 0o111:
+        add_sbang(work, sbang, what, [rel])
+    return path
+
+
+def move_into(source: Path, tree: Path, rel: str, what: str) -> None:
+    """Rename ``source`` to ``tree/rel`` (an existing folder of ``tree``), never following
+    a link on the way. The same file system: the file appears whole or not at all."""
+    with Prefix(tree, what) as prefix, prefix.parent(rel) as (dir_fd, name):
+        os.rename(source, name, dst_dir_fd=dir_fd)
+
+
+def link_of(tree: Path, target: str, work: Path, what: str) -> Path:
+    """A new hard link, in ``work``, of the file ``tree/target`` (for ``move_into``)."""
+    path = work / "link"
+    with Prefix(tree, what) as prefix, prefix.parent(target) as (src_fd, src_name):
+        os.link(src_name, path, src_dir_fd=src_fd, follow_symlinks=False)
+    return path

@@ -1,0 +1,476 @@
+"""Opening a package through its signed table of contents instead of materializing it whole.
+
+A package whose tarball has a TOC (``buildcache/toc.py``) clearsigned by a trusted key, and
+naming the tarball the signed manifest names, is *opened*: its directories and symbolic links
+are made in the store at once (a partial package, ``store/partial.py``), the stats of its
+files come from the TOC, and a file's bytes are fetched on its first open: the compressed
+span(s) it lives in by HTTP range requests, the window before its seek point, each checked
+against the TOC, inflated from the seek point (``install/tocread.py``), its content checked
+against its sha256, relocated exactly as a whole prefix is (``install/onefile.py``) and
+renamed into the tree. Reads of members in the same span share one fetch.
+
+Anything that does not check out raises ``TocUnusable``: the materializer then falls back
+to the whole tarball, as without a TOC. Runs on the trio thread; the blocking parts run in
+worker threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from lazymount.buildcache import published
+from lazymount.buildcache.manifest import BlobRecord, is_clearsigned
+from lazymount.buildcache.toc import Toc, TocMember, parse_toc, relocated_size, span_end, spans_of
+from lazymount.errors import FormatError, IntegrityError, LazymountError, MirrorError, NotInMirror
+from lazymount.install import onefile
+from lazymount.install.buildinfo import BUILDINFO, check_build_prefix, parse_buildinfo
+from lazymount.install.extract import climbs_out
+from lazymount.install.tocread import read_member
+from lazymount.mirror.transport import Mirror
+from lazymount.store import partial
+from lazymount.store.content import Store
+from lazymount.system.sizes import show_size
+from lazymount.trust.policy import Trust
+
+log = logging.getLogger(__name__)
+
+WINDOW_BYTES = 32 << 10
+KEPT_SPANS = 8  # compressed spans kept in memory for the next member of the same span
+
+
+class TocUnusable(LazymountError):
+    """A table of contents, or bytes it describes, that must not be used: the package is
+    materialized whole instead."""
+
+
+@dataclass
+class FoundToc:
+    """A verified TOC and the place it came from (its windows are fetched there)."""
+
+    toc: Toc
+    plaintext: bytes
+    place: Mirror | None  # None: the store's copy (opened before a restart)
+
+
+async def find_toc(places: list[Mirror], trust: Trust, tarball: BlobRecord, label: str
+                   ) -> FoundToc | None:
+    """The TOC of ``tarball`` from the first of ``places`` that has one: None if none has;
+    TocUnusable if one is there but is not signed by a trusted key, is malformed, or names
+    another tarball."""
+    path = published.toc_path(tarball.checksum)
+    for place in places:
+        try:
+            document = await place.read(path, published.MAX_ENVELOPE_BYTES)
+        except NotInMirror:
+            continue
+        except MirrorError as exc:
+            log.warning("%s: no table of contents from %s: %s", label, place.url, exc)
+            continue
+        where = f"{place.url}/{path}"
+        if not is_clearsigned(document) or trust.verifier is None:
+            raise TocUnusable(f"the table of contents {where} is not signed by a trusted key")
+        try:
+            plaintext = await trust.verify(document, label)
+            toc = parse_toc(plaintext, where)
+        except LazymountError as exc:
+            raise TocUnusable(str(exc)) from None
+        if toc.tarball_sha256 != tarball.checksum or (
+                tarball.length is not None and toc.tarball_size != tarball.length):
+            raise TocUnusable(f"the table of contents {where} describes another tarball "
+                              f"({toc.tarball_sha256[:12]}, not {tarball.checksum[:12]})")
+        return FoundToc(toc, plaintext, place)
+    return None
+
+
+@dataclass
+class _Flight:
+    """One fetch that several callers wait for."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    value: Any = None
+    error: BaseException | None = None
+
+
+class Shape:
+    """The paths of an opened package, from its TOC, below its prefix: what a lookup, a stat
+    and a listing answer before any file is there. Checked like extraction checks a
+    tarball: every member inside the prefix, no member under a link or a file, no link
+    climbing out. Raises TocUnusable."""
+
+    def __init__(self, toc: Toc, label: str):
+        # parse_toc checked every path: inside the prefix (or a folder above it), once
+        self.prefix = toc.prefix
+        self.members: dict[str, TocMember] = {}  # path below the prefix -> member
+        self.root_mode = 0o755
+        for member in toc.members:
+            if member.path == self.prefix:
+                self.root_mode = member.mode
+            elif not self.prefix or member.path.startswith(self.prefix + "/"):
+                self.members[self.rel_of(member.path)] = member
+        self.buildinfo = self.members.get(BUILDINFO)
+        if self.buildinfo is None or self.buildinfo.kind != "file":
+            raise TocUnusable(f"{label}: the table of contents lists no {BUILDINFO}")
+        self.children: dict[str, list[str]] = {}
+        leaves = {rel for rel, m in self.members.items() if m.kind != "dir"}
+        for rel, member in self.members.items():
+            parent, _, name = rel.rpartition("/")
+            self.children.setdefault(parent, []).append(name)
+            self._check(rel, member, leaves, label)
+        for rel in list(self.children):  # folders that hold members without being listed
+            while rel:
+                parent, _, name = rel.rpartition("/")
+                if rel not in self.members:
+                    self.children.setdefault(parent, []).append(name)
+                    self.members[rel] = TocMember(f"{self.prefix}/{rel}".lstrip("/"), "dir",
+                                                  0o755, 0, "", 0, "")
+                rel = parent
+        for names in self.children.values():
+            names[:] = sorted(set(names))
+
+    def _check(self, rel: str, member: TocMember, leaves: set[str], label: str) -> None:
+        parent = rel.rpartition("/")[0]
+        while parent:
+            if parent in leaves:
+                raise TocUnusable(f"{label}: {member.path} lies below a link or a file")
+            parent = parent.rpartition("/")[0]
+        if member.kind == "symlink":
+            target = member.link
+            if not target or "\0" in target:
+                raise TocUnusable(f"{label}: {member.path} is a link without a target")
+            if not target.startswith("/") and climbs_out(member.path, target, self.prefix):
+                raise TocUnusable(f"{label}: {member.path} is a link that climbs out of the "
+                                  "prefix")
+        if member.kind == "hardlink" and self.rel_of(member.link) not in self.members:
+            raise TocUnusable(f"{label}: {member.path} is a hard link to {member.link}, "
+                              "which is not in the package")
+
+    def rel_of(self, path: str) -> str:
+        """A member path (as in the tar) below the prefix."""
+        return path[len(self.prefix) + 1:] if self.prefix else path
+
+    def files(self) -> list[str]:
+        return [rel for rel, m in self.members.items() if m.kind in ("file", "hardlink")]
+
+
+class Opened:
+    """One opened package: its TOC, where its bytes are, and the files being fetched."""
+
+    def __init__(self, key: str, label: str, found: FoundToc, shape: Shape, mirror: Mirror,
+                 tarball: BlobRecord, store: Store,
+                 start: Callable[[Callable[[], Awaitable[None]]], None]):
+        """``start(fn)``: run ``fn`` in the daemon's nursery (no caller's cancel aborts a
+        fetch others wait on)."""
+        self.key, self.label = key, label
+        self.toc, self.plaintext = found.toc, found.plaintext
+        # where its windows are: beside the TOC
+        self.window_places: list[Mirror] = [found.place] if found.place else [mirror]
+        self.shape = shape
+        self.mirror, self.tarball, self.store = mirror, tarball, store
+        self.start = start
+        self.tree: Path = store.pkgs / key / "tree"
+        self.info: dict[str, Any] = {}
+        self.lists: onefile.Lists | None = None
+        self.mapping: list[tuple[str, str]] = []
+        self.sbang = ""
+        self.sizes: dict[str, int] = {}  # relocated size of every file
+        self.cpu = trio.CapacityLimiter(2)
+        self._files: dict[str, _Flight] = {}
+        self._spans: OrderedDict[int, _Flight] = OrderedDict()
+        self._windows: dict[str, _Flight] = {}
+        self.replaced: trio.Event | None = None  # set once a whole tree replaced this one
+        self.reason = ""  # why it was replaced
+        self.failure: LazymountError | None = None  # why the whole tree failed too
+        self.origin: tuple[Any, Any] | None = None  # (mirror source, entry) it came from
+        self.links: dict[str, int] = {}  # file -> how many names it has
+        self.completing = False
+        self.filling = False  # being completed in the background
+        self.present: set[str] = set()  # files in the tree
+        self.present_bytes = 0
+        self.grown: Callable[[int], None] = lambda disk_bytes: None  # the store grew so much
+
+    # ---- what the file system asks ------------------------------------------------------
+
+    def attr(self, rel: str) -> tuple[int, int, int] | None:
+        """(kind bits | mode, size, links) of a file not yet present, None if not a file."""
+        member = self.shape.members.get(rel)
+        if member is None or member.kind not in ("file", "hardlink"):
+            return None
+        size = self.sizes.get(rel, 0)
+        return (0o100000 | onefile.file_mode(self._file_member(rel).mode), size,
+                self.links.get(self._target(rel), 1))
+
+    def listing(self, rel: str) -> list[str]:
+        return self.shape.children.get(rel, [])
+
+    def describe(self) -> str:
+        """How much of it is there: ``12 of 345 files, 3.1 MiB of 40.0 MiB``."""
+        return (f"{len(self.present)} of {len(self.sizes)} files, "
+                f"{show_size(self.present_bytes)} of {show_size(sum(self.sizes.values()))}")
+
+    def busy(self) -> bool:
+        """True while files are being fetched into it."""
+        return bool(self._files)
+
+    def filled(self) -> bool:
+        """True once every file is in the tree."""
+        return len(self.present) >= len(self.sizes)
+
+    def is_file(self, rel: str) -> bool:
+        member = self.shape.members.get(rel)
+        return member is not None and member.kind in ("file", "hardlink")
+
+    # ---- set up ----------------------------------------------------------------------------
+
+    def prepare(self, info: dict[str, Any], mapping: list[tuple[str, str]], sbang: str
+                ) -> None:
+        """The build info and the mapping: relocation rules and sizes after relocation."""
+        self.info, self.mapping, self.sbang = info, mapping, sbang
+        self.lists = onefile.Lists(info)
+        for rel in self.shape.files():
+            target = self._target(rel)
+            self.links[target] = self.links.get(target, 0) + 1
+        try:
+            for rel in self.shape.files():
+                self.sizes[rel] = relocated_size(self.toc, self._file_member(rel), mapping,
+                                                 sbang)
+        except FormatError as exc:
+            raise TocUnusable(f"{self.label}: {exc}") from None
+
+    def _target(self, rel: str) -> str:
+        member = self.shape.members[rel]
+        return self.shape.rel_of(member.link) if member.kind == "hardlink" else rel
+
+    def _file_member(self, rel: str) -> TocMember:
+        return self.shape.members[self._target(rel)]
+
+    # ---- fetching a file -----------------------------------------------------------------
+
+    async def ensure(self, rel: str) -> None:
+        """Make ``tree/rel`` present (a file of the package). TocUnusable if its bytes do
+        not check out or the mirror cannot answer ranges; MirrorError if it cannot be
+        reached (a later open tries again)."""
+        if rel in self.present:
+            return
+        flight = self._files.get(rel)
+        if flight is None:
+            flight = self._files[rel] = _Flight()
+            self.start(lambda: self._fly(flight, self._fill, rel))
+        await flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+
+    @staticmethod
+    async def _fly(flight: _Flight, work: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        try:
+            flight.value = await work(*args)
+        except LazymountError as exc:
+            flight.error = exc
+        except Exception as exc:
+            log.exception("unexpected failure")
+            flight.error = LazymountError(f"internal error: {exc}")
+        except BaseException:
+            flight.error = MirrorError("the fetch was cancelled")
+            raise
+        finally:
+            flight.done.set()
+
+    async def _fill(self, rel: str) -> None:
+        try:
+            if self.shape.members[rel].kind == "hardlink":
+                target = self._target(rel)
+                await self.ensure(target)
+                await self._staged(lambda work: onefile.link_of(self.tree, target, work,
+                                                                self.label), rel)
+                return
+            data = await self.member_bytes(self.shape.members[rel])
+            assert self.lists is not None
+            lists = self.lists
+            await self._staged(lambda work: onefile.write_relocated(
+                work, rel, data, self.shape.members[rel].mode, lists, self.mapping,
+                self.sbang, self.label), rel)
+        finally:
+            self._files.pop(rel, None)  # present now, or tried again on the next open
+
+    async def _staged(self, make: Callable[[Path], Path], rel: str) -> None:
+        """Make a file in a fresh staging folder, note it in the fill log and rename it
+        into the tree."""
+        def run() -> int:
+            work = self.store.new_staging(self.key)
+            try:
+                path = make(work)
+                st = os.lstat(path)
+                if st.st_size != self.sizes.get(rel):
+                    log.error("%s: %s has %d bytes, its table of contents said %s; the size "
+                              "served before it was fetched was wrong", self.label, rel,
+                              st.st_size, self.sizes.get(rel))
+                partial.note_filled(self.store, self.key, rel, st.st_size, _sha256(path))
+                onefile.move_into(path, self.tree, rel, self.label)
+                return st.st_blocks * 512 if st.st_nlink == 1 else 0
+            finally:
+                self.store.discard(work)
+
+        async with self.cpu:
+            grown = await trio.to_thread.run_sync(run)
+        self.present.add(rel)
+        self.present_bytes += self.sizes.get(rel, 0)
+        self.grown(grown)
+
+    async def member_bytes(self, member: TocMember) -> bytes:
+        """The checked content of a file member, as in the tarball."""
+        spans = spans_of(self.toc, member)
+        if member.size == 0:
+            spans, window = range(0), b""
+        else:
+            point = self.toc.points[spans.start]
+            window = await self._window(point.window) if point.window else b""
+        compressed = await self._gather_spans(spans)
+        try:
+            async with self.cpu:
+                return await trio.to_thread.run_sync(read_member, self.toc, member,
+                                                     compressed, window)
+        except IntegrityError as exc:
+            raise TocUnusable(f"{self.label}: {exc}") from None
+
+    async def _gather_spans(self, spans: range) -> bytes:
+        """The tarball's bytes from the first point of ``spans`` to the end of the last
+        span (spans overlap by the byte that holds the next point's first bit)."""
+        if not spans:
+            return b""
+        parts: list[bytes] = [b""] * len(spans)
+
+        async def one(position: int, index: int) -> None:
+            parts[position] = await self._span(index)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for position, index in enumerate(spans):
+                    nursery.start_soon(one, position, index)
+        except BaseExceptionGroup as group:
+            failures = group.subgroup(lambda exc: isinstance(exc, LazymountError))
+            if failures is None:
+                raise
+            raise _first(failures) from None
+        return b"".join(part[:-1] for part in parts[:-1]) + parts[-1]
+
+    def _span_bounds(self, index: int) -> tuple[int, int]:
+        return self.toc.points[index].compressed, span_end(self.toc, index)
+
+    async def _span(self, index: int) -> bytes:
+        flight = self._spans.get(index)
+        if flight is None or (flight.done.is_set() and flight.error is not None):
+            flight = self._spans[index] = _Flight()
+            while len(self._spans) > KEPT_SPANS:
+                self._spans.popitem(last=False)
+            await self._fly(flight, self._fetch_span, index)
+        else:
+            self._spans.move_to_end(index)
+        await flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        return flight.value  # type: ignore[no-any-return]
+
+    async def _fetch_span(self, index: int) -> bytes:
+        start, end = self._span_bounds(index)
+        data = await self.mirror.read_range(self.tarball.path, start, end)
+        if data is None:
+            raise TocUnusable(f"{self.label}: {self.mirror.url} does not answer range requests")
+        if hashlib.sha256(data).hexdigest() != self.toc.points[index].span:
+            raise TocUnusable(f"{self.label}: compressed span {index} ({start}-{end - 1}) of "
+                              "the tarball does not match its table of contents")
+        return data
+
+    async def _window(self, sha256: str) -> bytes:
+        flight = self._windows.get(sha256)
+        if flight is None or (flight.done.is_set() and flight.error is not None):
+            flight = self._windows[sha256] = _Flight()
+            await self._fly(flight, self._fetch_window, sha256)
+        await flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        return flight.value  # type: ignore[no-any-return]
+
+    async def _fetch_window(self, sha256: str) -> bytes:
+        path = published.blob_path(sha256)
+        for place in self.window_places:
+            try:
+                data = await place.read(path, WINDOW_BYTES)
+            except NotInMirror:
+                continue
+            except MirrorError as exc:
+                if "larger than" in str(exc):
+                    raise TocUnusable(f"{self.label}: the window {sha256[:12]} of its table of "
+                                      "contents is too large") from None
+                raise
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise TocUnusable(f"{self.label}: the window {sha256[:12]} does not match its "
+                                  "table of contents")
+            return data
+        raise TocUnusable(f"{self.label}: the window {sha256[:12]} of its table of contents "
+                          "is nowhere to be found")
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception of a group (TocUnusable before others: it decides)."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    return next((e for e in leaves if isinstance(e, TocUnusable)), leaves[0])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_buildinfo(opened: Opened) -> dict[str, Any]:
+    """The package's build info, as the TOC carries it (the text of its member, whose
+    sha256 the TOC names too), checked as extraction checks it."""
+    text = opened.toc.buildinfo.encode()
+    member = opened.shape.buildinfo
+    assert member is not None
+    if len(text) != member.size or hashlib.sha256(text).hexdigest() != member.sha256:
+        raise TocUnusable(f"{opened.label}: the build info of the table of contents is not "
+                          f"its {BUILDINFO}")
+    try:
+        info = parse_buildinfo(text, opened.label)
+        check_build_prefix(info, "/" + opened.shape.prefix, opened.label)
+    except FormatError as exc:
+        raise TocUnusable(str(exc)) from None
+    return info
+
+
+def make_skeleton(staging: Path, opened: Opened) -> Path:
+    """Worker thread: ``staging/tree`` with the package's folders and (relocated) links,
+    and the TOC beside it. Returns the tree."""
+    tree = staging / "tree"
+    os.mkdir(tree, 0o700)
+    shape = opened.shape
+    folders = sorted(rel for rel, m in shape.members.items() if m.kind == "dir")
+    for rel in folders:
+        os.mkdir(tree / rel, 0o700)
+    for rel, member in shape.members.items():
+        if member.kind == "symlink":
+            os.symlink(member.link, tree / rel)
+    onefile.relocate_skeleton(tree, opened.info, opened.mapping, opened.label)
+    for rel in reversed(folders):
+        os.chmod(tree / rel, onefile.dir_mode(shape.members[rel].mode))
+        os.utime(tree / rel, (0, 0), follow_symlinks=False)
+    os.chmod(tree, onefile.dir_mode(shape.root_mode))
+    return tree
