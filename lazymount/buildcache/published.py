@@ -11,6 +11,10 @@ can serve it from the mirror itself or from any other URL (``--toc URL``):
 An *envelope* is a small clearsigned JSON document: ``{"lazymount": KIND, "format": 1, ...}``.
 Large or binary payloads are not signed themselves: the envelope names each one by sha256
 and size, and a client checks the bytes it fetched against that.
+
+gpg cuts clearsigned lines at 19,995 bytes, so an envelope is compact JSON broken into lines
+where a container would be longer than ``LINE`` (a TOC: one line per member); a string that
+long is refused (a body splits long texts into lists).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from lazymount.errors import FormatError
 ROOT = "lazymount/v1"
 FORMAT = 1
 MAX_ENVELOPE_BYTES = 16 << 20  # a TOC of a package with ~100,000 members fits
+LINE = 16_000  # longest line of an envelope (gpg's clearsign limit is 19,995 bytes)
 
 Kind = Literal["catalog", "toc"]
 
@@ -45,7 +50,23 @@ def blob_path(sha256: str) -> str:
 def make_envelope(kind: Kind, body: dict[str, Any]) -> bytes:
     """The plaintext of an envelope (sign it before writing): ``body`` plus kind and format."""
     document = {"lazymount": kind, "format": FORMAT, **body}
-    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+    text = _lines(document)
+    if any(len(line) > LINE for line in text.splitlines()):
+        raise FormatError(f"a {kind} document holds a value longer than {LINE} characters")
+    return text.encode() + b"\n"
+
+
+def _lines(value: Any) -> str:
+    """Compact JSON (ASCII), with a line per item of every container longer than LINE."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    if len(text) <= LINE:
+        return text
+    if isinstance(value, list):
+        return "[\n" + ",\n".join(_lines(item) for item in value) + "\n]"
+    if isinstance(value, dict):
+        return "{\n" + ",\n".join(json.dumps(key) + ":" + _lines(value[key])
+                                    for key in sorted(value)) + "\n}"
+    return text
 
 
 def open_envelope(plaintext: bytes, kind: Kind, where: str) -> dict[str, Any]:

@@ -15,10 +15,11 @@ TOC records, per file, where each build-time prefix occurs (``Occurrence``, foun
 ``relocated_size`` replays relocation on them for the client's prefix mapping. ELF files and C
 strings in binaries keep their length.
 
-JSON shapes (``toc_body``/``parse_toc``): points are ``[compressed, bits, uncompressed,
-window, span]``; members are ``[path, kind, mode, size, link, offset, sha256, relocation]``
-with ``relocation`` null or ``{"text": [[start, [[prefix index, end], ...]], ...],
-"shebang": base64, "link": true}`` (each key optional).
+JSON shapes (``toc_body``/``parse_toc``): the build info is a list of pieces of its text;
+points are ``[compressed, bits, uncompressed, window, span]``; members are ``[path, kind,
+mode, size, link, offset, sha256, relocation]`` with ``relocation`` null or
+``{"text": [[start, [[prefix index, end], ...]], ...], "shebang": base64, "link": true}``
+(each key optional).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ Kind = Literal["file", "dir", "symlink", "hardlink"]
 KINDS: tuple[Kind, ...] = ("file", "dir", "symlink", "hardlink")
 
 WINDOW = 32 << 10  # deflate's window: the uncompressed bytes a point's inflate needs first
-SHEBANG_HEAD = 16 << 10  # bytes of a script's start kept for sbang (Spack reads 4096)
+SHEBANG_HEAD = 8 << 10  # bytes of a script's start kept for sbang (Spack reads 4096)
+TEXT_PIECE = 2048  # the build info is stored in pieces (an envelope's lines are bounded)
 MAX_MEMBERS = 2_000_000
 MAX_PATH = 4096
 MAX_BUILDINFO = 1 << 20
@@ -293,7 +295,8 @@ def toc_body(toc: Toc) -> dict[str, Any]:
         "tarball": {"sha256": toc.tarball_sha256, "size": toc.tarball_size,
                     "uncompressed": toc.uncompressed_size},
         "prefix": toc.prefix,
-        "buildinfo": toc.buildinfo,
+        "buildinfo": [toc.buildinfo[n:n + TEXT_PIECE]
+                      for n in range(0, len(toc.buildinfo), TEXT_PIECE)],
         "prefixes": list(toc.prefixes),
         "points": [[p.compressed, p.bits, p.uncompressed, p.window, p.span] for p in toc.points],
         "members": [[m.path, m.kind, m.mode, m.size, m.link, m.offset, m.sha256,
@@ -369,7 +372,10 @@ class _Parser:
         total = self.int_(tarball.get("uncompressed"), "uncompressed size")
         prefix = body.get("prefix")
         prefix = "" if prefix == "" else self.path(prefix, "prefix")
-        buildinfo = self.str_(body.get("buildinfo"), "buildinfo", MAX_BUILDINFO)
+        pieces = self.list_(body.get("buildinfo"), "buildinfo")
+        buildinfo = "".join(self.str_(piece, "buildinfo", TEXT_PIECE) for piece in pieces)
+        if len(buildinfo) > MAX_BUILDINFO:
+            raise self.fail(f"the build info is longer than {MAX_BUILDINFO} characters")
         prefixes = tuple(self.absolute(p) for p in self.list_(body.get("prefixes"), "prefixes"))
         if len(set(prefixes)) != len(prefixes):
             raise self.fail("a prefix is listed twice")
@@ -466,8 +472,8 @@ class _Parser:
         shebang = None
         if "shebang" in value:
             try:
-                shebang = base64.b64decode(self.str_(value["shebang"], what, SHEBANG_HEAD * 2),
-                                           validate=True)
+                encoded = self.str_(value["shebang"], what, SHEBANG_HEAD * 4 // 3 + 4)
+                shebang = base64.b64decode(encoded, validate=True)
             except binascii.Error:
                 raise self.fail(f"{what} shebang is not base64") from None
             if not shebang.startswith(b"#!") or len(shebang) > SHEBANG_HEAD:

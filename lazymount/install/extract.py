@@ -280,6 +280,9 @@ class _Checker:
             os.utime(f"{raw}/{name}", (0, 0))
 
 
+MemberChecks = _Checker  # publish/describe.py walks a tarball with the same checks
+
+
 def _kinds(top: str, unlock: bool = False) -> Iterator[tuple[str, str]]:
     """(relative path, kind) of every entry below ``top``, never following a link. Not
     recursive: a hostile archive may nest thousands of directories. ``unlock``: give each

@@ -51,6 +51,12 @@ class Source:
         self._mark = 0  # first byte of _chunk not yet passed on
         self._kept: list[memoryview] = []  # read, not yet passed on, of earlier chunks
         self._kept_bytes = 0
+        self._before = 0  # bytes of the chunks before this one
+
+    @property
+    def position(self) -> int:
+        """Bytes read so far: the offset in the tar of the next byte ``read`` gives."""
+        return self._before + self._pos
 
     @property
     def kept_bytes(self) -> int:
@@ -77,6 +83,7 @@ class Source:
             raise FormatError(f"{self._what}: {fault.reason}") from None
         except OSError as exc:
             raise StoreError(f"{self._what}: cannot read the tarball ({exc})") from None
+        self._before += len(self._chunk)
         self._chunk, self._pos, self._mark = memoryview(chunk), 0, 0
         return bool(chunk)
 

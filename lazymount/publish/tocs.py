@@ -1,10 +1,168 @@
-"""Tables of contents of big tarballs, for per-file fetching (being written)."""
+"""Tables of contents of big tarballs, for per-file fetching (``buildcache/toc.py``).
+
+For every spec of the mirror's index: its entry is read and verified as a mount reads it
+(``layout.read_entry`` with the publication's trust), so only tarballs a signed manifest
+names are described; a tarball under ``--min-size`` is skipped, and so is one whose TOC is
+already in the output, signed by this signing key, and whose windows are there (publishing
+again is incremental). Otherwise the tarball is downloaded to a temporary file (its length
+and sha256 checked against the manifest), described (``describe.py``), and its windows and
+signed TOC written: windows first, so a client never finds a TOC whose blobs are missing.
+
+One tarball at a time: describing is CPU-bound and the host is shared. A failure is reported
+for its package and the next one is described.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import trio
+
+from lazymount.buildcache.fetch import stream_blob
+from lazymount.buildcache.index import SpecRecord, parse_index
+from lazymount.buildcache.manifest import BlobRecord
+from lazymount.buildcache.published import (
+    MAX_ENVELOPE_BYTES,
+    blob_path,
+    make_envelope,
+    toc_path,
+)
+from lazymount.buildcache.toc import WINDOW, parse_toc, toc_body
+from lazymount.errors import FormatError, LazymountError
 from lazymount.publish.context import Context, PartReport
+from lazymount.publish.describe import Described, describe
+
+COPY = 1 << 20
 
 
 async def publish(context: Context) -> PartReport:
     """Write a signed TOC for every tarball of at least ``context.options.min_size``."""
-    return PartReport(lines=["tables of contents: not written yet by this version"])
+    report = PartReport()
+    try:
+        blob = await context.layout.read_index(context.mirror)
+        records = await trio.to_thread.run_sync(parse_index, blob)
+    except LazymountError as exc:
+        report.failures.append(f"tables of contents: cannot read the index of "
+                               f"{context.url}: {exc}")
+        return report
+    specs = sorted((r for r in records.values() if r.in_buildcache and not r.external_path),
+                   key=lambda r: (r.name, r.version, r.dag_hash))
+    counts: Counter[str] = Counter()
+    with _progress(context, len(specs)) as advance:
+        for record in specs:
+            label = f"{record.name}-{record.version}-{record.dag_hash[:7]}"
+            try:
+                counts[await _one(context, record, label)] += 1
+            except LazymountError as exc:
+                message = str(exc)
+                report.failures.append(message if message.startswith(label)
+                                       else f"{label}: {message}")
+                counts["failed"] += 1
+            advance(label)
+    report.lines.append(_summary(counts, context))
+    return report
+
+
+async def _one(context: Context, record: SpecRecord, label: str) -> str:
+    """Describe one spec's tarball; what happened: "written", "kept", "small", "other"."""
+    entry = await context.layout.read_entry(context.mirror, record, context.trust, label)
+    tarball = entry.tarball
+    if tarball.compression != "gzip":
+        return "other"
+    if tarball.length is not None and tarball.length < context.options.min_size:
+        return "small"
+    if await _up_to_date(context, tarball):
+        return "kept"
+    with tempfile.TemporaryDirectory(prefix="lazymount-publish-") as folder:
+        path = Path(folder) / "tarball"
+        await stream_blob(context.mirror, tarball, label, lambda reader: _spool(reader, path))
+        if path.stat().st_size < context.options.min_size:  # a v2 record has no length
+            return "small"
+        described = await trio.to_thread.run_sync(describe, path, tarball.checksum, label)
+    await _write(context, described, label)
+    return "written"
+
+
+def _spool(reader: BinaryIO, path: Path) -> None:
+    with open(path, "wb") as file:
+        shutil.copyfileobj(reader, file, COPY)
+
+
+async def _write(context: Context, described: Described, label: str) -> None:
+    """The windows, then the signed TOC that names them."""
+    await trio.to_thread.run_sync(_write_windows, context, described.windows)
+    plaintext = make_envelope("toc", toc_body(described.toc))
+    if len(plaintext) > MAX_ENVELOPE_BYTES:
+        raise FormatError(f"{label}: its table of contents would take {len(plaintext)} bytes, "
+                          f"more than clients read ({MAX_ENVELOPE_BYTES})")
+    signed = await trio.to_thread.run_sync(context.signer.clearsign, plaintext)
+    await context.output.write_async(toc_path(described.toc.tarball_sha256), signed)
+
+
+async def _up_to_date(context: Context, tarball: BlobRecord) -> bool:
+    """Whether the output holds a TOC of ``tarball`` signed by this key, with its windows."""
+    where = toc_path(tarball.checksum)
+    signed = context.output.read(where, MAX_ENVELOPE_BYTES)
+    plaintext = None if signed is None else await trio.to_thread.run_sync(
+        context.signer.signed, signed)
+    if plaintext is None:
+        return False
+    try:
+        toc = parse_toc(plaintext, where)
+    except FormatError:
+        return False
+    if toc.tarball_sha256 != tarball.checksum or tarball.length not in (None, toc.tarball_size):
+        return False
+    return await trio.to_thread.run_sync(_windows_present, context, [p.window for p in toc.points])
+
+
+def _write_windows(context: Context, windows: dict[str, bytes]) -> None:
+    for sha256, window in windows.items():
+        relative = blob_path(sha256)
+        if not _holds(context.output.read(relative, WINDOW), sha256):
+            context.output.write(relative, window)
+
+
+def _windows_present(context: Context, windows: list[str]) -> bool:
+    return all(_holds(context.output.read(blob_path(w), WINDOW), w) for w in windows if w)
+
+
+def _holds(data: bytes | None, sha256: str) -> bool:
+    return data is not None and hashlib.sha256(data).hexdigest() == sha256
+
+
+@contextmanager
+def _progress(context: Context, total: int) -> Iterator[Any]:
+    """A callable to call after each package: a bar on a terminal, nothing otherwise."""
+    if not context.options.progress:
+        yield lambda label: None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="pkg", desc="tables of contents", file=sys.stderr)
+    try:
+        def advance(label: str) -> None:
+            bar.set_postfix_str(label, refresh=False)
+            bar.update()
+
+        yield advance
+    finally:
+        bar.close()
+
+
+def _summary(counts: Counter[str], context: Context) -> str:
+    parts = [f"{counts['written']} written", f"{counts['kept']} up to date",
+             f"{counts['small']} under {context.options.min_size} bytes"]
+    if counts["other"]:
+        parts.append(f"{counts['other']} not gzip")
+    if counts["failed"]:
+        parts.append(f"{counts['failed']} failed")
+    return "tables of contents: " + ", ".join(parts)
