@@ -29,7 +29,8 @@ from lazymount.buildcache.toc import (
 from lazymount.errors import FormatError
 from lazymount.install.buildinfo import check_build_prefix, parse_buildinfo
 from lazymount.install.extract import MemberChecks
-from lazymount.install.tarstream import Limits, Member, Source, members
+from lazymount.install.limits import Limits
+from lazymount.install.tarstream import Member, Source, members
 from lazymount.publish.gzindex import GzipIndex, Point
 
 READ = 1 << 20
