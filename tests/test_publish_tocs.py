@@ -22,7 +22,7 @@ from spackcache import CacheWriter, Hardlink, Package, Signer, Symlink
 from lazymount.buildcache.published import blob_path, toc_path
 from lazymount.buildcache.toc import Toc, TocMember, parse_toc, points_for, relocated_size
 from lazymount.errors import IntegrityError
-from lazymount.install import relocate
+from lazymount.install import relocate, sbang
 from lazymount.install.buildinfo import parse_buildinfo
 from lazymount.install.extract import extract_tarball
 from lazymount.install.tocread import read_member
@@ -191,7 +191,7 @@ def test_relocated_sizes_are_what_relocation_makes(published, tmp_path: Path):
     root = "/m/r"
     mapping = relocate.prefix_map(info, root, lambda h: f"{root}/linux/{h[:7]}", "/m/sbang")
     relocate.relocate_prefix(extracted.root, info, mapping, "bigtool")
-    relocate.add_sbang(extracted.root, "/m/sbang", "bigtool", extracted.scripts)
+    sbang.add_sbang(extracted.root, "/m/sbang", "bigtool", extracted.scripts)
     inside = len(toc.prefix) + 1
     by_path = {m.path: m for m in toc.members}
     changed = 0

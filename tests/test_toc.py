@@ -30,7 +30,7 @@ from lazymount.buildcache.toc import (
     toc_body,
 )
 from lazymount.errors import FormatError
-from lazymount.install import relocate
+from lazymount.install import relocate, sbang
 
 ROOT = "/build/spack"
 OWN = "/build/spack/linux/pkg-1.0-aaaa"
@@ -208,7 +208,7 @@ def test_script_sizes_match_relocation_and_sbang(tmp_path: Path, root: str):
                                       data[:tocmod.SHEBANG_HEAD]))
         expected[name] = relocated_size(toc, member, mapping, new_sbang)
     relocate.relocate_prefix(prefix, buildinfo, mapping, "pkg")
-    relocate.add_sbang(prefix, new_sbang, "pkg", [f"bin/{n}" for n in SCRIPTS])
+    sbang.add_sbang(prefix, new_sbang, "pkg", [f"bin/{n}" for n in SCRIPTS])
     sizes = {name: (prefix / "bin" / name).stat().st_size for name in SCRIPTS}
     assert sizes == expected
     sbanged = {n for n in SCRIPTS if (prefix / "bin" / n).read_bytes().startswith(b"#!/bin/sh ")}
