@@ -41,6 +41,7 @@ from .harness import (
     timed,
     wait_ready,
 )
+from .sitecatalog import bench_site_catalog
 from .spackcompare import bench_spack
 from .workloads import TreeWorkloads
 
@@ -547,9 +548,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="smaller caches and one repetition (under 3 minutes)")
-    parser.add_argument("--only", default="index,host,big,stack,spack,floors,fusefloor",
-                        help="comma-separated parts to run: index, host, big, stack, spack, "
-                             "floors, fusefloor")
+    parser.add_argument("--only",
+                        default="index,sitecatalog,host,big,stack,spack,floors,fusefloor",
+                        help="comma-separated parts to run: index, sitecatalog, host, big, "
+                             "stack, spack, floors, fusefloor")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("the benchmark needs root (FUSE mounts, dropping the page cache)", file=sys.stderr)
@@ -573,6 +575,9 @@ def main(argv: list[str] | None = None) -> int:
             if "index" in parts:
                 print("(c) index of 100,000 specs: mount time and memory")
                 bench_index(bench)
+            if "sitecatalog" in parts:
+                print("(c) index of 100,000 specs through a site catalog: mount, bytes")
+                bench_site_catalog(bench, Result)
             if "host" in parts:
                 print("(d) host/ with an index of 100,000 specs: mount time")
                 bench_host_view(bench)

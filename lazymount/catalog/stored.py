@@ -93,6 +93,7 @@ class CatalogStore:
         self.mirrors = root / "mirrors"
         self.trees = root / "trees"
         self.loaded: dict[str, str] = {}  # mirror URL -> checksum of the index its records are of
+        self.placements: dict[str, SiteCatalog] = {}  # URL -> its site catalog, until placed
         self.unchecked: set[str] = set()  # URLs loaded from here without asking their mirror
         # a daemon stores what a first load parsed after it has mounted (``flush``): writing
         # the 118 MB document and the tables is off the path to a usable mount
@@ -214,9 +215,19 @@ class CatalogStore:
         except (OSError, ValueError, EOFError, TypeError, IndexError) as exc:
             log.warning("the stored placement %s is damaged (%s); placing again", path, exc)
         with _gc_paused():
-            tree = InstallTree(root, catalog, projection)
+            tree = self._site_placed(root, catalog, projection, urls) or \
+                InstallTree(root, catalog, projection)
         self._store(lambda: _save_tree(path, identity, tree))
         return tree
+
+    def _site_placed(self, root: str, catalog: dict[str, SpecRecord], projection: str,
+                     urls: list[str]) -> InstallTree | None:
+        """The tree of a one-mirror catalog as the site catalog it came from placed it (if
+        that is the index loaded, and the placement fits)."""
+        site = self.placements.pop(urls[0], None) if len(urls) == 1 else None
+        if site is None or site.checksum != self.loaded.get(urls[0]):
+            return None
+        return site.place(root, catalog, projection)
 
     # ---- worker threads -------------------------------------------------------------------
 
@@ -287,6 +298,7 @@ class CatalogStore:
         """Records of a site catalog made from the index ``identity`` names: kept as if
         parsed here."""
         assert identity.checksum is not None
+        self.placements[url] = catalog
         nodes = catalog.nodes(self.indexes / f"{identity.checksum}.json",
                               self.records_path(url))
         return self._keep(url, layout, identity.checksum, identity.etag, catalog.records,
