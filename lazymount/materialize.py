@@ -362,8 +362,10 @@ class Materializer:
             found, reopened = await trio.to_thread.run_sync(self._stored_toc, key, entry,
                                                             label)
             if found is None:
-                found = await find_toc([source.mirror, *self.toc_places],
-                                       source.trust.trust, entry.tarball, label)
+                # a registry holds no lazymount/ folder: its TOCs come from --toc places
+                places = [*([source.mirror] if source.mirror.kind != "oci" else []),
+                          *self.toc_places]
+                found = await find_toc(places, source.trust.trust, entry.tarball, label)
             if found is None:
                 return None
             opened = Opened(key, label, found, Shape(found.toc, label), source.mirror,
@@ -437,7 +439,9 @@ class Materializer:
         receipt = await trio.to_thread.run_sync(self.store.receipt, key)
         if receipt is None or self.opened.get(key) is not opened:
             return
-        sealed = await trio.to_thread.run_sync(seal, opened.tree, origin)
+        # files were hashed as they were filled in: read only those with other names
+        known = await trio.to_thread.run_sync(partial.filled, self.store, key)
+        sealed = await trio.to_thread.run_sync(seal, opened.tree, origin, known)
         await trio.to_thread.run_sync(partial.complete, self.store, key, receipt, sealed)
         if self.opened.get(key) is opened:
             del self.opened[key]
