@@ -46,8 +46,8 @@ from lazymount.trust.policy import Trust
 log = logging.getLogger(__name__)
 
 Ready = Callable[[str | None], None]  # None when mounted, else the reason it failed
-# FUSE's default read-ahead (128 KiB) halves the speed of a cold sequential read: 1 MiB
-# made a cold 48 MiB read 2x faster (bench/, metric 5)
+# FUSE's default read-ahead (128 KiB) makes a cold sequential read a round trip per 128 KiB
+# to the daemon; 1 MiB lets one request fill more of the page cache (bench/ measures it)
 READ_AHEAD_KB = 1024
 
 

@@ -6,8 +6,8 @@ Computed from the index alone (no I/O): the projection places every spec the ind
 Packed for 100,000s of specs: a prefix's path is not kept but projected again when asked
 for (one string format), and a virtual directory keeps the hashes of the prefixes right
 inside it in the order of their names, so that a name is found by binary search. What the
-tree holds per spec is one reference in one list (a dict of paths, its inverse and the
-sets of names took 32 MiB for 100,000 specs).
+tree holds per spec is one reference in one list, not entries in a dict of paths, its
+inverse and sets of names, which for a big index cost more than the records themselves.
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ from lazymount.mirror.timeouts import Timeouts
 
 CHUNK = 1 << 20
 # httpcore receives HTTP/1.1 bodies 64 KiB at a time, and each receive is a round through
-# trio, h11 and the GIL, on the thread that also serves the file system: with 1 MiB receives
-# the big package's 120 MiB blob materializes about 0.2 s sooner (bench part "big")
+# trio, h11 and the GIL, on the thread that also serves the file system: 1 MiB receives make
+# a big blob fewer rounds, so it materializes sooner (bench part "big" measures it)
 RECEIVE_BYTES = 1 << 20
 if getattr(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES", 0) < RECEIVE_BYTES:
     httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = RECEIVE_BYTES

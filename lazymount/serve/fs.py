@@ -1,15 +1,18 @@
 """The FUSE filesystem: a read-only install tree backed by the index and the store.
 
-Three kinds of node:
-  * virtual directories (the root, ``<platform>-<target>/``, ...), answered from the index;
-  * prefix directories (one per cached spec): stat answered from the index, but looking
-    inside one awaits its materialization; their inodes are worked out from their place in
-    the tree, not stored (``prefixinodes``);
-  * real nodes: files, links and directories of a materialized tree in the store (and our
-    ``bin/sbang``), served straight from the store;
-  * ``host/``: per name and version, a link to the best build this CPU runs (``hostdir``);
-  * ``modules/``: Tcl and Lua module files and their indexes, made from the index when read
-    (``spack/modulefiles``).
+The kinds of node (``Node``), each a small frozen value:
+  * ``VirtualDir``: the root, ``<platform>-<target>/`` and every folder above the prefixes,
+    ``.spack-db/`` and the folders of ``modules/``, answered without the store;
+  * ``PrefixDir``: one per cached spec: stat answered from the index, but looking inside
+    one awaits its materialization; its inode is worked out from its place in the tree,
+    not stored (``prefixinodes``);
+  * ``RealNode``: a file, link or directory of a materialized tree in the store, or one of
+    the files the daemon writes (``bin/sbang``, the Spack database), served as it is;
+  * ``HostDir`` and ``HostLink``: the folders of ``host/`` and ``modules/host/``, and in
+    ``host/`` per name and version a link to the best build this CPU runs (``hostdir``);
+  * ``ModuleText``: a Tcl or Lua module file or module index, made from the index when
+    read (``spack/modulefiles``);
+  * ``HostText``: a module file of ``modules/host/``, made when its folder is listed.
 
 Everything served is immutable, so the kernel is told to cache entries, attributes and
 pages for long. Handlers run on the trio thread; none talks to the network or gpg: they

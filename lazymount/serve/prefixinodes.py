@@ -1,7 +1,7 @@
 """Inode numbers of the prefix directories of one install tree, worked out, not stored.
 
 A listing of 100,000 prefixes hands the kernel 100,000 inodes; a node object and two
-table entries for each took 20 MiB for the life of the mount. Here a prefix's inode is
+table entries for each would stay for the life of the mount. Here a prefix's inode is
 ``base`` plus its position in the tree's folders (folder after folder, leaves in name
 order), so a number maps back to its prefix by arithmetic and binary search. A bit per
 prefix remembers which numbers the kernel was given: when the tree is replaced (a refreshed

@@ -104,7 +104,7 @@ async def load_generation(config: MountConfig, root: str, catalogs: CatalogStore
         log.info("--targets host: showing the %d of %d packages this CPU (%s) runs",
                  len(shown.prefixes), len(tree.prefixes), host.name)
     # the catalog and tree live as long as the mount (or until the next refresh): keep them
-    # out of every later garbage-collection pass (100,000 records made each take ~0.1 s)
+    # out of every later garbage-collection pass, which would otherwise walk every record
     modules = ModuleTree.build(shown)  # the roots: their files are laid out on first look
     gc.freeze()
     return Generation(config, mirrors, trust, tree, shown, HostDirs(tree, host, modules),
