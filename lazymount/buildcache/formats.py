@@ -409,7 +409,7 @@ def parse_spec_document(data: bytes, gzipped: bool, what: str) -> dict[str, Any]
     elif len(data) > MAX_SPEC_JSON:
         raise IntegrityError(f"{what} is larger than {MAX_SPEC_JSON} bytes")
     try:
-        doc = json.loads(data)
+        doc: dict[str, Any] = json.loads(data)
         nodes = doc["spec"]["nodes"]
         if not isinstance(nodes, list) or not nodes:
             raise ValueError("it lists no nodes")

@@ -63,15 +63,15 @@ class SpecRecord(msgspec.Struct, frozen=True, gc=False, array_like=True):
 
     @property
     def dag_hash(self) -> str:
-        return self.source.hashes[_U32.unpack_from(self.numbers)[0]]
+        return self.source.hashes[int(_U32.unpack_from(self.numbers)[0])]
 
     @property
     def name(self) -> str:
-        return self.source.strings[_U32.unpack_from(self.numbers, 4)[0]]
+        return self.source.strings[int(_U32.unpack_from(self.numbers, 4)[0])]
 
     @property
     def version(self) -> str:
-        return self.source.strings[_U32.unpack_from(self.numbers, 8)[0]]
+        return self.source.strings[int(_U32.unpack_from(self.numbers, 8)[0])]
 
     @property
     def kind(self) -> int:

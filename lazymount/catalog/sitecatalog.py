@@ -167,7 +167,7 @@ class PackedIndex(StoredIndex):
         super().__init__(path, checksum, records=records)
         self._packed: bytes | None = packed  # after the base class set ``_data`` to None
 
-    @property  # type: ignore[override]
+    @property
     def _data(self) -> bytes | None:
         if self._packed is not None:  # StoredIndex reads it under its lock
             self._plain = _unpacked(self._packed, self.checksum, self.name)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:
     from elftools.elf.elffile import ELFFile
@@ -111,7 +111,7 @@ def _read(f: BinaryIO) -> ElfPaths | None:
     return ElfPaths(rpath=rpath, interp=interp_str)
 
 
-def _rpath(f: BinaryIO, elf: ELFFile, dynamic) -> CString | None:
+def _rpath(f: BinaryIO, elf: ELFFile, dynamic: Any) -> CString | None:
     """The RPATH/RUNPATH string; raises _Unusable when the dynamic array is ambiguous."""
     limit = dynamic["p_filesz"] // elf.structs.Elf_Dyn.sizeof()  # never read past the segment
     rpaths: list[int] = []

@@ -113,7 +113,7 @@ def relocate_prefix(
         with Prefix(prefix_dir, what) as pfx:
             texts, binaries = _dedupe_hardlinks(pfx, buildinfo)
             links = _rel_list(buildinfo, "relocate_links", what)
-            steps = (
+            steps: tuple[tuple[str, Callable[[], list[str]]], ...] = (
                 ("elf", lambda: _elf_step(pfx, rules, binaries)),
                 ("links", lambda: _links_step(pfx, rules, links)),
                 ("text", lambda: _text_step(pfx, rules, texts)),

@@ -251,7 +251,7 @@ def _byte_sum(block: bytes) -> int:
 
 def _signed_checksum(block: bytes) -> int:
     """The checksum some old tars wrote, summing the bytes as signed chars."""
-    signed = struct.unpack_from("148b8x356b", block)
+    signed: tuple[int, ...] = struct.unpack_from("148b8x356b", block)
     return 256 + sum(signed)
 
 

@@ -103,7 +103,7 @@ class StoreUsage:
         with self._lock:
             for table in (self._sizes, self._labels, self._used, self._written,
                           self._reserved):
-                table.pop(key, None)  # type: ignore[attr-defined]
+                table.pop(key, None)
 
     def release(self, key: str) -> None:
         """A reservation that will not be published (the package failed)."""
