@@ -252,6 +252,17 @@ def test_a_remount_with_the_mirror_down_serves_at_once(http_server, daemon, tmp_
         assert second.listing() == [LMGREET, LMHELLO]
 
 
+def test_gpg_starts_with_the_first_package_not_with_the_mount(http_server, daemon, tmp_path):
+    scratch = tmp_path / "scratch"  # where the daemon's throw-away GNUPGHOME goes
+    scratch.mkdir()
+    mount = daemon([http_server(FIXTURE_CACHE).url], env={"TMPDIR": str(scratch)})
+    assert mount.listing() == [LMGREET, LMHELLO]
+    assert not list(scratch.glob("lazymount-gpg-*"))  # mounted and listed without gpg
+    hello = run(mount.root / "linux-x86_64" / LMHELLO / "bin" / "hello")
+    assert "Hello from lmgreet" in hello.stdout  # its manifest's signature was checked
+    assert list(scratch.glob("lazymount-gpg-*"))
+
+
 def test_sighup_reloads_config_and_index_and_keeps_the_mount(http_server, daemon, tmp_path):
     small = http_server(served_cache(tmp_path / "small", {"lmgreet"}))
     full = http_server(served_cache(tmp_path / "full", {"lmgreet", "lmhello"}))

@@ -19,7 +19,7 @@ import trio
 from lazymount.buildcache.manifest import is_clearsigned
 from lazymount.errors import FormatError, SignatureError, UsageError
 from lazymount.trust.keyring import Keyring
-from lazymount.trust.verify import Verifier, read_key_file
+from lazymount.trust.verify import PendingVerifier, Verifier, read_key_file
 
 GPG_THREADS = 4  # signature checks at once
 
@@ -27,7 +27,7 @@ GPG_THREADS = 4  # signature checks at once
 class Trust:
     """The pinned keys of one mount (``verifier``, None without keys)."""
 
-    def __init__(self, verifier: Verifier | None):
+    def __init__(self, verifier: Verifier | PendingVerifier | None):
         self.verifier = verifier
         self._gpg: trio.CapacityLimiter | None = None  # made on first use, inside trio
 
@@ -54,7 +54,7 @@ class Trust:
                                  "or give --trust-key FILE (the mirror's public key), or "
                                  "--unsigned to accept unsigned packages")
             return cls(None)
-        return cls(Verifier(keys))
+        return cls(PendingVerifier(keys))  # gpg starts with the first signature checked
 
     def for_mirror(self, require_signature: bool = True) -> MirrorTrust:
         return MirrorTrust(self, require_signature)

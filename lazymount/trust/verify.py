@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-
-import gnupg
+from typing import TYPE_CHECKING
 
 from lazymount.errors import SignatureError, UsageError
 from lazymount.system.files import FileTooLarge, read_bounded
+
+if TYPE_CHECKING:  # python-gnupg is imported when gpg is first started
+    import gnupg
 
 MAX_KEY_BYTES = 1 << 20
 
@@ -38,6 +41,8 @@ class Verifier:
 
         Raises UsageError if a key cannot be imported or gpg is missing.
         """
+        import gnupg
+
         self.home = Path(tempfile.mkdtemp(prefix="lazymount-gpg-"))
         try:
             self.gpg = gnupg.GPG(gnupghome=str(self.home), options=["--no-autostart"])
@@ -53,10 +58,7 @@ class Verifier:
             raise
 
     def _import(self, source: str, text: bytes) -> list[str]:
-        if b"PRIVATE KEY" in text:
-            raise UsageError(f"{source} holds a secret key; give the public key only")
-        if b"-----BEGIN PGP PUBLIC KEY BLOCK-----" not in text:
-            raise UsageError(f"{source} is not an ASCII-armored public key")
+        check_key_text(source, text)
         result = self.gpg.import_keys(text)
         fingerprints = [fpr for fpr in result.fingerprints if fpr]
         if not fingerprints:
@@ -94,6 +96,46 @@ class Verifier:
 
     def close(self) -> None:
         shutil.rmtree(self.home, ignore_errors=True)
+
+
+def check_key_text(source: str, text: bytes) -> None:
+    """Refuse (UsageError) what cannot be a public key before gpg sees it."""
+    if b"PRIVATE KEY" in text:
+        raise UsageError(f"{source} holds a secret key; give the public key only")
+    if b"-----BEGIN PGP PUBLIC KEY BLOCK-----" not in text:
+        raise UsageError(f"{source} is not an ASCII-armored public key")
+
+
+class PendingVerifier:
+    """A ``Verifier`` made when the first signature is checked: a mount starts no gpg (and
+    imports no python-gnupg) until a package is first opened. The keys' texts are checked
+    at once; gpg's own refusal of a key comes with the first check. Thread: any."""
+
+    def __init__(self, key_texts: list[tuple[str, bytes]]):
+        for source, text in key_texts:
+            check_key_text(source, text)
+        self._key_texts = key_texts
+        self._made: Verifier | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _verifier(self) -> Verifier:
+        with self._lock:
+            if self._closed:
+                raise SignatureError("the trusted keys were closed")
+            if self._made is None:
+                self._made = Verifier(self._key_texts)
+            return self._made
+
+    def verify(self, text: bytes, what: str) -> bytes:
+        """``Verifier.verify``, gpg started on the first call. Blocks."""
+        return self._verifier().verify(text, what)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._made is not None:
+                self._made.close()
 
 
 def _reason(result: gnupg.Crypt, signer: str) -> str:
