@@ -36,6 +36,7 @@ from lazymount.mirror.proxies import parse_proxy_list
 from lazymount.system import sizes
 from lazymount.system.files import FileTooLarge, read_bounded
 from lazymount.system.places import default_dir
+from lazymount.system.redact import redact
 
 DEFAULTS_TABLE = "defaults"
 MOUNTS_TABLE = "mounts"
@@ -387,6 +388,7 @@ def _option_type(key: Key) -> Callable[[str], Any]:
     assert parse is not None
 
     def convert(text: str) -> Any:
+        _refuse_secret(key, text)
         try:
             return parse(text, Path.cwd())
         except ValueError as exc:
@@ -394,6 +396,18 @@ def _option_type(key: Key) -> Callable[[str], Any]:
 
     convert.__name__ = key.name
     return convert
+
+
+def _refuse_secret(key: Key, text: str) -> None:
+    """A command line is readable by every user of the host (``ps``, /proc/PID/cmdline, and
+    the background daemon's too): a URL with a user name, password or token in it is
+    refused there, naming the configuration file, where it stays private."""
+    if redact(text) != text:
+        raise argparse.ArgumentTypeError(
+            f"{redact(text)}: a user name, password or token in a URL is not taken from the "
+            "command line, where every user can read it (ps); give it in the configuration "
+            f"file instead ({key.name} = ... in its [mounts.\"MOUNTPOINT\"] table; README: "
+            "Security)")
 
 
 # ---- the file ----------------------------------------------------------------------------

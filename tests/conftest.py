@@ -105,6 +105,24 @@ def http_server() -> Iterator[functools.partial[HttpServer]]:
 
 
 @pytest.fixture
+def servers() -> Iterator[Callable[[Path], object]]:
+    """Factory of ``hostile.FaultyServer`` mirrors (chosen paths answered badly), all
+    stopped at the end."""
+    from hostile import FaultyServer  # it imports this module
+
+    started: list[FaultyServer] = []
+
+    def start(directory: Path) -> FaultyServer:
+        server = FaultyServer(directory)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
     """``tmpfs(size)`` mounts a tmpfs of ``size`` (as mount takes it: "4m") under the test's
     folder and returns it; each is unmounted at the end (lazily, in case a daemon still

@@ -3,8 +3,8 @@
 ``HostileCache`` writes a signed layout-v3 cache with two packages, ``victim`` (the one each
 attack breaks) and ``bystander`` (which must keep working), and hooks to replace the victim's
 tarball, manifest or spec blob. ``FaultyServer`` is an HTTP mirror on 127.0.0.1 that answers
-chosen paths badly (404, 500, silence, a trickle, a reset mid-body, a stall). ``SilentPort``
-is a port that accepts connections in the kernel and never says a word.
+chosen paths badly (404, 500, silence, a trickle, a reset mid-body, a stall, an encoded
+body). ``SilentPort`` is a port that accepts connections in the kernel and never says a word.
 """
 
 from __future__ import annotations
@@ -180,11 +180,14 @@ class Fault:
     """How to answer one path. ``kind``: "404", "500", "silent" (read the request, never
     answer), "trickle" (headers, then one byte a second), "reset" (half the body, then a TCP
     reset), "stall" (``after`` bytes, then nothing until released), "delay" (wait ``seconds``,
-    then answer normally)."""
+    then answer normally), "encoded" (``body`` sent as it is, said to be ``Content-Encoding:
+    encoding``, whatever the client asked for)."""
 
     kind: str
     after: int = 0
     seconds: float = 0.0
+    encoding: str = ""
+    body: bytes = b""
 
 
 @dataclass
@@ -239,10 +242,13 @@ def _handler_for(owner: FaultyServer) -> type[http.server.BaseHTTPRequestHandler
                 self._misbehave(path, fault)
 
         def _misbehave(self, path: str, fault: Fault) -> None:
-            body = (owner.directory / path.lstrip("/")).read_bytes()
+            encoded = fault.kind == "encoded"
+            body = fault.body if encoded else (owner.directory / path.lstrip("/")).read_bytes()
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(len(body)))
+            if encoded:
+                self.send_header("Content-Encoding", fault.encoding)
             self.end_headers()
             self.wfile.flush()
             if fault.kind == "trickle":
@@ -259,6 +265,8 @@ def _handler_for(owner: FaultyServer) -> type[http.server.BaseHTTPRequestHandler
                                            struct.pack("ii", 1, 0))
                 self.connection.close()
                 self.close_connection = True
+            elif encoded:
+                self.wfile.write(body)
             elif fault.kind == "stall":
                 self.wfile.write(body[: fault.after])
                 self.wfile.flush()

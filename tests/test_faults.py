@@ -27,7 +27,6 @@ from conftest import FIXTURE_KEY, lazymount_command, unmount
 from hostile import (
     ARCH_DIR,
     Fault,
-    FaultyServer,
     HostileCache,
     SilentPort,
     assert_no_trace,
@@ -49,21 +48,6 @@ def cache(tmp_path: Path, signer: Signer) -> HostileCache:
     built = HostileCache(tmp_path / "cache", signer)
     built.finish()
     return built
-
-
-@pytest.fixture
-def servers():
-    """Factory of FaultyServers, all stopped at the end."""
-    started: list[FaultyServer] = []
-
-    def start(directory: Path) -> FaultyServer:
-        server = FaultyServer(directory)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 def tarball_path(cache: HostileCache) -> str:
@@ -411,3 +395,40 @@ def test_many_packages_touched_at_once_in_bounded_memory(tmp_path, signer, serve
     # 30 MiB measured), not by what it fetched (120 MiB if it held every tarball at once)
     assert grown < total // 2, f"peak memory grew by {grown} KiB for {total} KiB fetched"
     print(f"\n30 packages, {total} KiB fetched, daemon peak memory grew by {grown} KiB")
+
+
+def sockets_to(pid: int, port: int) -> int:
+    """How many sockets process ``pid`` holds that are connected to 127.0.0.1:``port``."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    count = 0
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[9] in inodes and int(fields[2].split(":")[1], 16) == port:
+            count += 1
+    return count
+
+
+def test_a_tls_handshake_cut_by_the_deadline_leaves_no_socket_open(cache, servers,
+                                                                   mount_cache):
+    # the port accepts in the kernel and never answers the TLS handshake: each request to it
+    # ends at the request's deadline, in the middle of the handshake
+    port = SilentPort()
+    try:
+        silent = port.url.replace("http://", "https://")
+        good = servers(cache.root)
+        mount = mount_cache([silent, good.url], extra=(TIMEOUT,))
+        for _ in range(4):  # each refresh asks the silent mirror again
+            subprocess.run(lazymount_command("refresh", str(mount.root)), capture_output=True,
+                           timeout=HANG)
+        expect_victim_served(mount, cache)
+        held = sockets_to(mount.process.pid, port.sock.getsockname()[1])
+        assert held == 0, f"the daemon still holds {held} connections to the silent port"
+    finally:
+        port.close()

@@ -8,11 +8,14 @@ import functools
 import http.server
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
+import sys
+import sysconfig
 import threading
 import time
 import urllib.request
@@ -36,6 +39,7 @@ from conftest import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+import lazymount
 from lazymount.service import control
 
 pytestmark = pytest.mark.e2e  # these tests start daemons
@@ -411,6 +415,141 @@ def test_credentials_in_mirror_urls_are_never_shown(http_server, daemon, tmp_pat
     shown = (json.dumps(status) + mount.status(str(mount.root), "--prometheus").stdout
              + mount.status(str(mount.root)).stdout + mount.log_text())
     assert "s3cret" not in shown and "reader" not in shown
+
+
+TOKEN = "SECRET-t0k3n"
+ATTACKER = "lazymount-test"  # a second local account (tests/test_security.py makes it)
+
+
+def tarball_of(package: str) -> Path:
+    """The fixture cache's tarball blob of ``package`` (from its signed spec manifest)."""
+    manifest = FIXTURE_CACHE / "v3/manifests/spec" / package.split("-")[0] / \
+        f"{package}.spec.manifest.json"
+    text = manifest.read_text()
+    document = json.loads(text[text.index("{"):text.index("-----BEGIN PGP SIGNATURE")])
+    (record,) = [r for r in document["data"] if ".tar" in r["mediaType"]]
+    return Path("blobs/sha256") / record["checksum"][:2] / record["checksum"]
+
+
+@pytest.fixture
+def token_mirror(tmp_path: Path) -> Iterator[tuple[str, list[str]]]:
+    """The fixture cache over HTTP, answering only requests that carry ``?token=TOKEN``
+    (403 otherwise), with lmgreet's tarball missing: (its URL, the paths it was asked)."""
+    directory = tmp_path / "token-cache"
+    shutil.copytree(FIXTURE_CACHE, directory)
+    (directory / tarball_of(LMGREET)).unlink()
+    asked: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, directory=str(directory), **kwargs)  # type: ignore[misc]
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            if not self.path.endswith(f"?token={TOKEN}"):
+                self.send_error(403)
+                return
+            super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", asked
+    server.shutdown()
+    server.server_close()
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def as_attacker(*args: str) -> str:
+    """What ``lazymount ARGS`` prints to another local user: run by the system's Python
+    (the test's own may live where that user cannot enter) over this checkout and the
+    packages of the test's environment."""
+    path = [str(Path(lazymount.__file__).parents[1]), sysconfig.get_paths()["purelib"]]
+    result = subprocess.run([SYSTEM_PYTHON, "-m", "lazymount", *args], capture_output=True,
+                            text=True, timeout=120, user=ATTACKER, group=ATTACKER, cwd="/",
+                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join(path)})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def other_user_can_run_lazymount() -> bool:
+    if os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON):
+        return False
+    try:
+        pwd.getpwnam(ATTACKER)
+    except KeyError:
+        return False
+    version = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True).stdout.strip()
+    return version == str(sys.version_info[:2])  # the same compiled packages
+
+
+def test_a_token_in_a_mirror_url_is_shown_nowhere(token_mirror, daemon):
+    if not other_user_can_run_lazymount():
+        pytest.skip(f"needs root, the user {ATTACKER} and {SYSTEM_PYTHON} of this Python")
+    url, asked = token_mirror
+    port = free_port()
+    mount = daemon([f"{url}/?token={TOKEN}"], index_refresh="off", allow_other=True,
+                   metrics_listen=f"127.0.0.1:{port}")
+    # the token goes with every request (the mirror answers nothing without it) ...
+    assert os.listdir(mount.root / "linux-x86_64" / LMHELLO)
+    with pytest.raises(OSError):  # (its tarball is missing: an error naming the URL)
+        os.listdir(mount.root / "linux-x86_64" / LMGREET)
+    assert asked and all(path.endswith(f"?token={TOKEN}") for path in asked), asked
+    # ... and is shown to no one: status, metrics, log, store
+    status = json.loads(as_attacker("status", str(mount.root), "--json"))
+    assert status["mirrors"][0]["url"] == f"{url}?token=***"
+    (failed,) = status["packages"]["failed"]
+    assert "HTTP 404" in failed["reason"] and "?token=***" in failed["reason"]
+    shown = [json.dumps(status), as_attacker("status", str(mount.root)),
+             as_attacker("status", str(mount.root), "--prometheus"),
+             as_attacker("status", str(mount.root / "linux-x86_64" / LMGREET)),
+             as_attacker("status", str(mount.root / "linux-x86_64" / LMGREET), "--json"),
+             mount.log_text()]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
+        shown.append(answer.read().decode())
+    for text in shown:
+        assert TOKEN not in text, text
+    stored = [path for path in mount.store.rglob("*")
+              if path.is_file() and TOKEN.encode() in path.read_bytes()]
+    assert not stored, stored
+
+
+def test_a_password_is_never_on_the_daemons_command_line(http_server, tmp_path):
+    server = http_server(FIXTURE_CACHE)
+    url = server.url.replace("http://", "http://reader:s3cret@")
+    root = short_dir()
+    try:
+        # every user reads a command line (ps): a URL with a secret is refused there ...
+        for option in (f"--mirror={url}", f"--mirror={server.url}/?token=s3cret",
+                       "--proxy=http://reader:s3cret@127.0.0.1:3128;DIRECT"):
+            result = subprocess.run(  # (to a mount point that is not there: none is made)
+                lazymount_command(option, "--foreground", str(tmp_path / "nowhere")),
+                capture_output=True, text=True, timeout=120)
+            assert result.returncode == 2
+            assert "is not taken from the command line" in result.stderr, result.stderr
+            assert "configuration file" in result.stderr and "s3cret" not in result.stderr
+        # ... and taken from the configuration file, it stays out of the daemon's
+        config = write_config(tmp_path / "config.toml", root, mirrors=[url],
+                              trust_keys=[str(FIXTURE_KEY)], store=str(tmp_path / "store"),
+                              keyring=str(tmp_path / "no-keys"), index_refresh="off")
+        result = subprocess.run(lazymount_command("--config", str(config), str(root)),
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert run(root / "linux-x86_64" / LMHELLO / "bin" / "hello").returncode == 0
+        status = subprocess.run(lazymount_command("status", str(root), "--json"),
+                                capture_output=True, text=True, timeout=120)
+        pid = json.loads(status.stdout)["pid"]
+        command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert str(root).encode() in command_line  # the daemon's own
+        assert b"s3cret" not in command_line and b"reader" not in command_line
+    finally:
+        subprocess.run(lazymount_command("umount", str(root)), capture_output=True, timeout=120)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_status_of_every_mount_in_one_exposition(http_server, daemon):

@@ -223,3 +223,28 @@ def test_ls_l_asks_for_labels_and_acls_once_not_per_entry(http_server, mount_cac
     assert LMHELLO in traced.stdout and LMGREET in traced.stdout
     asked = [line for line in traced.stderr.splitlines() if "getxattr(" in line]
     assert len(asked) <= 3, asked  # the first entry only (it was 3 per entry)
+
+
+def test_a_mount_on_a_stopped_daemons_mount_point_fails_at_once_naming_abort(
+        http_server, mount_cache, tmp_path):
+    url = http_server(FIXTURE_CACHE).url
+    mount = mount_cache([url])
+    hello = mount.prefix() / "bin" / "hello"
+    assert subprocess.run([str(hello)], capture_output=True, timeout=60).returncode == 0
+    mount.process.send_signal(signal.SIGSTOP)  # its mount stays, and nothing answers on it
+    try:
+        # (the timeouts only keep a broken build from hanging the suite)
+        again = subprocess.run(
+            lazymount_command(f"--mirror={url}", f"--trust-key={FIXTURE_KEY}",
+                              f"--store={tmp_path / 'second'}",
+                              f"--config={tmp_path / 'empty-config.toml'}", "--foreground",
+                              str(mount.root)),
+            capture_output=True, text=True, timeout=60)
+        assert again.returncode != 0 and "does not answer (stopped or hung" in again.stderr
+        assert f"lazymount umount --abort {mount.root}" in again.stderr, again.stderr
+        status = subprocess.run(lazymount_command("status", str(mount.root)),
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 2 and "does not answer" in status.stderr
+    finally:
+        mount.process.send_signal(signal.SIGCONT)
+    assert subprocess.run([str(hello)], capture_output=True, timeout=60).returncode == 0

@@ -24,6 +24,7 @@ from conftest import (
     lazymount_command,
     short_dir,
     unmount,
+    write_config,
 )
 from hostile import ARCH_DIR, HostileCache, wait_until_empty
 
@@ -227,9 +228,11 @@ def test_the_log_is_not_world_readable_and_hides_passwords(http_server, tmp_path
     server = http_server(FIXTURE_CACHE)
     url = server.url.replace("http://", "http://alice:s3cret@")
     root = short_dir()
+    # a password is not taken from the command line (every user can read it there)
+    config = write_config(tmp_path / "config.toml", root, mirrors=[url])
     try:
         result = subprocess.run(
-            lazymount_command(f"--mirror={url}", f"--trust-key={FIXTURE_KEY}",
+            lazymount_command(f"--config={config}", f"--trust-key={FIXTURE_KEY}",
                               f"--store={store}", f"--keyring={tmp_path / 'no-keys'}",
                               str(root)),
             capture_output=True, text=True, timeout=120)

@@ -30,7 +30,13 @@ from lazymount.errors import MirrorError
 from lazymount.mirror.credentials import Credentials
 from lazymount.mirror.ociref import OciReference
 from lazymount.mirror.proxies import ProxyChain
-from lazymount.mirror.transport import HttpMirror, Timeouts, describe
+from lazymount.mirror.transport import (
+    HttpMirror,
+    Timeouts,
+    describe,
+    redact,
+    refuse_encoded,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +143,8 @@ class RegistryAuth:
         """``Bearer <token>`` from the challenge's realm, and how long to use it."""
         realm = params["realm"]
         if urlsplit(realm).scheme not in ("https", "http"):
-            raise MirrorError(f"{url}: the registry's token realm {realm[:200]!r} is not an "
-                              "HTTP(S) URL")
+            raise MirrorError(f"{url}: the registry's token realm {redact(realm[:200])!r} is "
+                              "not an HTTP(S) URL")
         query = {"service": params.get("service", ""),
                  "scope": params.get("scope") or f"repository:{self.ref.name}:pull",
                  "client_id": "lazymount"}
@@ -150,7 +156,7 @@ class RegistryAuth:
         try:
             response = await client.send(request, stream=True)
         except httpx.HTTPError as exc:
-            raise MirrorError(f"{url}: the token server {realm[:200]} cannot be reached: "
+            raise MirrorError(f"{url}: the token server {redact(realm[:200])} cannot be reached: "
                               f"{describe(exc)}") from None
         try:
             if response.status_code in (401, 403):
@@ -159,8 +165,9 @@ class RegistryAuth:
             if response.status_code != 200:
                 raise MirrorError(f"{url}: the token server {urlsplit(realm).netloc} answered "
                                   f"HTTP {response.status_code}")
+            refuse_encoded(response, redact(realm[:200]))
             body = b""
-            async for piece in response.aiter_bytes():
+            async for piece in response.aiter_raw():
                 body += piece
                 if len(body) > MAX_TOKEN_BYTES:
                     raise MirrorError(f"{url}: the token server's answer is larger than "
@@ -228,7 +235,7 @@ class OciMirror(HttpMirror):
             else:  # object storage, a CDN: the registry's login is not theirs to see
                 response = await _plain(client, url, headers)
         await response.aclose()
-        raise MirrorError(f"{url}: more than {MAX_REDIRECTS} redirects")
+        raise MirrorError(f"{redact(url)}: more than {MAX_REDIRECTS} redirects")  # (signed URLs)
 
     async def _to_registry(self, client: httpx.AsyncClient, url: str, headers: dict[str, str]
                            ) -> httpx.Response:

@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from lazymount.errors import UsageError
+from lazymount.system.redact import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,7 @@ class Proxy:
     @property
     def shown(self) -> str:
         """The URL without the user name and password it may carry, for logs and status."""
-        parsed = urlparse(self.url)
-        return parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl()
+        return redact_url(self.url)
 
 
 def parse_proxy_list(text: str) -> list[list[str]]:

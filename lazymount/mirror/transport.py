@@ -2,8 +2,9 @@
 registry, ``oci.py``, which builds on the HTTP transport here).
 
 Every call has a bound: a dead or trickling mirror ends in a ``MirrorError`` with the URL
-and the reason, never in a hang. All functions here run on the trio thread (local file
-reads hop to a worker thread).
+and the reason, never in a hang. Bodies are asked for and read as sent (``Accept-Encoding:
+identity``); one encoded in transit is refused, never decoded. All functions here run on
+the trio thread (local file reads hop to a worker thread).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import httpcore
@@ -26,6 +28,8 @@ from lazymount.mirror.credentials import Credentials
 from lazymount.mirror.ociref import is_oci_url, parse_oci_url
 from lazymount.mirror.proxies import DIRECT, GATEWAY_ERRORS, Proxy, ProxyChain, bypasses_proxies
 from lazymount.mirror.timeouts import Timeouts
+from lazymount.system.redact import redact as redact_text
+from lazymount.system.redact import redact_url
 
 CHUNK = 1 << 20
 # httpcore receives HTTP/1.1 bodies 64 KiB at a time, and each receive is a round through
@@ -34,9 +38,42 @@ CHUNK = 1 << 20
 RECEIVE_BYTES = 1 << 20
 if getattr(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES", 0) < RECEIVE_BYTES:
     httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = RECEIVE_BYTES
+
+
+def _close_cancelled_handshakes() -> None:
+    """httpcore's trio backend closes the connection of a TLS handshake that fails with an
+    ``Exception``, not of one cancelled (``trio.Cancelled`` is a ``BaseException``): each
+    request whose deadline fell during a handshake left a socket open for good. Close it
+    then too."""
+    try:
+        from httpcore._backends.trio import TrioStream
+    except ImportError:  # another httpcore: nothing to mend here
+        return
+    start_tls = TrioStream.start_tls
+    if getattr(start_tls, "closes_when_cancelled", False):
+        return
+
+    async def closing_start_tls(self: TrioStream, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await start_tls(self, *args, **kwargs)
+        except BaseException:
+            with trio.CancelScope() as closing:  # as trio.aclose_forcefully: the socket is
+                closing.cancel()                 # closed at once, cancelled or not
+                await self.aclose()
+            raise
+
+    closing_start_tls.closes_when_cancelled = True  # type: ignore[attr-defined]
+    TrioStream.start_tls = closing_start_tls  # type: ignore[method-assign]
+
+
+_close_cancelled_handshakes()
 # asked of a shared cache for what may change under the same URL (the index and its
 # manifest): it must check with the origin, so a refresh sees a new index
 REVALIDATE = {"Cache-Control": "max-age=0"}
+# bodies are asked for as they are (Spack's blobs are compressed already) and taken raw: a
+# stacked "gzip, gzip" or a "zstd" body of a few KiB inflates to gigabytes in one decoding
+# step, before any size limit could see it
+HEADERS = {"User-Agent": "lazymount", "Accept-Encoding": "identity"}
 
 
 @dataclass
@@ -53,7 +90,9 @@ class MirrorHealth:
         self.state, self.last_ok_at = "ok", time.time()
 
     def failed(self, reason: str) -> None:
-        self.state, self.last_error, self.last_error_at = "failing", reason, time.time()
+        # a library's text may name a URL of its own (a redirect's target): shown redacted
+        self.state, self.last_error, self.last_error_at = "failing", redact_text(reason), \
+            time.time()
 
 
 class Mirror:
@@ -76,7 +115,11 @@ class Mirror:
         change under its name (an index), so a cache between us and the mirror must not
         answer it without asking the mirror. Everything else is immutable and cacheable."""
         async with self.open(path, expected=None, revalidate=revalidate) as stream:
-            return await _gather(stream, max_bytes, f"{self.url}/{path}")
+            return await _gather(stream, max_bytes, self.where(path))
+
+    def where(self, path: str) -> str:
+        """How the file ``path`` is named in messages (never with a secret)."""
+        return f"{self.url}/{path}"
 
     async def read_if_changed(self, path: str, max_bytes: int, etag: str | None
                               ) -> tuple[bytes | None, str | None]:
@@ -173,16 +216,20 @@ class HttpMirror(Mirror):
     def __init__(self, url: str, timeouts: Timeouts, ca_certs: Path | None = None,
                  proxies: ProxyChain | None = None, *, base: str | None = None,
                  follow_redirects: bool = True):
-        # a user name and password in the URL go to the client, never into messages
-        parsed = urlparse(url.rstrip("/"))
+        # a user name and password in the URL go to the client, a query string (a token)
+        # to every request; neither into messages
+        parsed = urlparse(url)
+        parsed = parsed._replace(path=parsed.path.rstrip("/"), fragment="")
         self.auth = None
         if parsed.username is not None or parsed.password is not None:
             self.auth = httpx.BasicAuth(unquote(parsed.username or ""),
                                         unquote(parsed.password or ""))
+        self.query = f"?{parsed.query}" if parsed.query else ""
         # requests go to ``base`` (a registry's API root, for OCI), messages name ``url``
         self.base = base.rstrip("/") if base else \
-            parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl()
-        self.url = redact(url.rstrip("/"))
+            parsed._replace(netloc=parsed.netloc.rpartition("@")[2], query="").geturl()
+        self.url = redact(parsed.geturl())
+        self._shown_base = redact(parsed._replace(query="").geturl())
         self.follow_redirects = follow_redirects
         self.health = MirrorHealth()
         self.timeouts = timeouts
@@ -192,13 +239,16 @@ class HttpMirror(Mirror):
         self.client = self._new_client(trust_env=proxies is None)
         self._via: dict[str, httpx.AsyncClient] = {}  # proxy URL -> its client
 
+    def where(self, path: str) -> str:
+        return redact(f"{self._shown_base}/{path}{self.query}")
+
     def _new_client(self, trust_env: bool, proxy: str | None = None) -> httpx.AsyncClient:
         return httpx.AsyncClient(
             timeout=httpx.Timeout(self.timeouts.read, connect=self.timeouts.connect),
             verify=self.tls,
             auth=self.auth,
             follow_redirects=self.follow_redirects,
-            headers={"User-Agent": "lazymount"},
+            headers=HEADERS,
             trust_env=trust_env,
             proxy=proxy,
         )
@@ -229,13 +279,20 @@ class HttpMirror(Mirror):
                         ) -> AsyncIterator[tuple[httpx.Response, AsyncIterator[bytes]]]:
         """(response, its body in chunks) of a GET, bounded by the deadline and the rate
         check; ``headers`` may make it conditional (the response may then be a 304)."""
-        url = f"{self.url}/{path}"
+        url = self.where(path)
         try:
-            response, deadline = await self._send(f"{self.base}/{path}", url, expected, headers)
+            response, deadline = await self._send(f"{self.base}/{path}{self.query}", url,
+                                                  expected, headers)
         except NotInMirror:
             self.health.answered()
             raise
         except MirrorError as exc:
+            self.health.failed(str(exc))
+            raise
+        try:
+            refuse_encoded(response, url)
+        except MirrorError as exc:
+            await response.aclose()
             self.health.failed(str(exc))
             raise
         self.health.answered()
@@ -247,25 +304,31 @@ class HttpMirror(Mirror):
             started, received = trio.current_time(), 0
             pending: list[bytes] = []  # network pieces, handed on in chunks of about CHUNK
             size = 0
+            # pieces as they arrive (not httpx's fixed-size chunks, which wait for a whole
+            # chunk), so the rate is checked at every read; raw, never decoded
+            pieces = response.aiter_raw()
             try:
-                with trio.fail_at(deadline):
-                    # pieces as they arrive (not httpx's fixed-size chunks, which wait for a
-                    # whole chunk), so the rate is checked at every read
-                    async for piece in response.aiter_bytes():
-                        received += len(piece)
-                        elapsed = trio.current_time() - started
-                        if self.timeouts.too_slow(received, elapsed):
-                            raise MirrorError(
-                                f"{url}: transfer too slow ({received} bytes in {elapsed:.0f} s,"
-                                f" below {self.timeouts.min_rate / 1024:.0f} KiB/s)")
-                        self.health.fetched_bytes += len(piece)
-                        pending.append(piece)
-                        size += len(piece)
-                        if size >= CHUNK:
-                            yield b"".join(pending)
-                            pending, size = [], 0
-                    if pending:
+                while True:
+                    # the deadline is around each receive, never around a yield: the
+                    # consumer's own awaits must not run inside this generator's scope
+                    with trio.fail_at(deadline):
+                        piece = await anext(pieces, None)
+                    if piece is None:
+                        break
+                    received += len(piece)
+                    elapsed = trio.current_time() - started
+                    if self.timeouts.too_slow(received, elapsed):
+                        raise MirrorError(
+                            f"{url}: transfer too slow ({received} bytes in {elapsed:.0f} s,"
+                            f" below {self.timeouts.min_rate / 1024:.0f} KiB/s)")
+                    self.health.fetched_bytes += len(piece)
+                    pending.append(piece)
+                    size += len(piece)
+                    if size >= CHUNK:
                         yield b"".join(pending)
+                        pending, size = [], 0
+                if pending:
+                    yield b"".join(pending)
             except trio.TooSlowError:
                 self.health.failed(f"{url}: transfer too slow")
                 raise MirrorError(f"{url}: transfer too slow, gave up after "
@@ -303,7 +366,7 @@ class HttpMirror(Mirror):
         async with self._exchange(path, max_bytes, headers) as (response, chunks):
             if response.status_code == 304:
                 return None, etag
-            data = await _gather(chunks, max_bytes, f"{self.url}/{path}")
+            data = await _gather(chunks, max_bytes, self.where(path))
             return data, response.headers.get("etag")
 
     async def _send(self, target: str, url: str, expected: int | None,
@@ -385,6 +448,16 @@ class HttpMirror(Mirror):
         await self.client.aclose()
         for client in self._via.values():
             await client.aclose()
+
+
+def refuse_encoded(response: httpx.Response, url: str) -> None:
+    """MirrorError unless ``response``'s body is sent as it is (no ``Content-Encoding``, or
+    ``identity``): lazymount asks for nothing else and decodes nothing."""
+    encoding = response.headers.get("content-encoding", "").strip()
+    if encoding and encoding.lower() != "identity":
+        shown = "".join(c if c.isprintable() else "?" for c in encoding[:60])
+        raise MirrorError(f"{url}: refusing Content-Encoding {shown} (lazymount asks for "
+                          "identity: a body encoded in transit can inflate past every limit)")
 
 
 async def _gather(chunks: AsyncIterator[bytes], max_bytes: int, where: str) -> bytes:
@@ -476,16 +549,9 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
 
 
 def redact(url: str) -> str:
-    """``url`` without the user name and password it may carry, for logs and status."""
-    parsed = urlparse(url)
-    if parsed.username is None and parsed.password is None:
-        return url
-    host = parsed.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    if parsed.port is not None:
-        host = f"{host}:{parsed.port}"
-    return parsed._replace(netloc=f"***@{host}").geturl()
+    """``url`` without the user name, password, query values and fragment it may carry, for
+    logs and status."""
+    return redact_url(url)
 
 
 def open_mirror(url: str, timeouts: Timeouts | None = None, ca_certs: Path | None = None,

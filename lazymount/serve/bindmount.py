@@ -24,8 +24,10 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 from typing import TYPE_CHECKING
 
+from lazymount.errors import UsageError
 from lazymount.system import libc, xattrs
 from lazymount.system.mountinfo import fuse_device, mounts_below
 
@@ -63,17 +65,42 @@ def unmount_below(path: str) -> list[str]:
     return refused
 
 
+DEAD_MOUNT_WAIT = 3.0  # seconds a statfs may take before the mount's daemon counts as hung
+
+
 def is_dead_mount(root: str) -> bool:
     """True if ``root`` is a FUSE mount whose daemon is gone (killed, crashed): the kernel
     then answers every request on it with ENOTCONN or ECONNABORTED. Asks with statfs: the
-    kernel may answer a stat from its cache, a statfs always goes to the daemon."""
+    kernel may answer a stat from its cache, a statfs always goes to the daemon. A daemon
+    that is there but does not answer (stopped, hung) would keep the statfs waiting for
+    good: after DEAD_MOUNT_WAIT seconds that is a UsageError naming ``--abort``."""
     if fuse_device(root) is None:
         return False
-    try:
-        os.statvfs(root)
-    except OSError as exc:
-        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
-    return False
+    error = _statfs_error(root, DEAD_MOUNT_WAIT)
+    if error is None:
+        raise UsageError(f"{root}: the daemon of the mount there does not answer (stopped or "
+                         f"hung: no answer in {DEAD_MOUNT_WAIT:.0f} s); `lazymount umount "
+                         f"--abort {root}` (root) aborts its FUSE connection and detaches it")
+    return error in (errno.ENOTCONN, errno.ECONNABORTED)
+
+
+def _statfs_error(root: str, wait: float) -> int | None:
+    """The errno of a statfs of ``root`` (0: it answered), or None if it has not answered
+    within ``wait`` seconds. The asking thread is then left behind, blocked until the daemon
+    answers or this process ends (a FUSE wait ends when the process is killed)."""
+    outcome: list[int] = []
+
+    def ask() -> None:
+        try:
+            os.statvfs(root)
+            outcome.append(0)
+        except OSError as exc:
+            outcome.append(exc.errno or errno.EIO)
+
+    asking = threading.Thread(target=ask, name="statfs", daemon=True)
+    asking.start()
+    asking.join(wait)
+    return outcome[0] if outcome else None
 
 
 def clear_dead_mount(root: str) -> bool:
