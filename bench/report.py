@@ -11,8 +11,8 @@ def ratio_text(result: Any) -> str:
     reading = result["reading"] if isinstance(result, dict) else result.reading
     if ratio is None:
         return "-"
-    if reading == "of the stack":
-        return f"{ratio * 100:.1f}% of the stack"
+    if reading in ("of the stack", "of the blob"):
+        return f"{ratio * 100:.1f}% {reading}"
     return f"{ratio:.2f}{reading}" if reading.startswith("x") else f"{ratio:.2f} {reading}"
 
 

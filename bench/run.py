@@ -43,6 +43,7 @@ from .harness import (
 )
 from .sitecatalog import bench_site_catalog
 from .spackcompare import bench_spack
+from .tocbench import bench_toc
 from .workloads import TreeWorkloads
 
 OUT = REPO / "bench" / "out"
@@ -595,6 +596,9 @@ def main(argv: list[str] | None = None) -> int:
             if "spack" in parts:
                 print("(e) a real-shaped package: lazymount against spack buildcache install")
                 bench_spack(bench, Result, _run)
+            if "toc" in parts:
+                print("(h) a CUDA-shaped package opened through its table of contents")
+                bench_toc(bench, Result, _run, eager_install)
             if "floors" in parts:
                 print("(f) floors: the least CPython must spend on each missed goal")
                 bench_floors(bench)

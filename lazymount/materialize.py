@@ -150,11 +150,13 @@ class Materializer:
         key = self.key(dag_hash)
         gone = self.evicting[dag_hash] = trio.Event()
         self.states.pop(dag_hash, None)
-        self.opened.pop(key, None)
+        opened = self.opened.pop(key, None)
         self.usage.forget(key)
         removed = False
         try:
             with trio.CancelScope(shield=True):
+                if opened is not None:
+                    await trio.to_thread.run_sync(opened.close)
                 removed = await trio.to_thread.run_sync(self.store.remove, key)
         finally:
             del self.evicting[dag_hash]
@@ -445,6 +447,7 @@ class Materializer:
         await trio.to_thread.run_sync(partial.complete, self.store, key, receipt, sealed)
         if self.opened.get(key) is opened:
             del self.opened[key]
+        await trio.to_thread.run_sync(opened.close)
         self.usage.published(key, sealed.disk_bytes + 3 * 4096, opened.label)
         log.info("%s: completed (%d files, %s)", opened.label, sealed.files,
                  show_size(opened.present_bytes))
@@ -540,6 +543,8 @@ class Materializer:
         finally:
             if self.opened.get(opened.key) is opened:
                 del self.opened[opened.key]
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(opened.close)
             if opened.failure is not None and isinstance(dag_hash, str):
                 failed = self.states[dag_hash] = _State(error=opened.failure,
                                                         failed_at=time.monotonic())

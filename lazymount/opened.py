@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -192,6 +193,8 @@ class Opened:
         self.origin: tuple[Any, Any] | None = None  # (mirror source, entry) it came from
         self.links: dict[str, int] = {}  # file -> how many names it has
         self.completing = False
+        self._staging: Path | None = None  # where files are made before they are renamed in
+        self._made = 0
         self.filling = False  # being completed in the background
         self.present: set[str] = set()  # files in the tree
         self.present_bytes = 0
@@ -304,7 +307,7 @@ class Opened:
         """Make a file in a fresh staging folder, note it in the fill log and rename it
         into the tree."""
         def run() -> int:
-            work = self.store.new_staging(self.key)
+            work = self._work_folder()
             try:
                 path = make(work)
                 st = os.lstat(path)
@@ -316,13 +319,29 @@ class Opened:
                 onefile.move_into(path, self.tree, rel, self.label)
                 return st.st_blocks * 512 if st.st_nlink == 1 else 0
             finally:
-                self.store.discard(work)
+                shutil.rmtree(work, ignore_errors=True)  # what is left: folders, a failure
 
         async with self.cpu:
             grown = await trio.to_thread.run_sync(run)
         self.present.add(rel)
         self.present_bytes += self.sizes.get(rel, 0)
         self.grown(grown)
+
+    def _work_folder(self) -> Path:
+        """A fresh empty folder in this package's staging folder (made once: one staging
+        folder per file would cost a folder, a rename and a thread to delete it)."""
+        if self._staging is None or not self._staging.is_dir():
+            self._staging = self.store.new_staging(self.key)
+        self._made += 1
+        work = self._staging / str(self._made)
+        work.mkdir()
+        return work
+
+    def close(self) -> None:
+        """Its staging folder goes (the package was completed, replaced or evicted)."""
+        if self._staging is not None:
+            self.store.discard(self._staging)
+            self._staging = None
 
     async def member_bytes(self, member: TocMember) -> bytes:
         """The checked content of a file member, as in the tarball."""
