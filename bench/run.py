@@ -43,6 +43,7 @@ from .harness import (
 )
 from .sitecatalog import bench_site_catalog
 from .spackcompare import bench_spack
+from .startup import bench_startup
 from .tocbench import bench_toc
 from .workloads import TreeWorkloads
 
@@ -55,6 +56,7 @@ GOAL_FIND = 1.5  # warm find -ls / stat through FUSE: at most this times native
 GOAL_SMALL = 2.0  # small files, second pass: at most this times native
 GOAL_REREAD = 0.9  # large re-read: at least this times native speed
 GOAL_MOUNT_S, GOAL_REMOUNT_S, GOAL_RSS_MIB = 1.0, 0.2, 100  # the 100,000-spec index
+GOAL_LS_S = 3.0  # `ls -l` of its folder of 100,000 prefixes
 STRIP = len(generate.BUILD_ROOT.strip("/").split("/"))  # tar members start with the build root
 
 
@@ -363,6 +365,11 @@ def bench_index(bench: Bench) -> None:
         database = timed(lambda m=mount: (m.root / ".spack-db" / "index_verifier").read_text())
         first_memory = mount.memory()
         platform = next(p for p in mount.root.iterdir() if p.name.startswith("linux-"))
+        # what a user's first `ls -l` of the folder of every prefix costs
+        long_listing = timed(lambda: subprocess.run(["ls", "-l", str(platform)], check=True,
+                                                    stdout=subprocess.DEVNULL))
+        names_only = timed(lambda: subprocess.run(["ls", "-f", str(platform)], check=True,
+                                                  stdout=subprocess.DEVNULL))
         listed = len(os.listdir(platform))
         listed_memory = mount.memory()
     remounts, catalogs, asked = [], [], []
@@ -388,6 +395,11 @@ def bench_index(bench: Bench) -> None:
                      "x the goal", f"≤ {GOAL_REMOUNT_S:g} s", remount <= GOAL_REMOUNT_S,
                      {"mount_s": remounts, "catalog_s": catalogs, "requests": requests,
                       **memory}))
+    bench.add(Result("6d", f"`ls -l` of the folder of {listed} prefixes (first listing)",
+                     f"{long_listing:.2f} s", f"`ls -f` (names only) then {names_only:.2f} s",
+                     long_listing / GOAL_LS_S, "x the goal", f"≤ {GOAL_LS_S:g} s",
+                     long_listing <= GOAL_LS_S,
+                     {"ls_l_s": long_listing, "ls_f_s": names_only}))
     rss = max(first_memory["rss_mib"], listed_memory["rss_mib"], memory["rss_mib"])
     bench.add(Result("6c", f"daemon RSS (after start-up; after listing {listed} entries)",
                      f"{first_memory['rss_mib']:.0f} MiB; {listed_memory['rss_mib']:.0f} MiB",
@@ -550,9 +562,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="smaller caches and one repetition (under 3 minutes)")
     parser.add_argument("--only",
-                        default="index,sitecatalog,host,big,stack,spack,floors,fusefloor",
-                        help="comma-separated parts to run: index, sitecatalog, host, big, "
-                             "stack, spack, floors, fusefloor")
+                        default="startup,index,sitecatalog,host,big,stack,spack,floors,"
+                                "fusefloor",
+                        help="comma-separated parts to run: startup, index, sitecatalog, host, "
+                             "big, stack, spack, floors, fusefloor")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("the benchmark needs root (FUSE mounts, dropping the page cache)", file=sys.stderr)
@@ -573,6 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     with Nginx(caches.root, work / "nginx") as server:
         bench = Bench(caches, server, work, 1 if args.quick else 3, print)
         try:
+            if "startup" in parts:
+                print("(h) start-up: light commands, the demo cache's mount")
+                bench_startup(bench, Result)
             if "index" in parts:
                 print("(c) index of 100,000 specs: mount time and memory")
                 bench_index(bench)
