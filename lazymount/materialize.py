@@ -186,6 +186,8 @@ class Materializer:
             return f"opened: {opened.describe()}"
         state = self.states.get(dag_hash)
         if state is None:
+            if partial.is_partial(self.store.receipt(self.key(dag_hash))):
+                return "opened"  # before a restart; opened again on its next access
             return "ready" if self.published(self.key(dag_hash), walk=False) else "absent"
         if state.error is not None:
             return f"failed: {state.error}"

@@ -483,3 +483,18 @@ def test_gc_leaves_an_opened_package_in_use_and_evicts_it_after(toc_cache, nginx
                    for e in (mount.store / "pkgs").iterdir())
     # opened again on the next access
     assert (prefix / "share/tocapp/data/part3.dat").read_bytes() == _data(3, DATA_BYTES)
+
+
+def test_preload_completes_an_opened_package(toc_cache, nginx_server, mount_cache):
+    mount = mount_cache([nginx_server(toc_cache.root)])
+    prefix = prefix_in(mount, toc_cache.app)
+    assert os.getxattr(prefix, "user.lazymount.status") == b"absent"
+    result = lazymount("preload", str(mount.root), "tocapp")
+    assert result.returncode == 0, result.stdout + result.stderr
+    deadline = time.monotonic() + 120
+    while os.getxattr(prefix, "user.lazymount.status") != b"ready":
+        assert time.monotonic() < deadline, mount.log_text()
+        time.sleep(0.2)
+    assert "tocapp-1.0-" in mount.log_text() and "completed (" in mount.log_text()
+    assert "partial" not in json.loads((store_entry(mount, toc_cache.app)
+                                        / "receipt.json").read_text())
