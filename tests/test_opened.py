@@ -498,3 +498,34 @@ def test_preload_completes_an_opened_package(toc_cache, nginx_server, mount_cach
     assert "tocapp-1.0-" in mount.log_text() and "completed (" in mount.log_text()
     assert "partial" not in json.loads((store_entry(mount, toc_cache.app)
                                         / "receipt.json").read_text())
+
+
+# ---- an OCI registry ---------------------------------------------------------------------
+
+
+def test_an_oci_cache_is_opened_with_blob_ranges_and_a_toc_from_elsewhere(
+        toc_cache, nginx_server, mount_cache, tmp_path, public):
+    from ocicache import OciPusher
+    from ociregistry import Registry
+
+    registry = Registry(tmp_path / "registry").start()
+    pusher = OciPusher(registry.base, "lazymount/toc")
+    try:
+        pusher.push_cache(toc_cache.root)
+        # the TOCs of the same tarballs, published beside the cache: --toc names them
+        tocs = _readable(public("tocs"))
+        shutil.copytree(toc_cache.root / "lazymount", tocs / "lazymount")
+        mount = mount_cache([registry.mirror("lazymount/toc")],
+                            extra=("--unsigned", f"--toc={nginx_server(tocs)}"))
+        prefix = prefix_in(mount, toc_cache.app)
+        run = subprocess.run([str(prefix / "bin/tocapp")], capture_output=True, text=True,
+                             timeout=60)
+        assert run.returncode == 0, run.stderr + mount.log_text()
+        assert "opened through its table of contents" in mount.log_text()
+        gets = [r for r in registry.requests() if r.startswith("GET ")]
+        tarball = f"/blobs/sha256:{toc_cache.checksum}"
+        assert any(tarball in r and r.endswith(" 206") for r in gets), gets
+        assert not any(tarball in r and r.endswith(" 200") for r in gets), gets
+    finally:
+        pusher.close()
+        registry.stop()
