@@ -22,12 +22,23 @@ INFLATE_ERROR = cast(type[Exception], isal_zlib.error)  # its stubs call it an i
 
 
 class Fault(Exception):
-    """The compressed stream is broken; ``kind`` is "truncated", "corrupt" or "trailing"."""
+    """The compressed stream is broken; the subclass says how."""
 
-    def __init__(self, reason: str, kind: str) -> None:
+    def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.kind = kind
+
+
+class Truncated(Fault):
+    """The stream stops before its end."""
+
+
+class Corrupt(Fault):
+    """Bytes that do not decode."""
+
+
+class Trailing(Fault):
+    """Bytes after the end of the stream: nothing checked them."""
 
 
 def decompressed(stream: BinaryIO, compression: str, what: str) -> Iterator[bytes]:
@@ -101,14 +112,14 @@ def _gunzip(stream: BinaryIO) -> Iterator[bytes]:
             if not data:  # input ended: flush what zlib holds, then it must be complete
                 tail = inflater.flush()
                 if not inflater.eof:
-                    raise Fault("gzip stream is truncated", "truncated")
+                    raise Truncated("gzip stream is truncated")
                 if tail:
                     yield tail
                 break
             try:
                 out = inflater.decompress(data, CHUNK)
             except INFLATE_ERROR as exc:
-                raise Fault(f"corrupt gzip stream ({exc})", "corrupt") from None
+                raise Corrupt(f"corrupt gzip stream ({exc})") from None
             data = inflater.unconsumed_tail
             if out:
                 yield out
@@ -118,7 +129,7 @@ def _gunzip(stream: BinaryIO) -> Iterator[bytes]:
         if not data:
             return
         if not data.startswith(b"\x1f\x8b"):
-            raise Fault("trailing data after the end of the gzip stream", "trailing")
+            raise Trailing("trailing data after the end of the gzip stream")
 
 
 def _unzstd(stream: BinaryIO) -> Iterator[bytes]:
@@ -168,7 +179,7 @@ class _ZstdFrames:
             if data:
                 self._walk(data)
             elif self._state != "magic" or self._skip or not self._frames:
-                self.fault = Fault("zstd stream is truncated", "truncated")
+                self.fault = Truncated("zstd stream is truncated")
             elif self._head:  # a few stray bytes after the last frame
                 self.fault = self._trailing()
         return data
@@ -179,10 +190,10 @@ class _ZstdFrames:
             return self.fault
         if self._state == "magic" and self._frames and self._head:
             return self._trailing()
-        return Fault(f"bad zstd stream ({exc})", "corrupt")
+        return Corrupt(f"bad zstd stream ({exc})")
 
     def _trailing(self) -> Fault:
-        return Fault("trailing data after the end of the zstd stream", "trailing")
+        return Trailing("trailing data after the end of the zstd stream")
 
     def _walk(self, data: bytes) -> None:
         pos = 0
@@ -209,10 +220,10 @@ class _ZstdFrames:
             elif self._frames:
                 self.fault = self._trailing()
             else:
-                self.fault = Fault("bad zstd stream (no zstd frame)", "corrupt")
+                self.fault = Corrupt("bad zstd stream (no zstd frame)")
         elif self._state == "descriptor":
             if value & 0x08:
-                self.fault = Fault("bad zstd stream (reserved bit set)", "corrupt")
+                self.fault = Corrupt("bad zstd stream (reserved bit set)")
             single_segment = value >> 5 & 1
             self._checksum = bool(value & 0x04)
             self._skip = (
@@ -224,7 +235,7 @@ class _ZstdFrames:
         elif self._state == "block":
             block_type = value >> 1 & 3
             if block_type == 3:
-                self.fault = Fault("bad zstd stream (reserved block type)", "corrupt")
+                self.fault = Corrupt("bad zstd stream (reserved block type)")
             self._skip = 1 if block_type == 1 else value >> 3  # RLE blocks store one byte
             if value & 1:  # last block of the frame
                 self._frames += 1

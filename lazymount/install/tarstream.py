@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from lazymount.errors import FormatError, StoreError, UnsafeArchiveError
-from lazymount.install.decompress import CHUNK, Fault
+from lazymount.install.decompress import CHUNK, Fault, Trailing
 from lazymount.install.limits import Limits
 
 BLOCK = tarfile.BLOCKSIZE
@@ -77,9 +77,9 @@ class Source:
             self._kept_bytes += self._pos - self._mark
         try:
             chunk = next(self._chunks, b"")
+        except Trailing as fault:  # bytes outside what was checked: refuse, not ignore
+            raise UnsafeArchiveError(f"{self._what}: {fault.reason}") from None
         except Fault as fault:
-            if fault.kind == "trailing":  # bytes outside what was checked: refuse, not ignore
-                raise UnsafeArchiveError(f"{self._what}: {fault.reason}") from None
             raise FormatError(f"{self._what}: {fault.reason}") from None
         except OSError as exc:
             raise StoreError(f"{self._what}: cannot read the tarball ({exc})") from None
