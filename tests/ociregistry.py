@@ -286,7 +286,9 @@ class RegistryFront:
     * ask for a Bearer token from ``tokens`` (any token that server issued is accepted),
     * send blob downloads to a "CDN" on another port with a 307 (the CDN serves the blob
       from the registry's storage and records whether an ``Authorization`` header came),
-    * answer the first ``throttle`` requests of each path with ``status`` (429 or 5xx).
+    * answer the first ``throttle`` requests of each path with ``status`` (429 or 5xx),
+    * have the CDN send the bodies in ``cdn_encoded`` (digest -> (Content-Encoding, body))
+      instead of the blobs, whatever the client asked for.
 
     Every request is recorded: (server, method, path, Authorization header or None)."""
 
@@ -298,6 +300,7 @@ class RegistryFront:
         self.throttle = throttle
         self.status = status
         self.requests: list[tuple[str, str, str, str | None]] = []
+        self.cdn_encoded: dict[str, tuple[str, bytes]] = {}
         self._seen: dict[str, int] = {}
         self._servers: list[http.server.ThreadingHTTPServer] = []
         self.cdn = self._serve("cdn", self._cdn)
@@ -371,6 +374,10 @@ class RegistryFront:
     def _cdn(self, request: http.server.BaseHTTPRequestHandler
              ) -> tuple[int, dict[str, str], bytes]:
         digest = request.path.rsplit("/", 1)[-1]
+        if digest in self.cdn_encoded:
+            encoding, body = self.cdn_encoded[digest]
+            return 200, {"Content-Type": "application/octet-stream",
+                         "Content-Encoding": encoding}, body
         path = self.backend.blob_file(digest)
         if not path.exists():
             return 404, {}, b""

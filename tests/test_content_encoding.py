@@ -10,6 +10,7 @@ the daemon stays small, keeps serving the rest, and asks the next mirror.
 from __future__ import annotations
 
 import errno
+import functools
 import gzip
 import os
 import subprocess
@@ -35,22 +36,21 @@ ENCODINGS = ("gzip, gzip", "zstd")
 LABEL = LMHELLO[:len("lmhello-1.0-") + 7]  # how the daemon names lmhello in its log
 
 
-def _zeros() -> bytes:
-    return bytes(1 << 20)
-
-
-@pytest.fixture(scope="module")
-def bombs() -> dict[str, bytes]:
-    """Each encoding's body: a few KiB that decode to BOMB bytes."""
+@functools.cache
+def bomb(encoding: str) -> bytes:
+    """A body of a few KiB that decodes, as ``encoding`` says, to BOMB bytes of zeros."""
+    zeros = bytes(1 << 20)
+    if encoding == "zstd":
+        zstd = zstandard.ZstdCompressor(level=19).compressobj()
+        return b"".join(zstd.compress(zeros) for _ in range(BOMB >> 20)) + zstd.flush()
+    assert encoding == "gzip, gzip"
     deflate = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: the gzip container
-    inner = b"".join(deflate.compress(_zeros()) for _ in range(BOMB >> 20)) + deflate.flush()
-    zstd = zstandard.ZstdCompressor(level=19).compressobj()
-    packed = b"".join(zstd.compress(_zeros()) for _ in range(BOMB >> 20)) + zstd.flush()
-    return {"gzip, gzip": gzip.compress(inner, 9), "zstd": packed}
+    inner = b"".join(deflate.compress(zeros) for _ in range(BOMB >> 20)) + deflate.flush()
+    return gzip.compress(inner, 9)
 
 
-def encoded(bombs: dict[str, bytes], encoding: str) -> Fault:
-    return Fault("encoded", encoding=encoding, body=bombs[encoding])
+def encoded(encoding: str) -> Fault:
+    return Fault("encoded", encoding=encoding, body=bomb(encoding))
 
 
 def hello(mount) -> str:
@@ -61,15 +61,16 @@ def hello(mount) -> str:
 
 
 def expect_small(mount) -> None:
+    """The daemon's peak resident memory (VmHWM) stayed under RSS_LIMIT_KIB."""
     peak = peak_rss_kib(mount.process.pid)
     assert peak < RSS_LIMIT_KIB, f"the daemon grew to {peak >> 10} MiB"
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
-def test_an_encoded_index_is_refused_and_the_next_mirror_mounts(bombs, servers, mount_cache,
+def test_an_encoded_index_is_refused_and_the_next_mirror_mounts(servers, mount_cache,
                                                                 tmp_path, encoding):
     bad, good = servers(FIXTURE_CACHE), servers(FIXTURE_CACHE)
-    bad.faults[INDEX] = encoded(bombs, encoding)
+    bad.faults[INDEX] = encoded(encoding)
     mount = mount_cache([bad.url, good.url])
     expect_small(mount)
     skipped = [line for line in mount.log_text().splitlines() if "skipping mirror" in line]
@@ -96,11 +97,11 @@ def test_an_encoded_index_is_refused_and_the_next_mirror_mounts(bombs, servers, 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
 @pytest.mark.parametrize("encoding", ENCODINGS)
-def test_an_encoded_package_fails_alone_and_the_next_mirror_serves_it(bombs, servers,
-                                                                      mount_cache, tmp_path,
-                                                                      encoding, target):
+def test_an_encoded_package_fails_alone_and_the_next_mirror_serves_it(servers, mount_cache,
+                                                                      tmp_path, encoding,
+                                                                      target):
     bad, good = servers(FIXTURE_CACHE), servers(FIXTURE_CACHE)
-    bad.faults[TARGETS[target]] = encoded(bombs, encoding)
+    bad.faults[TARGETS[target]] = encoded(encoding)
 
     alone = mount_cache([bad.url])
     assert touch(alone.prefix()) == errno.EIO

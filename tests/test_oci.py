@@ -26,6 +26,7 @@ from conftest import (
     short_dir,
     unmount,
 )
+from hostile import peak_rss_kib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ocicache import (
@@ -41,6 +42,7 @@ from ocicache import (
 )
 from ociregistry import Registry, RegistryCA, RegistryFront, TokenServer
 from spackcache import CacheWriter, Package
+from test_content_encoding import RSS_LIMIT_KIB, bomb
 
 from lazymount.buildcache.ocimanifest import parse_image_manifest, spec_tag
 from lazymount.errors import FormatError, UsageError
@@ -389,6 +391,19 @@ def test_a_tag_whose_config_names_another_spec_is_refused(registry, mount_cache)
                                      f"not {HELLO_HASH}")
     assert os.listdir(mount.prefix(LMGREET))  # the rest keeps working
     assert not list((mount.store / "pkgs").glob(f"{HELLO_HASH}.*"))
+
+
+def test_a_layer_the_cdn_sends_encoded_is_refused_undecoded(registry, mount_cache):
+    # object storage behind a registry's redirect sends a stacked gzip of 512 MiB of zeros
+    front = RegistryFront(registry, redirect_blobs=True)
+    front.cdn_encoded[HELLO_TARBALL] = ("gzip, gzip", bomb("gzip, gzip"))
+    try:
+        mount = mount_oci(mount_cache, front.mirror(NAME))
+        expect_refusal(mount, errno.EIO, "refusing Content-Encoding gzip, gzip")
+        assert peak_rss_kib(mount.process.pid) < RSS_LIMIT_KIB
+        assert os.listdir(mount.prefix(LMGREET))  # the rest keeps working
+    finally:
+        front.stop()
 
 
 def test_a_corrupted_layer_is_refused(registry, mount_cache):

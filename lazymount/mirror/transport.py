@@ -352,9 +352,9 @@ class HttpMirror(Mirror):
         async with self._exchange(path, end - start, headers) as (response, chunks):
             if response.status_code != 206 or not _covers(response, start, end):
                 return None  # the whole file, or another range: closed unread
-            data = await _gather(chunks, end - start, f"{self.url}/{path}")
+            data = await _gather(chunks, end - start, self.where(path))
         if len(data) != end - start:
-            raise MirrorError(f"{self.url}/{path}: the range {start}-{end - 1} ended after "
+            raise MirrorError(f"{self.where(path)}: the range {start}-{end - 1} ended after "
                               f"{len(data)} bytes")
         return data
 
