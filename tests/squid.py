@@ -28,11 +28,16 @@ SQUID = shutil.which("squid") or "/usr/sbin/squid"
 # objects as large as the biggest tarball, kept in memory here, and content-addressed blobs
 # and spec manifests treated as fresh for a long time even when the origin sends no
 # Cache-Control; nodes asking at once for one missing object wait for one fetch of it
-# (collapsed_forwarding); everything else (the index manifest) follows squid's heuristic and is
+# (collapsed_forwarding); a range request (a span of an opened package) is answered from the
+# whole object, which squid fetches once and keeps even if the client leaves early (squid
+# keeps no partial answers: without these every node's span would go to the origin);
+# everything else (the index manifest) follows squid's heuristic and is
 # revalidated whenever lazymount asks with max-age=0
 SITE_RULES = """\
 maximum_object_size 4 GB
 collapsed_forwarding on
+range_offset_limit none
+quick_abort_min -1 KB
 refresh_pattern /blobs/sha256/ 10080 100% 525600
 refresh_pattern \\.spec\\.manifest\\.json$ 10080 100% 525600
 refresh_pattern . 0 20% 4320

@@ -529,3 +529,31 @@ def test_an_oci_cache_is_opened_with_blob_ranges_and_a_toc_from_elsewhere(
     finally:
         pusher.close()
         registry.stop()
+
+
+# ---- fleets ------------------------------------------------------------------------------
+
+
+def test_through_squid_the_origin_sends_the_blob_once_for_a_fleet(toc_cache, nginx_server,
+                                                                  mount_cache, tmp_path):
+    from squid import start_squid
+
+    squid = start_squid()
+    try:
+        url = nginx_server(toc_cache.root)
+        nodes = [mount_cache([url], extra=(f"--proxy={squid.url}",), store=tmp_path / name)
+                 for name in ("node1", "node2", "node3")]
+        for node in nodes:
+            prefix = prefix_in(node, toc_cache.app)
+            assert (prefix / "share/tocapp/data/part2.dat").read_bytes() == _data(2, DATA_BYTES)
+            run = subprocess.run([str(prefix / "bin/tocapp")], capture_output=True, text=True,
+                                 timeout=60)
+            assert run.returncode == 0, run.stderr
+            assert "opened through its table of contents" in node.log_text()
+    finally:
+        squid.stop()
+    log = tmp_path / "nginx-access.log"
+    blob = f"/blobs/sha256/{toc_cache.checksum[:2]}/{toc_cache.checksum}"
+    asked = [path for path in requested(log) if path == blob]
+    assert len(asked) == 1, requested(log)  # one fetch for every node's spans
+    assert sent_bytes(log, blob) <= toc_cache.tarball.stat().st_size
