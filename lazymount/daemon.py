@@ -39,8 +39,15 @@ from lazymount.store.shared import open_shared_store
 from lazymount.system import libc
 from lazymount.system.files import remove_stale_temporaries
 from lazymount.system.mountinfo import fuse_device
-from lazymount.system.ownership import user_name
-from lazymount.system.privileges import RootHelper, drop_privileges, lookup_user, preload
+from lazymount.system.ownership import check_reachable, user_name
+from lazymount.system.privileges import (
+    DEFAULT_USER,
+    RootHelper,
+    create_account_hint,
+    daemon_account,
+    drop_privileges,
+    preload,
+)
 from lazymount.trust.policy import Trust
 
 log = logging.getLogger(__name__)
@@ -127,8 +134,7 @@ def serve(config: MountConfig, ready: Ready,
         sbang_script = sbang_text()
         start.control = control.bind(root, config.allow_other)
         start.control_path = start.control.getsockname()
-        if config.user is not None:
-            become_user(config, root, start)
+        become_user(config, root, start)
         store = Store(config.store)
         store.check_entries()
         swept = store.sweep() + sweep_temporaries(store.root)
@@ -167,17 +173,27 @@ class Start:
 
 
 def become_user(config: MountConfig, root: str, start: Start) -> None:
-    """Mount as root, then switch to ``config.user`` for good, keeping CAP_SYS_ADMIN only
+    """Mount as root, then switch for good to ``config.user`` (started as root without
+    it: the ``lazymount`` account, if there is one), keeping CAP_SYS_ADMIN only
     (unmounting, --bind-ready). Everything read from a mirror is read after this."""
-    account = lookup_user(config.user or "")
+    account = daemon_account(config.user)
+    if account is None:
+        if os.geteuid() == 0:
+            log.warning("there is no user %r to run the daemon as: it keeps running as root "
+                        "and parses what mirrors send as root (create it: %s; or give "
+                        "--user root)", DEFAULT_USER, create_account_hint(DEFAULT_USER))
+        return
     if os.geteuid() != 0:
         if account.uid == os.geteuid():
             return
         raise UsageError(f"--user {account.name} needs root (the daemon runs as "
                          f"{user_name(os.geteuid())})")
     if account.uid == 0:
-        log.warning("--user %s: the daemon keeps running as root", account.name)
+        log.warning("--user %s: the daemon keeps running as root, and parses what mirrors "
+                    "send as root", account.name)
         return
+    check_reachable(Path(root), account.uid, account.gid, "the mount point", account.name)
+    check_reachable(config.store, account.uid, account.gid, "the store", account.name)
     create_store_dir(config.store, account.uid, account.gid)
     preload()
     start.device = session.premount(root, mount_options(config), account.uid, account.gid)

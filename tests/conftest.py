@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -39,6 +40,11 @@ INDEX_MANIFEST = Path("v3/manifests/index/index.manifest.json")
 # this process then stalls that thread until the daemon times out. Plain fork() avoids it.
 if sys.version_info < (3, 11, 4):
     subprocess._USE_VFORK = False  # type: ignore[attr-defined]
+
+# Started as root, a daemon runs as the lazymount account; pytest's folders are root's alone
+# (mode 0700), so the daemons of the tests keep root unless a test says otherwise (--user,
+# or this variable: tests/test_privileges.py).
+os.environ["LAZYMOUNT_DEFAULT_USER"] = "root"
 
 
 # fixtures that start a lazymount daemon or mount something: a test that uses one is
@@ -213,6 +219,26 @@ def served_cache(directory: Path, names: set[str]) -> Path:
     temporary.write_text(json.dumps(manifest))
     os.replace(temporary, directory / INDEX_MANIFEST)
     return directory
+
+
+def ensure_user(name: str, system: bool) -> pwd.struct_passwd:
+    """The account ``name``, made (without a home) when missing."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        flags = ["--system", "--no-create-home"] if system else ["--no-create-home"]
+        subprocess.run(["useradd", *flags, "--user-group", "--shell", "/usr/sbin/nologin",
+                        name], check=True)
+        return pwd.getpwnam(name)
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A folder every user may enter (pytest's own are root's alone), removed after."""
+    path = Path(tempfile.mkdtemp(prefix="lmsec", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def short_dir(prefix: str = "lm") -> Path:

@@ -10,9 +10,7 @@ import pwd
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from conftest import (
     FIXTURE_CACHE,
     FIXTURE_KEY,
     LMHELLO,
+    ensure_user,
     lazymount_command,
     short_dir,
     unmount,
@@ -37,16 +36,6 @@ HELLO = "Hello from lmgreet, world!"
 CAP_SYS_ADMIN = 1 << 21
 
 
-def ensure_user(name: str, system: bool) -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        flags = ["--system", "--no-create-home"] if system else ["--no-create-home"]
-        subprocess.run(["useradd", *flags, "--user-group", "--shell", "/usr/sbin/nologin",
-                        name], check=True)
-        return pwd.getpwnam(name)
-
-
 @pytest.fixture(scope="module")
 def attacker() -> pwd.struct_passwd:
     return ensure_user(ATTACKER, system=False)
@@ -55,15 +44,6 @@ def attacker() -> pwd.struct_passwd:
 @pytest.fixture(scope="module")
 def service_user() -> pwd.struct_passwd:
     return ensure_user(SERVICE, system=True)
-
-
-@pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A folder every user may enter (pytest's own are root's alone), removed after."""
-    path = Path(tempfile.mkdtemp(prefix="lmsec", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def refused_mount(server_url: str, store: Path, tmp_path: Path, *extra: str

@@ -68,6 +68,7 @@ def main(argv: list[str]) -> int:
     parser.parse_args(argv)
     data = resources.files("lazymount").joinpath("data")
     work = Path(tempfile.mkdtemp(prefix="lazymount-demo-"))
+    work.chmod(0o755)  # started as root, the daemon runs as the lazymount account
     root = Path(tempfile.mkdtemp(prefix="lmd", dir="/tmp"))  # short: fits the build root
     assert len(str(root)) <= BUILD_ROOT_LENGTH
     with resources.as_file(data.joinpath("demo-mirror")) as mirror, \

@@ -274,11 +274,11 @@ def _serve_in_background(config: MountConfig, args: argparse.Namespace) -> int:
     from lazymount.store.content import create_store_dir
     from lazymount.system.logfile import open_log
     from lazymount.system.ownership import check_trusted_dir
-    from lazymount.system.privileges import lookup_user
+    from lazymount.system.privileges import daemon_account
 
     owner, group = os.geteuid(), os.getegid()
-    if config.user is not None and owner == 0:
-        account = lookup_user(config.user)
+    account = daemon_account(config.user) if owner == 0 else None
+    if account is not None:  # the store and log are the daemon's user's
         owner, group = account.uid, account.gid
     create_store_dir(config.store, owner, group)
     check_trusted_dir(config.store, owner, "the store")  # before writing the log into it

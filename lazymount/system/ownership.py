@@ -18,7 +18,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from lazymount.errors import UnsafePathError
+from lazymount.errors import UnsafePathError, UsageError
 
 MAX_LINKS = 40  # as the kernel: more links than this on one path is a loop
 
@@ -122,6 +122,29 @@ def check_entry(st: os.stat_result, path: str, owner: int, what: str) -> None:
     if reason is not None:
         raise UnsafePathError(f"refusing {what}: {describe(path, st)}; {reason} "
                               f"({fix(path, st, owner)})")
+
+
+def check_reachable(path: Path, uid: int, gid: int, what: str, name: str) -> None:
+    """Refuse ``path`` (the store: also itself, if it exists) when the user ``uid`` (group
+    ``gid``, no other groups: what the daemon keeps) may not search a directory on the way
+    to it: the daemon could not use it after giving up root. Only the mode bits are read
+    (no ACLs). Raises UsageError naming the directory and the fix."""
+    real = Path(os.path.realpath(path))
+    directories = [*reversed(real.parents)]
+    if what == "the store" and real.is_dir():
+        directories.append(real)
+    for directory in directories:
+        try:
+            st = os.stat(directory)
+        except OSError:
+            return  # missing: made later, or refused by the check that needs it
+        who, bit = (("u", 0o100) if st.st_uid == uid else ("g", 0o010) if st.st_gid == gid
+                    else ("o", 0o001))
+        if not st.st_mode & bit:
+            raise UsageError(
+                f"refusing {what} {path}: the daemon runs as {name}, who cannot reach it: "
+                f"{describe(str(directory), st)} (let {name} in: chmod {who}+x {directory}; or "
+                f"choose another {what.removeprefix('the ')}; or keep root: --user root)")
 
 
 def walk_nofollow(dir_fd: int, prefix: str = "") -> Iterator[tuple[str, os.stat_result]]:

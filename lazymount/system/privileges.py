@@ -32,14 +32,36 @@ class Account:
     gid: int
 
 
+# The account a daemon started as root switches to when no --user is given. The variable
+# names another (the tests keep root with it: their folders are root's alone).
+DEFAULT_USER = os.environ.get("LAZYMOUNT_DEFAULT_USER") or "lazymount"
+
+
+def create_account_hint(name: str) -> str:
+    return f"useradd --system --user-group --shell /usr/sbin/nologin {name}"
+
+
+def daemon_account(user: str | None) -> Account | None:
+    """The account the daemon runs as: ``user`` (--user) when given; started as root
+    without it, DEFAULT_USER if that account exists; else None (it stays as it is).
+    UsageError for a ``user`` that does not exist."""
+    if user is not None:
+        return lookup_user(user)
+    if os.geteuid() != 0:
+        return None
+    try:
+        return lookup_user(DEFAULT_USER)
+    except UsageError:
+        return None
+
+
 def lookup_user(name: str) -> Account:
     """The account ``name`` (or a numeric uid); UsageError if there is none."""
     try:
         entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
     except KeyError:
         raise UsageError(f"there is no user {name!r} to run the daemon as (create it: "
-                         f"useradd --system --user-group --shell /usr/sbin/nologin "
-                         f"{name})") from None
+                         f"{create_account_hint(name)})") from None
     return Account(entry.pw_name, entry.pw_uid, entry.pw_gid)
 
 
