@@ -44,7 +44,7 @@ from lazymount.system.ownership import (
     unsafe_reason,
     walk_nofollow,
 )
-from lazymount.system.places import default_dir
+from lazymount.system.places import STARTED_AS_ROOT, default_dir
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +212,10 @@ class Store:
             raise StoreError(f"cannot open the store {root}: {exc.strerror}") from None
         if writable and not os.access(real, os.W_OK):
             st = os.fstat(self.fd)
+            keep_root = ", or keep root: --user root" if STARTED_AS_ROOT else ""
             raise StoreError(f"the store {root} is owned by uid {st.st_uid}, but the daemon "
                              f"runs as uid {os.geteuid()} and cannot write it: chown -R "
-                             f"{os.geteuid()}: {root} (or give another --store)")
+                             f"{os.geteuid()}: {root} (or give another --store{keep_root})")
         self.pkgs_fd = self._own_dir(PKGS, writable)
         self.staging_fd = self._own_dir(STAGING, writable)
         self.trash_fd = self._own_dir(TRASH, writable)
