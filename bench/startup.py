@@ -1,8 +1,8 @@
 """Part "startup": how soon the command answers and a small mount is usable.
 
-* 12a/12b  ``lazymount --help`` and ``lazymount status`` (of a running mount) against
+* 13a/13b  ``lazymount --help`` and ``lazymount status`` (of a running mount) against
   ``python -c pass`` run side by side: what the command adds to a bare interpreter;
-* 12c/12d  ``lazymount MOUNTPOINT`` of the two-package demo cache over loopback HTTP (the
+* 13c/13d  ``lazymount MOUNTPOINT`` of the two-package demo cache over loopback HTTP (the
   command as users run it: it returns once the background daemon says the mount is ready)
   until the package's prefix is listed, first with a fresh store, then again with the
   catalog the first mount stored; beside it the floor of any daemon built on pyfuse3: a fresh
@@ -97,21 +97,21 @@ def bench_startup(bench: Any, result_type: Any) -> None:
         remove_tree(work)
     bare = median(helps["pass"])
     for metric, what, seconds, baseline in (
-            ("12a", "`lazymount --help`", median(helps["help"]), bare),
-            ("12b", "`lazymount status MOUNTPOINT` (a running mount)", median(statuses),
+            ("13a", "`lazymount --help`", median(helps["help"]), bare),
+            ("13b", "`lazymount status MOUNTPOINT` (a running mount)", median(statuses),
              median(passes))):
         above = seconds - baseline
         bench.add(result_type(
             metric, what, f"{seconds:.3f} s", f"`python -c pass` {baseline:.3f} s; "
             f"{above:+.3f} s", above / GOAL_COMMAND_S, "x the goal (time above python)",
             f"≤ {GOAL_COMMAND_S:g} s above", above <= GOAL_COMMAND_S,
-            {"seconds": helps["help"] if metric == "12a" else statuses,
-             "python_s": helps["pass"] if metric == "12a" else passes}))
+            {"seconds": helps["help"] if metric == "13a" else statuses,
+             "python_s": helps["pass"] if metric == "13a" else passes}))
     floor = median(helps["floor"])
     for metric, what, runs in (
-            ("12c", "first mount of the demo cache (HTTP) until its prefix is listed",
+            ("13c", "first mount of the demo cache (HTTP) until its prefix is listed",
              firsts),
-            ("12d", "remount of the demo cache (stored catalog) until its prefix is listed",
+            ("13d", "remount of the demo cache (stored catalog) until its prefix is listed",
              remounts)):
         seconds = median(runs)
         bench.add(result_type(
