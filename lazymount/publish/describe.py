@@ -61,7 +61,8 @@ def describe(path: Path, sha256: str, what: str, limits: Limits | None = None) -
     size = path.stat().st_size
     with open(path, "rb") as file, GzipIndex(file, what) as index:
         walked = _walk(index, limits or Limits(), what)
-        found = index.points()
+        # zran may end with a point at the very end of the stream: nothing to read from it
+        found = [p for p in index.points() if p.uncompressed < walked.uncompressed]
         relocations = _relocations(index, walked, what)
     points = _points(path, found, size)
     windows = {p.window: w.window for p, w in zip(points, found, strict=True) if w.window}
