@@ -214,8 +214,9 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path, trus
     try:
         started = time.monotonic()
         catalogs = CatalogStore(store.root / "catalog", write_later=True)
+        places = open_toc_places(config)  # site catalogs and TOCs besides the mirrors
         generation = await load_generation(config, root, catalogs, mirrors, trust,
-                                           stored_first=True)
+                                           stored_first=True, places=places)
         log.info("catalog of %d specs ready in %.2f s", len(generation.tree.catalog),
                  time.monotonic() - started)
         shared = (await trio.to_thread.run_sync(open_shared_store, config.shared_store)
@@ -232,7 +233,7 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path, trus
             async with _unwrapped_errors(), trio.open_nursery() as nursery:
                 materializer = Materializer(generation.tree, generation.sources, store,
                                             config.limits, shared, nursery, usage)
-                materializer.toc_places = open_toc_places(config)
+                materializer.toc_places = places
                 materializer.fill_whole = config.fill == "whole"
                 binder = PrefixBinder(root, nursery) if config.bind_ready else None
                 operations = InstallTreeFS(

@@ -37,10 +37,10 @@ USED = "index of 6 specs from the site catalog"
 NOT_USED = "the site catalog is not used"
 
 
-def publish(cache: Path, key: Path = FIXTURE_SECRET_KEY) -> str:
+def publish(cache: Path, key: Path = FIXTURE_SECRET_KEY, *extra: str) -> str:
     result = subprocess.run(
         lazymount_command("publish", str(cache), f"--signing-key={key}",
-                          f"--trust-key={FIXTURE_KEY}"),
+                          f"--trust-key={FIXTURE_KEY}", *extra),
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -115,6 +115,22 @@ def test_a_good_catalog_is_used_and_the_tree_is_the_json_index_tree(http_server,
     assert tree_of(mount.root) == tree_of(reference.root)
     assert database(mount.root) == database(reference.root)
     assert "Hello from lmgreet" in run(mount.prefix() / "bin" / "hello")
+
+
+def test_a_catalog_published_elsewhere_is_found_at_a_toc_url(http_server, mount_cache,
+                                                             tmp_path):
+    """A site that cannot write the mirror publishes beside it (--output) and names the
+    place to its clients with --toc URL."""
+    cache = shutil.copytree(FIXTURE_CACHE, tmp_path / "cache")
+    site = tmp_path / "site"
+    publish(cache, FIXTURE_SECRET_KEY, f"--output={site}")
+    assert not (cache / published.ROOT).exists()
+    server, place = http_server(cache), http_server(site)
+    mount = mount_cache([server.url], extra=(f"--toc={place.url}",))
+    assert f"from the site catalog at {place.url}" in mount.log_text()
+    assert index_blob(cache) not in server.requests
+    assert f"/{published.catalog_path()}" in server.requests  # the mirror was asked first
+    assert sorted(os.listdir(mount.root / "linux-x86_64")) == [LMGREET, LMHELLO]
 
 
 def test_a_catalog_signed_by_an_unknown_key_is_not_used(http_server, mount_cache, tmp_path):

@@ -10,6 +10,7 @@ Runs on the trio thread; JSON parsing of a large index hops to a worker thread.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import trio
 
@@ -26,18 +27,18 @@ log = logging.getLogger(__name__)
 
 
 async def load_index(mirror: Mirror, position: int, store: CatalogStore | None = None,
-                     trust: Trust | None = None, stored_first: bool = False
-                     ) -> dict[str, SpecRecord]:
+                     trust: Trust | None = None, stored_first: bool = False,
+                     places: Sequence[Mirror] = ()) -> dict[str, SpecRecord]:
     """The records of one mirror's index, whichever layout (v3, or the old v2) it has; with
     a ``store``, parsed once and reused while unchanged (with ``stored_first``, reused
-    without asking the mirror: see ``CatalogStore.load``); with ``trust``, from the
-    mirror's site catalog if one signed by a trusted key names its current index. Raises a
-    LazymountError naming the mirror."""
+    without asking the mirror: see ``CatalogStore.load``); with ``trust``, from the site
+    catalog on the mirror or at one of ``places`` (``--toc`` URLs) if one signed by a
+    trusted key names its current index. Raises a LazymountError naming the mirror."""
 
     async def site(mirror: Mirror, layout: CacheLayout, identity: Identity
                    ) -> SiteCatalog | None:
         return None if trust is None else await sitecatalog.read(mirror, layout, identity,
-                                                                 trust)
+                                                                 trust, places)
 
     if store is not None:
         return await store.load(mirror, position, site, ask=not stored_first)
@@ -51,8 +52,8 @@ async def load_index(mirror: Mirror, position: int, store: CatalogStore | None =
 
 
 async def load_catalog(mirrors: list[Mirror], store: CatalogStore | None = None,
-                       trust: Trust | None = None, stored_first: bool = False
-                       ) -> dict[str, SpecRecord]:
+                       trust: Trust | None = None, stored_first: bool = False,
+                       places: Sequence[Mirror] = ()) -> dict[str, SpecRecord]:
     """Merged catalog of all mirrors, first mirror first (kept in ``store`` if given; from
     their site catalogs when ``trust`` trusts them; ``stored_first``: see ``load_index``).
 
@@ -64,7 +65,7 @@ async def load_catalog(mirrors: list[Mirror], store: CatalogStore | None = None,
     async def one(position: int, mirror: Mirror) -> None:
         try:
             results[position] = await load_index(mirror, position, store, trust,
-                                                 stored_first)
+                                                 stored_first, places)
         except LazymountError as exc:
             results[position] = exc
 

@@ -191,35 +191,40 @@ def _unpacked(packed: bytes, checksum: str, name: str) -> bytes:
     return document
 
 
-async def read(mirror: Mirror, layout: CacheLayout, identity: Identity, trust: Trust | None
-               ) -> SiteCatalog | None:
-    """The site catalog of ``mirror`` if it can be used for the index ``identity`` names;
-    None (the log says why) if the JSON index must be read. Fetches the envelope and, if it
-    names the mirror's index, its payload."""
-    if mirror.kind != "url":
-        return None  # a registry holds images only
+async def read(mirror: Mirror, layout: CacheLayout, identity: Identity, trust: Trust | None,
+               places: Sequence[Mirror] = ()) -> SiteCatalog | None:
+    """The site catalog for the index ``identity`` names: from the mirror itself (not a
+    registry: it holds images only), else from the first of ``places`` (``--toc`` URLs)
+    with one that can be used; None (the log says why) if the JSON index must be read.
+    Fetches each place's envelope and, where it names the mirror's index, its payload."""
+    candidates = ([mirror] if mirror.kind == "url" else []) + list(places)
+    if not candidates:
+        return None
     if identity.checksum is None:
         log.info(_NOT_USED, mirror.url, "the mirror names no sha256 of its index")
         return None
-    try:
-        envelope = await mirror.read(published.catalog_path(), published.MAX_ENVELOPE_BYTES,
-                                     revalidate=True)
-    except NotInMirror:
-        log.info("%s has no site catalog; reading the JSON index", mirror.url)
-        return None
-    except LazymountError as exc:
-        log.warning(_NOT_USED, mirror.url, exc)
-        return None
-    where = f"the site catalog of {mirror.url}"
-    try:
-        payload = await _payload(mirror, layout, identity, trust, envelope, where)
-        catalog = await trio.to_thread.run_sync(decode, payload, identity.checksum, where)
-    except LazymountError as exc:
-        log.warning(_NOT_USED, mirror.url, exc)
-        return None
-    log.info("%s: index of %d specs from the site catalog (%d bytes)", mirror.url,
-             catalog.rows, len(payload))
-    return catalog
+    reasons = []
+    for place in candidates:
+        where = f"the site catalog of {place.url}"
+        try:
+            try:
+                envelope = await place.read(published.catalog_path(),
+                                            published.MAX_ENVELOPE_BYTES, revalidate=True)
+            except NotInMirror:
+                continue  # none there
+            payload = await _payload(place, layout, identity, trust, envelope, where)
+            catalog = await trio.to_thread.run_sync(decode, payload, identity.checksum, where)
+        except LazymountError as exc:
+            reasons.append(str(exc) if place is mirror else f"at {place.url}: {exc}")
+            continue
+        log.info("%s: index of %d specs from the site catalog%s (%d bytes)", mirror.url,
+                 catalog.rows, "" if place is mirror else f" at {place.url}", len(payload))
+        return catalog
+    if reasons:
+        log.warning(_NOT_USED, mirror.url, "; ".join(reasons))
+    else:
+        log.info("%s: no site catalog; reading the JSON index", mirror.url)
+    return None
 
 
 async def _payload(mirror: Mirror, layout: CacheLayout, identity: Identity,

@@ -88,13 +88,13 @@ def open_toc_places(config: MountConfig) -> list[Mirror]:
 
 
 async def load_generation(config: MountConfig, root: str, catalogs: CatalogStore,
-                          mirrors: list[Mirror], trust: Trust, stored_first: bool = False
-                          ) -> Generation:
+                          mirrors: list[Mirror], trust: Trust, stored_first: bool = False,
+                          places: list[Mirror] | None = None) -> Generation:
     """Load the catalog of ``mirrors`` and place its tree (worker threads); with
     ``stored_first``, a stored catalog is used without asking its mirror (a mount: the
     check follows once mounted, ``LiveMount.check_stored``). Raises a LazymountError if no
     mirror's index can be read (and none is stored)."""
-    catalog = await load_catalog(mirrors, catalogs, trust, stored_first)
+    catalog = await load_catalog(mirrors, catalogs, trust, stored_first, places or ())
     tree = await trio.to_thread.run_sync(
         catalogs.tree, root, catalog, config.projection, [m.url for m in mirrors])
     host = HostTarget(config.host_target)
@@ -241,7 +241,8 @@ class LiveMount:
             raise
         mirrors = open_mirrors(config) if mirrors_changed else old.mirrors
         try:
-            new = await load_generation(config, self.root, self.catalogs, mirrors, trust)
+            new = await load_generation(config, self.root, self.catalogs, mirrors, trust,
+                                        places=self.materializer.toc_places)
         except BaseException:
             if mirrors is not old.mirrors:
                 for mirror in mirrors:
