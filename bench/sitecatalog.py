@@ -1,10 +1,10 @@
-"""Metrics 6e and 6f: the 100,000-spec index through a site catalog (``lazymount publish``).
+"""Metrics 6g and 6h: the 100,000-spec index through a site catalog (``lazymount publish``).
 
 A copy of the index mirror (its blobs hard-linked) is published with the fixture key, then:
 
-* 6e: a node with an empty store mounts it: the catalog's envelope and payload are fetched
+* 6g: a node with an empty store mounts it: the catalog's envelope and payload are fetched
   instead of the 118 MB JSON document (goal: 0.3 s until the mount is there);
-* 6f: the mirror's index changes (1% of its specs replaced by as many new ones), the site
+* 6h: the mirror's index changes (1% of its specs replaced by as many new ones), the site
   publishes again, and the mounted node refreshes: the bytes it fetches, against the bytes
   of the JSON index it would otherwise fetch (goal: 15%).
 """
@@ -99,7 +99,7 @@ def bench_site_catalog(bench: Any, result: Callable[..., Any]) -> None:
                       None)
     seconds = median(mounts)
     bench.add(result(
-        "6e", f"first mount from the site catalog, index of {specs} specs", f"{seconds:.2f} s",
+        "6g", f"first mount from the site catalog, index of {specs} specs", f"{seconds:.2f} s",
         f"catalog ready after {median(ready):.2f} s" + (
             f"; from the JSON index {first_json:.2f} s (6a)" if first_json else ""),
         seconds / GOAL_MOUNT_S, "x the goal", f"≤ {GOAL_MOUNT_S:g} s", seconds <= GOAL_MOUNT_S,
@@ -119,7 +119,7 @@ def bench_site_catalog(bench: Any, result: Callable[..., Any]) -> None:
     fetched = sum(size for _, _, size in asked)
     document = _index_blob(mirror).stat().st_size
     bench.add(result(
-        "6f", f"bytes a node fetches for a changed index ({changed} of {specs} specs "
+        "6h", f"bytes a node fetches for a changed index ({changed} of {specs} specs "
               "replaced), with the site catalog", f"{fetched / 2**20:.1f} MiB "
               f"({len(asked)} requests)", f"the JSON index: {document / 2**20:.1f} MiB",
         fetched / document, "of the JSON index", f"≤ {GOAL_BYTES:.0%}",

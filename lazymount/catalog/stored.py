@@ -224,7 +224,8 @@ class CatalogStore:
                      urls: list[str]) -> InstallTree | None:
         """The tree of a one-mirror catalog as the site catalog it came from placed it (if
         that is the index loaded, and the placement fits)."""
-        site = self.placements.pop(urls[0], None) if len(urls) == 1 else None
+        sites, self.placements = self.placements, {}  # once: each holds its payload
+        site = sites.get(urls[0]) if len(urls) == 1 else None
         if site is None or site.checksum != self.loaded.get(urls[0]):
             return None
         return site.place(root, catalog, projection)
