@@ -108,8 +108,9 @@ def test_a_selector_chooses_the_modules_and_autoloads_follow_it():
 
 
 def test_a_hostile_index_cannot_write_code_into_a_module(tmp_path):
-    """Names become polite file names; an external path with Tcl/Lua syntax is not used."""
-    evil = sc.Package('x"}]; exec', version="1\n", compiler=("gcc", "1"),
+    """Names become polite file names; an external path with Tcl/Lua syntax is not used.
+    (A version with a newline is refused when the index is read: test_hostile_names.py.)"""
+    evil = sc.Package('x"}]; exec', version="1;", compiler=("gcc", "1"),
                       external={"path": '/opt/a}; exec rm -rf ~; set {b', "module": None,
                                 "extra_attributes": {}})
     writer = sc.V2CacheWriter(tmp_path / "cache")

@@ -27,6 +27,17 @@ from lazymount.buildcache.layout import COMPILER_LANGUAGES, is_dag_hash
 from lazymount.errors import FormatError
 
 RUNTIME_DEPTYPES = frozenset({"link", "run"})
+# The index is unsigned, and its names become paths, module files, log lines and terminal
+# output: each string a record is placed by is checked here, once, and a record that cannot
+# be placed safely is dropped. A name or version may not hold a control character, a lone
+# surrogate (valid JSON, not UTF-8) or '/', nor start with '.' or '-' (module systems read
+# .modulerc, .version and options there), and stays short enough that with its hash it is
+# one path component; the other placing strings (namespace, arch, compiler, an external's
+# path) hold no control character or surrogate and are bounded too.
+MAX_NAME = 100
+MAX_TEXT = 4096
+_BAD_NAME = re.compile("[\x00-\x1f\x7f-\x9f/\u2028\u2029\ud800-\udfff]|^[.-]")
+_BAD_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 SUPPORTED_DB_VERSIONS = ("6", "7", "8")
 MAX_SKIP_WARNINGS = 10  # dropped records logged one by one; the rest are counted
 _WS = re.compile(r"[ \t\n\r]*")
@@ -168,9 +179,47 @@ def placement(node: dict[str, Any]) -> dict[str, Any]:
 def _check_name(value: Any, what: str, dag_hash: str) -> str:
     if not isinstance(value, str) or not value:
         raise FormatError(f"index record {dag_hash}: {what} is missing or not a string")
-    if "/" in value or "\0" in value or value in (".", ".."):
-        raise FormatError(f"index record {dag_hash}: {what} {value!r:.80} is not a valid name")
+    if not _good_name(value):
+        raise FormatError(f"index record {dag_hash}: {what} {value[:MAX_NAME]!r} is not a "
+                          f"valid name (no control character, '/' or lone surrogate, no "
+                          f"leading '.' or '-', at most {MAX_NAME} characters)")
     return value
+
+
+def _check_texts(facts: dict[str, Any], dag_hash: str) -> None:
+    """Refuse placing fields with a string that cannot be placed safely (see MAX_TEXT),
+    or an external whose path is not absolute and plain (no '.' or '..' part)."""
+    bad = _bad_text(facts)
+    if bad is not None:
+        raise FormatError(f"index record {dag_hash}: {bad[:80]!r} cannot be placed safely "
+                          f"(a control character or lone surrogate, or over {MAX_TEXT} "
+                          "characters)")
+    external = facts.get("external")
+    path = external.get("path") if isinstance(external, dict) else None
+    if isinstance(path, str) and not _plain_path(path):
+        raise FormatError(f"index record {dag_hash}: external path {str(path)[:80]!r} is "
+                          "not an absolute path")
+
+
+def _bad_text(value: Any) -> str | None:
+    """The first string in ``value`` (nested lists and mappings, keys too) that cannot be
+    placed safely, or None."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if len(item) > MAX_TEXT or _BAD_TEXT.search(item):
+                return item
+        elif isinstance(item, dict):
+            pending += item.keys()
+            pending += item.values()
+        elif isinstance(item, list | tuple):
+            pending += item
+    return None
+
+
+def _plain_path(path: str) -> bool:
+    return path.startswith("/") and not any(part in (".", "..") for part in path.split("/"))
 
 
 def _check_version(value: Any, dag_hash: str) -> str:
@@ -249,8 +298,14 @@ def check_record(dag_hash: str, entry: Any, start: int = 0, end: int = 0) -> Row
     facts = placement(node)
     for key in ("name", "version", "hash"):
         facts.pop(key, None)
+    _check_texts(facts, dag_hash)
+    deps = _runtime_deps(node)
+    for dep in deps:
+        if not is_dag_hash(dep):
+            raise FormatError(f"index record {dag_hash}: dependency hash {dep[:40]!r} is not "
+                              "a DAG hash")
     return (dag_hash, name, version, facts, bool(entry.get("in_buildcache", False)),
-            _count(entry.get("ref_count", 0)), _runtime_deps(node), start, end)
+            _count(entry.get("ref_count", 0)), deps, start, end)
 
 
 def parse_index(data: bytes, mirror: int = 0) -> dict[str, SpecRecord]:
@@ -483,12 +538,21 @@ def _typed_row(dag_hash: str, entry: indexdecode.Entry, start: int, end: int,
             and _good_name(name) and _good_name(version)):
         return None
     runtime, edges = _typed_edges(node.dependencies or ())
+    if not all(map(is_dag_hash, runtime)):
+        return None
     if edges or node.compiler is not None or node.external is not None or \
             node.annotations is not None and node.annotations.compiler is not UNSET:
         facts = _typed_facts(node, edges)
+        if not _safe_facts(facts):
+            return None
     else:
-        facts = shared.get((node.namespace, node.arch)) or \
-            shared.setdefault((node.namespace, node.arch), _typed_facts(node, edges))
+        known = shared.get((node.namespace, node.arch))
+        if known is None:
+            known = _typed_facts(node, edges)
+            if not _safe_facts(known):
+                return None
+            shared[(node.namespace, node.arch)] = known
+        facts = known
     return (dag_hash, name, version, facts, bool(entry.in_buildcache),
             _count(entry.ref_count), runtime, start, end)
 
@@ -516,8 +580,13 @@ def _typed_facts(node: indexdecode.Node, edges: list[dict[str, Any]]) -> dict[st
 
 
 def _good_name(value: Any) -> bool:
-    return (type(value) is str and value != "" and "/" not in value and "\0" not in value
-            and value not in (".", ".."))
+    return type(value) is str and 0 < len(value) <= MAX_NAME and not _BAD_NAME.search(value)
+
+
+def _safe_facts(facts: dict[str, Any]) -> bool:
+    external = facts.get("external")
+    path = external.get("path") if external is not None else None
+    return _bad_text(facts) is None and (not isinstance(path, str) or _plain_path(path))
 
 
 def _typed_edges(edges: Iterable[Any]) -> tuple[tuple[str, ...], list[dict[str, Any]]]:

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 
 from lazymount.errors import LazymountError
+from lazymount.system.printable import printable
 from lazymount.system.redact import redact
 
 # subcommand -> "module:function" that runs it with the rest of the command line
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         run, rest = runner(argv)
         return run(rest)
     except LazymountError as exc:
-        print(f"lazymount: {redact(str(exc))}", file=sys.stderr)
+        print(f"lazymount: {printable(redact(str(exc)))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

@@ -31,6 +31,7 @@ from lazymount.mirror.ociref import is_oci_url, registry_of
 from lazymount.mirror.timeouts import Timeouts
 from lazymount.system import sizes
 from lazymount.system.places import STARTED_AS_ROOT
+from lazymount.system.printable import EscapingFilter, printable
 from lazymount.system.redact import RedactingFilter, redact
 
 log = logging.getLogger("lazymount")
@@ -237,6 +238,7 @@ def setup_logging(verbose: bool, log_file: Path | None = None) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("lazymount: %(message)s"))
     handler.addFilter(RedactingFilter())
+    handler.addFilter(EscapingFilter())  # after redaction, which reads the message
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("httpx", "httpcore", "gnupg", "trio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -296,7 +298,7 @@ def _serve_in_background(config: MountConfig, args: argparse.Namespace) -> int:
         print(f"lazymount: mounted at {config.mountpoint} (pid {pid}, log {log_file})")
         return 0
     reason = redact(message) or f"the mount process ended without a word; see {log_file}"
-    print(f"lazymount: {reason}", file=sys.stderr)
+    print(f"lazymount: {printable(reason)}", file=sys.stderr)
     return 1
 
 

@@ -16,6 +16,7 @@ from lazymount.service import control
 from lazymount.service.metrics import exposition
 from lazymount.service.statustext import render, render_package
 from lazymount.system.mountinfo import lazymount_mounts
+from lazymount.system.printable import printable
 
 
 def _mount_of(path: Path) -> tuple[str, str] | None:
@@ -81,7 +82,7 @@ def _every_mount() -> list[dict[str, Any]]:
         except OSError:
             continue  # a socket left by a daemon that is gone
         except UsageError as exc:  # one confused daemon must not hide the others
-            print(f"lazymount: {exc}", file=sys.stderr)
+            print(f"lazymount: {printable(str(exc))}", file=sys.stderr)
     if not answers:
         places = dict.fromkeys([control.runtime_dir(), control.SYSTEM_DIR])
         raise UsageError(f"no running lazymount answers (looked in "

@@ -23,6 +23,7 @@ from lazymount.store import partial, record
 from lazymount.store.content import Store
 from lazymount.system import xattrs
 from lazymount.system.mountinfo import lazymount_mounts
+from lazymount.system.printable import printable
 from lazymount.system.sizes import parse_size, show_size
 
 
@@ -88,7 +89,8 @@ class PlainProgress:
         self.done += 1
         state = (f"ready   ({show_size(int(event.get('bytes', 0)))})" if event.get("ok")
                  else f"FAILED: {event.get('error')}")
-        print(f"[{self.done}/{self.total}] {event.get('label')}: {state}", flush=True)
+        print(printable(f"[{self.done}/{self.total}] {event.get('label')}: {state}"),
+              flush=True)
 
     def close(self) -> None:
         pass
@@ -111,8 +113,8 @@ class BarProgress:
             return
         self.bytes += int(event.get("bytes", 0))
         if not event.get("ok"):
-            self.bar.write(f"{event.get('label')}: FAILED: {event.get('error')}")
-        self.bar.set_postfix_str(f"{event.get('label')}, {show_size(self.bytes)}")
+            self.bar.write(printable(f"{event.get('label')}: FAILED: {event.get('error')}"))
+        self.bar.set_postfix_str(printable(f"{event.get('label')}, {show_size(self.bytes)}"))
         self.bar.update(1)
 
     def close(self) -> None:
@@ -165,7 +167,8 @@ def run_preload(argv: list[str]) -> int:
     finally:
         progress.close()
     for event in failed:
-        print(f"lazymount: {event['label']} failed: {event['error']}", file=sys.stderr)
+        print(printable(f"lazymount: {event['label']} failed: {event['error']}"),
+              file=sys.stderr)
     return 1 if failed else 0
 
 

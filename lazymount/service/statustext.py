@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from lazymount.system.printable import printable_values
 from lazymount.system.sizes import show_size
 
 
 def render(status: dict[str, Any]) -> str:
-    """The status for a person."""
+    """The status for a person (names and errors can come from a mirror: each value is
+    shown with its control characters escaped)."""
+    status = printable_values(status)
     index, pkgs, store = status["index"], status["packages"], status["store"]
     lines = [
         f"lazymount {status['version']} at {status['mountpoint']} (pid {status['pid']}, "
@@ -66,6 +69,7 @@ def render(status: dict[str, Any]) -> str:
 
 
 def render_package(answer: dict[str, Any]) -> str:
+    answer = printable_values(answer)
     if answer.get("package") is None:
         return f"{answer['path']}: {answer['reason']}\n"
     text = f"{answer['prefix']}: {answer['package']}: {answer['state']}"

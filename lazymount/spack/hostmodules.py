@@ -25,7 +25,16 @@ from __future__ import annotations
 
 from lazymount.buildcache.layout import polite_filename
 from lazymount.catalog.hosttarget import HostView
-from lazymount.spack.modulefiles import KINDS, LMOD, MODULES_DIR, TCL, ModuleTree
+from lazymount.spack.modulefiles import (
+    KINDS,
+    LMOD,
+    MODULES_DIR,
+    RESERVED_VERSIONS,
+    TCL,
+    ModuleTree,
+    module_word,
+    tcl_quoted,
+)
 
 HOST_MODULES = f"{MODULES_DIR}/host"
 DEFAULT_LINK = "default"
@@ -54,7 +63,7 @@ def entries(modules: ModuleTree, view: HostView, relative: str) -> Entries | Non
         found[_file_name(kind, version)] = _text(modules, view, kind, name, version)
     newest = _file_name(kind, versions[0])
     if kind == TCL:
-        found[TCL_VERSION_FILE] = (f'#%Module1.0\nset ModulesVersion "{versions[0]}"\n'
+        found[TCL_VERSION_FILE] = (f"#%Module1.0\nset ModulesVersion {tcl_quoted(versions[0])}\n"
                                    .encode())
     elif DEFAULT_LINK not in found:
         found[DEFAULT_LINK] = newest
@@ -63,12 +72,19 @@ def entries(modules: ModuleTree, view: HostView, relative: str) -> Entries | Non
 
 def _versions(modules: ModuleTree, view: HostView, kind: str, name: str) -> list[str]:
     """Versions of ``name`` whose host build has a module of ``kind``, newest first; only
-    names and versions that are already polite file names (as module names are)."""
-    if polite_filename(name) != name:
+    names and versions that are already polite file names (as module names are) and that
+    a module system does not read as its own (``.modulerc``, ``.version``, an option, a
+    variant, ``default``)."""
+    if not _plain_name(name):
         return []
     return [version for version in view.versions(name)
-            if polite_filename(version) == version
+            if _plain_name(version) and version.lower() not in RESERVED_VERSIONS
             and _chosen_module(modules, view, kind, name, version) is not None]
+
+
+def _plain_name(name: str) -> bool:
+    # the host tree is where a name of a module system's own would be evaluated
+    return polite_filename(name) == name and module_word(name)
 
 
 def _chosen_module(modules: ModuleTree, view: HostView, kind: str, name: str,

@@ -18,7 +18,10 @@ replaced by the install-record fields):
   v3/v4, from layout-v2 caches) are written as Spack 1.x writes them itself (``v5_node``);
 
 * a spec the mount serves: ``installed: true``, ``path`` = its prefix under the mount;
-* an external: ``installed: true``, ``path`` = its own prefix (``/usr`` for a system glibc);
+* an external: ``installed: true``, ``path`` = its own prefix (``/usr`` for a system glibc),
+  checked by the index reader (absolute, no ``..``, no control character); its ``module``
+  list is written as ``null``: Spack loads an external's modules through ``/bin/bash``
+  (``module load <names>``, unquoted) when it builds against it, and the index is unsigned;
 * a build-only or uncached dependency: ``installed: false``, ``path`` = where it would be;
 * ``ref_count`` = how many records depend on it (any dependency type, as Spack counts it),
   recounted over the merged catalog of all mirrors; ``explicit`` for roots (ref_count 0).
@@ -47,7 +50,8 @@ INDEX = "index.json"
 VERIFIER = "index_verifier"
 KEY = "tree.key"  # tree_key of what the files were written for (ours, not served)
 DB_VERSION = "8"  # Spack 1.x; Spack 0.x (DB version 7) refuses newer databases
-WRITER_REVISION = "2"  # bumped when the same tree gives other bytes (2: old nodes as spec v5)
+WRITER_REVISION = "3"  # bumped when the same tree gives other bytes (2: old nodes as spec v5,
+# 3: no external modules)
 WRITE_BUFFER = 1 << 20  # index.json comes in pieces of one record (KiBs): fewer writes
 
 
@@ -92,7 +96,7 @@ def iter_install_records(tree: InstallTree, installation_time: float
             path = tree.prefix_of(dag_hash)
             installed = dag_hash in tree.prefixes  # served by the mount
         yield dag_hash, {
-            "spec": v5_node(record.node),
+            "spec": v5_node(without_modules(record.node)),
             "ref_count": counts[dag_hash],
             "path": path,
             "installed": installed,
@@ -100,6 +104,14 @@ def iter_install_records(tree: InstallTree, installation_time: float
             "installation_time": installation_time,
             "deprecated_for": None,
         }
+
+
+def without_modules(node: dict[str, Any]) -> dict[str, Any]:
+    """``node`` with no external modules: the names would reach a shell in Spack."""
+    external = node.get("external")
+    if isinstance(external, dict) and external.get("module") is not None:
+        return {**node, "external": {**external, "module": None}}
+    return node
 
 
 def v5_node(node: dict[str, Any]) -> dict[str, Any]:
