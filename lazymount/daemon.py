@@ -1,7 +1,7 @@
 """The daemon: build the object graph, mount, serve until unmounted or signalled.
 
 ``serve`` is called in the process that stays attached to the mount (``--foreground``, the
-systemd service, or the background child the command line starts). It reports readiness
+systemd service, or the background daemon the command line forks). It reports readiness
 through a callback once the kernel mount exists, so the command can return only then.
 """
 
