@@ -13,6 +13,7 @@ import tarfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 from lazymount.errors import FormatError, StoreError, UnsafeArchiveError
 from lazymount.install.decompress import CHUNK, Fault, Trailing
@@ -121,10 +122,13 @@ class Source:
 # Tar headers
 
 
+MemberKind = Literal["file", "dir", "symlink", "hardlink"]
+
+
 @dataclass
 class Member:
     name: str
-    kind: str  # "file", "dir", "symlink" or "hardlink"
+    kind: MemberKind
     mode: int
     size: int
     linkname: str
@@ -255,14 +259,15 @@ def _signed_checksum(block: bytes) -> int:
     return 256 + sum(signed)
 
 
-def _member_kind(info: Header, name: str, what: str) -> str:
+def _member_kind(info: Header, name: str, what: str) -> MemberKind:
     if info.type in _FILE_TYPES:
         return "file"
-    kind = {
+    kinds: dict[bytes, MemberKind] = {
         tarfile.DIRTYPE: "dir",
         tarfile.SYMTYPE: "symlink",
         tarfile.LNKTYPE: "hardlink",
-    }.get(info.type)
+    }
+    kind = kinds.get(info.type)
     if kind is None:
         reason = _REFUSED_TYPES.get(info.type, f"of unsupported type {info.type!r}")
         raise unsafe(what, name, f"is {reason}")
