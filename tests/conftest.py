@@ -47,14 +47,15 @@ if sys.version_info < (3, 11, 4):
 os.environ["LAZYMOUNT_DEFAULT_USER"] = "root"
 
 
-# fixtures that start a lazymount daemon or mount something: a test that uses one is
-# end-to-end (``pytest -m "not e2e"`` leaves it out; docs/TESTING.md)
-MOUNTING_FIXTURES = frozenset({"mount_cache", "daemon", "nodes", "tmpfs", "spack"})
+# fixtures that start a lazymount daemon, mount something or run a whole `lazymount publish`
+# over a built cache: a test that uses one is end-to-end (``pytest -m "not e2e"`` leaves it
+# out; docs/TESTING.md)
+E2E_FIXTURES = frozenset({"mount_cache", "daemon", "nodes", "tmpfs", "spack", "published"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if MOUNTING_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        if E2E_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
 
 
@@ -273,6 +274,17 @@ def unmount(root: Path) -> None:
     os.path.ismount, which stats it, says no)."""
     if any(line.split()[4] == str(root) for line in open("/proc/self/mountinfo")):
         subprocess.run(["fusermount3", "-u", "-z", str(root)], check=False)
+
+
+def touch(path: Path, limit: float = 60.0) -> int:
+    """List ``path`` in a child process; its errno (0 for success). Fails the test if the
+    listing has not ended within ``limit`` seconds (a bound on a hang, not a speed check)."""
+    code = ("import os, sys\n"
+            "try:\n    os.listdir(sys.argv[1]); print(0)\n"
+            "except OSError as e:\n    print(e.errno)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                            text=True, timeout=limit)
+    return int(result.stdout)
 
 
 def write_config(path: Path, mountpoint: Path, **keys: object) -> Path:

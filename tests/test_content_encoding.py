@@ -18,9 +18,16 @@ import zlib
 
 import pytest
 import zstandard
-from conftest import FIXTURE_CACHE, FIXTURE_KEY, LMGREET, LMHELLO, lazymount_command, short_dir
+from conftest import (
+    FIXTURE_CACHE,
+    FIXTURE_KEY,
+    LMGREET,
+    LMHELLO,
+    lazymount_command,
+    short_dir,
+    touch,
+)
 from hostile import Fault, log_lines, peak_rss_kib
-from test_faults import touch
 
 pytestmark = pytest.mark.e2e  # these tests start daemons
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_KEY, lazymount_command, unmount
+from conftest import FIXTURE_KEY, lazymount_command, touch, unmount
 from hostile import (
     ARCH_DIR,
     Fault,
@@ -53,17 +53,6 @@ def cache(tmp_path: Path, signer: Signer) -> HostileCache:
 def tarball_path(cache: HostileCache) -> str:
     return "/" + cache.writer.blob_path(cache.entry.tarball["checksum"]).relative_to(
         cache.root).as_posix()
-
-
-def touch(path: Path, limit: float = HANG) -> int:
-    """List ``path`` in a child process; its errno (0 for success). Fails the test if the
-    listing has not ended within ``limit`` seconds."""
-    code = ("import os, sys\n"
-            "try:\n    os.listdir(sys.argv[1]); print(0)\n"
-            "except OSError as e:\n    print(e.errno)\n")
-    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
-                            text=True, timeout=limit)
-    return int(result.stdout)
 
 
 def victim_prefix(mount, cache: HostileCache) -> Path:

@@ -183,3 +183,14 @@ def test_every_file_architecture_names_exists() -> None:
     missing = [name for name in set(_NAMED.findall(text))
                if name not in names and not (PACKAGE.parent / name).exists()]
     assert sorted(missing) == []
+
+
+def test_no_test_module_imports_another() -> None:
+    """Helpers several test modules share live in conftest.py or a helper module (no
+    ``test_`` prefix), so each test module can be read, run and changed alone."""
+    tests = PACKAGE.parent / "tests"
+    problems = [f"{path.name}:{line} imports {target}"
+                for path in sorted(tests.glob("test_*.py"))
+                for line, target in imports_of(path.read_text(), path.stem, False)
+                if target.split(".")[0].startswith("test_")]
+    assert problems == []
