@@ -10,6 +10,8 @@ body). ``SilentPort`` is a port that accepts connections in the kernel and never
 from __future__ import annotations
 
 import errno
+import functools
+import gzip
 import http.server
 import os
 import socket
@@ -17,6 +19,7 @@ import struct
 import tarfile
 import threading
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,7 @@ from typing import Any
 
 import pytest
 import tarfactory as tf
+import zstandard
 from conftest import DATA, FIXTURE_SECRET_KEY, Mount
 from spackcache import (
     MEDIA_SPEC,
@@ -294,6 +298,23 @@ class SilentPort:
 
     def close(self) -> None:
         self.sock.close()
+
+
+BOMB = 512 << 20  # bytes of zeros each bomb inflates to
+RSS_LIMIT_KIB = 200 << 10  # a daemon that decoded a bomb would grow far past this
+
+
+@functools.cache
+def bomb(encoding: str) -> bytes:
+    """A body of a few KiB that decodes, as ``encoding`` says, to BOMB bytes of zeros."""
+    zeros = bytes(1 << 20)
+    if encoding == "zstd":
+        zstd = zstandard.ZstdCompressor(level=19).compressobj()
+        return b"".join(zstd.compress(zeros) for _ in range(BOMB >> 20)) + zstd.flush()
+    assert encoding == "gzip, gzip"
+    deflate = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: the gzip container
+    inner = b"".join(deflate.compress(zeros) for _ in range(BOMB >> 20)) + deflate.flush()
+    return gzip.compress(inner, 9)
 
 
 def peak_rss_kib(pid: int) -> int:

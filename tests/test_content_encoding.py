@@ -10,14 +10,10 @@ the daemon stays small, keeps serving the rest, and asks the next mirror.
 from __future__ import annotations
 
 import errno
-import functools
-import gzip
 import os
 import subprocess
-import zlib
 
 import pytest
-import zstandard
 from conftest import (
     FIXTURE_CACHE,
     FIXTURE_KEY,
@@ -27,12 +23,10 @@ from conftest import (
     short_dir,
     touch,
 )
-from hostile import Fault, log_lines, peak_rss_kib
+from hostile import RSS_LIMIT_KIB, Fault, bomb, log_lines, peak_rss_kib
 
 pytestmark = pytest.mark.e2e  # these tests start daemons
 
-BOMB = 512 << 20  # bytes of zeros each bomb inflates to
-RSS_LIMIT_KIB = 200 << 10
 HELLO = "Hello from lmgreet, world!"
 INDEX = "/v3/manifests/index/index.manifest.json"
 TARGETS = {
@@ -41,19 +35,6 @@ TARGETS = {
 }
 ENCODINGS = ("gzip, gzip", "zstd")
 LABEL = LMHELLO[:len("lmhello-1.0-") + 7]  # how the daemon names lmhello in its log
-
-
-@functools.cache
-def bomb(encoding: str) -> bytes:
-    """A body of a few KiB that decodes, as ``encoding`` says, to BOMB bytes of zeros."""
-    zeros = bytes(1 << 20)
-    if encoding == "zstd":
-        zstd = zstandard.ZstdCompressor(level=19).compressobj()
-        return b"".join(zstd.compress(zeros) for _ in range(BOMB >> 20)) + zstd.flush()
-    assert encoding == "gzip, gzip"
-    deflate = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: the gzip container
-    inner = b"".join(deflate.compress(zeros) for _ in range(BOMB >> 20)) + deflate.flush()
-    return gzip.compress(inner, 9)
 
 
 def encoded(encoding: str) -> Fault:

@@ -26,7 +26,7 @@ from conftest import (
     short_dir,
     unmount,
 )
-from hostile import peak_rss_kib
+from hostile import RSS_LIMIT_KIB, bomb, peak_rss_kib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ocicache import (
@@ -42,7 +42,6 @@ from ocicache import (
 )
 from ociregistry import Registry, RegistryCA, RegistryFront, TokenServer
 from spackcache import CacheWriter, Package
-from test_content_encoding import RSS_LIMIT_KIB, bomb
 
 from lazymount.buildcache.ocimanifest import parse_image_manifest, spec_tag
 from lazymount.errors import FormatError, UsageError
