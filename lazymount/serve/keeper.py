@@ -46,6 +46,7 @@ class StoreKeeper:
         self.usage = self.materializer.usage
         self.binder = binder
         self.lock = trio.Lock()  # one eviction pass at a time
+        self.checking = False  # an fsck is running: any user may ask for one, one at a time
 
     # ---- what is in use ---------------------------------------------------------------
 
@@ -238,7 +239,14 @@ class StoreKeeper:
         repair = bool(request.get("repair"))
         if repair and not owner:
             raise UsageError("only root or the user the daemon runs as may repair the store")
-        return {"packages": await self.fsck(repair), "store": self.status()}
+        if self.checking:
+            raise UsageError("an fsck of this store is running already; ask again once it is "
+                             "done")
+        self.checking = True
+        try:
+            return {"packages": await self.fsck(repair), "store": self.status()}
+        finally:
+            self.checking = False
 
 
 STORE_COMMANDS = ("gc", "fsck", "closure", "sizes", "fill")

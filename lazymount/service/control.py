@@ -31,6 +31,13 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 1 << 16
 SYSTEM_DIR = Path("/run/lazymount")
 ASK_TIMEOUT = 900.0  # seconds a client waits: a refresh may load a large index
+# What one user (by the kernel's peer credentials) and all users but root may hold open at
+# once: a socket every user may reach must not let one of them take the daemon's file
+# descriptors (1,000 idle connections did, and then reads through the mount failed).
+MAX_PER_USER = 8
+MAX_CONNECTIONS = 64
+REQUEST_TIMEOUT = 10.0  # seconds to send the request line; an idle connection is closed
+COMPLAINT_INTERVAL = 60.0  # seconds between two log lines about bad requests
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -98,7 +105,7 @@ def bind(mountpoint: str, shared: bool) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(str(path))
         os.chmod(path, 0o666 if shared else 0o600)
-        sock.listen(16)
+        sock.listen(64)
     except OSError as exc:
         raise UsageError(f"cannot make the control socket {path}: {exc.strerror}") from None
     return sock
@@ -113,27 +120,71 @@ def _check_ours(directory: Path) -> None:
                          "only this user can write to; remove it or set XDG_RUNTIME_DIR")
 
 
+class _Gate:
+    """How many connections each user holds; admits one within the bounds (root is held
+    to its own bound only, so an exhausted total never locks root out)."""
+
+    def __init__(self) -> None:
+        self.held: dict[int, int] = {}
+
+    def admit(self, uid: int) -> str | None:
+        """None if ``uid`` may open one more (counted), else why not."""
+        if self.held.get(uid, 0) >= MAX_PER_USER:
+            return f"uid {uid} already holds {MAX_PER_USER} connections"
+        if uid != 0 and sum(n for u, n in self.held.items() if u != 0) >= MAX_CONNECTIONS:
+            return f"{MAX_CONNECTIONS} connections are open"
+        self.held[uid] = self.held.get(uid, 0) + 1
+        return None
+
+    def release(self, uid: int) -> None:
+        self.held[uid] -= 1
+        if not self.held[uid]:
+            del self.held[uid]
+
+
+class _Complaints:
+    """Bad requests, logged one line per COMPLAINT_INTERVAL at most (with how many more
+    there were): any user may send them, and the log must not grow with their number."""
+
+    def __init__(self) -> None:
+        self.last = -COMPLAINT_INTERVAL
+        self.unsaid = 0
+
+    def note(self, what: str, now: float) -> None:
+        if now - self.last < COMPLAINT_INTERVAL:
+            self.unsaid += 1
+            return
+        more = f" (and {self.unsaid} more since the last one)" if self.unsaid else ""
+        log.warning("control socket: %s%s", what, more)
+        self.last, self.unsaid = now, 0
+
+
+class BadRequest(Exception):
+    """A request that is not one JSON object on a line, sent in time."""
+
+
 async def serve(sock: socket.socket, handler: Handler) -> None:
     """Answer requests on ``sock`` until cancelled. ``handler`` gets the request (with the
-    asker's ``uid`` added) and returns the answer."""
+    asker's ``uid`` added) and returns the answer. Connections are bounded per user and in
+    all (``_Gate``); a bad, over-long or idle request is answered with an error and logged
+    in one rate-limited line."""
     import trio
 
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    gate, complaints = _Gate(), _Complaints()
 
     async def one(stream: trio.SocketStream) -> None:
         try:
             uid = _peer_uid(stream.socket)
-            request = await _read_line(stream)
+            refusal = gate.admit(uid)
+            if refusal is not None:
+                complaints.note(f"refused a connection: {refusal}", trio.current_time())
+                await _answer(stream, {"error": f"too many connections: {refusal}"})
+                return
             try:
-                message = json.loads(request)
-                if not isinstance(message, dict):
-                    raise ValueError("not an object")
-                answer = await handler({**message, "uid": uid})
-            except (ValueError, UnicodeDecodeError) as exc:
-                answer = {"error": f"bad request: {exc}"}
-            except LazymountError as exc:
-                answer = {"error": str(exc)}
-            await stream.send_all(json.dumps(answer).encode() + b"\n")
+                await _answer(stream, await _answered(stream, uid, handler, complaints))
+            finally:
+                gate.release(uid)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         except Exception:  # a bug answering one request must not stop the others
@@ -144,23 +195,51 @@ async def serve(sock: socket.socket, handler: Handler) -> None:
     await trio.serve_listeners(one, [listener])  # type: ignore[arg-type]
 
 
+async def _answered(stream: trio.SocketStream, uid: int, handler: Handler,
+                    complaints: _Complaints) -> dict[str, Any]:
+    import trio
+
+    try:
+        message = json.loads(await _read_line(stream))
+        if not isinstance(message, dict):
+            raise BadRequest("not a JSON object")
+    except (BadRequest, ValueError, RecursionError) as exc:  # JSON, UTF-8 and nesting
+        reason = str(exc)[:200]
+        complaints.note(f"bad request from uid {uid}: {reason}", trio.current_time())
+        return {"error": f"bad request: {reason}"}
+    try:
+        return await handler({**message, "uid": uid})
+    except LazymountError as exc:
+        return {"error": str(exc)}
+
+
+async def _answer(stream: trio.SocketStream, answer: dict[str, Any]) -> None:
+    import trio
+
+    with trio.move_on_after(REQUEST_TIMEOUT):  # an asker that never reads is dropped
+        await stream.send_all(json.dumps(answer).encode() + b"\n")
+
+
 def _peer_uid(sock: Any) -> int:
     data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return int(struct.unpack("3i", data)[1])
 
 
 async def _read_line(stream: trio.SocketStream) -> bytes:
+    """One request line. BadRequest if it is too long or not sent in REQUEST_TIMEOUT."""
     import trio
 
     data = b""
-    with trio.fail_after(30):
+    with trio.move_on_after(REQUEST_TIMEOUT) as waited:
         while not data.endswith(b"\n"):
             chunk = await stream.receive_some(4096)
             if not chunk:
                 break
             data += chunk
             if len(data) > MAX_REQUEST_BYTES:
-                raise ValueError("request too long")
+                raise BadRequest(f"longer than {MAX_REQUEST_BYTES} bytes")
+    if waited.cancelled_caught:
+        raise BadRequest(f"no request line within {REQUEST_TIMEOUT:.0f} s")
     return data
 
 
