@@ -20,12 +20,12 @@ from .harness import drop_caches, median, short_dir, timed
 GOAL_TOC_TIME = 0.1  # cold first run with a TOC: at most this times the eager time
 GOAL_TOC_BYTES = 0.05  # bytes fetched for it: at most this share of the blob
 GOAL_TOC_READ_ALL = 1.2  # every file read through the opened package vs whole materialization
-RECIPE = 1
+RECIPE = 2
 
 
 def cuda_package(writer: Any) -> Any:
     """~1.1 GiB in ~4,000 files: 4 executables linked to a core library, 6 shared libraries
-    of 80 MiB, 4,000 headers (every tenth names the prefix), 2 data files of 256 MiB."""
+    of 80 MiB, 4,000 headers (every tenth names the prefix), 3 data files of 200 MiB."""
     sc = generate.sc
     pkg = sc.Package("cudalike", "12.4.0")
     prefix = writer.prefix_of(pkg)
@@ -42,8 +42,8 @@ def cuda_package(writer: Any) -> Any:
         files[f"include/cudalike/g{index // 200:02d}/h{index:05d}.h"] = (
             f"/* header {index} */\n#pragma once\n{mention}/*\n".encode()
             + content.text_slice(content.rng.randint(1000, 6000)) + b"*/\n")
-    for index in range(2):
-        files[f"share/cudalike/data/blob{index}.bin"] = content.binary(256 << 20)
+    for index in range(3):
+        files[f"share/cudalike/data/blob{index}.bin"] = content.binary(200 << 20)
     files["bin/cudalike-config"] = f"#!/bin/sh\necho {prefix}\n"
     pkg.files = files
     writer.add(pkg)
@@ -63,7 +63,7 @@ def make_cuda(out: Path, log: Any) -> dict[str, Any]:
 
     info = generate._build(out / "cuda", base, make)
     mirror = out / "cuda" / "mirror"
-    if not (mirror / "lazymount").is_dir():
+    if not (mirror / "lazymount" / "v1" / "toc").is_dir():
         done = subprocess.run(
             [sys.executable, "-m", "lazymount", "publish", str(mirror),
              f"--signing-key={generate.SECRET_KEY}", f"--trust-key={generate.PUBLIC_KEY}"],

@@ -35,7 +35,7 @@ from lazymount.errors import FormatError, IntegrityError, LazymountError, Mirror
 from lazymount.install import onefile
 from lazymount.install.buildinfo import BUILDINFO, check_build_prefix, parse_buildinfo
 from lazymount.install.extract import climbs_out
-from lazymount.install.tocread import read_member
+from lazymount.install.tocread import check_member, inflate_span
 from lazymount.mirror.transport import Mirror
 from lazymount.store import partial
 from lazymount.store.content import Store
@@ -45,7 +45,8 @@ from lazymount.trust.policy import Trust
 log = logging.getLogger(__name__)
 
 WINDOW_BYTES = 32 << 10
-KEPT_SPANS = 8  # compressed spans kept in memory for the next member of the same span
+KEPT_SPANS = 4  # compressed spans kept in memory (a span is inflated once, then kept so)
+KEPT_REGIONS = 12  # inflated spans (~4 MiB each) kept for the next members in them
 
 
 class TocUnusable(LazymountError):
@@ -186,6 +187,7 @@ class Opened:
         self.cpu = trio.CapacityLimiter(2)
         self._files: dict[str, _Flight] = {}
         self._spans: OrderedDict[int, _Flight] = OrderedDict()
+        self._regions: OrderedDict[int, _Flight] = OrderedDict()
         self._windows: dict[str, _Flight] = {}
         self.replaced: trio.Event | None = None  # set once a whole tree replaced this one
         self.reason = ""  # why it was replaced
@@ -291,31 +293,37 @@ class Opened:
             if self.shape.members[rel].kind == "hardlink":
                 target = self._target(rel)
                 await self.ensure(target)
-                await self._staged(lambda work: onefile.link_of(self.tree, target, work,
-                                                                self.label), rel)
+                await self._staged(lambda work: (onefile.link_of(self.tree, target, work,
+                                                                 self.label), None), rel)
                 return
-            data = await self.member_bytes(self.shape.members[rel])
+            member = self.shape.members[rel]
+            data = await self.member_bytes(member)
             assert self.lists is not None
             lists = self.lists
-            await self._staged(lambda work: onefile.write_relocated(
-                work, rel, data, self.shape.members[rel].mode, lists, self.mapping,
-                self.sbang, self.label), rel)
+
+            def make(work: Path) -> tuple[Path, str | None]:
+                path, changed = onefile.write_relocated(work, rel, data, member.mode, lists,
+                                                        self.mapping, self.sbang, self.label)
+                return path, None if changed else member.sha256  # unchanged: hashed already
+
+            await self._staged(make, rel)
         finally:
             self._files.pop(rel, None)  # present now, or tried again on the next open
 
-    async def _staged(self, make: Callable[[Path], Path], rel: str) -> None:
-        """Make a file in a fresh staging folder, note it in the fill log and rename it
-        into the tree."""
+    async def _staged(self, make: Callable[[Path], tuple[Path, str | None]], rel: str) -> None:
+        """Make a file in a fresh staging folder (``make`` gives its path and its sha256 if
+        known), note it in the fill log and rename it into the tree."""
         def run() -> int:
             work = self._work_folder()
             try:
-                path = make(work)
+                path, sha256 = make(work)
                 st = os.lstat(path)
                 if st.st_size != self.sizes.get(rel):
                     log.error("%s: %s has %d bytes, its table of contents said %s; the size "
                               "served before it was fetched was wrong", self.label, rel,
                               st.st_size, self.sizes.get(rel))
-                partial.note_filled(self.store, self.key, rel, st.st_size, _sha256(path))
+                partial.note_filled(self.store, self.key, rel, st.st_size,
+                                    sha256 or _sha256(path))
                 onefile.move_into(path, self.tree, rel, self.label)
                 return st.st_blocks * 512 if st.st_nlink == 1 else 0
             finally:
@@ -344,30 +352,13 @@ class Opened:
             self._staging = None
 
     async def member_bytes(self, member: TocMember) -> bytes:
-        """The checked content of a file member, as in the tarball."""
-        spans = spans_of(self.toc, member)
-        if member.size == 0:
-            spans, window = range(0), b""
-        else:
-            point = self.toc.points[spans.start]
-            window = await self._window(point.window) if point.window else b""
-        compressed = await self._gather_spans(spans)
-        try:
-            async with self.cpu:
-                return await trio.to_thread.run_sync(read_member, self.toc, member,
-                                                     compressed, window)
-        except IntegrityError as exc:
-            raise TocUnusable(f"{self.label}: {exc}") from None
-
-    async def _gather_spans(self, spans: range) -> bytes:
-        """The tarball's bytes from the first point of ``spans`` to the end of the last
-        span (spans overlap by the byte that holds the next point's first bit)."""
-        if not spans:
-            return b""
+        """The checked content of a file member, as in the tarball: cut from the inflated
+        spans it lies in (each inflated once while it is kept, for every member in it)."""
+        spans = spans_of(self.toc, member) if member.size else range(0)
         parts: list[bytes] = [b""] * len(spans)
 
         async def one(position: int, index: int) -> None:
-            parts[position] = await self._span(index)
+            parts[position] = await self._region(index)
 
         try:
             async with trio.open_nursery() as nursery:
@@ -378,7 +369,50 @@ class Opened:
             if failures is None:
                 raise
             raise _first(failures) from None
-        return b"".join(part[:-1] for part in parts[:-1]) + parts[-1]
+        if spans:
+            base = self.toc.points[spans.start].uncompressed
+            start = member.offset - base
+            data = b"".join(parts) if len(parts) > 1 else parts[0]
+            data = data[start:start + member.size]
+        else:
+            data = b""
+        try:
+            return check_member(member, data)
+        except IntegrityError as exc:
+            raise TocUnusable(f"{self.label}: {exc}") from None
+
+    async def _region(self, index: int) -> bytes:
+        """Span ``index`` inflated (kept while it is among the last few used)."""
+        flight = self._regions.get(index)
+        if flight is None or (flight.done.is_set() and flight.error is not None):
+            flight = self._regions[index] = _Flight()
+            while len(self._regions) > KEPT_REGIONS:
+                self._regions.popitem(last=False)
+            await self._fly(flight, self._inflate, index)
+        else:
+            self._regions.move_to_end(index)
+        await flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        return flight.value  # type: ignore[no-any-return]
+
+    async def _inflate(self, index: int) -> bytes:
+        point = self.toc.points[index]
+        before = self._regions.get(index - 1) if index else None
+        if not point.window:
+            window = b""
+        elif (before is not None and before.done.is_set() and before.error is None
+              and len(before.value) >= WINDOW_BYTES):
+            window = before.value[-WINDOW_BYTES:]  # the span before, inflated: no fetch
+        else:
+            window = await self._window(point.window)
+        compressed = await self._span(index)
+        try:
+            async with self.cpu:
+                return await trio.to_thread.run_sync(inflate_span, self.toc, index, compressed,
+                                                     window)
+        except IntegrityError as exc:
+            raise TocUnusable(f"{self.label}: {exc}") from None
 
     def _span_bounds(self, index: int) -> tuple[int, int]:
         return self.toc.points[index].compressed, span_end(self.toc, index)

@@ -49,9 +49,11 @@ class Lists:
 
 
 def write_relocated(work: Path, rel: str, data: bytes, mode: int, lists: Lists,
-                    mapping: list[tuple[str, str]], sbang: str, what: str) -> Path:
+                    mapping: list[tuple[str, str]], sbang: str, what: str
+                    ) -> tuple[Path, bool]:
     """Write ``data`` at ``work/rel`` with the store's mode for ``mode``, and relocate it as a
-    whole prefix would have been; returns its path. ``work`` is an empty folder."""
+    whole prefix would have been; returns its path and whether relocation changed it.
+    ``work`` is an empty folder."""
     path = work / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -59,13 +61,17 @@ def write_relocated(work: Path, rel: str, data: bytes, mode: int, lists: Lists,
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
         os.fchmod(handle.fileno(), file_mode(mode))
-    one = dict(lists.info, relocate_textfiles=[rel] if rel in lists.texts else [],
-               relocate_binaries=[rel] if rel in lists.binaries else [],
-               relocate_links=[], hardlinks_deduped=True)
-    relocate.relocate_prefix(work, one, mapping, what)
-    if data[:2] == b"#!" and mode & 0o111:
-        add_sbang(work, sbang, what, [rel])
-    return path
+    text, binary = rel in lists.texts, rel in lists.binaries
+    script = data[:2] == b"#!" and bool(mode & 0o111)
+    changed: list[str] = []
+    if text or binary:  # the others no relocation step reads
+        one = dict(lists.info, relocate_textfiles=[rel] if text else [],
+                   relocate_binaries=[rel] if binary else [],
+                   relocate_links=[], hardlinks_deduped=True)
+        changed += relocate.relocate_prefix(work, one, mapping, what).changed
+    if script:
+        changed += add_sbang(work, sbang, what, [rel])
+    return path, bool(changed)
 
 
 def move_into(source: Path, tree: Path, rel: str, what: str) -> None:

@@ -49,6 +49,38 @@ def read_member(toc: Toc, member: TocMember, span_bytes: bytes, window_bytes: by
     return _checked(data[skip:], member, what)
 
 
+def inflate_span(toc: Toc, index: int, span_bytes: bytes, window_bytes: bytes) -> bytes:
+    """The uncompressed bytes of span ``index``: from its point to the next one (or the end
+    of the tar). ``span_bytes``: that span as the TOC names it; ``window_bytes``: the 32 KiB
+    before its point (its window blob, or the end of the span before, inflated). A client
+    that reads many members of one span inflates it once. IntegrityError if the span or the
+    window does not match the TOC, or the span does not inflate to its length."""
+    point = toc.points[index]
+    what = f"span {index}"
+    _check_spans(toc, range(index, index + 1), span_bytes, what)
+    if (hashlib.sha256(window_bytes).hexdigest() != point.window if point.window
+            else window_bytes):
+        raise IntegrityError(f"{what}: the window of its seek point does not match the "
+                             "table of contents")
+    end = (toc.points[index + 1].uncompressed if index + 1 < len(toc.points)
+           else toc.uncompressed_size)
+    inflate = (zlib.decompressobj(-15, zdict=window_bytes) if window_bytes
+               else zlib.decompressobj(-15))
+    try:
+        data = inflate.decompress(_aligned(span_bytes, point.bits), end - point.uncompressed)
+    except zlib.error as exc:
+        raise IntegrityError(f"{what}: cannot inflate from its seek point ({exc})") from None
+    if len(data) != end - point.uncompressed:
+        raise IntegrityError(f"{what}: inflates to {len(data)} bytes, the table of contents "
+                             f"says {end - point.uncompressed}")
+    return data
+
+
+def check_member(member: TocMember, data: bytes) -> bytes:
+    """``data`` if it is ``member``'s content as the TOC names it; else IntegrityError."""
+    return _checked(data, member, f"{member.path[:200]!r}")
+
+
 def _check_spans(toc: Toc, spans: range, data: bytes, what: str) -> None:
     base = toc.points[spans.start].compressed
     if len(data) != span_end(toc, spans[-1]) - base:
