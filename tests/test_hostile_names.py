@@ -8,6 +8,7 @@ person and the log carry no control character from the index."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
@@ -292,3 +293,53 @@ def test_status_renders_values_escaped():
               "store": {"path": "/s", "bytes": 0, "packages": 0}, "fetched_bytes": 0,
               "mirrors": []}
     assert "\x1b" not in render(status)
+
+
+# ---- an index external as the real Spack sees it ---------------------------------------------
+
+# What Spack does with an upstream external when it builds against it
+# (build_environment.load_external_modules): each name of its module list goes to
+# module_cmd.load_module, which runs "module show <name>" and "module load <name>" in bash.
+LOAD_EXTERNAL_MODULES = """
+import json, sys
+import spack.store
+from spack.util.module_cmd import load_module
+upstream, = spack.store.STORE.db.upstream_dbs
+upstream._read()
+seen = {}
+for h, r in upstream._data.items():
+    if r.spec.external:
+        seen[h] = [r.spec.external_path, r.spec.external_modules]
+        for name in r.spec.external_modules or []:
+            load_module(name)
+json.dump(seen, sys.stdout)
+"""
+
+
+def test_an_index_external_reaches_spack_without_its_module_list(spack, mount_cache, tmp_path,
+                                                                 signer):
+    marker = tmp_path / "the-index-ran-this"
+    cache = HostileCache(tmp_path / "cache", signer)
+    sneaky = Package("lmext", external={"path": "/usr", "extra_attributes": {},
+                                        "module": [f"lmext; touch {marker}"]})
+    relative = Package("lmrel", external={"path": "usr/../../tmp", "module": None,
+                                          "extra_attributes": {}})
+    climbing = Package("lmclimb", external={"path": "/usr/../tmp", "module": None,
+                                            "extra_attributes": {}})
+    records = cache.writer.index_records()
+    for pkg in (sneaky, relative, climbing):
+        records[pkg.dag_hash] = {"spec": pkg.node(), "ref_count": 0, "in_buildcache": False}
+    cache.finish(records)
+    mount = mount_cache([str(cache.root)])
+    spack.upstream("lazymount", mount.root)
+    script = tmp_path / "load_external_modules.py"
+    script.write_text(LOAD_EXTERNAL_MODULES)
+    result = spack("python", str(script), check=False)
+    assert not marker.exists(), result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
+    seen = json.loads(result.stdout)
+    assert seen[sneaky.dag_hash] == ["/usr", None]  # kept, without its modules
+    assert relative.dag_hash not in seen and climbing.dag_hash not in seen
+    for pkg in (relative, climbing):
+        lines = [line for line in mount.log_text().splitlines() if pkg.dag_hash in line]
+        assert len(lines) == 1 and "is not an absolute path" in lines[0], mount.log_text()
