@@ -46,7 +46,8 @@ if [ ! -x "/$lmod_exec" ] && [ ! -x ".venv/lmod/$lmod_exec" ]; then
     dpkg-deb --fsys-tarfile "$download"/lmod_*.deb | tar -x -C .venv/lmod ./usr
     rm -rf "$download"
 fi
-# the daemon's system user (it owns the store of the systemd unit, which runs --user lazymount)
+# the daemon's system user (a daemon started as root runs as it and owns its store; the
+# systemd unit names it with --user lazymount)
 # and a second, ordinary account that the security tests attack from
 if ! id lazymount >/dev/null 2>&1; then
     useradd --system --user-group --no-create-home --shell /usr/sbin/nologin lazymount
