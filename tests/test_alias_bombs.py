@@ -15,6 +15,8 @@ import tarfactory as tf
 from conftest import FIXTURE_CACHE, lazymount_command, short_dir, unmount
 from hostile import ARCH_DIR, HostileCache, expect_refused
 
+pytestmark = pytest.mark.e2e  # these tests start daemons
+
 DEPTH = 10  # nine aliases of nine aliases, ten levels: 9^11 strings once expanded
 REFUSED = "its aliases expand to more than 10000 values (refused as an alias bomb)"
 

@@ -23,7 +23,8 @@ from conftest import (
     unmount,
 )
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (users, mounts)")
+pytestmark = [pytest.mark.e2e,  # these tests start daemons
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root (users, mounts)")]
 
 HELLO = "Hello from lmgreet, world!"
 MISSING = "lazymount-absent"  # an account no machine of the tests has
