@@ -17,6 +17,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ MAX_PER_USER = 8
 MAX_CONNECTIONS = 64
 REQUEST_TIMEOUT = 10.0  # seconds to send the request line; an idle connection is closed
 COMPLAINT_INTERVAL = 60.0  # seconds between two log lines about bad requests
+TOO_MANY = "too many connections"
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -179,7 +181,7 @@ async def serve(sock: socket.socket, handler: Handler) -> None:
             refusal = gate.admit(uid)
             if refusal is not None:
                 complaints.note(f"refused a connection: {refusal}", trio.current_time())
-                await _answer(stream, {"error": f"too many connections: {refusal}"})
+                await _answer(stream, {"error": f"{TOO_MANY}: {refusal}"})
                 return
             try:
                 await _answer(stream, await _answered(stream, uid, handler, complaints))
@@ -275,12 +277,24 @@ def checked(answer: dict[str, Any]) -> dict[str, Any]:
     return answer
 
 
+def _ask_patiently(path: Path, request: dict[str, Any]) -> dict[str, Any]:
+    """``ask``, again for up to REQUEST_TIMEOUT seconds while the daemon says this user holds
+    too many connections (several commands of one user at once)."""
+    deadline = time.monotonic() + REQUEST_TIMEOUT
+    while True:
+        answer = ask(path, request)
+        if (not str(answer.get("error", "")).startswith(TOO_MANY)
+                or time.monotonic() > deadline):
+            return answer
+        time.sleep(0.2)
+
+
 def ask_mount(mountpoint: str, request: dict[str, Any]) -> dict[str, Any]:
     """Ask the daemon of ``mountpoint``. Raises UsageError if none answers."""
     reasons = []
     for path in socket_paths(mountpoint):
         try:
-            return ask(path, request)
+            return _ask_patiently(path, request)
         except FileNotFoundError:
             continue
         except OSError as exc:
