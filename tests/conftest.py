@@ -265,6 +265,18 @@ class Mount:
         return self.root / "linux-x86_64" / name
 
 
+MODULES_INIT = Path("/usr/share/modules/init/bash")  # Debian's environment-modules
+LMOD_EXEC = "usr/share/lmod/lmod/libexec/lmod"
+
+
+def lmod_executable() -> Path:
+    """Lmod unpacked into the virtual environment by scripts/setup.sh, or a system one."""
+    for candidate in (Path(sys.prefix) / "lmod" / LMOD_EXEC, Path("/") / LMOD_EXEC):
+        if candidate.exists():
+            return candidate
+    pytest.fail("Lmod is not installed (scripts/setup.sh unpacks it into .venv/lmod)")
+
+
 def lazymount_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "lazymount", *args]
 

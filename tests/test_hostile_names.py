@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import lazymount_command, unmount
+from conftest import MODULES_INIT, lazymount_command, lmod_executable, unmount
 from hostile import ARCH_DIR, HostileCache, expect_bystander_served
 from spackcache import Package
-from test_modules import MODULES_INIT, lmod_executable
 
 from lazymount.cli.mountcmd import setup_logging
 from lazymount.service.statustext import render, render_package

@@ -10,25 +10,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_CACHE, LMHELLO
+from conftest import FIXTURE_CACHE, LMHELLO, MODULES_INIT, lmod_executable
 
 ARCH = "linux-debian12-x86_64"  # the caches' platform, os and target
-MODULES_INIT = Path("/usr/share/modules/init/bash")  # Debian's environment-modules
-LMOD_EXEC = "usr/share/lmod/lmod/libexec/lmod"
 HELLO7 = LMHELLO.rsplit("-", 1)[1][:7]
-
-
-def lmod_executable() -> Path:
-    """Lmod unpacked into the virtual environment by scripts/setup.sh, or a system one."""
-    for candidate in (Path(sys.prefix) / "lmod" / LMOD_EXEC, Path("/") / LMOD_EXEC):
-        if candidate.exists():
-            return candidate
-    pytest.fail("Lmod is not installed (scripts/setup.sh unpacks it into .venv/lmod)")
 
 
 @dataclass(frozen=True)
