@@ -13,12 +13,11 @@ import errno
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import archspec.cpu
 import pytest
-from conftest import DATA, lazymount_command
+from conftest import DATA, MODULES_INIT, lazymount_command, lmod_executable
 
 CACHE = DATA / "v3-microarch"
 LMISA = {  # lmisa@1.0 per target
@@ -232,10 +231,6 @@ def test_status_of_a_hidden_build_says_why_it_is_hidden(served, mount_cache):
     assert 'host_target="x86_64_v3"' in metrics
 
 
-MODULES_INIT = Path("/usr/share/modules/init/bash")  # Debian's environment-modules
-LMOD = Path(sys.prefix) / "lmod" / "usr/share/lmod/lmod/libexec/lmod"  # scripts/setup.sh
-
-
 def module_shell(kind: str, modulepath: Path, script: str) -> subprocess.CompletedProcess[str]:
     """Run ``script`` in bash with the ``module`` command of Environment Modules (tcl) or
     Lmod (lmod) and only ``modulepath`` on MODULEPATH."""
@@ -243,8 +238,7 @@ def module_shell(kind: str, modulepath: Path, script: str) -> subprocess.Complet
         assert MODULES_INIT.exists(), "apt-get install environment-modules (scripts/setup.sh)"
         setup = f"source {MODULES_INIT}; module purge; export MODULEPATH={modulepath}\n"
     else:
-        assert LMOD.exists(), "scripts/setup.sh unpacks Lmod into .venv/lmod"
-        setup = (f'module() {{ eval "$({LMOD} bash "$@")"; }}; '
+        setup = (f'module() {{ eval "$({lmod_executable()} bash "$@")"; }}; '
                  f"export MODULEPATH={modulepath}\n")
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MODULE", "LMOD", "LOADEDMODULES", "_LMFILES_"))}
