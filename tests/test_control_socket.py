@@ -4,13 +4,17 @@ file descriptors nor fills its log; root's reads and `lazymount status` keep wor
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import signal
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import FIXTURE_CACHE, LMGREET, ensure_user, lazymount_command
+from hostile import ARCH_DIR, HostileCache
 
 from lazymount.service import control
 
@@ -107,3 +111,35 @@ def test_idle_connections_and_bad_requests_of_another_user(http_server, mount_ca
     status = subprocess.run(lazymount_command("status", str(mount.root)), capture_output=True,
                             text=True, timeout=120)
     assert status.returncode == 0, status.stderr
+
+
+def test_one_fsck_at_a_time(tmp_path, signer, mount_cache):
+    """Six users' worth of fsck requests arrive at once (queued while the daemon is stopped):
+    one re-hashes the store, the others are told it is running already."""
+    cache = HostileCache(tmp_path / "cache", signer, victim_files={
+        "share/big.bin": os.urandom(32 << 20), "share/small.txt": "x\n"})
+    cache.finish()
+    mount = mount_cache([str(cache.root)])
+    prefix = mount.root / ARCH_DIR / cache.dirname
+    assert (prefix / "share" / "small.txt").read_text() == "x\n"
+    path = control.runtime_dir() / control.socket_name(str(mount.root))
+    asks = []
+    os.kill(mount.process.pid, signal.SIGSTOP)
+    try:
+        for _ in range(6):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(str(path))
+            sock.sendall(json.dumps({"command": "fsck"}).encode() + b"\n")
+            asks.append(sock)
+    finally:
+        os.kill(mount.process.pid, signal.SIGCONT)
+    answers = []
+    for sock in asks:
+        with sock, sock.makefile("rb") as answer:
+            sock.settimeout(120)
+            answers.append(json.loads(answer.readline()))
+    checked = [a for a in answers if "packages" in a]
+    refused = [a for a in answers if "running already" in a.get("error", "")]
+    assert len(checked) >= 1 and len(refused) >= 1, answers
+    assert len(checked) + len(refused) == len(answers), answers
+    assert all(row["damaged"] == "" for row in checked[0]["packages"])
