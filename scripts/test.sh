@@ -7,5 +7,5 @@ bash scripts/setup.sh
 .venv/bin/mypy lazymount
 # the lower layers are typed strictly (no Any leaking out, every function annotated)
 .venv/bin/mypy --strict --follow-imports=silent lazymount/system lazymount/trust \
-    lazymount/buildcache lazymount/install lazymount/store lazymount/catalog
+    lazymount/buildcache lazymount/install lazymount/store lazymount/catalog lazymount/spack
 .venv/bin/pytest -q -p no:cacheprovider "$@"
