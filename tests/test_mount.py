@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -151,6 +152,32 @@ def test_background_mount_returns_when_ready_and_umount_stops_it(http_server, tm
         log = (tmp_path / "store" / "lazymount.log").read_text()
         assert "unmounted" in log
     finally:
+        unmount(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_background_daemon_keeps_nothing_the_caller_handed_the_command(http_server,
+                                                                            tmp_path):
+    """The daemon is a fork of the command: a pipe the caller passed the command (a shell's
+    or a job's) is closed in it, or the caller would wait on it until the unmount."""
+    server = http_server(FIXTURE_CACHE)
+    root = short_dir()
+    read_end, write_end = os.pipe()
+    try:
+        started = subprocess.run(
+            lazymount_command(f"--mirror={server.url}", f"--trust-key={FIXTURE_KEY}",
+                              f"--store={tmp_path / 'store'}", str(root)),
+            capture_output=True, text=True, timeout=120, pass_fds=(write_end,))
+        os.close(write_end)
+        assert started.returncode == 0, started.stderr
+        assert os.path.ismount(root)
+        readable, _, _ = select.select([read_end], [], [], 10)
+        assert readable and os.read(read_end, 1) == b""  # nobody holds the write end now
+        pid = int(started.stdout.split("(pid ")[1].split(",")[0])
+        command_line = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        assert b"--ready-fd" not in command_line  # the command itself, forked
+    finally:
+        os.close(read_end)
         unmount(root)
         shutil.rmtree(root, ignore_errors=True)
 
