@@ -8,6 +8,7 @@ through a callback once the kernel mount exists, so the command can return only 
 from __future__ import annotations
 
 import faulthandler
+import functools
 import logging
 import os
 import signal
@@ -245,6 +246,7 @@ async def _serve(config: MountConfig, root: str, store: Store, sbang: Path, trus
                     after_init=lambda: nursery.start_soon(_raise_readahead, root, start))
                 keeper = StoreKeeper(root, operations, binder)
                 materializer.make_room = keeper.make_room  # a reload may set a quota
+                materializer.trim = functools.partial(keeper.gc, None)
                 live = LiveMount(generation, root, store, catalogs, materializer,
                                  reload_config)
                 live.operations, live.database = operations, database if files else None

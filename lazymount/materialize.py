@@ -117,6 +117,10 @@ class Materializer:
         self.toc_places: list[Mirror] = []  # where TOCs are besides each mirror (--toc)
         self.opened: dict[str, Opened] = {}  # store key -> a package opened through its TOC
         self.fill_whole = False  # complete every opened package in the background
+        # set by the daemon with a quota: evicts what is not in use down to the low-water
+        # mark (an opened package grows file by file, past what it fitted when opened)
+        self.trim: Callable[[], Awaitable[object]] | None = None
+        self._trimming = False
 
     def key(self, dag_hash: str) -> str:
         return f"{dag_hash}.{self.root_digest}"
@@ -382,7 +386,7 @@ class Materializer:
             opened.origin = (source, entry)
             if found.place is None:
                 opened.window_places = [source.mirror, *self.toc_places]
-            opened.grown = functools.partial(self.usage.grow, key)
+            opened.grown = functools.partial(self._grown, key)
             if reopened is None:
                 tree = await self._publish_opened(opened, dag_hash, source, label)
             else:
@@ -453,6 +457,25 @@ class Materializer:
         self.usage.published(key, sealed.disk_bytes + 3 * 4096, opened.label)
         log.info("%s: completed (%d files, %s)", opened.label, sealed.files,
                  show_size(opened.present_bytes))
+
+    def _grown(self, key: str, disk_bytes: int) -> None:
+        """An opened package took ``disk_bytes`` more: past the quota, packages not in use
+        are evicted down to its low-water mark, in the background."""
+        self.usage.grow(key, disk_bytes)
+        quota = self.usage.quota
+        if (quota is not None and self.usage.total() > quota and self.trim is not None
+                and not self._trimming):
+            self._trimming = True
+            self._start(self._trim)
+
+    async def _trim(self) -> None:
+        try:
+            assert self.trim is not None
+            await self.trim()
+        except LazymountError as exc:
+            log.warning("the store is over its quota: %s", exc)
+        finally:
+            self._trimming = False
 
     def _start(self, work: Callable[[], Awaitable[None]]) -> None:
         assert self.nursery is not None

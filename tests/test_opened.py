@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import spackcache as sc
-from conftest import FIXTURE_KEY, FIXTURE_SECRET_KEY, Mount
+from conftest import FIXTURE_CACHE, FIXTURE_KEY, FIXTURE_SECRET_KEY, Mount
 
 TOC_ROOT = "lazymount/v1"
 DATA_FILES = 4
@@ -557,3 +557,22 @@ def test_through_squid_the_origin_sends_the_blob_once_for_a_fleet(toc_cache, ngi
     asked = [path for path in requested(log) if path == blob]
     assert len(asked) == 1, requested(log)  # one fetch for every node's spans
     assert sent_bytes(log, blob) <= toc_cache.tarball.stat().st_size
+
+
+def test_an_opened_package_growing_past_the_quota_evicts_what_is_not_in_use(
+        toc_cache, nginx_server, mount_cache):
+    mount = mount_cache([nginx_server(toc_cache.root), str(FIXTURE_CACHE)],
+                        extra=("--store-quota=16M",))
+    hello = mount.prefix()  # a package materialized whole, then left alone
+    assert (hello / "bin").is_dir()
+    prefix = prefix_in(mount, toc_cache.app)
+    for index in range(DATA_FILES):  # 24 MiB in all: past the quota, file by file
+        assert (prefix / f"share/tocapp/data/part{index}.dat").read_bytes() == \
+            _data(index, DATA_BYTES)
+    deadline = time.monotonic() + 60
+    while os.getxattr(hello, "user.lazymount.status") != b"absent":
+        assert time.monotonic() < deadline, mount.log_text()
+        time.sleep(0.2)
+    assert "lmhello-1.0-3vgakfz: evicted from the store" in mount.log_text()
+    # the opened package, in use while it grew, is still there
+    assert os.getxattr(prefix, "user.lazymount.status").startswith(b"opened: ")
