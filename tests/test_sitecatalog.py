@@ -29,7 +29,9 @@ from conftest import (
 
 from lazymount.buildcache import published
 from lazymount.buildcache.index import IndexTable
+from lazymount.buildcache.layout import DEFAULT_PROJECTION
 from lazymount.catalog import sitecatalog
+from lazymount.catalog.installtree import InstallTree
 from lazymount.trust.sign import Signer
 
 KEYS = FIXTURE_KEY.parent
@@ -184,10 +186,10 @@ def test_a_signed_catalog_of_a_hostile_index_shows_no_more_than_its_json(
     body_path = cache / published.catalog_path()
     body = json.loads(body_path.read_bytes().split(b"\n\n", 1)[1].split(b"\n-----BEGIN", 1)[0])
     payload_path = cache / published.blob_path(body["payload"]["sha256"])
-    form, records, packed, placement = msgspec.msgpack.decode(payload_path.read_bytes())
+    form, kind, records, packed, placement = msgspec.msgpack.decode(payload_path.read_bytes())
     table = IndexTable(*msgspec.msgpack.decode(sitecatalog._decompress(records, 1 << 30)))
     hostile = table._replace(strings=[".." if s == "lmgreet" else s for s in table.strings])
-    payload = msgspec.msgpack.encode([form, zstandard.ZstdCompressor().compress(
+    payload = msgspec.msgpack.encode([form, kind, zstandard.ZstdCompressor().compress(
         msgspec.msgpack.encode(hostile)), packed, None])
     digest = hashlib.sha256(payload).hexdigest()
     (cache / published.blob_path(digest)).write_bytes(payload)
@@ -229,3 +231,30 @@ def test_a_refresh_after_a_new_index_is_published_fetches_the_small_catalog(
     assert f"/{published.catalog_path()}" in asked
     assert mount.log_text().count("from the site catalog") == 2
     assert "Hello from lmgreet" in run(listing / LMHELLO / "bin" / "hello")
+
+
+def test_a_placement_is_taken_only_when_it_fits_the_records(tmp_path, caplog):
+    """The published placement gives the tree projecting every record gives; one that
+    lists a row twice, names a row past the table or is for another projection is not
+    taken (the records are then placed by the mount)."""
+    cache = shutil.copytree(FIXTURE_CACHE, tmp_path / "cache")
+    publish(cache)
+    body = json.loads((cache / published.catalog_path()).read_bytes().split(b"\n\n", 1)[1]
+                      .split(b"\n-----BEGIN", 1)[0])
+    payload = (cache / published.blob_path(body["payload"]["sha256"])).read_bytes()
+    catalog = sitecatalog.decode(payload, body["index"]["sha256"], "test")
+    records = catalog.catalog(0)
+    placed = catalog.place("/opt/x", records, DEFAULT_PROJECTION)
+    projected = InstallTree("/opt/x", records, DEFAULT_PROJECTION)
+    assert placed is not None and placed.folders == projected.folders
+    assert dict(placed.prefixes) == dict(projected.prefixes)
+    assert catalog.place("/opt/x", records, "{name}/{hash}") is None
+    assert catalog.placement is not None
+    folders = dict(catalog.placement.folders)
+    relative, (subdirs, leaves) = next((k, v) for k, v in folders.items() if v[1])
+    for bad in (leaves + leaves[:4], leaves + (catalog.rows).to_bytes(4, "little")):
+        catalog.placement = sitecatalog.Placement(
+            DEFAULT_PROJECTION, sitecatalog.PLACING_RULES, {**folders, relative: (subdirs, bad)},
+            catalog.placement.refused)
+        assert catalog.place("/opt/x", records, DEFAULT_PROJECTION) is None
+    assert "placement does not fit its records" in caplog.text

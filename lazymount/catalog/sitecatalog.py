@@ -5,10 +5,11 @@ A site publishes, under ``lazymount/v1/`` of the mirror (``buildcache/published.
 clearsigned envelope naming the sha256 of the Spack index it was made from and one
 content-addressed payload (a msgpack array)::
 
-    [FORMAT, zstd(records), zstd(index document), placement | None]
+    [FORMAT, RECORDS, zstd(records), zstd(index document), placement | None]
 
-*records* is the catalog store's own form (an ``IndexTable`` in msgpack), so it decodes
-straight into records, without a Python object per field; the *document* is the index
+*records* is the catalog store's own form (an ``IndexTable`` in msgpack; RECORDS is the store's
+format, which changes with it), so it decodes straight into records, without a Python object
+per field; the *document* is the index
 itself, kept compressed in memory and read back only for whole nodes (the Spack database);
 *placement* is where the default projection puts every spec (rows in name order per folder),
 which a first mount may take instead of projecting 100,000 paths.
@@ -46,6 +47,7 @@ from lazymount.buildcache.index import (
 )
 from lazymount.buildcache.layout import is_dag_hash, is_sha256
 from lazymount.catalog.installtree import Folder, InstallTree
+from lazymount.catalog.stored import FORMAT as RECORDS
 from lazymount.catalog.stored import StoredIndex, _gc_paused
 from lazymount.errors import FormatError, IntegrityError, LazymountError, NotInMirror
 from lazymount.mirror.transport import Mirror
@@ -86,7 +88,7 @@ def encode(document: bytes, table: IndexTable, tree: InstallTree | None) -> byte
     compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1)
     records = compressor.compress(msgspec.msgpack.encode(table))
     packed = compressor.compress(document)
-    return msgspec.msgpack.encode([FORMAT, records, packed,
+    return msgspec.msgpack.encode([FORMAT, RECORDS, records, packed,
                                    None if tree is None else placement_of(tree)])
 
 
@@ -115,6 +117,21 @@ class SiteCatalog:
     placement: Placement | None  # None too if this version refused a record
     absent: frozenset[int]  # rows without a record
 
+    def _fits(self, placement: Placement) -> bool:
+        """Every row placed once (as a prefix or refused), each with a record, in folders
+        whose names are names and whose subdirectories are folders too."""
+        rows = _rows(b"".join(leaves for _, leaves in placement.folders.values()))
+        refused = _rows(placement.refused)
+        if rows is None or refused is None:
+            return False
+        listed = set(rows) | set(refused)
+        return (len(listed) == len(rows) + len(refused) and not listed & self.absent
+                and max(listed, default=0) < self.rows
+                and all(_good_folder(relative) and all(
+                    "/" not in name and _join(relative, name) in placement.folders
+                    for name in subdirs)
+                    for relative, (subdirs, _) in placement.folders.items()))
+
     def place(self, root: str, catalog: dict[str, SpecRecord], projection: str
               ) -> InstallTree | None:
         """The tree of ``catalog`` (this catalog's records, alone) as its placement has it,
@@ -124,22 +141,12 @@ class SiteCatalog:
         if placement is None or placement.projection != projection or \
                 placement.layout != PLACING_RULES or not catalog:
             return None
-        hashes = next(iter(catalog.values())).source.hashes  # every row's
-        folders = placement.folders
-        try:
-            rows = array.array("I", b"".join(leaves for _, leaves in folders.values()))
-            refused = array.array("I", placement.refused)
-        except ValueError:  # not whole uint32s
-            rows = refused = array.array("I", [self.rows])
-        listed = set(rows) | set(refused)
-        if len(listed) != len(rows) + len(refused) or listed & self.absent or \
-                max(listed, default=0) >= self.rows or not all(
-                    _good_folder(relative) and all(
-                        "/" not in name and _join(relative, name) in folders
-                        for name in subdirs)
-                    for relative, (subdirs, _) in folders.items()):
+        if not self._fits(placement):
             log.warning("the site catalog's placement does not fit its records; placing them")
             return None
+        hashes = next(iter(catalog.values())).source.hashes  # every row's
+        folders = placement.folders
+        refused = array.array("I", placement.refused)
         placed = {relative: Folder(set(subdirs), [hashes[n] for n in array.array("I", leaves)])
                   for relative, (subdirs, leaves) in folders.items()}
         return InstallTree.placed(root, catalog, projection, placed, [hashes[n] for n in refused])
@@ -241,6 +248,9 @@ async def _payload(mirror: Mirror, layout: CacheLayout, identity: Identity,
     if made_from != identity.checksum or index.get("layout") != layout.version:
         raise FormatError(f"it was made from the index {made_from[:12]}, and the mirror has "
                           f"{identity.checksum}"[:200])
+    if payload.get("records") != RECORDS:  # another version's records: not downloaded
+        raise FormatError(f"its records are of format {str(payload.get('records'))[:20]}, "
+                          f"this version reads {RECORDS} (publish again with it)")
     checksum, size = payload.get("sha256"), payload.get("size")
     if not (isinstance(checksum, str) and is_sha256(checksum) and isinstance(size, int)
             and 0 < size <= MAX_PAYLOAD_BYTES):
@@ -257,12 +267,12 @@ def decode(payload: bytes, checksum: str, where: str) -> SiteCatalog:
     """The checked catalog of a payload made from the index ``checksum``. Raises
     FormatError. Blocking."""
     try:
-        form, records, packed, placement = msgspec.msgpack.decode(
-            payload, type=tuple[int, bytes, bytes, Placement | None])
+        form, kind, records, packed, placement = msgspec.msgpack.decode(
+            payload, type=tuple[int, int, bytes, bytes, Placement | None])
     except (msgspec.DecodeError, ValueError) as exc:
         raise FormatError(f"{where}: the payload is not a catalog ({exc})") from None
-    if form != FORMAT:
-        raise FormatError(f"{where}: payload format {form} is not {FORMAT}")
+    if (form, kind) != (FORMAT, RECORDS):
+        raise FormatError(f"{where}: payload format {form}.{kind} is not {FORMAT}.{RECORDS}")
     stored = _decompress(records, MAX_RECORDS_BYTES)
     with _gc_paused():  # 100,000 tuples
         try:
@@ -274,6 +284,15 @@ def decode(payload: bytes, checksum: str, where: str) -> SiteCatalog:
         stored, placement = msgspec.msgpack.encode(kept), None
     absent = frozenset(row for row, fields in enumerate(kept.records) if fields is None)
     return SiteCatalog(checksum, stored, len(kept.records), packed, placement, absent)
+
+
+def _rows(data: bytes) -> array.array[int] | None:
+    """uint32s, or None if ``data`` does not hold a whole number of them."""
+    if len(data) % 4:
+        return None
+    rows = array.array("I")
+    rows.frombytes(data)
+    return rows
 
 
 def _join(parent: str, name: str) -> str:

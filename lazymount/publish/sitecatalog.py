@@ -49,7 +49,8 @@ async def publish(context: Context) -> PartReport:
         payload, specs = await trio.to_thread.run_sync(_payload, document)
         sha256 = hashlib.sha256(payload).hexdigest()
         body = {"index": {"sha256": checksum, "size": len(document), "layout": layout.version},
-                "payload": {"sha256": sha256, "size": len(payload), "specs": specs}}
+                "payload": {"sha256": sha256, "size": len(payload), "specs": specs,
+                            "records": sitecatalog.RECORDS}}
         envelope = published.make_envelope("catalog", body)
         signed = await trio.to_thread.run_sync(context.signer.clearsign, envelope)
         await context.output.write_async(published.blob_path(sha256), payload)
@@ -98,7 +99,8 @@ def _kept(context: Context, checksum: str, layout: int) -> dict[str, Any] | None
     index = body.get("index") if body is not None else None
     payload = body.get("payload") if body is not None else None
     if not isinstance(index, dict) or not isinstance(payload, dict) or \
-            index.get("sha256") != checksum or index.get("layout") != layout:
+            index.get("sha256") != checksum or index.get("layout") != layout or \
+            payload.get("records") != sitecatalog.RECORDS:
         return None
     try:
         data = context.output.read(published.blob_path(str(payload["sha256"])),
