@@ -77,8 +77,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMAT = 6  # bump when a payload changes shape (4: an IndexTable in msgpack; 5: trees by
-# order; 6: trees as folders of catalog positions)
+FORMAT = 7  # bump when a payload changes shape (4: an IndexTable in msgpack; 5: trees by
+# order; 6: trees as folders of catalog positions) or what the parser keeps (7: names that
+# cannot be placed safely are dropped: an older table may hold them)
 PRUNE_GRACE = 600.0  # seconds an unused stored file is kept after it was written
 
 
