@@ -26,6 +26,8 @@ from conftest import (
     lazymount_command,
     served_cache,
 )
+from ocicache import OciPusher
+from ociregistry import Registry
 
 from lazymount.buildcache import published
 from lazymount.buildcache.index import IndexTable
@@ -258,3 +260,31 @@ def test_a_placement_is_taken_only_when_it_fits_the_records(tmp_path, caplog):
             catalog.placement.refused)
         assert catalog.place("/opt/x", records, DEFAULT_PROJECTION) is None
     assert "placement does not fit its records" in caplog.text
+
+
+def test_a_registry_mirror_uses_a_catalog_published_beside_it(tmp_path, http_server,
+                                                             mount_cache):
+    """A registry holds images only: the catalog of its index goes to --output and its
+    clients find it at --toc URL (signed, though the mirror is mounted --unsigned)."""
+    registry = Registry(tmp_path / "registry").start()
+    pusher = OciPusher(registry.base, "lazymount/buildcache")
+    try:
+        pusher.push_cache(FIXTURE_CACHE)
+        url = registry.mirror("lazymount/buildcache")
+        site = tmp_path / "site"
+        result = subprocess.run(
+            lazymount_command("publish", url, f"--signing-key={FIXTURE_SECRET_KEY}",
+                              f"--trust-key={FIXTURE_KEY}", f"--output={site}"),
+            capture_output=True, text=True, timeout=300)
+        assert "catalog: 6 specs" in result.stdout, result.stdout + result.stderr
+        place = http_server(site)
+        before = len(registry.requests())
+        mount = mount_cache([url], keys=(FIXTURE_KEY,),
+                            extra=("--unsigned", f"--toc={place.url}"))
+        assert f"from the site catalog at {place.url}" in mount.log_text()
+        gets = [r for r in registry.requests()[before:] if r.startswith("GET ")]
+        assert gets and not any("/blobs/" in r for r in gets), gets  # not the index's blob
+        assert sorted(os.listdir(mount.root / "linux-x86_64")) == [LMGREET, LMHELLO]
+    finally:
+        pusher.close()
+        registry.stop()

@@ -1,5 +1,7 @@
 """The site catalog: the mirror's index as a compact, signed catalog.
 
+For a registry (``oci://``) it goes to ``--output``, which clients name with ``--toc URL``.
+
 Written as a mount would read the index (``context.layout``), so the catalog names exactly
 the index the mirror's clients are told about: its payload (``catalog/sitecatalog.py``'s
 form) goes to ``lazymount/v1/blobs/<sha256>``, then the clearsigned envelope naming it and
@@ -28,9 +30,6 @@ async def publish(context: Context) -> PartReport:
     """Write the catalog envelope and its payload for ``context.mirror``'s current index."""
     report = PartReport()
     mirror, layout = context.mirror, context.layout
-    if mirror.kind != "url":
-        report.lines.append("catalog: not written (a registry holds images only)")
-        return report
     try:
         identity = await layout.index_identity(mirror, None)
         checksum = identity.checksum
