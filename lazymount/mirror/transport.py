@@ -233,11 +233,28 @@ class HttpMirror(Mirror):
         self.follow_redirects = follow_redirects
         self.health = MirrorHealth()
         self.timeouts = timeouts
-        self.tls = tls_context(ca_certs)
+        self.ca_certs = ca_certs
         self.proxy_chain = proxies
         self.proxies = None if proxies is None or bypasses_proxies(self.base) else proxies
-        self.client = self._new_client(trust_env=proxies is None)
+        # made on the first request: loading the CA bundle takes tens of ms, and a mount
+        # served from its stored catalog asks its mirrors nothing before it is up
+        self._tls: ssl.SSLContext | None = None
+        self._client: httpx.AsyncClient | None = None
         self._via: dict[str, httpx.AsyncClient] = {}  # proxy URL -> its client
+
+    @property
+    def tls(self) -> ssl.SSLContext:
+        """The CAs this mirror may be signed by (``tls_context``). Raises UsageError."""
+        if self._tls is None:
+            self._tls = tls_context(self.ca_certs)
+        return self._tls
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The client for requests not sent through a proxy of the chain."""
+        if self._client is None:
+            self._client = self._new_client(trust_env=self.proxy_chain is None)
+        return self._client
 
     def where(self, path: str) -> str:
         return redact(f"{self._shown_base}/{path}{self.query}")
@@ -445,7 +462,8 @@ class HttpMirror(Mirror):
             self.proxies.answered(proxy)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self._client is not None:
+            await self._client.aclose()
         for client in self._via.values():
             await client.aclose()
 
