@@ -31,7 +31,9 @@ from lazymount.spack.modulefiles import (
     MODULES_DIR,
     RESERVED_VERSIONS,
     TCL,
+    ModuleKind,
     ModuleTree,
+    module_kind,
     module_word,
     tcl_quoted,
 )
@@ -49,8 +51,8 @@ def entries(modules: ModuleTree, view: HostView, relative: str) -> Entries | Non
     parts = relative.split("/")[2:]  # after modules/host
     if not parts:
         return dict.fromkeys(KINDS)
-    kind = parts[0]
-    if kind not in KINDS or len(parts) > 2:
+    kind = module_kind(parts[0])
+    if kind is None or len(parts) > 2:
         return None
     if len(parts) == 1:
         return dict.fromkeys(name for name in view.names() if _versions(modules, view, kind, name))
@@ -70,7 +72,7 @@ def entries(modules: ModuleTree, view: HostView, relative: str) -> Entries | Non
     return found
 
 
-def _versions(modules: ModuleTree, view: HostView, kind: str, name: str) -> list[str]:
+def _versions(modules: ModuleTree, view: HostView, kind: ModuleKind, name: str) -> list[str]:
     """Versions of ``name`` whose host build has a module of ``kind``, newest first; only
     names and versions that are already polite file names (as module names are) and that
     a module system does not read as its own (``.modulerc``, ``.version``, an option, a
@@ -87,7 +89,7 @@ def _plain_name(name: str) -> bool:
     return polite_filename(name) == name and module_word(name)
 
 
-def _chosen_module(modules: ModuleTree, view: HostView, kind: str, name: str,
+def _chosen_module(modules: ModuleTree, view: HostView, kind: ModuleKind, name: str,
                    version: str) -> str | None:
     build = view.chosen(name, version)
     if build is None or build.dag_hash not in modules.by_hash[kind]:
@@ -95,11 +97,11 @@ def _chosen_module(modules: ModuleTree, view: HostView, kind: str, name: str,
     return build.dag_hash
 
 
-def _file_name(kind: str, version: str) -> str:
+def _file_name(kind: ModuleKind, version: str) -> str:
     return f"{version}.lua" if kind == LMOD else version
 
 
-def _text(modules: ModuleTree, view: HostView, kind: str, name: str, version: str) -> bytes:
+def _text(modules: ModuleTree, view: HostView, kind: ModuleKind, name: str, version: str) -> bytes:
     dag_hash = _chosen_module(modules, view, kind, name, version)
     assert dag_hash is not None
     loads, inline = [], []

@@ -42,7 +42,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from lazymount.buildcache.index import SpecRecord
 from lazymount.buildcache.layout import (
@@ -57,8 +57,10 @@ from lazymount.catalog.installtree import InstallTree
 log = logging.getLogger(__name__)
 
 MODULES_DIR = "modules"  # under the mount root
-TCL, LMOD = "tcl", "lmod"
-KINDS = (TCL, LMOD)
+ModuleKind = Literal["tcl", "lmod"]  # Environment Modules' Tcl files, Lmod's Lua files
+TCL: ModuleKind = "tcl"
+LMOD: ModuleKind = "lmod"
+KINDS: tuple[ModuleKind, ...] = (TCL, LMOD)
 INDEX_FILE = "module-index.yaml"
 CORE = "Core"  # Lmod's directory of modules built with a core compiler
 HASH_LENGTH = 7  # modules:<set>:<kind>:hash_length
@@ -105,7 +107,7 @@ def installed_hashes(tree: InstallTree) -> list[str]:
 class ModuleFile:
     """One module file: what it is for and where it lives."""
 
-    kind: str  # TCL or LMOD
+    kind: ModuleKind
     dag_hash: str
     use_name: str  # what `module load` takes
     relative: str  # path under the mount
@@ -159,7 +161,7 @@ class ModuleTree:
                 return
             relative = parent
 
-    def _place(self, kind: str, record: SpecRecord) -> None:
+    def _place(self, kind: ModuleKind, record: SpecRecord) -> None:
         if not (module_word(polite_filename(record.name))
                 and module_word(polite_filename(record.version))):
             if kind == KINDS[0]:  # one line for both kinds
@@ -185,7 +187,7 @@ class ModuleTree:
 
     # ---- what the filesystem asks -----------------------------------------------------
 
-    def root(self, kind: str) -> str:
+    def root(self, kind: ModuleKind) -> str:
         """Absolute path of a module root (what upstreams.yaml's ``modules:`` names)."""
         return f"{self.tree.root.rstrip('/')}/{MODULES_DIR}/{kind}"
 
@@ -204,14 +206,14 @@ class ModuleTree:
         render = _tcl_text if module.kind == TCL else _lua_text
         return render(self._content(module)).encode()
 
-    def _index_text(self, kind: str) -> bytes:
+    def _index_text(self, kind: ModuleKind) -> bytes:
         """module-index.yaml: every module of the root by DAG hash (quoted scalars only, so
         no name reads as a number or a YAML construct). Made once, on first read."""
         if kind not in self._indexes:
             self._indexes[kind] = self._make_index(kind)
         return self._indexes[kind]
 
-    def _make_index(self, kind: str) -> bytes:
+    def _make_index(self, kind: ModuleKind) -> bytes:
         lines = ["module_index:"]
         for dag_hash, module in self.by_hash[kind].items():
             path = f"{self.tree.root.rstrip('/')}/{module.relative}"
@@ -219,7 +221,7 @@ class ModuleTree:
                       f"    use_name: {_quote(module.use_name)}"]
         return ("\n".join(lines) + "\n").encode() if len(lines) > 1 else b"module_index: {}\n"
 
-    def render(self, kind: str, dag_hash: str, use_name: str, loads: list[str],
+    def render(self, kind: ModuleKind, dag_hash: str, use_name: str, loads: list[str],
                inline: list[str]) -> bytes:
         """The module file of ``dag_hash`` known as ``use_name``, autoloading ``loads``
         (polite ``name/version`` names) and setting the prefix inspections of the
@@ -241,7 +243,7 @@ class ModuleTree:
 # ---- names ------------------------------------------------------------------------------
 
 
-def _names(kind: str, record: SpecRecord, tree: InstallTree) -> tuple[str, str, str] | None:
+def _names(kind: ModuleKind, record: SpecRecord, tree: InstallTree) -> tuple[str, str, str] | None:
     """(architecture folder, use name, file extension) of a record's module, as Spack's
     TclFileLayout / LmodFileLayout make them (every part a polite file name, so it is safe
     in Tcl and Lua too); None if the architecture is incomplete. The index refuses empty
@@ -269,7 +271,7 @@ def module_word(polite: str) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def _folder(kind: str, platform: str, os_name: str, target: str) -> str | None:
+def _folder(kind: ModuleKind, platform: str, os_name: str, target: str) -> str | None:
     """The architecture folder of a module root: ``platform-os-target`` (Tcl), or
     ``platform-os-family/Core`` (Lmod); None if a part is missing."""
     if not (platform and os_name and target):
@@ -299,7 +301,12 @@ def target_family(target: str) -> str:
     return str(microarchitecture(target).family.name)
 
 
-def _index_kind(relative: str) -> str | None:
+def module_kind(name: str) -> ModuleKind | None:
+    """``name`` (a folder of ``modules/``) as a module kind, if it is one."""
+    return next((kind for kind in KINDS if kind == name), None)
+
+
+def _index_kind(relative: str) -> ModuleKind | None:
     for kind in KINDS:
         if relative == f"{MODULES_DIR}/{kind}/{INDEX_FILE}":
             return kind
