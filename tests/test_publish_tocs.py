@@ -5,12 +5,17 @@ windows, the sizes relocation gives, incremental runs and refusals."""
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import io
+import os
+import pty
 import random
+import struct
 import subprocess
 import tarfile
+import termios
 from pathlib import Path
 
 import pytest
@@ -250,5 +255,35 @@ def test_the_mirror_itself_is_the_default_output(tmp_path: Path, signer: Signer)
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "tables of contents: 1 written" in result.stdout
+    assert "tables of contents:" not in result.stderr  # no progress bar off a terminal
     checksum = writer.entries[pkg.dag_hash].tarball["checksum"]
     assert (writer.root / toc_path(checksum)).is_file()
+
+
+def test_a_terminal_gets_a_progress_bar(tmp_path: Path, signer: Signer):
+    writer = CacheWriter(tmp_path / "cache", signer=signer)
+    writer.add(Package("tiny", "1.0", files={"lib/x": b"x"}))
+    writer.finish()
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    try:
+        subprocess.run(lazymount_command("publish", str(writer.root), "--signing-key",
+                                         str(SITE_KEY), "--trust-key", str(FIXTURE_KEY)),
+                       stdout=subprocess.DEVNULL, stderr=follower, timeout=600, check=True)
+        os.close(follower)
+        follower = -1
+        shown = b""
+        while chunk := _read_pty(leader):
+            shown += chunk
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    assert b"tables of contents: 100%" in shown and b"1/1" in shown, shown
+
+
+def _read_pty(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # EIO: the other side is closed and everything was read
+        return b""

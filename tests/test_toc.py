@@ -223,3 +223,37 @@ def test_a_copy_is_equal():  # frozen data: a client may share a parsed TOC betw
 
 
 _ = HealthCheck
+
+
+def _mutations() -> st.SearchStrategy:
+    """A path into the sample body and a value to put there (any JSON)."""
+    values = st.recursive(
+        st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.text(max_size=20)
+        | st.sampled_from(["", "dir", "file", "hardlink", "..", "/", "a/../b", "0" * 64]),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8),
+                                                                    inner, max_size=3),
+        max_leaves=8)
+    return st.tuples(st.lists(st.integers(0, 12), min_size=1, max_size=4), values)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_mutations(), min_size=1, max_size=3))
+def test_any_damage_is_a_format_error(mutations):
+    """Whatever a TOC body holds, parse_toc gives a Toc or a FormatError: never another
+    exception (the body comes from the network; its signature is only as good as the key)."""
+    body = json.loads(json.dumps(toc_body(sample())))
+    for path, value in mutations:
+        node: object = body
+        for step in path[:-1]:
+            if isinstance(node, list) and node:
+                node = node[step % len(node)]
+            elif isinstance(node, dict) and node:
+                node = node[sorted(node)[step % len(node)]]
+        if isinstance(node, list) and node:
+            node[path[-1] % len(node)] = value
+        elif isinstance(node, dict) and node:
+            node[sorted(node)[path[-1] % len(node)]] = value
+    try:
+        parse_toc(envelope(body), "t")
+    except FormatError:
+        pass
