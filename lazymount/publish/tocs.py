@@ -99,18 +99,18 @@ def _spool(reader: BinaryIO, path: Path) -> None:
 async def _write(context: Context, described: Described, label: str) -> None:
     """The windows, then the signed TOC that names them."""
     await trio.to_thread.run_sync(_write_windows, context, described.windows)
-    plaintext = make_envelope("toc", toc_body(described.toc))
-    if len(plaintext) > MAX_ENVELOPE_BYTES:
-        raise FormatError(f"{label}: its table of contents would take {len(plaintext)} bytes, "
-                          f"more than clients read ({MAX_ENVELOPE_BYTES})")
+    plaintext = await trio.to_thread.run_sync(make_envelope, "toc", toc_body(described.toc))
     signed = await trio.to_thread.run_sync(context.signer.clearsign, plaintext)
+    if len(signed) > MAX_ENVELOPE_BYTES:
+        raise FormatError(f"{label}: its table of contents would take {len(signed)} bytes, "
+                          f"more than clients read ({MAX_ENVELOPE_BYTES})")
     await context.output.write_async(toc_path(described.toc.tarball_sha256), signed)
 
 
 async def _up_to_date(context: Context, tarball: BlobRecord) -> bool:
     """Whether the output holds a TOC of ``tarball`` signed by this key, with its windows."""
     where = toc_path(tarball.checksum)
-    signed = context.output.read(where, MAX_ENVELOPE_BYTES)
+    signed = await trio.to_thread.run_sync(context.output.read, where, MAX_ENVELOPE_BYTES)
     plaintext = None if signed is None else await trio.to_thread.run_sync(
         context.signer.signed, signed)
     if plaintext is None:
