@@ -38,7 +38,7 @@ LAYERS: list[set[str]] = [
 
 # Third-party libraries that exactly one part of the code may import.
 SOLE_IMPORTERS = {"pyfuse3": "serve", "yaml": "system", "gnupg": "trust", "elftools": "install",
-                  "archspec": "catalog", "indexed_gzip": "publish"}
+                  "archspec": "catalog", "rapidgzip": "publish"}
 
 
 def layer_of(part: str) -> int:

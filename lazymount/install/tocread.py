@@ -39,14 +39,19 @@ def read_member(toc: Toc, member: TocMember, span_bytes: bytes, window_bytes: by
         raise IntegrityError(f"{what}: the window of its seek point does not match the "
                              "table of contents")
     skip = member.offset - point.uncompressed
-    stream = _aligned(span_bytes, point.bits)
-    inflate = (zlib.decompressobj(-15, zdict=window_bytes) if window_bytes
-               else zlib.decompressobj(-15))
+    data = inflate_from(span_bytes, point.bits, window_bytes, skip + member.size, what)
+    return _checked(data[skip:], member, what)
+
+
+def inflate_from(data: bytes, bits: int, window: bytes, size: int, what: str) -> bytes:
+    """Up to ``size`` bytes inflated from a seek point: ``data`` starts with the byte
+    holding its first bit, of which ``bits`` belong to the block before; ``window``: the
+    32 KiB before it (b"" at the start). IntegrityError if the stream is not deflate."""
+    inflate = zlib.decompressobj(-15, zdict=window) if window else zlib.decompressobj(-15)
     try:
-        data = inflate.decompress(stream, skip + member.size)
+        return inflate.decompress(_aligned(data, bits), size)
     except zlib.error as exc:
         raise IntegrityError(f"{what}: cannot inflate from its seek point ({exc})") from None
-    return _checked(data[skip:], member, what)
 
 
 def inflate_span(toc: Toc, index: int, span_bytes: bytes, window_bytes: bytes) -> bytes:

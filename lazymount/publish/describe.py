@@ -1,7 +1,7 @@
 """One tarball described: its table of contents and the windows of its seek points.
 
 The tarball is a local file whose sha256 was checked against its signed manifest. One pass
-inflates it (``indexed_gzip`` builds its seek points as it goes) and walks the tar with the
+inflates it (``rapidgzip`` keeps its seek points as it goes) and walks the tar with the
 checks extraction makes (``install/extract.py``: names, parents, duplicates, the prefix, the
 build info), hashing every file; then the files relocation rewrites as text, and the scripts
 sbang may rewrite, are read again through the index to record what their relocated size
@@ -26,14 +26,17 @@ from lazymount.buildcache.toc import (
     TocMember,
     count_text,
 )
-from lazymount.errors import FormatError
+from lazymount.errors import FormatError, IntegrityError
 from lazymount.install.buildinfo import check_build_prefix, parse_buildinfo
 from lazymount.install.extract import MemberChecks
 from lazymount.install.limits import Limits
 from lazymount.install.tarstream import Member, Source, members
+from lazymount.install.tocread import inflate_from
 from lazymount.publish.gzindex import GzipIndex, Point
 
 READ = 1 << 20
+CHECKED = 64 << 10  # uncompressed bytes inflated from each point to check it
+CHECKED_INPUT = 256 << 10  # compressed bytes given for that (64 KiB of data fit in far less)
 
 
 @dataclass(frozen=True)
@@ -59,10 +62,12 @@ def describe(path: Path, sha256: str, what: str, limits: Limits | None = None) -
     ``sha256``). FormatError or UnsafeArchiveError (with ``what``) for anything extraction
     would refuse, or a tarball of more than one gzip stream."""
     size = path.stat().st_size
-    with open(path, "rb") as file, GzipIndex(file, what) as index:
+    with GzipIndex(path, what) as index:
         walked = _walk(index, limits or Limits(), what)
-        # zran may end with a point at the very end of the stream: nothing to read from it
+        index.check_one_stream()
+        # an index may end with a point at the very end of the stream: nothing follows it
         found = [p for p in index.points() if p.uncompressed < walked.uncompressed]
+        _check_points(path, index, found, size, what)
         relocations = _relocations(index, walked, what)
     points = _points(path, found, size)
     windows = {p.window: w.window for p, w in zip(points, found, strict=True) if w.window}
@@ -114,17 +119,20 @@ def _relocations(index: GzipIndex, walked: _Walked, what: str) -> dict[str, Relo
     by_path = {member.name: (member, offset) for member, offset in walked.rows}
     info, prefix = walked.buildinfo, walked.prefix
     olds = old_prefixes(info)
+    listed = (_listed(by_path, prefix, rel, what) for rel in info["relocate_textfiles"])
+    texts = {name for name in listed if name is not None}
+    scripts = {n for n in walked.checks.scripts if not _inside(n, _join(prefix, ".spack"))}
     text: dict[str, tuple[Occurrence, ...]] = {}
-    for rel in info["relocate_textfiles"]:
-        target = _listed(by_path, prefix, rel, what)
-        if target is not None and target not in text:
-            member, offset = by_path[target]
-            text[target] = count_text(index.pread(offset, member.size), olds)
     heads: dict[str, bytes] = {}
-    for name in walked.checks.scripts:
-        if not _inside(name, _join(prefix, ".spack")):
-            member, offset = by_path[name]
-            heads[name] = index.pread(offset, min(member.size, SHEBANG_HEAD))
+    # in the tar's order: each read goes on inflating where the one before stopped
+    for name in sorted(texts | scripts, key=lambda n: by_path[n][1]):
+        member, offset = by_path[name]
+        data = index.pread(offset, member.size if name in texts else
+                           min(member.size, SHEBANG_HEAD))
+        if name in texts:
+            text[name] = count_text(data, olds)
+        if name in scripts:
+            heads[name] = data[:SHEBANG_HEAD]
     links = set()
     for rel in info["relocate_links"]:
         found = by_path.get(_join(prefix, _clean(rel)))
@@ -183,6 +191,27 @@ def _points(path: Path, found: list[Point], size: int) -> tuple[SeekPoint, ...]:
             points.append(SeekPoint(point.compressed, point.bits, point.uncompressed, window,
                                     digest.hexdigest()))
     return tuple(points)
+
+
+def _check_points(path: Path, index: GzipIndex, found: list[Point], size: int,
+                  what: str) -> None:
+    """Inflate the start of every point as a client will (``install/tocread.py``) and
+    compare it with the stream: a point the index got wrong is caught here, not by every
+    client that reads from it."""
+    with open(path, "rb") as file:
+        for n, point in enumerate(found):
+            end = found[n + 1].uncompressed if n + 1 < len(found) else None
+            want = CHECKED if end is None else min(CHECKED, end - point.uncompressed)
+            file.seek(point.compressed)
+            data = file.read(min(size - point.compressed, CHECKED_INPUT))
+            try:
+                got = inflate_from(data, point.bits, point.window, want, what)
+            except IntegrityError:
+                got = b""
+            if got != index.pread(point.uncompressed, len(got)) or len(got) < min(
+                    want, CHECKED):
+                raise FormatError(f"{what}: the gzip index's point {n} does not inflate to "
+                                  "the stream; no table of contents")
 
 
 def _clean(rel: str) -> str:
