@@ -9,12 +9,14 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
+import pytest
 import zstandard
 from conftest import (
     FIXTURE_CACHE,
@@ -179,10 +181,29 @@ def test_a_truncated_or_corrupt_catalog_is_not_used(http_server, mount_cache, tm
     assert sorted(os.listdir(mount.root / "linux-x86_64")) == [LMGREET, LMHELLO]
 
 
+def _named_dotdot(table: IndexTable) -> IndexTable:
+    return table._replace(strings=[".." if s == "lmgreet" else s for s in table.strings])
+
+
+def _hostile_dependency(table: IndexTable) -> IndexTable:
+    """lmhello depends at run time on a hash that is a path, not a DAG hash."""
+    row = table.hashes.index(LMHELLO.rsplit("-", 1)[1])
+    numbers, cached, refs = table.records[row]
+    records = list(table.records)
+    records[row] = (numbers + struct.pack("<I", len(table.hashes)), cached, refs)
+    return table._replace(hashes=[*table.hashes, "../../../../etc/passwd/xxxxxxxxxx"],
+                          records=records)
+
+
+@pytest.mark.parametrize(("tamper", "shown", "said"), [
+    (_named_dotdot, [LMHELLO], "'..'"),
+    (_hostile_dependency, [LMGREET], "dependency hash '../../../../etc/passwd"),
+])
 def test_a_signed_catalog_of_a_hostile_index_shows_no_more_than_its_json(
-        http_server, mount_cache, tmp_path):
+        tamper, shown, said, http_server, mount_cache, tmp_path):
     """The publisher's parser dropped nothing here; the catalog was altered (and signed)
-    after: a package named '..' is refused by the mount's own checks, the other is shown."""
+    after: a package named '..', or depending on a hash that is a path, is refused by the
+    mount's own checks (the index parser's), the other is shown."""
     cache = shutil.copytree(FIXTURE_CACHE, tmp_path / "cache")
     publish(cache)
     body_path = cache / published.catalog_path()
@@ -190,7 +211,7 @@ def test_a_signed_catalog_of_a_hostile_index_shows_no_more_than_its_json(
     payload_path = cache / published.blob_path(body["payload"]["sha256"])
     form, kind, records, packed, placement = msgspec.msgpack.decode(payload_path.read_bytes())
     table = IndexTable(*msgspec.msgpack.decode(sitecatalog._decompress(records, 1 << 30)))
-    hostile = table._replace(strings=[".." if s == "lmgreet" else s for s in table.strings])
+    hostile = tamper(table)
     payload = msgspec.msgpack.encode([form, kind, zstandard.ZstdCompressor().compress(
         msgspec.msgpack.encode(hostile)), packed, None])
     digest = hashlib.sha256(payload).hexdigest()
@@ -206,9 +227,9 @@ def test_a_signed_catalog_of_a_hostile_index_shows_no_more_than_its_json(
     mount = mount_cache([server.url])
     log = mount.log_text()
     assert "from the site catalog" in log, log
-    assert "'..'" in log and "not shown" in log, log
+    assert said in log and "not shown" in log, log
     assert index_blob(cache) not in server.requests
-    assert os.listdir(mount.root / "linux-x86_64") == [LMHELLO]
+    assert os.listdir(mount.root / "linux-x86_64") == shown
 
 
 def test_a_refresh_after_a_new_index_is_published_fetches_the_small_catalog(

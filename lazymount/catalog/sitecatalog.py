@@ -350,7 +350,6 @@ def check_table(table: IndexTable, where: str) -> IndexTable:
             max(columns[3], default=0) >= len(table.kinds) or \
             max(tails, default=0) >= len(table.hashes):
         raise FormatError(f"{where}: a record points outside the table")
-    hashes = [table.hashes[row] for row in kept]
     names, versions = sorted(set(columns[1])), sorted(set(columns[2]))
     bad: dict[int, dict[int, str]] = {
         1: {}, 2: {}, 3: _errors(set(columns[3]), table.kinds, _kind_error)}
@@ -362,15 +361,25 @@ def check_table(table: IndexTable, where: str) -> IndexTable:
         if _why({"spec": pair})[0] is not None:
             bad[1].update(_errors({name} - {None}, table.strings, _name_error))
             bad[2].update(_errors({version} - {None}, table.strings, _version_error))
-    if not any(bad.values()) and _all_dag_hashes(hashes):
+    # every hash a record is or depends on at run time must be a DAG hash (check_record's rule)
+    good_hashes = _all_dag_hashes(table.hashes)
+    if not any(bad.values()) and good_hashes:
         return table
+    bad_rows = set() if good_hashes else {
+        row for row, dag_hash in enumerate(table.hashes) if not is_dag_hash(dag_hash)}
     records = list(table.records)
     refused = _Refused(where)
-    for place, (row, dag_hash) in enumerate(zip(kept, hashes, strict=True)):
+    for place, row in enumerate(kept):
+        dag_hash = table.hashes[row]
         reasons = [bad[column][columns[column][place]] for column in (1, 2, 3)
                    if columns[column][place] in bad[column]]
-        if not is_dag_hash(dag_hash):
+        if row in bad_rows:
             reasons.insert(0, f"{dag_hash[:40]!r} is not a DAG hash")
+        elif bad_rows and len(numbers[place]) > 16:
+            deps = bad_rows.intersection(array.array("I", numbers[place][16:]))
+            if deps:
+                reasons.append(f"dependency hash {table.hashes[min(deps)][:40]!r} is not "
+                               "a DAG hash")
         if reasons:
             refused.note(dag_hash, reasons[0])
             records[row] = None
