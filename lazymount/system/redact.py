@@ -15,8 +15,11 @@ _URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+")
 _TRAILING = ".,;:!)]}"
 _AUTHORIZATION = re.compile(r"(?i)\b((?:proxy-)?authorization\s*[:=]\s*)"
                             r"(?:(?:basic|bearer|token|digest)\s+)?[^\s,;'\"]+")
-_BEARER = re.compile(r"\bBearer\s+[A-Za-z0-9._~+/=-]+")
+_BEARER = re.compile(r"\bBearer\s+[^\s,;'\"]+")
 _MARKERS = ("://", "uthorization", "UTHORIZATION", "Bearer")
+# a query parameter's name is shown only when it looks like one: a bare token may hold an
+# '=' too (base64's padding), and what comes before it is then part of the secret
+_PARAMETER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*=[^=]")
 
 
 def redact_url(url: str) -> str:
@@ -32,11 +35,15 @@ def redact_url(url: str) -> str:
     rest, hash_sign, fragment = rest.partition("#")
     path, question, query = rest.partition("?")
     if question:
-        path += "?" + "&".join(f"{part.partition('=')[0]}={HIDDEN}" if "=" in part else HIDDEN
-                               for part in query.split("&"))
+        path += "?" + "&".join(_hide_parameter(part) for part in query.split("&"))
     if hash_sign:
         path += f"#{HIDDEN}"
     return f"{scheme}://{authority}{path}"
+
+
+def _hide_parameter(part: str) -> str:
+    """``name=value`` -> ``name=***``; anything else (a bare token) -> ``***``."""
+    return f"{part.partition('=')[0]}={HIDDEN}" if _PARAMETER.match(part) else HIDDEN
 
 
 def _hide_url(match: re.Match[str]) -> str:
