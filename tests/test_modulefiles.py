@@ -141,3 +141,16 @@ def test_module_files_are_laid_out_only_when_asked():
     assert not modules.laid_out and modules.by_hash[TCL] == {}
     assert modules.dirs[""] == {"modules"}
     assert modules.lay_out().laid_out and HELLO in modules.by_hash[TCL]
+
+
+def test_a_module_whose_file_name_would_be_too_long_is_left_out(tmp_path):
+    """A compiler name the index makes long would give a Tcl module file name past 255
+    bytes (the index bounds names and versions, not every placing field)."""
+    long = sc.Package("longcc", version="1", compiler=("gcc" * 60, "1" * 90))
+    writer = sc.V2CacheWriter(tmp_path / "cache")
+    writer.add_record(long, in_buildcache=True)
+    modules = fixture_modules(parse_index(writer.write_v2_index(), mirror=1))
+    assert long.dag_hash not in modules.by_hash[TCL]
+    assert long.dag_hash in modules.by_hash[LMOD]  # its Lmod name has no compiler
+    for relative in modules.files:
+        assert all(len(part) <= 255 for part in relative.split("/"))

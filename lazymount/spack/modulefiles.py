@@ -64,6 +64,7 @@ KINDS: tuple[ModuleKind, ...] = (TCL, LMOD)
 INDEX_FILE = "module-index.yaml"
 CORE = "Core"  # Lmod's directory of modules built with a core compiler
 HASH_LENGTH = 7  # modules:<set>:<kind>:hash_length
+NAME_MAX = 255  # characters of a file name (polite: one byte each)
 
 # Spack 1.1's default modules:prefix_inspections, in its order: prefix-relative directory,
 # variables it is prepended to
@@ -176,6 +177,10 @@ class ModuleTree:
             return
         folder, use_name, extension = names
         relative = f"{MODULES_DIR}/{kind}/{folder}/{use_name}{extension}"
+        if max(map(len, relative.split("/"))) > NAME_MAX:  # a listing would fail whole
+            log.warning("%s: no %s module: a part of its name is over %d characters",
+                        self.tree.label(record.dag_hash), kind, NAME_MAX)
+            return
         if relative in self.files:
             log.warning("%s: no %s module: %s is taken by %s", self.tree.label(record.dag_hash),
                         kind, use_name, self.tree.label(self.files[relative].dag_hash))
