@@ -16,10 +16,10 @@ worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
-import shutil
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -293,30 +293,34 @@ class Opened:
             if self.shape.members[rel].kind == "hardlink":
                 target = self._target(rel)
                 await self.ensure(target)
-                await self._staged(lambda work: (onefile.link_of(self.tree, target, work,
-                                                                 self.label), None), rel)
+                await self._staged(lambda folder, name: (onefile.link_of(
+                    self.tree, target, folder, name, self.label), None), rel)
                 return
             member = self.shape.members[rel]
             data = await self.member_bytes(member)
             assert self.lists is not None
             lists = self.lists
 
-            def make(work: Path) -> tuple[Path, str | None]:
-                path, changed = onefile.write_relocated(work, rel, data, member.mode, lists,
-                                                        self.mapping, self.sbang, self.label)
+            def make(folder: Path, name: str) -> tuple[Path, str | None]:
+                path, changed = onefile.write_relocated(folder, name, rel, data, member.mode,
+                                                        lists, self.mapping, self.sbang,
+                                                        self.label)
                 return path, None if changed else member.sha256  # unchanged: hashed already
 
             await self._staged(make, rel)
         finally:
             self._files.pop(rel, None)  # present now, or tried again on the next open
 
-    async def _staged(self, make: Callable[[Path], tuple[Path, str | None]], rel: str) -> None:
-        """Make a file in a fresh staging folder (``make`` gives its path and its sha256 if
-        known), note it in the fill log and rename it into the tree."""
+    async def _staged(self, make: Callable[[Path, str], tuple[Path, str | None]], rel: str
+                      ) -> None:
+        """Make a file under a new name of the staging folder (``make(folder, name)`` gives
+        its path and its sha256 if known), note it in the fill log and rename it into the
+        tree."""
         def run() -> int:
-            work = self._work_folder()
+            folder, name = self._work_name(rel)
+            path = folder / name
             try:
-                path, sha256 = make(work)
+                path, sha256 = make(folder, name)
                 st = os.lstat(path)
                 if st.st_size != self.sizes.get(rel):
                     log.error("%s: %s has %d bytes, its table of contents said %s; the size "
@@ -326,8 +330,10 @@ class Opened:
                                     sha256 or _sha256(path))
                 onefile.move_into(path, self.tree, rel, self.label)
                 return st.st_blocks * 512 if st.st_nlink == 1 else 0
-            finally:
-                shutil.rmtree(work, ignore_errors=True)  # what is left: folders, a failure
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                raise
 
         async with self.cpu:
             grown = await trio.to_thread.run_sync(run)
@@ -335,15 +341,13 @@ class Opened:
         self.present_bytes += self.sizes.get(rel, 0)
         self.grown(grown)
 
-    def _work_folder(self) -> Path:
-        """A fresh empty folder in this package's staging folder (made once: one staging
-        folder per file would cost a folder, a rename and a thread to delete it)."""
+    def _work_name(self, rel: str) -> tuple[Path, str]:
+        """The staging folder of this package (made once: folders made and removed per
+        file cost more than the file on this kind of disk) and a new name in it."""
         if self._staging is None or not self._staging.is_dir():
             self._staging = self.store.new_staging(self.key)
         self._made += 1
-        work = self._staging / str(self._made)
-        work.mkdir()
-        return work
+        return self._staging, f"{self._made}-{rel.rpartition('/')[2]}"[:200]
 
     def close(self) -> None:
         """Its staging folder goes (the package was completed, replaced or evicted)."""

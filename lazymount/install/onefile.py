@@ -48,14 +48,14 @@ class Lists:
         self.binaries = set(info.get("relocate_binaries") or [])
 
 
-def write_relocated(work: Path, rel: str, data: bytes, mode: int, lists: Lists,
+def write_relocated(folder: Path, name: str, rel: str, data: bytes, mode: int, lists: Lists,
                     mapping: list[tuple[str, str]], sbang: str, what: str
                     ) -> tuple[Path, bool]:
-    """Write ``data`` at ``work/rel`` with the store's mode for ``mode``, and relocate it as a
-    whole prefix would have been; returns its path and whether relocation changed it.
-    ``work`` is an empty folder."""
-    path = work / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``data`` as ``folder/name`` (a new name in a work folder: the file of ``rel``
+    made there, so no folders are made per file) with the store's mode for ``mode``, and
+    relocate it as a whole prefix would have relocated ``rel``; returns its path and whether
+    relocation changed it."""
+    path = folder / name
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
     with os.fdopen(fd, "wb") as handle:
@@ -65,12 +65,12 @@ def write_relocated(work: Path, rel: str, data: bytes, mode: int, lists: Lists,
     script = data[:2] == b"#!" and bool(mode & 0o111)
     changed: list[str] = []
     if text or binary:  # the others no relocation step reads
-        one = dict(lists.info, relocate_textfiles=[rel] if text else [],
-                   relocate_binaries=[rel] if binary else [],
+        one = dict(lists.info, relocate_textfiles=[name] if text else [],
+                   relocate_binaries=[name] if binary else [],
                    relocate_links=[], hardlinks_deduped=True)
-        changed += relocate.relocate_prefix(work, one, mapping, what).changed
+        changed += relocate.relocate_prefix(folder, one, mapping, what).changed
     if script:
-        changed += add_sbang(work, sbang, what, [rel])
+        changed += add_sbang(folder, sbang, what, [name])
     return path, bool(changed)
 
 
@@ -81,9 +81,9 @@ def move_into(source: Path, tree: Path, rel: str, what: str) -> None:
         os.rename(source, name, dst_dir_fd=dir_fd)
 
 
-def link_of(tree: Path, target: str, work: Path, what: str) -> Path:
-    """A new hard link, in ``work``, of the file ``tree/target`` (for ``move_into``)."""
-    path = work / "link"
+def link_of(tree: Path, target: str, folder: Path, name: str, what: str) -> Path:
+    """A new hard link ``folder/name`` of the file ``tree/target`` (for ``move_into``)."""
+    path = folder / name
     with Prefix(tree, what) as prefix, prefix.parent(target) as (src_fd, src_name):
         os.link(src_name, path, src_dir_fd=src_fd, follow_symlinks=False)
     return path

@@ -17,8 +17,11 @@ from __future__ import annotations
 import hashlib
 import zlib
 
+from isal import isal_zlib
+
 from lazymount.buildcache.toc import Toc, TocMember, span_end, spans_of
 from lazymount.errors import IntegrityError
+from lazymount.install.decompress import INFLATE_ERROR
 
 
 def read_member(toc: Toc, member: TocMember, span_bytes: bytes, window_bytes: bytes) -> bytes:
@@ -69,11 +72,12 @@ def inflate_span(toc: Toc, index: int, span_bytes: bytes, window_bytes: bytes) -
                              "table of contents")
     end = (toc.points[index + 1].uncompressed if index + 1 < len(toc.points)
            else toc.uncompressed_size)
-    inflate = (zlib.decompressobj(-15, zdict=window_bytes) if window_bytes
-               else zlib.decompressobj(-15))
+    # ISA-L's inflate, as a whole tarball is inflated (about twice zlib's speed)
+    inflate = (isal_zlib.decompressobj(wbits=-15, zdict=window_bytes) if window_bytes
+               else isal_zlib.decompressobj(wbits=-15))
     try:
         data = inflate.decompress(_aligned(span_bytes, point.bits), end - point.uncompressed)
-    except zlib.error as exc:
+    except INFLATE_ERROR as exc:
         raise IntegrityError(f"{what}: cannot inflate from its seek point ({exc})") from None
     if len(data) != end - point.uncompressed:
         raise IntegrityError(f"{what}: inflates to {len(data)} bytes, the table of contents "
