@@ -205,7 +205,7 @@ def run_gc(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     result = ask(_mountpoint(args.mountpoint), {"command": "gc", "max_size": args.max_size})
     for row in result["evicted"]:
-        print(f"evicted {row['label']} ({show_size(row['bytes'])})")
+        print(printable(f"evicted {row['label']} ({show_size(row['bytes'])})"))
     print(f"freed {show_size(result['freed_bytes'])} in {len(result['evicted'])} package(s); "
           f"the store holds {show_size(result['store_bytes'])} in {result['kept']} "
           f"package(s) (target {show_size(result['target_bytes'])})")
@@ -253,9 +253,9 @@ def _report(event: dict[str, Any], damaged: list[str]) -> None:
     if event.get("damaged"):
         action = " (removed)" if event.get("removed") else ""
         damaged.append(str(event["label"]))
-        print(f"DAMAGED {event['label']}: {event['damaged']}{action}", flush=True)
+        print(printable(f"DAMAGED {event['label']}: {event['damaged']}{action}"), flush=True)
     else:
-        print(f"ok      {event['label']}", flush=True)
+        print(printable(f"ok      {event['label']}"), flush=True)
 
 
 def _fsck_daemon(root: str, repair: bool) -> int:
@@ -291,7 +291,7 @@ def _summary(damaged: list[str], repair: bool) -> int:
         return 0
     what = "removed; they materialize again on access" if repair else \
         "run with --repair to remove them"
-    print(f"fsck: {len(damaged)} damaged package(s): {', '.join(damaged)} ({what})",
-          file=sys.stderr)
+    print(printable(f"fsck: {len(damaged)} damaged package(s): {', '.join(damaged)} "
+                    f"({what})"), file=sys.stderr)
     return 1
 
