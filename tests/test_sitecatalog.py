@@ -206,14 +206,46 @@ def test_a_signed_catalog_of_a_hostile_index_shows_no_more_than_its_json(
     mount's own checks (the index parser's), the other is shown."""
     cache = shutil.copytree(FIXTURE_CACHE, tmp_path / "cache")
     publish(cache)
+    resign(cache, tamper)
+    server = http_server(cache)
+    mount = mount_cache([server.url])
+    log = mount.log_text()
+    assert "from the site catalog" in log, log
+    assert said in log and "not shown" in log, log
+    assert index_blob(cache) not in server.requests
+    assert os.listdir(mount.root / "linux-x86_64") == shown
+
+
+def test_a_signed_catalog_whose_document_is_not_its_index_is_not_stored(
+        http_server, mount_cache, tmp_path):
+    """The records are shown (signed, checked); the whole nodes are not the index the
+    envelope names: no Spack database, nothing stored, and the log says why."""
+    cache = shutil.copytree(FIXTURE_CACHE, tmp_path / "cache")
+    publish(cache)
+    resign(cache, packed=zstandard.ZstdCompressor().compress(b'{"database": {}}'))
+    server = http_server(cache)
+    mount = mount_cache([server.url], store=tmp_path / "store")
+    assert sorted(os.listdir(mount.root / "linux-x86_64")) == [LMGREET, LMHELLO]
+    wait_for(lambda: "cannot store the catalog" in mount.log_text(), "the document refused")
+    log = mount.log_text()
+    assert "no Spack database" in log and "is not the index" in log, log
+    assert not list((tmp_path / "store" / "catalog" / "indexes").glob("*.json"))
+
+
+def resign(cache: Path, tamper: Callable[[IndexTable], IndexTable] | None = None,
+           packed: bytes | None = None) -> None:
+    """The cache's catalog with its records passed through ``tamper`` or its document
+    replaced by ``packed``, signed again with the fixture key."""
     body_path = cache / published.catalog_path()
-    body = json.loads(body_path.read_bytes().split(b"\n\n", 1)[1].split(b"\n-----BEGIN", 1)[0])
+    signed = body_path.read_bytes()
+    body = json.loads(signed.split(b"\n\n", 1)[1].split(b"\n-----BEGIN", 1)[0])
     payload_path = cache / published.blob_path(body["payload"]["sha256"])
-    form, kind, records, packed, placement = msgspec.msgpack.decode(payload_path.read_bytes())
-    table = IndexTable(*msgspec.msgpack.decode(sitecatalog._decompress(records, 1 << 30)))
-    hostile = tamper(table)
-    payload = msgspec.msgpack.encode([form, kind, zstandard.ZstdCompressor().compress(
-        msgspec.msgpack.encode(hostile)), packed, None])
+    form, kind, records, document, placement = msgspec.msgpack.decode(payload_path.read_bytes())
+    if tamper is not None:
+        table = IndexTable(*msgspec.msgpack.decode(sitecatalog._decompress(records, 1 << 30)))
+        records = zstandard.ZstdCompressor().compress(msgspec.msgpack.encode(tamper(table)))
+        placement = None
+    payload = msgspec.msgpack.encode([form, kind, records, packed or document, placement])
     digest = hashlib.sha256(payload).hexdigest()
     (cache / published.blob_path(digest)).write_bytes(payload)
     body["payload"].update(sha256=digest, size=len(payload))
@@ -223,13 +255,6 @@ def test_a_signed_catalog_of_a_hostile_index_shows_no_more_than_its_json(
         body_path.write_bytes(signer.clearsign(published.make_envelope("catalog", body)))
     finally:
         signer.close()
-    server = http_server(cache)
-    mount = mount_cache([server.url])
-    log = mount.log_text()
-    assert "from the site catalog" in log, log
-    assert said in log and "not shown" in log, log
-    assert index_blob(cache) not in server.requests
-    assert os.listdir(mount.root / "linux-x86_64") == shown
 
 
 def test_a_refresh_after_a_new_index_is_published_fetches_the_small_catalog(

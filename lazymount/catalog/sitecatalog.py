@@ -24,6 +24,7 @@ says why.
 from __future__ import annotations
 
 import array
+import errno
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -173,6 +174,14 @@ class PackedIndex(StoredIndex):
         self._plain: bytes | None = None
         super().__init__(path, checksum, records=records)
         self._packed: bytes | None = packed  # after the base class set ``_data`` to None
+
+    def save(self) -> None:
+        """As StoredIndex.save; OSError too if the document is not the index the catalog
+        names (the catalog store then keeps nothing of it, and logs why)."""
+        try:
+            super().save()
+        except FormatError as exc:
+            raise OSError(errno.EINVAL, str(exc)) from None
 
     @property
     def _data(self) -> bytes | None:
