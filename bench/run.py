@@ -41,6 +41,7 @@ from .harness import (
     timed,
     wait_ready,
 )
+from .publishbench import bench_publish
 from .sitecatalog import bench_site_catalog
 from .spackcompare import bench_spack
 from .startup import bench_startup
@@ -563,9 +564,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="smaller caches and one repetition (under 3 minutes)")
     parser.add_argument("--only",
                         default="startup,index,sitecatalog,host,big,stack,spack,floors,"
-                                "fusefloor",
+                                "fusefloor,publish",
                         help="comma-separated parts to run: startup, index, sitecatalog, host, "
-                             "big, stack, spack, floors, fusefloor")
+                             "big, stack, spack, floors, fusefloor, publish, toc")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("the benchmark needs root (FUSE mounts, dropping the page cache)", file=sys.stderr)
@@ -612,6 +613,9 @@ def main(argv: list[str] | None = None) -> int:
             if "spack" in parts:
                 print("(e) a real-shaped package: lazymount against spack buildcache install")
                 bench_spack(bench, Result, _run)
+            if "publish" in parts:
+                print("(i) lazymount publish: the big package's table of contents")
+                bench_publish(bench, Result)
             if "toc" in parts:
                 print("(h) a CUDA-shaped package opened through its table of contents")
                 bench_toc(bench, Result, _run, eager_install)
