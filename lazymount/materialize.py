@@ -556,6 +556,8 @@ class Materializer:
         assert opened.replaced is not None and opened.origin is not None
         source, entry = opened.origin
         dag_hash = entry.root.get("hash") if isinstance(entry.root, dict) else None
+        while opened.busy():  # no new file starts; those under way land in the old tree
+            await trio.sleep(0.05)
         try:
             assert isinstance(dag_hash, str)
             await self._install(source, dag_hash, entry.tarball, opened.label, self.store,
