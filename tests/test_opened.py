@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import spackcache as sc
-from conftest import FIXTURE_CACHE, FIXTURE_KEY, FIXTURE_SECRET_KEY, Mount
+from conftest import FIXTURE_CACHE, FIXTURE_KEY, FIXTURE_SECRET_KEY, LMGREET, LMHELLO, Mount
 
 TOC_ROOT = "lazymount/v1"
 DATA_FILES = 4
@@ -576,3 +576,29 @@ def test_an_opened_package_growing_past_the_quota_evicts_what_is_not_in_use(
     assert "lmhello-1.0-3vgakfz: evicted from the store" in mount.log_text()
     # the opened package, in use while it grew, is still there
     assert os.getxattr(prefix, "user.lazymount.status").startswith(b"opened: ")
+
+
+# ---- a cache the real Spack wrote ----------------------------------------------------------
+
+
+def test_the_real_spack_cache_opened_runs_and_matches_its_whole_tree(nginx_server, mount_cache,
+                                                                     tmp_path, public):
+    cache = _readable(public("real")) / "cache"
+    shutil.copytree(FIXTURE_CACHE, cache)
+    done = subprocess.run(
+        [sys.executable, "-m", "lazymount", "publish", str(cache),
+         f"--signing-key={FIXTURE_SECRET_KEY}", f"--trust-key={FIXTURE_KEY}", "--min-size=1"],
+        capture_output=True, text=True, timeout=600)
+    # lmhello's TOC at least (what the publisher makes of lmgreet is its own tests' matter)
+    assert "tables of contents: 1 written" in done.stdout or done.returncode == 0, \
+        done.stdout + done.stderr
+    opened = mount_cache([nginx_server(cache)], store=tmp_path / "opened")
+    whole = mount_cache([str(FIXTURE_CACHE)], store=tmp_path / "whole")
+    run = subprocess.run([str(opened.prefix() / "bin" / "hello"), "-v"], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr + opened.log_text()
+    assert "Hello from lmgreet, world!" in run.stdout
+    assert "lmhello-1.0-3vgakfz: opened through its table of contents" in opened.log_text()
+    for name in (LMHELLO, LMGREET):
+        assert (tree_of(opened.root / "linux-x86_64" / name, opened.root)
+                == tree_of(whole.root / "linux-x86_64" / name, whole.root))
