@@ -43,11 +43,14 @@ async def load_index(mirror: Mirror, position: int, store: CatalogStore | None =
     if store is not None:
         return await store.load(mirror, position, site, ask=not stored_first)
     layout = await discover(mirror)
-    identity = await layout.index_identity(mirror, None)
-    catalog = await site(mirror, layout, identity)
-    if catalog is not None:
-        return await trio.to_thread.run_sync(catalog.catalog, position)
-    blob = await layout.read_index(mirror, identity.named)
+    named = None
+    if trust is not None:  # which index: what a site catalog must name
+        identity = await layout.index_identity(mirror, None)
+        catalog = await site(mirror, layout, identity)
+        if catalog is not None:
+            return await trio.to_thread.run_sync(catalog.catalog, position)
+        named = identity.named
+    blob = await layout.read_index(mirror, named)
     return await trio.to_thread.run_sync(parse_index, blob, position)
 
 
