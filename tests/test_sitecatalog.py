@@ -27,6 +27,7 @@ from conftest import (
     LMHELLO,
     lazymount_command,
     served_cache,
+    unmount,
 )
 from ocicache import OciPusher
 from ociregistry import Registry
@@ -121,6 +122,17 @@ def test_a_good_catalog_is_used_and_the_tree_is_the_json_index_tree(http_server,
     assert tree_of(mount.root) == tree_of(reference.root)
     assert database(mount.root) == database(reference.root)
     assert "Hello from lmgreet" in run(mount.prefix() / "bin" / "hello")
+    # kept as if parsed here: a remount needs neither the catalog nor the JSON
+    wait_for(lambda: list((tmp_path / "store" / "catalog" / "indexes").glob("*.json")),
+             "the index is stored")
+    unmount(mount.root)
+    assert mount.process is not None and mount.process.wait(30) == 0
+    before = len(server.requests)
+    again = mount_cache([server.url], store=tmp_path / "store")
+    assert sorted(os.listdir(again.root / "linux-x86_64")) == [LMGREET, LMHELLO]
+    assert database(again.root) == database(reference.root)
+    asked = server.requests[before:]
+    assert f"/{published.catalog_path()}" not in asked and index_blob(cache) not in asked
 
 
 def test_a_catalog_published_elsewhere_is_found_at_a_toc_url(http_server, mount_cache,
