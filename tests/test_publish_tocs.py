@@ -287,3 +287,24 @@ def _read_pty(fd: int) -> bytes:
         return os.read(fd, 65536)
     except OSError:  # EIO: the other side is closed and everything was read
         return b""
+
+
+def test_a_toc_larger_than_clients_read_is_skipped_and_said(tmp_path: Path, signer: Signer,
+                                                            monkeypatch, capsys):
+    from lazymount.cli.publishcmd import run_publish
+    from lazymount.publish import tocs
+
+    writer = CacheWriter(tmp_path / "cache", signer=signer)
+    pkg = Package("many", "1.0", files={"lib/libmany.so": random.Random(6).randbytes(2 << 20)})
+    writer.add(pkg)
+    writer.finish()
+    monkeypatch.setattr(tocs, "MAX_ENVELOPE_BYTES", 1000)
+    status = run_publish([str(writer.root), "--signing-key", str(SITE_KEY), "--trust-key",
+                          str(FIXTURE_KEY), "--output", str(tmp_path / "site"),
+                          "--min-size", MIN_SIZE])
+    shown = capsys.readouterr().out
+    assert status == 0, shown
+    assert f"many-1.0-{pkg.dag_hash[:7]}: " in shown and "more than clients read (1000)" in shown
+    assert "0 written, 0 up to date, 0 under 1048576 bytes, 1 with too many members" in shown
+    assert not (tmp_path / "site" / toc_path(writer.entries[pkg.dag_hash].tarball["checksum"])
+                ).exists()
