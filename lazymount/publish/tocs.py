@@ -19,8 +19,6 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -56,9 +54,11 @@ async def publish(context: Context) -> PartReport:
     specs = sorted((r for r in records.values() if r.in_buildcache and not r.external_path),
                    key=lambda r: (r.name, r.version, r.dag_hash))
     counts: Counter[str] = Counter()
-    with _progress(context, len(specs)) as advance:
+    progress = _Progress(context, len(specs))
+    try:
         for record in specs:
             label = f"{record.name}-{record.version}-{record.dag_hash[:7]}"
+            progress.begin(label)
             try:
                 counts[await _one(context, record, label)] += 1
             except _TooBig as exc:
@@ -69,7 +69,9 @@ async def publish(context: Context) -> PartReport:
                 report.failures.append(message if message.startswith(label)
                                        else f"{label}: {message}")
                 counts["failed"] += 1
-            advance(label)
+            progress.done()
+    finally:
+        progress.close()
     report.lines.append(_summary(counts, context))
     return report
 
@@ -147,23 +149,29 @@ def _holds(data: bytes | None, sha256: str) -> bool:
     return data is not None and hashlib.sha256(data).hexdigest() == sha256
 
 
-@contextmanager
-def _progress(context: Context, total: int) -> Iterator[Any]:
-    """A callable to call after each package: a bar on a terminal, nothing otherwise."""
-    if not context.options.progress:
-        yield lambda label: None
-        return
-    from tqdm import tqdm
+class _Progress:
+    """A bar on a terminal (``begin`` names the package being described, ``done`` counts
+    it), nothing otherwise."""
 
-    bar = tqdm(total=total, unit="pkg", desc="tables of contents", file=sys.stderr)
-    try:
-        def advance(label: str) -> None:
-            bar.set_postfix_str(label, refresh=False)
-            bar.update()
+    def __init__(self, context: Context, total: int):
+        self.bar: Any = None
+        if context.options.progress:
+            from tqdm import tqdm
 
-        yield advance
-    finally:
-        bar.close()
+            self.bar = tqdm(total=total, unit="pkg", desc="tables of contents",
+                            file=sys.stderr)
+
+    def begin(self, label: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(label)
+
+    def done(self) -> None:
+        if self.bar is not None:
+            self.bar.update()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _summary(counts: Counter[str], context: Context) -> str:
