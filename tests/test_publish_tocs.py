@@ -22,7 +22,16 @@ import pytest
 from conftest import DATA, FIXTURE_KEY, lazymount_command
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from spackcache import CacheWriter, Hardlink, Package, Signer, Symlink
+from spackcache import (
+    DEFAULT_COMPILER,
+    CacheWriter,
+    Hardlink,
+    Package,
+    Signer,
+    Symlink,
+    V2CacheWriter,
+    v2_tarball_relpath,
+)
 
 from lazymount.buildcache.published import blob_path, toc_path
 from lazymount.buildcache.toc import Toc, TocMember, parse_toc, points_for, relocated_size
@@ -308,3 +317,26 @@ def test_a_toc_larger_than_clients_read_is_skipped_and_said(tmp_path: Path, sign
     assert "0 written, 0 up to date, 0 under 1048576 bytes, 1 with too many members" in shown
     assert not (tmp_path / "site" / toc_path(writer.entries[pkg.dag_hash].tarball["checksum"])
                 ).exists()
+
+
+def test_an_old_v2_cache_gets_tocs_too(tmp_path: Path, signer: Signer):
+    """Layout v2 signs only the tarball's sha256 (no length): the size is known once it is
+    downloaded, and small ones are still skipped."""
+    writer = V2CacheWriter(tmp_path / "cache", signer=signer)
+    big = Package("oldbig", "1.0", compiler=DEFAULT_COMPILER,
+                  files={"lib/libold.so": random.Random(8).randbytes(3 << 20)})
+    small = Package("oldsmall", "1.0", compiler=DEFAULT_COMPILER, files={"lib/x": b"x"})
+    writer.add(big)
+    writer.add(small)
+    writer.finish()
+    output = tmp_path / "site"
+    result = subprocess.run(
+        lazymount_command("publish", str(writer.root), "--signing-key", str(SITE_KEY),
+                          "--trust-key", str(FIXTURE_KEY), "--output", str(output),
+                          "--min-size", MIN_SIZE),
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "tables of contents: 1 written, 0 up to date, 1 under 1048576 bytes" in result.stdout
+    (written,) = (output / "lazymount/v1/toc").iterdir()
+    tarball = (writer.root / v2_tarball_relpath(big)).read_bytes()
+    assert written.name == f"{hashlib.sha256(tarball).hexdigest()}.json.sig"
