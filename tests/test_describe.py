@@ -54,3 +54,11 @@ def test_what_extraction_refuses_gets_no_toc(tmp_path: Path):
     path = write(tmp_path, gzip.compress(tf.tar(tf.package(buildinfo=None))))
     with pytest.raises(FormatError, match="not a Spack package"):
         describe(path, "0" * 64, "pkg")
+
+
+def test_a_tarball_shorter_than_the_checked_bytes_is_described(tmp_path: Path):
+    """Each point is checked by inflating up to 64 KiB from it; less is there after the last
+    one here (the whole tar is a few KiB)."""
+    path = write(tmp_path, gzip.compress(spack_tar(tf.file(f"{tf.PREFIX}/lib/a", b"tiny"))))
+    toc = describe(path, "0" * 64, "pkg").toc
+    assert len(toc.points) == 1 and toc.uncompressed_size < 64 << 10

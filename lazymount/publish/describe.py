@@ -67,7 +67,7 @@ def describe(path: Path, sha256: str, what: str, limits: Limits | None = None) -
         index.check_one_stream()
         # an index may end with a point at the very end of the stream: nothing follows it
         found = [p for p in index.points() if p.uncompressed < walked.uncompressed]
-        _check_points(path, index, found, size, what)
+        _check_points(path, index, found, size, walked.uncompressed, what)
         relocations = _relocations(index, walked, what)
     points = _points(path, found, size)
     windows = {p.window: w.window for p, w in zip(points, found, strict=True) if w.window}
@@ -193,23 +193,22 @@ def _points(path: Path, found: list[Point], size: int) -> tuple[SeekPoint, ...]:
     return tuple(points)
 
 
-def _check_points(path: Path, index: GzipIndex, found: list[Point], size: int,
+def _check_points(path: Path, index: GzipIndex, found: list[Point], size: int, total: int,
                   what: str) -> None:
     """Inflate the start of every point as a client will (``install/tocread.py``) and
     compare it with the stream: a point the index got wrong is caught here, not by every
     client that reads from it."""
     with open(path, "rb") as file:
         for n, point in enumerate(found):
-            end = found[n + 1].uncompressed if n + 1 < len(found) else None
-            want = CHECKED if end is None else min(CHECKED, end - point.uncompressed)
+            end = found[n + 1].uncompressed if n + 1 < len(found) else total
+            want = min(CHECKED, end - point.uncompressed)
             file.seek(point.compressed)
             data = file.read(min(size - point.compressed, CHECKED_INPUT))
             try:
                 got = inflate_from(data, point.bits, point.window, want, what)
             except IntegrityError:
                 got = b""
-            if got != index.pread(point.uncompressed, len(got)) or len(got) < min(
-                    want, CHECKED):
+            if len(got) < want or got != index.pread(point.uncompressed, want):
                 raise FormatError(f"{what}: the gzip index's point {n} does not inflate to "
                                   "the stream; no table of contents")
 
