@@ -19,7 +19,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from lazymount import __version__, configfile
 from lazymount.buildcache.layout import DEFAULT_PROJECTION
@@ -271,8 +271,9 @@ def serve_mount(config: MountConfig, args: argparse.Namespace, ready_fd: int | N
     return serve(config, ready, lambda: build_config(args))
 
 
-def _serve_in_background(config: MountConfig, args: argparse.Namespace) -> int:
-    """Fork a detached daemon that serves the mount; return once it says it is ready."""
+def _serve_in_background(config: MountConfig, args: argparse.Namespace) -> NoReturn:
+    """Fork a detached daemon that serves the mount; end the command once it says it is
+    ready, or why it is not."""
     from lazymount.store.content import create_store_dir
     from lazymount.system.logfile import open_log
     from lazymount.system.ownership import check_trusted_dir
@@ -296,10 +297,18 @@ def _serve_in_background(config: MountConfig, args: argparse.Namespace) -> int:
     message = _wait_for_child(read_fd, pid)
     if message == "ok":
         print(f"lazymount: mounted at {config.mountpoint} (pid {pid}, log {log_file})")
-        return 0
+        _exit_now(0)
     reason = redact(message) or f"the mount process ended without a word; see {log_file}"
     print(f"lazymount: {printable(reason)}", file=sys.stderr)
-    return 1
+    _exit_now(1)
+
+
+def _exit_now(status: int) -> NoReturn:
+    """End the command once it has said what happened: it holds the daemon's modules, and
+    the interpreter tearing them down at exit would keep the user waiting 50-150 ms more."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _fork_daemon(log_fd: int, body: Callable[[], int], keep: int) -> int:
