@@ -101,6 +101,7 @@ def _broken(change) -> dict:
     (lambda b: b["members"][2].__setitem__(5, (8 << 20) - 1), "ends after the tar"),
     (lambda b: b["members"][2].__setitem__(1, "fifo"), "kind"),
     (lambda b: b["members"][5].__setitem__(4, ""), "link target"),
+    (lambda b: b["members"][5].__setitem__(4, "../../../../../etc"), "climbs out"),
     (lambda b: b["members"][0].__setitem__(3, 5), "with content"),
     (lambda b: b["points"].reverse(), "not after"),
     (lambda b: b["points"][1].__setitem__(1, 8), "number from 0 to 7"),
