@@ -1,4 +1,4 @@
-"""(i) ``lazymount publish`` of the big package: row 13.
+"""(i) ``lazymount publish`` of the big package: row 14.
 
 The tables of contents of the big package's mirror written from scratch (its tarball
 downloaded from nginx, described, its windows and signed TOC written), against inflating the
@@ -36,7 +36,7 @@ def bench_publish(bench: Any, result: Callable[..., Any]) -> None:
                                    "1 up to date"))
     seconds, floor = median(runs), median(floors)
     size = blob.stat().st_size
-    bench.add(result("13", f"`lazymount publish` of the big package ({size / 2**20:.0f} MiB "
+    bench.add(result("14", f"`lazymount publish` of the big package ({size / 2**20:.0f} MiB "
                      f"blob): tables of contents from scratch (again: {again:.2f} s)",
                      f"{seconds:.2f} s", f"gzip -dc | sha256sum: {floor:.2f} s",
                      seconds / floor, "x gzip -dc | sha256sum",
