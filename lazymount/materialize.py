@@ -491,7 +491,11 @@ class Materializer:
         key = opened.key
         staging = await trio.to_thread.run_sync(self.store.new_staging, key)
         try:
-            tree = await trio.to_thread.run_sync(make_skeleton, staging, opened)
+            try:
+                tree = await trio.to_thread.run_sync(make_skeleton, staging, opened)
+            except OSError as exc:  # a name this file system refuses, a full disk...
+                raise TocUnusable(f"cannot make its folders and links in the store "
+                                  f"({exc.strerror})") from None
             toc_sha256 = await trio.to_thread.run_sync(partial.write_toc, staging,
                                                        opened.plaintext)
             disk_bytes = 4096 * (3 + len(opened.shape.children))

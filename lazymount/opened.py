@@ -5,9 +5,10 @@ naming the tarball the signed manifest names, is *opened*: its directories and s
 are made in the store at once (a partial package, ``store/partial.py``), the stats of its
 files come from the TOC, and a file's bytes are fetched on its first open: the compressed
 span(s) it lives in by HTTP range requests, the window before its seek point, each checked
-against the TOC, inflated from the seek point (``install/tocread.py``), its content checked
-against its sha256, relocated exactly as a whole prefix is (``install/onefile.py``) and
-renamed into the tree. Reads of members in the same span share one fetch.
+against the TOC, inflated from the seek point (``install/tocread.py``; an inflated span is
+kept for the next members in it, and its end is the window of the span after), its content
+checked against its sha256, relocated exactly as a whole prefix is (``install/onefile.py``)
+and renamed into the tree. Reads of members in the same span share one fetch.
 
 Anything that does not check out raises ``TocUnusable``: the materializer then falls back
 to the whole tarball, as without a TOC. Runs on the trio thread; the blocking parts run in
@@ -56,7 +57,8 @@ class TocUnusable(LazymountError):
 
 @dataclass
 class FoundToc:
-    """A verified TOC and the place it came from (its windows are fetched there)."""
+    """A verified TOC and the place it came from (its windows are fetched there); no place
+    for the copy a partial package keeps in the store."""
 
     toc: Toc
     plaintext: bytes
