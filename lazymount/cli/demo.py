@@ -47,10 +47,10 @@ def _timed(label: str, command: list[str]) -> str:
     return result.stdout
 
 
-def _mount(url: str, key: Path, store: Path, root: Path) -> None:
+def _mount(url: str, key: Path, store: Path, root: Path, label: str) -> None:
     command = [sys.executable, "-m", "lazymount", "--mirror", url, "--trust-key", str(key),
                "--store", str(store), str(root)]
-    _timed("mount (index fetched, tree shown)", command)
+    _timed(label, command)
 
 
 def _unmount(root: Path) -> None:
@@ -78,13 +78,13 @@ def main(argv: list[str]) -> int:
         hello = root / PACKAGE / "bin" / "hello"
         try:
             print(f"demo: serving the demo cache at {url}, mounting at {root}")
-            _mount(url, Path(key), store, root)
+            _mount(url, Path(key), store, root, "mount (index fetched, tree shown)")
             listing = sorted(os.listdir(root / "linux-x86_64"))
             print("  packages: " + ", ".join(listing))
             out = _timed("first run of hello -v (cold store)", [str(hello), "-v"])
             _timed("second run of hello -v (warm)", [str(hello), "-v"])
             _unmount(root)
-            _mount(url, Path(key), store, root)
+            _mount(url, Path(key), store, root, "remount (stored catalog, tree shown)")
             _timed("hello -v after remount (warm store)", [str(hello), "-v"])
             print("demo: output of the relocated binary:")
             print("    " + out.strip().replace("\n", "\n    "))
