@@ -12,9 +12,11 @@ import io
 import os
 import pty
 import random
+import shutil
 import struct
 import subprocess
 import tarfile
+import tempfile
 import termios
 from pathlib import Path
 
@@ -340,3 +342,30 @@ def test_an_old_v2_cache_gets_tocs_too(tmp_path: Path, signer: Signer):
     (written,) = (output / "lazymount/v1/toc").iterdir()
     tarball = (writer.root / v2_tarball_relpath(big)).read_bytes()
     assert written.name == f"{hashlib.sha256(tarball).hexdigest()}.json.sig"
+
+
+def test_a_cache_served_over_http_is_published_to_an_output(tmp_path: Path, signer: Signer,
+                                                            nginx_server):
+    """A site describing a public cache it cannot write: read over HTTP, written elsewhere."""
+    served = Path(tempfile.mkdtemp(prefix="lmpub-", dir="/tmp"))  # nginx's workers read it
+    served.chmod(0o755)
+    try:
+        writer = CacheWriter(served / "cache", signer=signer)
+        pkg = Package("public", "1.0", files={"lib/libpub.so": random.Random(9).randbytes(3 << 20)})
+        writer.add(pkg)
+        writer.finish()
+        url = nginx_server(writer.root)
+        base = ["publish", url, "--signing-key", str(SITE_KEY), "--trust-key", str(FIXTURE_KEY),
+                "--min-size", MIN_SIZE]
+        refused = subprocess.run(lazymount_command(*base), capture_output=True, text=True,
+                                 timeout=600)
+        assert refused.returncode != 0 and "give --output DIR" in refused.stderr
+        result = subprocess.run(lazymount_command(*base, "--output", str(tmp_path / "site")),
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        assert "tables of contents: 1 written" in result.stdout
+        checksum = writer.entries[pkg.dag_hash].tarball["checksum"]
+        assert (tmp_path / "site" / toc_path(checksum)).is_file()
+        assert not (writer.root / "lazymount").exists()
+    finally:
+        shutil.rmtree(served)
