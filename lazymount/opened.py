@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 WINDOW_BYTES = 32 << 10
 KEPT_SPANS = 4  # compressed spans kept in memory (a span is inflated once, then kept so)
 KEPT_REGIONS = 12  # inflated spans (~4 MiB each) kept for the next members in them
+STREAMED = 4 << 20  # files at least this big are written span by span, not held whole
+READ_AHEAD = 3  # spans inflated ahead of the one being written
+SHEBANG_HEAD = 2  # what relocation needs of a file's start: whether it is a script
 
 
 class TocUnusable(LazymountError):
@@ -299,9 +302,12 @@ class Opened:
                     self.tree, target, folder, name, self.label), None), rel)
                 return
             member = self.shape.members[rel]
-            data = await self.member_bytes(member)
             assert self.lists is not None
             lists = self.lists
+            if member.size >= STREAMED:
+                await self._fill_streamed(rel, member, lists)
+                return
+            data = await self.member_bytes(member)
 
             def make(folder: Path, name: str) -> tuple[Path, str | None]:
                 path, changed = onefile.write_relocated(folder, name, rel, data, member.mode,
@@ -313,13 +319,74 @@ class Opened:
         finally:
             self._files.pop(rel, None)  # present now, or tried again on the next open
 
-    async def _staged(self, make: Callable[[Path, str], tuple[Path, str | None]], rel: str
-                      ) -> None:
+    async def _fill_streamed(self, rel: str, member: TocMember, lists: onefile.Lists) -> None:
+        """A big file: written to its staging file span by span as they are inflated (a few
+        ahead), hashed as it goes, never whole in memory; then relocated and renamed in."""
+        folder, name = await trio.to_thread.run_sync(self._work_name, rel)
+        path = folder / name
+        digest = hashlib.sha256()
+        fd = await trio.to_thread.run_sync(onefile.create, path)
+        try:
+            head = await self._stream_member(member, fd, digest)
+            if digest.hexdigest() != member.sha256:
+                raise TocUnusable(f"{self.label}: {member.path[:200]!r}: its content does not "
+                                  "match the sha256 of the table of contents")
+            await trio.to_thread.run_sync(os.fchmod, fd, onefile.file_mode(member.mode))
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        os.close(fd)
+
+        def make(folder: Path, name: str) -> tuple[Path, str | None]:
+            changed = onefile.relocate_made(folder, name, rel, head, member.mode, lists,
+                                            self.mapping, self.sbang, self.label)
+            return path, None if changed else member.sha256
+
+        await self._staged(make, rel, (folder, name))
+
+    async def _stream_member(self, member: TocMember, fd: int, digest: Any) -> bytes:
+        """Write ``member``'s bytes to ``fd`` and into ``digest``, in order, the next spans
+        inflating meanwhile; returns its first bytes."""
+        spans = spans_of(self.toc, member)
+        head = b""
+        written = 0
+        try:
+            async with trio.open_nursery() as nursery:
+                for position, index in enumerate(spans):
+                    for later in spans[position + 1:position + 1 + READ_AHEAD]:
+                        if later not in self._regions:
+                            nursery.start_soon(self._region_ahead, later)
+                    region = await self._region(index)
+                    base = self.toc.points[index].uncompressed
+                    low = max(member.offset - base, 0)
+                    high = min(member.offset + member.size - base, len(region))
+                    piece = memoryview(region)[low:high]
+                    head = head or bytes(piece[:SHEBANG_HEAD])
+                    written += len(piece)
+                    await trio.to_thread.run_sync(_write_hashed, fd, piece, digest)
+        except BaseExceptionGroup as group:
+            failures = group.subgroup(lambda exc: isinstance(exc, LazymountError))
+            if failures is None:
+                raise
+            raise _first(failures) from None
+        if written != member.size:
+            raise TocUnusable(f"{self.label}: {member.path[:200]!r}: its spans hold "
+                              f"{written} of its {member.size} bytes")
+        return head
+
+    async def _region_ahead(self, index: int) -> None:
+        with contextlib.suppress(LazymountError):  # met again when it is its turn
+            await self._region(index)
+
+    async def _staged(self, make: Callable[[Path, str], tuple[Path, str | None]], rel: str,
+                      named: tuple[Path, str] | None = None) -> None:
         """Make a file under a new name of the staging folder (``make(folder, name)`` gives
-        its path and its sha256 if known), note it in the fill log and rename it into the
-        tree."""
+        its path and its sha256 if known; ``named``: that name, the file made already),
+        note it in the fill log and rename it into the tree."""
         def run() -> int:
-            folder, name = self._work_name(rel)
+            folder, name = named or self._work_name(rel)
             path = folder / name
             try:
                 path, sha256 = make(folder, name)
@@ -489,6 +556,12 @@ def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
         else:
             leaves.append(exc)
     return next((e for e in leaves if isinstance(e, TocUnusable)), leaves[0])
+
+
+def _write_hashed(fd: int, data: memoryview, digest: Any) -> None:
+    digest.update(data)
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def _sha256(path: Path) -> str:

@@ -56,13 +56,24 @@ def write_relocated(folder: Path, name: str, rel: str, data: bytes, mode: int, l
     relocate it as a whole prefix would have relocated ``rel``; returns its path and whether
     relocation changed it."""
     path = folder / name
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
-    with os.fdopen(fd, "wb") as handle:
+    with os.fdopen(create(path), "wb") as handle:
         handle.write(data)
         os.fchmod(handle.fileno(), file_mode(mode))
+    return path, relocate_made(folder, name, rel, data[:2], mode, lists, mapping, sbang, what)
+
+
+def create(path: Path) -> int:
+    """A new file (never an existing one, never through a link), open for writing."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   0o600)
+
+
+def relocate_made(folder: Path, name: str, rel: str, head: bytes, mode: int, lists: Lists,
+                  mapping: list[tuple[str, str]], sbang: str, what: str) -> bool:
+    """Relocate ``folder/name``, the file of ``rel`` (starting with ``head``, its mode set),
+    as a whole prefix would have relocated ``rel``; True if that changed it."""
     text, binary = rel in lists.texts, rel in lists.binaries
-    script = data[:2] == b"#!" and bool(mode & 0o111)
+    script = head[:2] == b"#!" and bool(mode & 0o111)
     changed: list[str] = []
     if text or binary:  # the others no relocation step reads
         one = dict(lists.info, relocate_textfiles=[name] if text else [],
@@ -71,7 +82,7 @@ def write_relocated(folder: Path, name: str, rel: str, data: bytes, mode: int, l
         changed += relocate.relocate_prefix(folder, one, mapping, what).changed
     if script:
         changed += add_sbang(folder, sbang, what, [name])
-    return path, bool(changed)
+    return bool(changed)
 
 
 def move_into(source: Path, tree: Path, rel: str, what: str) -> None:
