@@ -346,3 +346,16 @@ def test_a_registry_mirror_uses_a_catalog_published_beside_it(tmp_path, http_ser
     finally:
         pusher.close()
         registry.stop()
+
+
+def test_real_spack_reads_a_mount_from_the_site_catalog_as_an_upstream(
+        spack, http_server, mount_cache, tmp_path):
+    cache = shutil.copytree(FIXTURE_CACHE, tmp_path / "cache")
+    publish(cache)
+    server = http_server(cache)
+    mount = mount_cache([server.url])
+    assert USED in mount.log_text()
+    spack.upstream("lazymount", mount.root)
+    found = spack("find", "--format", "{name}-{version}-{hash}").stdout
+    assert LMGREET in found and LMHELLO in found, found
+    assert index_blob(cache) not in server.requests
