@@ -252,10 +252,13 @@ async def _payload(mirror: Mirror, layout: CacheLayout, identity: Identity,
     index, payload = body.get("index"), body.get("payload")
     if not isinstance(index, dict) or not isinstance(payload, dict):
         raise FormatError(f"{where}: it names no index or payload")
-    made_from = str(index.get("sha256"))
-    if made_from != identity.checksum or index.get("layout") != layout.version:
+    made_from = str(index.get("sha256"))[:64]
+    if made_from != identity.checksum:
         raise FormatError(f"it was made from the index {made_from[:12]}, and the mirror has "
-                          f"{identity.checksum}"[:200])
+                          f"{str(identity.checksum)[:12]}")
+    if index.get("layout") != layout.version:
+        raise FormatError(f"it was made from a layout {str(index.get('layout'))[:8]} cache, "
+                          f"and the mirror is layout {layout.version}")
     if payload.get("records") != RECORDS:  # another version's records: not downloaded
         raise FormatError(f"its records are of format {str(payload.get('records'))[:20]}, "
                           f"this version reads {RECORDS} (publish again with it)")
@@ -290,7 +293,8 @@ def decode(payload: bytes, checksum: str, where: str) -> SiteCatalog:
         kept = check_table(table, where)
     if kept is not table:  # the store keeps what this version accepted, placed here
         stored, placement = msgspec.msgpack.encode(kept), None
-    absent = frozenset(row for row, fields in enumerate(kept.records) if fields is None)
+    absent = frozenset(row for row, fields in enumerate(kept.records) if fields is None) \
+        if None in kept.records else frozenset()
     return SiteCatalog(checksum, stored, len(kept.records), packed, placement, absent)
 
 
