@@ -1,7 +1,7 @@
 """The fleet bench: ``python -m bench.fleet [--nodes 1,2,4,8,16]`` (root).
 
 N lazymount daemons (each with its own store and mount point, standing in for N nodes) sit
-behind one real squid (memory cache, the site rules of the README) in front of one nginx
+behind one real squid (memory cache, the site rules of docs/SERVICE.md) in front of one nginx
 origin that logs every request. All N are started at once, then all N start the same
 application at once (the app of the bench's 200-package stack: 26 packages in its link/run
 closure). Each round starts from a cold squid and empty stores. Reported per N:

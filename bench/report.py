@@ -1,4 +1,4 @@
-"""The results as a markdown table (what README.md's performance section shows)."""
+"""The results as a markdown table (what docs/PERFORMANCE.md shows)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ side in the same run and with the page cache warm:
 * **evict**: removing a package (``Store.remove``): the rename the caller waits for, and the
   deletion of its files, against ``rm -rf`` of a copy.
 
-Prints a markdown table; the README's Store section quotes it. Runs as any user.
+Prints a markdown table; docs/STORE.md quotes it. Runs as any user.
 """
 
 from __future__ import annotations

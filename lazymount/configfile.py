@@ -334,7 +334,7 @@ KEYS: dict[str, Key] = {key.name: key for key in (
              "password_file (or password); they win over the Docker configuration"),
     Key("user", parse_text, flag="--user", metavar="NAME",
         help="when started as root: mount, then run as this user for good (it must own the "
-             "store; the README's install step creates the system user lazymount), keeping "
+             "store; docs/SERVICE.md's install step creates the system user lazymount), keeping "
              "only CAP_SYS_ADMIN; nothing from a mirror is read as root"),
     Key("allow_other", None, shape="flag", flag="--allow-other",
         help="let other users see the mount (default: on when run as root)"),
@@ -406,8 +406,8 @@ def _refuse_secret(key: Key, text: str) -> None:
         raise argparse.ArgumentTypeError(
             f"{redact(text)}: a user name, password or token in a URL is not taken from the "
             "command line, where every user can read it (ps); give it in the configuration "
-            f"file instead ({key.name} = ... in its [mounts.\"MOUNTPOINT\"] table; README: "
-            "Security)")
+            f"file instead ({key.name} = ... in its [mounts.\"MOUNTPOINT\"] table; "
+            "docs/SECURITY.md)")
 
 
 # ---- the file ----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from conftest import free_port
 
 SQUID = shutil.which("squid") or "/usr/sbin/squid"
 
-# what a site's squid needs for a Spack build cache (README "Behind a caching proxy"):
+# what a site's squid needs for a Spack build cache (docs/SERVICE.md, "On a cluster"):
 # objects as large as the biggest tarball, kept in memory here, and content-addressed blobs
 # and spec manifests treated as fresh for a long time even when the origin sends no
 # Cache-Control; nodes asking at once for one missing object wait for one fetch of it

@@ -4,7 +4,7 @@ Computed from the index alone. A build runs on this host when its target (as Spa
 it, an archspec microarchitecture name) is the host's own or one of its ancestors in
 archspec's graph: a ``x86_64_v3`` build runs on ``zen3``, a ``x86_64_v4`` build does not run
 on ``zen2``, an ``aarch64`` build never runs on an ``x86_64`` CPU. Among the builds of one
-name and version that run, the best is chosen by ``rank`` (see its comment; the README's
+name and version that run, the best is chosen by ``rank`` (see its comment; docs/USAGE.md's
 "Mixed clusters" section states the same rule).
 
 archspec is imported on first use: a mount that never asks pays nothing for it.

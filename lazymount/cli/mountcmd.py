@@ -159,7 +159,7 @@ def oci_mirror(mirror: MirrorConfig, logins: RegistryLogins) -> MirrorConfig:
             "cannot sign them), so lazymount serves one only when told to trust it unsigned: "
             "give --unsigned, or signed: false for it in mirrors.yaml, or unsigned = true in "
             "the configuration file. Integrity then rests on TLS and the blobs' sha256 "
-            "digests (README: OCI registries)")
+            "digests (docs/USAGE.md: OCI registries)")
     if mirror.credentials is not None:
         return mirror
     return dataclasses.replace(mirror, credentials=logins.find(registry_of(mirror.url)))
