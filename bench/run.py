@@ -50,7 +50,7 @@ from .workloads import TreeWorkloads
 
 OUT = REPO / "bench" / "out"
 
-# The goals (Performance II), each a ratio measured side by side in one run
+# The goals, each a ratio measured side by side in one run
 GOAL_FIRST_ACCESS = 0.5  # cold first access: at most this times the eager curl|tar+relocate
 GOAL_MATERIALIZE = 1.5  # materialization: at least this times GNU tar's throughput
 GOAL_FIND = 1.5  # warm find -ls / stat through FUSE: at most this times native
