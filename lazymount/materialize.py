@@ -3,7 +3,9 @@
 State per DAG hash: absent -> materializing -> ready | failed (retried after a pause).
 Concurrent callers of ``ensure`` for the same hash share one attempt (single flight).
 Runs on the trio thread; blocking stages (gpg, extraction, relocation, publish) run in
-worker threads under named limiters.
+worker threads under named limiters. The install pipeline (extraction, relocation,
+TOCs) is imported on the first access, in a worker thread: a mount serves listings
+without it.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import functools
 import hashlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -25,7 +28,6 @@ from lazymount.buildcache.fetch import stream_blob
 from lazymount.buildcache.formats import Entry, discover
 from lazymount.buildcache.index import SpecRecord
 from lazymount.buildcache.manifest import BlobRecord
-from lazymount.buildcache.toc import parse_toc
 from lazymount.catalog.installtree import InstallTree
 from lazymount.errors import (
     IntegrityError,
@@ -34,19 +36,8 @@ from lazymount.errors import (
     MountPathTooLong,
     Withdrawn,
 )
-from lazymount.install import extract, relocate
 from lazymount.install.limits import Limits
-from lazymount.install.sbang import add_sbang
 from lazymount.mirror.transport import Mirror
-from lazymount.opened import (
-    FoundToc,
-    Opened,
-    Shape,
-    TocUnusable,
-    find_toc,
-    make_skeleton,
-    read_buildinfo,
-)
 from lazymount.store import partial
 from lazymount.store.content import Store
 from lazymount.store.quota import StoreUsage
@@ -55,6 +46,14 @@ from lazymount.store.shared import HEARTBEAT, MAX_POLL, POLL, ClaimWatch, Shared
 from lazymount.system.redact import redact
 from lazymount.system.sizes import show_size
 from lazymount.trust.policy import MirrorTrust
+
+if TYPE_CHECKING:
+    from lazymount.install import extract
+    from lazymount.opened import FoundToc, Opened
+
+# imported by the first access (``load_pipeline``), not at mount
+PIPELINE = ("lazymount.install.extract", "lazymount.install.relocate",
+            "lazymount.install.sbang", "lazymount.opened")
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +335,7 @@ class Materializer:
         record = self.tree.catalog.get(dag_hash)
         if record is None:  # a lookup through an inode the kernel kept from an older index
             raise Withdrawn(f"{label}: no longer in the mirrors' index")
+        await load_pipeline()
         last: LazymountError = MirrorError(f"no mirror lists {label}")
         sources = self._sources_for(record.mirror)
         for position, source in enumerate(sources):
@@ -364,6 +364,9 @@ class Materializer:
                     ) -> Path | None:
         """Open the package through its TOC (the store gets its folders and links, files
         come on first open); None (logged) where there is none or it cannot be used."""
+        from lazymount.install import relocate
+        from lazymount.opened import Opened, Shape, TocUnusable, find_toc, read_buildinfo
+
         key = self.key(dag_hash)
         try:
             # opened before a restart: its stored TOC (verified then) and the files it holds
@@ -408,6 +411,9 @@ class Materializer:
                     ) -> tuple[FoundToc | None, tuple[set[str], int] | None]:
         """Worker thread: the TOC of a partial package of the store for this tarball, and
         the files (and bytes) its tree holds; (None, None) if there is none."""
+        from lazymount.buildcache.toc import parse_toc
+        from lazymount.opened import FoundToc
+
         receipt = self.store.receipt(key)
         if not partial.is_partial(receipt) or receipt is None or \
                 receipt.get("tarball") != entry.tarball.checksum:
@@ -488,6 +494,8 @@ class Materializer:
 
     async def _publish_opened(self, opened: Opened, dag_hash: str, source: MirrorSource,
                               label: str) -> Path:
+        from lazymount.opened import TocUnusable, make_skeleton
+
         key = opened.key
         staging = await trio.to_thread.run_sync(self.store.new_staging, key)
         try:
@@ -529,6 +537,8 @@ class Materializer:
     async def open_file(self, opened: Opened, rel: str) -> None:
         """Make a file of an opened package present; if its TOC fails it, the package is
         materialized whole instead (once, whoever asked first) and this waits for that."""
+        from lazymount.opened import TocUnusable
+
         if opened.replaced is None:
             try:
                 await opened.ensure(rel)
@@ -603,6 +613,8 @@ class Materializer:
         """Download + extract (streamed), relocate, seal (the record), fit into the quota
         (the local store only), publish into ``store``. ``replace``: an opened package of
         the same key is in the store; it goes just before this one is published."""
+        from lazymount.install import extract
+
         key = self.key(dag_hash)
         size = "an unknown size" if tarball.length is None else show_size(tarball.length)
         log.info("%s: fetching %s from %s", label, size, source.mirror.url)
@@ -653,6 +665,9 @@ class Materializer:
     def _relocate(self, dag_hash: str, extracted: extract.Extracted, label: str) -> set[str]:
         """Worker thread: rewrite build-time paths to paths under the mount. Returns the
         paths (relative to the prefix) of the files it changed."""
+        from lazymount.install import relocate
+        from lazymount.install.sbang import add_sbang
+
         info = extracted.buildinfo
         self._check_root_length(info, label)
         mapping = relocate.prefix_map(info, self.tree.root, self.tree.prefix_of, self.sbang)
@@ -668,6 +683,18 @@ class Materializer:
                 f"characters longer than the build root {old_root}; use a shorter mount path "
                 "or a cache built with padded_length"
             )
+
+
+async def load_pipeline() -> None:
+    """Import the install pipeline in a worker thread (once; the imports take 50-100 ms,
+    which the trio thread keeps answering the file system through)."""
+    if not all(name in sys.modules for name in PIPELINE):
+        await trio.to_thread.run_sync(_import_pipeline)
+
+
+def _import_pipeline() -> None:
+    for name in PIPELINE:
+        __import__(name)  # as an import statement does (-X importtime names it)
 
 
 def _blocks(length: int) -> int:

@@ -7,11 +7,14 @@ among them for the commands that only ask, print or unmount.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import FIXTURE_CACHE, FIXTURE_KEY, LMHELLO, lazymount_command, short_dir, unmount
 
 HEAVY = ("trio", "pyfuse3", "httpx", "httpcore", "msgspec", "archspec", "lazymount.catalog",
          "lazymount.daemon", "lazymount.materialize", "lazymount.serve.fs",
@@ -22,11 +25,13 @@ def imported_modules(args: list[str], cwd: Path) -> tuple[subprocess.CompletedPr
                                                              set[str]]:
     result = subprocess.run([sys.executable, "-X", "importtime", "-m", "lazymount", *args],
                             capture_output=True, text=True, cwd=cwd, timeout=60)
-    names = set()
-    for line in result.stderr.splitlines():
-        if line.startswith("import time:") and line.count("|") == 2:
-            names.add(line.rsplit("|", 1)[1].strip())
-    return result, names
+    return result, import_names(result.stderr)
+
+
+def import_names(text: str) -> set[str]:
+    """The modules named by the ``-X importtime`` lines of ``text``."""
+    return {line.rsplit("|", 1)[1].strip() for line in text.splitlines()
+            if line.startswith("import time:") and line.count("|") == 2}
 
 
 def heavy_among(names: set[str]) -> list[str]:
@@ -67,3 +72,36 @@ def test_the_heavy_list_is_seen_where_the_daemon_is_imported(tmp_path):
     names = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
              if line.startswith("import time:") and line.count("|") == 2}
     assert {"trio", "pyfuse3", "lazymount.daemon"} <= set(heavy_among(names))
+
+
+# extraction, relocation and tables of contents: what only opening a package needs
+PIPELINE = {"lazymount.install.extract", "lazymount.install.relocate", "lazymount.opened"}
+
+
+@pytest.mark.e2e
+def test_the_daemon_imports_the_install_pipeline_on_the_first_package_opened(http_server,
+                                                                              tmp_path):
+    """A mount serves listings without the install pipeline; the first package opened
+    imports it. With PYTHONPROFILEIMPORTTIME every import is named: the command's (the
+    daemon is its fork) on its stderr, the daemon's own after the fork in its log."""
+    server = http_server(FIXTURE_CACHE)
+    root = short_dir()
+    log = tmp_path / "store" / "lazymount.log"
+    try:
+        started = subprocess.run(
+            lazymount_command(f"--mirror={server.url}", f"--trust-key={FIXTURE_KEY}",
+                              f"--store={tmp_path / 'store'}", str(root)),
+            capture_output=True, text=True, timeout=120,
+            env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
+        assert started.returncode == 0, started.stderr
+        assert LMHELLO in os.listdir(root / "linux-x86_64")
+        mounted = import_names(started.stderr) | import_names(log.read_text())
+        assert {"lazymount.daemon", "pyfuse3", "trio"} <= mounted  # the imports are seen
+        assert not mounted & PIPELINE, sorted(mounted & PIPELINE)
+        hello = subprocess.run([str(root / "linux-x86_64" / LMHELLO / "bin" / "hello")],
+                               capture_output=True, text=True, timeout=60)
+        assert hello.returncode == 0, log.read_text()[-3000:]
+        assert PIPELINE <= import_names(log.read_text())
+    finally:
+        unmount(root)
+        shutil.rmtree(root, ignore_errors=True)
