@@ -26,7 +26,7 @@ import trio
 from lazymount.catalog.stored import CatalogStore
 from lazymount.config import MountConfig
 from lazymount.errors import LazymountError, UsageError
-from lazymount.materialize import Materializer, root_digest
+from lazymount.materialize import PIPELINE, Materializer, root_digest
 from lazymount.serve import session
 from lazymount.serve.bindmount import PrefixBinder, clear_dead_mount
 from lazymount.serve.fs import InstallTreeFS
@@ -43,6 +43,7 @@ from lazymount.system.mountinfo import fuse_device
 from lazymount.system.ownership import check_reachable, user_name
 from lazymount.system.privileges import (
     DEFAULT_USER,
+    PRELOAD,
     RootHelper,
     create_account_hint,
     daemon_account,
@@ -196,7 +197,9 @@ def become_user(config: MountConfig, root: str, start: Start) -> None:
     check_reachable(Path(root), account.uid, account.gid, "the mount point", account.name)
     check_reachable(config.store, account.uid, account.gid, "the store", account.name)
     create_store_dir(config.store, account.uid, account.gid)
-    preload()
+    # the install pipeline too: a mount that keeps its user imports it on first access,
+    # but the account may not reach the interpreter's files (/root/.pyenv...) afterwards
+    preload(PRELOAD + PIPELINE)
     start.device = session.premount(root, mount_options(config), account.uid, account.gid)
     start.readahead = RootHelper(lambda: raise_readahead(root))
     try:
