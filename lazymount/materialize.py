@@ -49,6 +49,7 @@ from lazymount.trust.policy import MirrorTrust
 
 if TYPE_CHECKING:
     from lazymount.install import extract
+    from lazymount.install.buildinfo import BuildInfo
     from lazymount.opened import FoundToc, Opened
 
 # imported by the first access (``load_pipeline``), not at mount
@@ -675,9 +676,9 @@ class Materializer:
         sbanged = add_sbang(extracted.root, self.sbang, label, extracted.scripts)
         return {*report.changed, *sbanged}
 
-    def _check_root_length(self, info: dict[str, Any], label: str) -> None:
-        old_root, new_root = info["buildpath"], self.tree.root
-        if info.get("relocate_binaries") and len(new_root) > len(old_root):
+    def _check_root_length(self, info: BuildInfo, label: str) -> None:
+        old_root, new_root = info.buildpath, self.tree.root
+        if info.relocate_binaries and len(new_root) > len(old_root):
             raise MountPathTooLong(
                 f"{label}: the mount path {new_root} is {len(new_root) - len(old_root)} "
                 f"characters longer than the build root {old_root}; use a shorter mount path "

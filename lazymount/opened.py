@@ -34,7 +34,12 @@ from lazymount.buildcache.manifest import BlobRecord, is_clearsigned
 from lazymount.buildcache.toc import Toc, TocMember, parse_toc, relocated_size, span_end, spans_of
 from lazymount.errors import FormatError, IntegrityError, LazymountError, MirrorError, NotInMirror
 from lazymount.install import onefile
-from lazymount.install.buildinfo import BUILDINFO, check_build_prefix, parse_buildinfo
+from lazymount.install.buildinfo import (
+    BUILDINFO,
+    BuildInfo,
+    check_build_prefix,
+    parse_buildinfo,
+)
 from lazymount.install.extract import climbs_out
 from lazymount.install.tocread import check_member, inflate_span
 from lazymount.mirror.transport import Mirror
@@ -184,7 +189,7 @@ class Opened:
         self.mirror, self.tarball, self.store = mirror, tarball, store
         self.start = start
         self.tree: Path = store.pkgs / key / "tree"
-        self.info: dict[str, Any] = {}
+        self.info: BuildInfo | None = None  # set by ``prepare``
         self.lists: onefile.Lists | None = None
         self.mapping: list[tuple[str, str]] = []
         self.sbang = ""
@@ -240,7 +245,7 @@ class Opened:
 
     # ---- set up ----------------------------------------------------------------------------
 
-    def prepare(self, info: dict[str, Any], mapping: list[tuple[str, str]], sbang: str
+    def prepare(self, info: BuildInfo, mapping: list[tuple[str, str]], sbang: str
                 ) -> None:
         """The build info and the mapping: relocation rules and sizes after relocation."""
         self.info, self.mapping, self.sbang = info, mapping, sbang
@@ -572,7 +577,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_buildinfo(opened: Opened) -> dict[str, Any]:
+def read_buildinfo(opened: Opened) -> BuildInfo:
     """The package's build info, as the TOC carries it (the text of its member, whose
     sha256 the TOC names too), checked as extraction checks it."""
     text = opened.toc.buildinfo.encode()
@@ -601,6 +606,7 @@ def make_skeleton(staging: Path, opened: Opened) -> Path:
     for rel, member in shape.members.items():
         if member.kind == "symlink":
             os.symlink(member.link, tree / rel)
+    assert opened.info is not None  # prepared before any member is made
     onefile.relocate_skeleton(tree, opened.info, opened.mapping, opened.label)
     for rel in reversed(folders):
         os.chmod(tree / rel, onefile.dir_mode(shape.members[rel].mode))

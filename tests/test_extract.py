@@ -14,7 +14,7 @@ import pytest
 import tarfactory as tf
 
 from lazymount.errors import FormatError, StoreFull, UnsafeArchiveError
-from lazymount.install.buildinfo import parse_buildinfo
+from lazymount.install.buildinfo import BuildInfo, parse_buildinfo
 from lazymount.install.extract import Extracted, extract_tarball
 from lazymount.install.limits import Limits
 
@@ -106,16 +106,16 @@ def test_lmhello_extracts_like_spack(tmp_path: Path) -> None:
     assert result.bytes == sum(m.size for m in files)
 
     info = result.buildinfo
-    assert info["buildpath"] == "/tmp/lm/opt/spack"
-    assert info["sbang_install_path"] == "/tmp/lm/opt/spack/bin/sbang"
-    assert info["relative_prefix"] == "linux-x86_64/lmhello-1.0-3vgakfze5q7cw5gke5wbrfotzhh2tstq"
-    assert info["hash_to_prefix"]["3vgakfze5q7cw5gke5wbrfotzhh2tstq"] == LMHELLO_PREFIX
-    assert info["hash_to_prefix"]["2zsd6bn2ih6gpzltutvgh5zkxjjtlqml"] == LMGREET_PREFIX
-    assert len(info["hash_to_prefix"]) == 3
-    assert info["relocate_binaries"] == ["bin/hello", "bin/hello-interp"]
-    assert info["relocate_links"] == ["share/lmhello/message-abs.txt"]
-    assert info["relocate_textfiles"] == ["bin/hello-script", "bin/hello-wrapper", "bin/hello.py"]
-    assert info["hardlinks_deduped"] is True
+    assert info.buildpath == "/tmp/lm/opt/spack"
+    assert info.sbang_install_path == "/tmp/lm/opt/spack/bin/sbang"
+    assert info.relative_prefix == "linux-x86_64/lmhello-1.0-3vgakfze5q7cw5gke5wbrfotzhh2tstq"
+    assert info.hash_to_prefix["3vgakfze5q7cw5gke5wbrfotzhh2tstq"] == LMHELLO_PREFIX
+    assert info.hash_to_prefix["2zsd6bn2ih6gpzltutvgh5zkxjjtlqml"] == LMGREET_PREFIX
+    assert len(info.hash_to_prefix) == 3
+    assert info.relocate_binaries == ("bin/hello", "bin/hello-interp")
+    assert info.relocate_links == ("share/lmhello/message-abs.txt",)
+    assert info.relocate_textfiles == ("bin/hello-script", "bin/hello-wrapper", "bin/hello.py")
+    assert info.hardlinks_deduped is True
 
 
 def test_lmgreet_extracts(tmp_path: Path) -> None:
@@ -126,8 +126,8 @@ def test_lmgreet_extracts(tmp_path: Path) -> None:
     assert lib.read_bytes()[:4] == b"\x7fELF" and os.access(lib, os.X_OK)
     assert LMGREET_PREFIX.encode() in (result.root / "lib/pkgconfig/greet.pc").read_bytes()
     assert stat.S_IMODE((result.root / "include/greet.h").stat().st_mode) == 0o644
-    assert result.buildinfo["relocate_binaries"] == ["lib/libgreet.so"]
-    assert result.buildinfo["relocate_links"] == []
+    assert result.buildinfo.relocate_binaries == ("lib/libgreet.so",)
+    assert result.buildinfo.relocate_links == ()
     assert result.files == 13
 
 
@@ -549,16 +549,16 @@ def test_disk_full_becomes_store_error(tmpfs: Callable[[str], Path]) -> None:
 
 def test_parse_buildinfo_defaults_and_old_prefix_to_hash() -> None:
     info = parse_buildinfo(b"{buildpath: /opt/spack, prefix_to_hash: {/opt/spack/x-1-h: h}}", "x")
-    assert info == {
-        "sbang_install_path": None,
-        "buildpath": "/opt/spack",
-        "relative_prefix": "",
-        "hash_to_prefix": {"h": "/opt/spack/x-1-h"},
-        "relocate_binaries": [],
-        "relocate_links": [],
-        "relocate_textfiles": [],
-        "hardlinks_deduped": False,
-    }
+    assert info == BuildInfo(
+        sbang_install_path=None,
+        buildpath="/opt/spack",
+        relative_prefix="",
+        hash_to_prefix={"h": "/opt/spack/x-1-h"},
+        relocate_binaries=(),
+        relocate_links=(),
+        relocate_textfiles=(),
+        hardlinks_deduped=False,
+    )
 
 
 @pytest.mark.parametrize(

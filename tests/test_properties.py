@@ -48,7 +48,7 @@ from lazymount.errors import (
     SignatureError,
     UnsafeArchiveError,
 )
-from lazymount.install.buildinfo import parse_buildinfo
+from lazymount.install.buildinfo import BuildInfo, parse_buildinfo
 from lazymount.install.extract import extract_tarball
 from lazymount.install.limits import Limits
 from lazymount.install.relocate import relocate_prefix
@@ -344,18 +344,18 @@ def test_spec_parser_takes_any_json(value):
 # .spack/binary_distribution
 
 
-def check_buildinfo(text: bytes) -> dict[str, Any] | None:
+def check_buildinfo(text: bytes) -> BuildInfo | None:
     try:
         info = parse_buildinfo(text, "pkg")
     except FormatError as exc:
         assert str(exc).startswith("pkg: ") and "\n" not in str(exc)
         return None
-    assert info["buildpath"].startswith("/") and ".." not in info["buildpath"].split("/")
-    for key in ("relocate_binaries", "relocate_links", "relocate_textfiles"):
-        for entry in info[key]:
+    assert info.buildpath.startswith("/") and ".." not in info.buildpath.split("/")
+    for entries in (info.relocate_binaries, info.relocate_links, info.relocate_textfiles):
+        for entry in entries:
             assert not entry.startswith("/") and ".." not in entry.split("/")
             assert "\0" not in entry
-    for prefix in info["hash_to_prefix"].values():
+    for prefix in info.hash_to_prefix.values():
         assert prefix.startswith("/") and ".." not in prefix.split("/")
     return info
 
@@ -387,7 +387,7 @@ def test_buildinfo_written_like_spack_parses_back_or_is_refused(info, data):
         info[data.draw(st.sampled_from(sorted(info)))] = data.draw(json_values)
     parsed = check_buildinfo(buildinfo_bytes(info))
     if parsed is not None and isinstance(info.get("relocate_textfiles"), list):
-        assert parsed["relocate_textfiles"] == info["relocate_textfiles"]
+        assert list(parsed.relocate_textfiles) == info["relocate_textfiles"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,7 +485,7 @@ def texts_mentioning(draw, old: str) -> bytes:
     return "".join(a + b for a, b in pieces).encode()
 
 
-def relocate(top: Path, info: dict[str, Any], old: str, new: str) -> None:
+def relocate(top: Path, info: BuildInfo, old: str, new: str) -> None:
     relocate_prefix(top, info, [(old, new)], "pkg")
 
 
@@ -506,8 +506,8 @@ def test_relocating_text_and_links_there_and_back_gives_the_original_bytes(data,
         (top / "share").mkdir()
         (top / "share" / "t.txt").write_bytes(text)
         (top / "share" / "link").symlink_to(a + "/lib/libx.so")
-        info = {"relocate_textfiles": ["share/t.txt"], "relocate_links": ["share/link"],
-                "relocate_binaries": [], "hardlinks_deduped": True}
+        info = BuildInfo(a, relocate_textfiles=("share/t.txt",), relocate_links=("share/link",),
+                         relocate_binaries=(), hardlinks_deduped=True)
         before = snapshot(top)
         relocate(top, info, a, b)
         if a.encode() in text:
@@ -529,8 +529,8 @@ def test_relocating_c_strings_there_and_back_gives_the_original_bytes(data, a, h
         top = Path(tmp)
         (top / "bin").mkdir()
         (top / "bin" / "tool").write_bytes(blob)
-        info = {"relocate_textfiles": [], "relocate_links": [],
-                "relocate_binaries": ["bin/tool"], "hardlinks_deduped": True}
+        info = BuildInfo(a, relocate_textfiles=(), relocate_links=(),
+                         relocate_binaries=("bin/tool",), hardlinks_deduped=True)
         try:
             relocate(top, info, a, b)
         except RelocationError:

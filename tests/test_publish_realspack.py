@@ -77,7 +77,7 @@ def test_a_cache_the_real_spack_pushed_is_described(spack, signer, tmp_path: Pat
     extracted = extract_tarball(io.BytesIO(tarball), "gzip", staging, what="lmtocbig")
     info = parse_buildinfo(toc.buildinfo.encode(), "toc")
     assert info == extracted.buildinfo
-    assert "bin/lmtoc" in info["relocate_binaries"] and info["relocate_textfiles"]
+    assert "bin/lmtoc" in info.relocate_binaries and info.relocate_textfiles
     mapping = relocate.prefix_map(info, "/m/r", lambda h: f"/m/r/{h[:7]}", "/m/sbang")
     relocate.relocate_prefix(extracted.root, info, mapping, "lmtocbig")
     sbang.add_sbang(extracted.root, "/m/sbang", "lmtocbig", extracted.scripts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import posixpath
@@ -14,13 +15,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import yaml
 from elftools.elf.elffile import ELFFile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lazymount.errors import FormatError, MountPathTooLong, RelocationError
 from lazymount.install import relocate
+from lazymount.install.buildinfo import BuildInfo, parse_buildinfo
 from lazymount.install.sbang import add_sbang
 
 BLOBS = Path(__file__).parent / "data" / "v3-own-only" / "blobs" / "sha256"
@@ -38,7 +39,7 @@ RUNTIME_HASH = "oe3jjjgkiiftiqrrr7neyq75fjxluf3n"
 # ------------------------------------------------------------------------------- helpers
 
 
-def extract(name: str, dest: Path) -> dict:
+def extract(name: str, dest: Path) -> BuildInfo:
     """Extract a fixture tarball into ``dest`` as Spack does (build prefix stripped); returns
     its buildinfo."""
     with tarfile.open(TARBALLS[name]) as tar:
@@ -53,7 +54,7 @@ def extract(name: str, dest: Path) -> dict:
                 picked.append(m)
         kwargs = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
         tar.extractall(dest, members=picked, **kwargs)
-    return yaml.safe_load((dest / ".spack" / "binary_distribution").read_text())
+    return parse_buildinfo((dest / ".spack" / "binary_distribution").read_bytes(), name)
 
 
 def relocate_fixtures(new_root: str, base: Path) -> dict[str, tuple[Path, dict, object]]:
@@ -69,8 +70,8 @@ def relocate_fixtures(new_root: str, base: Path) -> dict[str, tuple[Path, dict, 
     return out
 
 
-def new_prefix(info: dict, dag_hash: str, new_root: str) -> str:
-    return new_root + info["hash_to_prefix"][dag_hash][len(info["buildpath"]):]
+def new_prefix(info: BuildInfo, dag_hash: str, new_root: str) -> str:
+    return new_root + info.hash_to_prefix[dag_hash][len(info.buildpath):]
 
 
 def rpath_of(path: Path) -> str:
@@ -90,11 +91,11 @@ def make_prefix(tmp_path: Path, files: dict[str, bytes], mode: int = 0o644) -> P
     return prefix
 
 
-def info_for(texts=(), binaries=(), links=(), deduped=True) -> dict:
-    return {"sbang_install_path": None, "buildpath": "/old/root", "relative_prefix": "p",
-            "hash_to_prefix": {}, "relocate_textfiles": list(texts),
-            "relocate_binaries": list(binaries), "relocate_links": list(links),
-            "hardlinks_deduped": deduped}
+def info_for(texts=(), binaries=(), links=(), deduped=True) -> BuildInfo:
+    return BuildInfo(sbang_install_path=None, buildpath="/old/root", relative_prefix="p",
+                     hash_to_prefix={}, relocate_textfiles=tuple(texts),
+                     relocate_binaries=tuple(binaries), relocate_links=tuple(links),
+                     hardlinks_deduped=deduped)
 
 
 # ------------------------------------------------------------------------ the mapping
@@ -102,7 +103,8 @@ def info_for(texts=(), binaries=(), links=(), deduped=True) -> dict:
 
 def test_prefix_map_order_and_identity(tmp_path):
     info = extract("lmhello", tmp_path / "p")
-    info["hash_to_prefix"] = dict(reversed(list(info["hash_to_prefix"].items())))  # own not first
+    own_not_first = dict(reversed(list(info.hash_to_prefix.items())))
+    info = dataclasses.replace(info, hash_to_prefix=own_not_first)
     mapping = relocate.prefix_map(
         info, "/n", lambda h: None if h == RUNTIME_HASH else f"/n/{h}", "/n/bin/sbang")
     assert mapping == [
@@ -111,7 +113,7 @@ def test_prefix_map_order_and_identity(tmp_path):
         (f"{OLD_ROOT}/{GREET}", f"/n/{GREET_HASH}"),  # then file order; runtime: None, skipped
         (OLD_ROOT, "/n"),
     ]
-    same = relocate.prefix_map(info, OLD_ROOT, lambda h: info["hash_to_prefix"][h],
+    same = relocate.prefix_map(info, OLD_ROOT, lambda h: info.hash_to_prefix[h],
                                OLD_ROOT + "/bin/sbang")
     assert same == []  # identity mappings dropped: nothing to do
 
@@ -209,19 +211,19 @@ def test_growing_c_string_fails_with_spacks_message(tmp_path):
 
 def test_elf_paths_match_at_boundaries_first_listed_wins(tmp_path):
     info = extract("lmhello", tmp_path)
-    info["relocate_links"] = info["relocate_textfiles"] = []
+    info = dataclasses.replace(info, relocate_links=(), relocate_textfiles=())
     greet_old = f"{OLD_ROOT}/{GREET}"
     # "…/li" is a prefix of "…/lib" as a string, not as a path: the build root matches instead
     relocate.relocate_prefix(tmp_path, info, [(greet_old + "/li", "/z"), (OLD_ROOT, "/r")], "p")
     assert rpath_of(tmp_path / "bin/hello").startswith(f"/r/{GREET}/lib:/r/linux-x86_64/")
 
     info = extract("lmhello", tmp_path / "again")
-    info["relocate_links"] = info["relocate_textfiles"] = []
+    info = dataclasses.replace(info, relocate_links=(), relocate_textfiles=())
     relocate.relocate_prefix(tmp_path / "again", info, [(OLD_ROOT, "/r"), (greet_old, "/g")], "p")
     assert rpath_of(tmp_path / "again/bin/hello").startswith(f"/r/{GREET}/lib:")  # first wins
 
     info = extract("lmhello", tmp_path / "third")
-    info["relocate_links"] = info["relocate_textfiles"] = []
+    info = dataclasses.replace(info, relocate_links=(), relocate_textfiles=())
     relocate.relocate_prefix(tmp_path / "third", info, [(greet_old, "/g"), (OLD_ROOT, "/r")], "p")
     assert rpath_of(tmp_path / "third/bin/hello") == (
         f"/g/lib:/r/linux-x86_64/gcc-runtime-12.2.0-{RUNTIME_HASH}/lib")
@@ -411,10 +413,9 @@ def test_missing_listed_file_and_bad_lists(tmp_path):
     prefix = make_prefix(tmp_path, {"x": b""})
     with pytest.raises(RelocationError, match="not in the package"):
         relocate.relocate_prefix(prefix, info_for(texts=["gone.txt"]), [("/o", "/n")], "pkg")
-    bad = info_for()
-    bad["relocate_links"] = "share/link"
+    # a list that is not one is refused where build info is read, before any relocation
     with pytest.raises(FormatError):
-        relocate.relocate_prefix(prefix, bad, [("/o", "/n")], "pkg")
+        parse_buildinfo(b"{buildpath: /old/root, relocate_links: share/link}", "pkg")
 
 
 def test_links_repointed_at_boundaries_only(tmp_path):

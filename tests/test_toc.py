@@ -31,6 +31,7 @@ from lazymount.buildcache.toc import (
 )
 from lazymount.errors import FormatError
 from lazymount.install import relocate, sbang
+from lazymount.install.buildinfo import BuildInfo
 
 ROOT = "/build/spack"
 OWN = "/build/spack/linux/pkg-1.0-aaaa"
@@ -194,10 +195,10 @@ def test_script_sizes_match_relocation_and_sbang(tmp_path: Path, root: str):
         (prefix / "bin" / name).write_bytes(data)
         os.chmod(prefix / "bin" / name, 0o755)
     new_root = f"{root}/r"
-    buildinfo = {"buildpath": ROOT, "relative_prefix": "linux/pkg-1.0-aaaa",
-                 "sbang_install_path": SBANG, "hash_to_prefix": {"aaaa": OWN, "bbbb": DEP},
-                 "relocate_textfiles": [f"bin/{n}" for n in SCRIPTS], "relocate_binaries": [],
-                 "relocate_links": [], "hardlinks_deduped": True}
+    buildinfo = BuildInfo(buildpath=ROOT, relative_prefix="linux/pkg-1.0-aaaa",
+                          sbang_install_path=SBANG, hash_to_prefix={"aaaa": OWN, "bbbb": DEP},
+                          relocate_textfiles=tuple(f"bin/{n}" for n in SCRIPTS),
+                          relocate_binaries=(), relocate_links=(), hardlinks_deduped=True)
     new_sbang = f"{root}/bin/sbang"
     mapping = relocate.prefix_map(buildinfo, new_root, {"aaaa": f"{new_root}/pkg",
                                                         "bbbb": f"{new_root}/dep"}.get, new_sbang)

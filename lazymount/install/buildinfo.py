@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import posixpath
 import reprlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from lazymount.errors import FormatError
@@ -21,14 +23,28 @@ _SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict = 2, 4, 4
 _SHOWN.maxstring, _SHOWN.maxother = 200, 80
 
 
-def parse_buildinfo(text: bytes, what: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class BuildInfo:
+    """One package's ``.spack/binary_distribution``. Made by ``parse_buildinfo``, which checks
+    every field once: the code that reads one trusts it."""
+
+    buildpath: str  # the build's install root: absolute, no ".."
+    sbang_install_path: str | None = None  # absolute, no ".."
+    relative_prefix: str = ""  # the package's prefix under ``buildpath``; "" if not given
+    # {dag hash: absolute build-time prefix}, the package's own and its dependencies'
+    hash_to_prefix: Mapping[str, str] = field(default_factory=dict)
+    # prefix-relative paths that stay inside the prefix
+    relocate_binaries: tuple[str, ...] = ()
+    relocate_links: tuple[str, ...] = ()
+    relocate_textfiles: tuple[str, ...] = ()
+    hardlinks_deduped: bool = False  # False: a hard-linked file may be listed under each name
+
+
+def parse_buildinfo(text: bytes, what: str) -> BuildInfo:
     """Parse and validate ``.spack/binary_distribution`` (a one-line YAML flow mapping).
 
-    Returns ``sbang_install_path`` (str or None), ``buildpath`` (absolute str),
-    ``relative_prefix`` (str, "" if absent), ``hash_to_prefix`` ({hash: absolute prefix}, from
-    ``prefix_to_hash`` in old caches), the ``relocate_binaries``, ``relocate_links`` and
-    ``relocate_textfiles`` lists of prefix-relative paths, and ``hardlinks_deduped`` (bool).
-    Missing optional keys are empty. Raises FormatError naming ``what``. Pure; any thread.
+    ``hash_to_prefix`` comes from ``prefix_to_hash`` in old caches; missing optional keys are
+    empty. Raises FormatError naming ``what``. Pure; any thread.
     """
     if len(text) > MAX_BUILDINFO_BYTES:
         raise FormatError(f"{what}: {BUILDINFO} is larger than {MAX_BUILDINFO_BYTES} bytes")
@@ -45,32 +61,33 @@ def parse_buildinfo(text: bytes, what: str) -> dict[str, Any]:
     deduped = False if deduped is None else deduped
     if not isinstance(deduped, bool):
         raise FormatError(f"{what}: {BUILDINFO}: hardlinks_deduped is not a boolean")
-    info: dict[str, Any] = {
-        "sbang_install_path": None if sbang is None else _abs(sbang, "sbang_install_path", what),
-        "buildpath": _abs(doc.get("buildpath"), "buildpath", what),
-        "relative_prefix": relative_prefix and _rel(relative_prefix, "relative_prefix", what),
-        "hash_to_prefix": _hash_to_prefix(doc, what),
-        "hardlinks_deduped": deduped,
-    }
+    # checked in the order of the fields: the first bad one is the one an error names
+    sbang = None if sbang is None else _abs(sbang, "sbang_install_path", what)
+    buildpath = _abs(doc.get("buildpath"), "buildpath", what)
+    relative_prefix = relative_prefix and _rel(relative_prefix, "relative_prefix", what)
+    hash_to_prefix = _hash_to_prefix(doc, what)
+    lists = {}
     for key in _LISTS:
         entries = doc.get(key) or []
         if not isinstance(entries, list):
             raise FormatError(f"{what}: {BUILDINFO}: {key} is not a list")
-        info[key] = [_rel(entry, key, what) for entry in entries]
-    return info
+        lists[key] = tuple(_rel(entry, key, what) for entry in entries)
+    return BuildInfo(buildpath, sbang, relative_prefix, hash_to_prefix,
+                     lists["relocate_binaries"], lists["relocate_links"],
+                     lists["relocate_textfiles"], deduped)
 
 
-def check_build_prefix(info: dict[str, Any], build_prefix: str, what: str) -> None:
+def check_build_prefix(info: BuildInfo, build_prefix: str, what: str) -> None:
     """Refuse a buildinfo whose install root cannot be the tarball's: relocation maps paths
     under ``buildpath`` and ``relative_prefix``, so they must describe where the members are.
 
     ``build_prefix``: the absolute prefix the tarball's members hold. Raises FormatError.
     """
-    root = info["buildpath"].rstrip("/")
+    root = info.buildpath.rstrip("/")
     if not root:  # "/" would make every absolute path of the package a build path
         raise FormatError(f"{what}: {BUILDINFO}: buildpath '/' is not a usable install root")
-    claimed = posixpath.normpath(posixpath.join(root, info["relative_prefix"] or ""))
-    if info["relative_prefix"] and claimed != posixpath.normpath(build_prefix):
+    claimed = posixpath.normpath(posixpath.join(root, info.relative_prefix))
+    if info.relative_prefix and claimed != posixpath.normpath(build_prefix):
         raise FormatError(f"{what}: {BUILDINFO} says the prefix is {claimed[:200]!r}, but the "
                           f"tarball holds {build_prefix[:200]!r}")
 

@@ -19,7 +19,7 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from lazymount.errors import (
     FormatError,
@@ -31,6 +31,7 @@ from lazymount.errors import (
 from lazymount.install.buildinfo import (
     BUILDINFO,
     MAX_BUILDINFO_BYTES,
+    BuildInfo,
     check_build_prefix,
     parse_buildinfo,
 )
@@ -52,7 +53,7 @@ class Extracted:
 
     root: Path  # a directory inside `staging` whose contents are exactly the package prefix
     build_prefix: str  # absolute build-time prefix, e.g. "/tmp/lm/opt/spack/linux-x86_64/x-1.0-h"
-    buildinfo: dict[str, Any]  # parsed and validated .spack/binary_distribution
+    buildinfo: BuildInfo  # its .spack/binary_distribution
     files: int  # regular files written (hard links not counted)
     bytes: int  # bytes written
     # path below the prefix of each file (and hard link) -> its size and sha256 as extracted

@@ -10,11 +10,12 @@ same way, with no file listed. Blocking; any worker thread.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
-from typing import Any
 
 from lazymount.install import relocate
+from lazymount.install.buildinfo import BuildInfo
 from lazymount.install.prefixfiles import Prefix
 from lazymount.install.sbang import add_sbang
 
@@ -31,21 +32,21 @@ def dir_mode(mode: int) -> int:
     return (mode & FILE_MODE_KEEP) | 0o700
 
 
-def relocate_skeleton(prefix_dir: Path, info: dict[str, Any], mapping: list[tuple[str, str]],
+def relocate_skeleton(prefix_dir: Path, info: BuildInfo, mapping: list[tuple[str, str]],
                       what: str) -> None:
     """Re-point the listed symbolic links of a prefix that holds only directories and links."""
-    only_links = dict(info, relocate_textfiles=[], relocate_binaries=[],
-                      hardlinks_deduped=True)
+    only_links = dataclasses.replace(info, relocate_textfiles=(), relocate_binaries=(),
+                                     hardlinks_deduped=True)
     relocate.relocate_prefix(prefix_dir, only_links, mapping, what)
 
 
 class Lists:
     """The relocation lists of one package's build info, as sets (looked up per file)."""
 
-    def __init__(self, info: dict[str, Any]):
+    def __init__(self, info: BuildInfo):
         self.info = info
-        self.texts = set(info.get("relocate_textfiles") or [])
-        self.binaries = set(info.get("relocate_binaries") or [])
+        self.texts = set(info.relocate_textfiles)
+        self.binaries = set(info.relocate_binaries)
 
 
 def write_relocated(folder: Path, name: str, rel: str, data: bytes, mode: int, lists: Lists,
@@ -76,9 +77,9 @@ def relocate_made(folder: Path, name: str, rel: str, head: bytes, mode: int, lis
     script = head[:2] == b"#!" and bool(mode & 0o111)
     changed: list[str] = []
     if text or binary:  # the others no relocation step reads
-        one = dict(lists.info, relocate_textfiles=[name] if text else [],
-                   relocate_binaries=[name] if binary else [],
-                   relocate_links=[], hardlinks_deduped=True)
+        one = dataclasses.replace(lists.info, relocate_textfiles=(name,) if text else (),
+                                  relocate_binaries=(name,) if binary else (),
+                                  relocate_links=(), hardlinks_deduped=True)
         changed += relocate.relocate_prefix(folder, one, mapping, what).changed
     if script:
         changed += add_sbang(folder, sbang, what, [name])

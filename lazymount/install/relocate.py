@@ -27,16 +27,16 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 from lazymount.errors import (
-    FormatError,
     MountPathTooLong,
     RelocationError,
     StoreError,
     StoreFull,
 )
 from lazymount.install import elf
+from lazymount.install.buildinfo import BuildInfo
 from lazymount.install.prefixfiles import Prefix, patch, reader, rewrite
 
 SUFFIX_SAFETY = 7  # Spack's suffix_safety_size: C-string tail bytes that must survive a rewrite
@@ -57,7 +57,7 @@ class RelocationReport:
 
 
 def prefix_map(
-    buildinfo: dict[str, Any],
+    buildinfo: BuildInfo,
     new_root: str,
     new_prefix_of: Callable[[str], str | None],
     new_sbang: str,
@@ -68,17 +68,14 @@ def prefix_map(
     dependency's new prefix (``None``: not mapped, e.g. an external); the new sbang path.
     Output: ``(old, new)`` pairs, first match wins: the sbang path, the package's own prefix,
     the other ``hash_to_prefix`` entries in file order, then the build root; identity pairs
-    dropped. Errors: ``FormatError`` for a buildinfo without ``buildpath``. Thread: any.
+    dropped. Thread: any.
     """
-    root = buildinfo.get("buildpath")
-    if not isinstance(root, str) or not root:
-        raise FormatError("buildinfo has no buildpath")
+    root = buildinfo.buildpath
     pairs: dict[str, str] = {}  # assignment keeps the first position, as Spack's dict does
-    sbang = buildinfo.get("sbang_install_path")
-    if sbang:
-        pairs[sbang] = new_sbang
-    own = posixpath.join(root, buildinfo.get("relative_prefix") or "")
-    entries = list((buildinfo.get("hash_to_prefix") or {}).items())
+    if buildinfo.sbang_install_path:
+        pairs[buildinfo.sbang_install_path] = new_sbang
+    own = posixpath.join(root, buildinfo.relative_prefix)
+    entries = list(buildinfo.hash_to_prefix.items())
     entries.sort(key=lambda item: item[1] != own)  # stable: own prefix first, rest in order
     for dag_hash, old in entries:
         new = new_prefix_of(dag_hash)
@@ -89,7 +86,7 @@ def prefix_map(
 
 
 def relocate_prefix(
-    prefix_dir: Path, buildinfo: dict[str, Any], mapping: list[tuple[str, str]], what: str
+    prefix_dir: Path, buildinfo: BuildInfo, mapping: list[tuple[str, str]], what: str
 ) -> RelocationReport:
     """Relocate an extracted prefix in place, in Spack's order (see the module docstring).
 
@@ -100,7 +97,7 @@ def relocate_prefix(
     and in place, so every name sees it); listed symlinks and non-regular files are skipped.
     Errors: ``MountPathTooLong`` when a binary string would have to grow; ``RelocationError``
     for a C string that cannot shrink safely, a listed path that is absolute, has "..", goes
-    through a symlink or is missing; ``FormatError`` for malformed lists; ``StoreError`` when
+    through a symlink or is missing; ``StoreError`` when
     the disk refuses a write. A failed package is half-relocated: discard the prefix.
     Thread: blocking, any worker thread.
     """
@@ -112,12 +109,12 @@ def relocate_prefix(
     try:
         with Prefix(prefix_dir, what) as pfx:
             texts, binaries = _dedupe_hardlinks(pfx, buildinfo)
-            links = _rel_list(buildinfo, "relocate_links", what)
+            links = list(buildinfo.relocate_links)
             steps: tuple[tuple[str, Callable[[], list[str]]], ...] = (
                 ("elf", lambda: _elf_step(pfx, rules, binaries)),
                 ("links", lambda: _links_step(pfx, rules, links)),
                 ("text", lambda: _text_step(pfx, rules, texts)),
-                ("binaries", lambda: _cstring_step(pfx, rules, binaries, buildinfo)),
+                ("binaries", lambda: _cstring_step(pfx, rules, binaries, buildinfo.buildpath)),
             )
             for name, step in steps:
                 done = step()
@@ -166,19 +163,11 @@ class _Rules:
         return None if m is None else self.new_of[m.group()] + path[m.end() :]
 
 
-def _rel_list(buildinfo: dict[str, Any], key: str, what: str) -> list[str]:
-    value = buildinfo.get(key) or []
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise FormatError(f"{what}: buildinfo {key} is not a list of paths")
-    return value
-
-
-def _dedupe_hardlinks(pfx: Prefix, buildinfo: dict[str, Any]) -> tuple[list[str], list[str]]:
+def _dedupe_hardlinks(pfx: Prefix, buildinfo: BuildInfo) -> tuple[list[str], list[str]]:
     """(text files, binaries), each multiply-linked inode kept once, as Spack does for old
     tarballs: relocating an inode twice would apply the mapping to already-new paths."""
-    texts = _rel_list(buildinfo, "relocate_textfiles", pfx.what)
-    binaries = _rel_list(buildinfo, "relocate_binaries", pfx.what)
-    if buildinfo.get("hardlinks_deduped", False):
+    texts, binaries = list(buildinfo.relocate_textfiles), list(buildinfo.relocate_binaries)
+    if buildinfo.hardlinks_deduped:
         return texts, binaries
     seen: set[tuple[int, int]] = set()
 
@@ -337,7 +326,7 @@ def _word_run_start(data: bytes, end: int, low: int) -> int:
 
 
 def _cstring_step(
-    pfx: Prefix, rules: _Rules, binaries: list[str], buildinfo: dict[str, Any]
+    pfx: Prefix, rules: _Rules, binaries: list[str], old_root: str
 ) -> list[str]:
     changed = []
     for rel, dir_fd, name, st in pfx.files(binaries):
@@ -348,7 +337,7 @@ def _cstring_step(
                 continue
             # plain tuples: no Match may outlive the map (closing it would fail)
             found = [(m.start(), m[1], m[2]) for m in rules.cstring.finditer(buf)]
-        edits = _cstring_edits(found, rules, rel, pfx.what, buildinfo.get("buildpath"))
+        edits = _cstring_edits(found, rules, rel, pfx.what, old_root)
         if edits:
             patch(dir_fd, name, st, edits)
             changed.append(rel)

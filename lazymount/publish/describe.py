@@ -14,7 +14,6 @@ import hashlib
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from lazymount.buildcache.toc import (
     NO_RELOCATION,
@@ -27,7 +26,7 @@ from lazymount.buildcache.toc import (
     count_text,
 )
 from lazymount.errors import FormatError, IntegrityError
-from lazymount.install.buildinfo import check_build_prefix, parse_buildinfo
+from lazymount.install.buildinfo import BuildInfo, check_build_prefix, parse_buildinfo
 from lazymount.install.extract import MemberChecks
 from lazymount.install.limits import Limits
 from lazymount.install.tarstream import Member, Source, members
@@ -52,7 +51,7 @@ class _Walked:
     rows: list[tuple[Member, int]]  # each member once, with the offset of its content
     checks: MemberChecks
     prefix: str
-    buildinfo: dict[str, Any]
+    buildinfo: BuildInfo
     buildinfo_text: str
     uncompressed: int
 
@@ -76,11 +75,11 @@ def describe(path: Path, sha256: str, what: str, limits: Limits | None = None) -
     return Described(toc, windows)
 
 
-def old_prefixes(buildinfo: dict[str, Any]) -> tuple[str, ...]:
+def old_prefixes(buildinfo: BuildInfo) -> tuple[str, ...]:
     """Every build-time prefix ``relocate.prefix_map`` can map for this package: the sbang
     path, each ``hash_to_prefix`` prefix, the build root (once each, in that order)."""
-    olds = [buildinfo.get("sbang_install_path") or "", *buildinfo["hash_to_prefix"].values(),
-            buildinfo["buildpath"]]
+    olds = [buildinfo.sbang_install_path or "", *buildinfo.hash_to_prefix.values(),
+            buildinfo.buildpath]
     return tuple(dict.fromkeys(old for old in olds if old))
 
 
@@ -119,7 +118,7 @@ def _relocations(index: GzipIndex, walked: _Walked, what: str) -> dict[str, Relo
     by_path = {member.name: (member, offset) for member, offset in walked.rows}
     info, prefix = walked.buildinfo, walked.prefix
     olds = old_prefixes(info)
-    listed = (_listed(by_path, prefix, rel, what) for rel in info["relocate_textfiles"])
+    listed = (_listed(by_path, prefix, rel, what) for rel in info.relocate_textfiles)
     texts = {name for name in listed if name is not None}
     scripts = {n for n in walked.checks.scripts if not _inside(n, _join(prefix, ".spack"))}
     text: dict[str, tuple[Occurrence, ...]] = {}
@@ -134,7 +133,7 @@ def _relocations(index: GzipIndex, walked: _Walked, what: str) -> dict[str, Relo
         if name in scripts:
             heads[name] = data[:SHEBANG_HEAD]
     links = set()
-    for rel in info["relocate_links"]:
+    for rel in info.relocate_links:
         found = by_path.get(_join(prefix, _clean(rel)))
         if found is not None and found[0].kind == "symlink":
             links.add(found[0].name)
