@@ -7,7 +7,8 @@ The kinds of node (``Node``), each a small frozen value:
     one awaits its materialization; its inode is worked out from its place in the tree,
     not stored (``prefixinodes``);
   * ``RealNode``: a file, link or directory of a materialized tree in the store, or one of
-    the files the daemon writes (``bin/sbang``, the Spack database), served as it is;
+    the files the daemon writes (``bin/sbang``, the Spack database), served as it is (a
+    file of an opened package not fetched yet: stat and name from its TOC, fetched on open);
   * ``HostDir`` and ``HostLink``: the folders of ``host/`` and ``modules/host/``, and in
     ``host/`` per name and version a link to the best build this CPU runs (``hostdir``);
   * ``ModuleText``: a Tcl or Lua module file or module index, made from the index when
