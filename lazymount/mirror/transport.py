@@ -201,7 +201,7 @@ class LocalMirror(Mirror):
         except OSError as exc:
             raise MirrorError(f"cannot read {target}: {exc.strerror}") from None
         self.health.fetched_bytes += len(data)
-        return data
+        return data if len(data) == end - start else None  # not that range: a shorter file
 
 
 class HttpMirror(Mirror):
@@ -428,7 +428,7 @@ class HttpMirror(Mirror):
                     continue
                 status = response.status_code
                 if status == 200 or (status == 304 and conditional) or (
-                        status == 206 and ranged):
+                        status in (206, 416) and ranged):  # read_range judges the range
                     self._proxy_answered(proxy)
                     return response, deadline
                 await response.aclose()
