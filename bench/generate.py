@@ -45,7 +45,10 @@ BUILD_ROOT = "/tmp/lmt/opt/spack"  # 18 characters: mounts at short /tmp paths f
 
 
 def load_test_module(name: str) -> ModuleType:
-    """A helper module of the test suite, imported by path (tests/ is not a package)."""
+    """A helper module of the test suite, imported by path (tests/ is not a package; the
+    helpers import one another, and conftest, by name)."""
+    if str(REPO / "tests") not in sys.path:
+        sys.path.append(str(REPO / "tests"))
     spec = importlib.util.spec_from_file_location(name, REPO / "tests" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
