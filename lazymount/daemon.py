@@ -197,9 +197,9 @@ def become_user(config: MountConfig, root: str, start: Start) -> None:
     check_reachable(Path(root), account.uid, account.gid, "the mount point", account.name)
     check_reachable(config.store, account.uid, account.gid, "the store", account.name)
     create_store_dir(config.store, account.uid, account.gid)
-    # the install pipeline too: a mount that keeps its user imports it on first access,
-    # but the account may not reach the interpreter's files (/root/.pyenv...) afterwards
-    preload(PRELOAD + PIPELINE)
+    # the install pipeline and httpx too: a mount that keeps its user imports them when
+    # first needed, but the account may not reach the interpreter's files (/root/...) then
+    preload(PRELOAD + PIPELINE + ("httpx", "httpcore"))
     start.device = session.premount(root, mount_options(config), account.uid, account.gid)
     start.readahead = RootHelper(lambda: raise_readahead(root))
     try:

@@ -78,30 +78,58 @@ def test_the_heavy_list_is_seen_where_the_daemon_is_imported(tmp_path):
 PIPELINE = {"lazymount.install.extract", "lazymount.install.relocate", "lazymount.opened"}
 
 
+def background_mount(mirror: str, store: Path, root: Path) -> set[str]:
+    """``lazymount --mirror MIRROR MOUNTPOINT`` (the daemon is the command's fork) with
+    PYTHONPROFILEIMPORTTIME; the modules imported until it returned: the command's on its
+    stderr, the daemon's own after the fork in its log."""
+    started = subprocess.run(
+        lazymount_command(f"--mirror={mirror}", f"--trust-key={FIXTURE_KEY}",
+                          f"--store={store}", str(root)),
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
+    assert started.returncode == 0, started.stderr
+    return import_names(started.stderr) | import_names((store / "lazymount.log").read_text())
+
+
+def run_hello(root: Path, log: Path) -> None:
+    hello = subprocess.run([str(root / "linux-x86_64" / LMHELLO / "bin" / "hello")],
+                           capture_output=True, text=True, timeout=60)
+    assert hello.returncode == 0, log.read_text()[-3000:]
+
+
 @pytest.mark.e2e
 def test_the_daemon_imports_the_install_pipeline_on_the_first_package_opened(http_server,
                                                                               tmp_path):
     """A mount serves listings without the install pipeline; the first package opened
-    imports it. With PYTHONPROFILEIMPORTTIME every import is named: the command's (the
-    daemon is its fork) on its stderr, the daemon's own after the fork in its log."""
+    imports it."""
     server = http_server(FIXTURE_CACHE)
     root = short_dir()
     log = tmp_path / "store" / "lazymount.log"
     try:
-        started = subprocess.run(
-            lazymount_command(f"--mirror={server.url}", f"--trust-key={FIXTURE_KEY}",
-                              f"--store={tmp_path / 'store'}", str(root)),
-            capture_output=True, text=True, timeout=120,
-            env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
-        assert started.returncode == 0, started.stderr
+        mounted = background_mount(server.url, tmp_path / "store", root)
         assert LMHELLO in os.listdir(root / "linux-x86_64")
-        mounted = import_names(started.stderr) | import_names(log.read_text())
+        mounted |= import_names(log.read_text())
         assert {"lazymount.daemon", "pyfuse3", "trio"} <= mounted  # the imports are seen
         assert not mounted & PIPELINE, sorted(mounted & PIPELINE)
-        hello = subprocess.run([str(root / "linux-x86_64" / LMHELLO / "bin" / "hello")],
-                               capture_output=True, text=True, timeout=60)
-        assert hello.returncode == 0, log.read_text()[-3000:]
+        run_hello(root, log)
         assert PIPELINE <= import_names(log.read_text())
+    finally:
+        unmount(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.e2e
+def test_a_folder_mirror_is_mounted_and_opened_without_httpx(tmp_path):
+    """httpx comes with the first HTTP client: a mirror in a folder never needs it."""
+    root = short_dir()
+    log = tmp_path / "store" / "lazymount.log"
+    try:
+        mounted = background_mount(str(FIXTURE_CACHE), tmp_path / "store", root)
+        assert {"lazymount.daemon", "pyfuse3", "trio"} <= mounted  # the imports are seen
+        run_hello(root, log)
+        everything = mounted | import_names(log.read_text())
+        assert PIPELINE <= everything
+        assert not {"httpx", "httpcore"} & everything, sorted({"httpx", "httpcore"} & everything)
     finally:
         unmount(root)
         shutil.rmtree(root, ignore_errors=True)

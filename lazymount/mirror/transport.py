@@ -16,11 +16,9 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
-import httpcore
-import httpx
 import trio
 
 from lazymount.errors import MirrorError, NotInMirror, UsageError
@@ -31,13 +29,25 @@ from lazymount.mirror.timeouts import Timeouts
 from lazymount.system.redact import redact as redact_text
 from lazymount.system.redact import redact_url
 
+if TYPE_CHECKING:  # imported with the first HTTP client (load_http)
+    import httpx
+
 CHUNK = 1 << 20
 # httpcore receives HTTP/1.1 bodies 64 KiB at a time, and each receive is a round through
 # trio, h11 and the GIL, on the thread that also serves the file system: 1 MiB receives make
 # a big blob fewer rounds, so it materializes sooner (bench part "big" measures it)
 RECEIVE_BYTES = 1 << 20
-if getattr(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES", 0) < RECEIVE_BYTES:
-    httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = RECEIVE_BYTES
+
+
+def load_http() -> None:
+    """Import httpx and mend httpcore, once, before the first HTTP client: a mount served
+    from its stored catalog asks its mirrors nothing before it is up (and a folder mirror
+    never), and the two cost every mount's start 20-30 ms."""
+    import httpcore
+
+    if getattr(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES", 0) < RECEIVE_BYTES:
+        httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = RECEIVE_BYTES
+        _close_cancelled_handshakes()
 
 
 def _close_cancelled_handshakes() -> None:
@@ -66,7 +76,6 @@ def _close_cancelled_handshakes() -> None:
     TrioStream.start_tls = closing_start_tls  # type: ignore[method-assign]
 
 
-_close_cancelled_handshakes()
 # asked of a shared cache for what may change under the same URL (the index and its
 # manifest): it must check with the origin, so a refresh sees a new index
 REVALIDATE = {"Cache-Control": "max-age=0"}
@@ -222,6 +231,8 @@ class HttpMirror(Mirror):
         parsed = parsed._replace(path=parsed.path.rstrip("/"), fragment="")
         self.auth = None
         if parsed.username is not None or parsed.password is not None:
+            import httpx
+
             self.auth = httpx.BasicAuth(unquote(parsed.username or ""),
                                         unquote(parsed.password or ""))
         self.query = f"?{parsed.query}" if parsed.query else ""
@@ -260,6 +271,9 @@ class HttpMirror(Mirror):
         return redact(f"{self._shown_base}/{path}{self.query}")
 
     def _new_client(self, trust_env: bool, proxy: str | None = None) -> httpx.AsyncClient:
+        import httpx
+
+        load_http()
         return httpx.AsyncClient(
             timeout=httpx.Timeout(self.timeouts.read, connect=self.timeouts.connect),
             verify=self.tls,
@@ -296,6 +310,8 @@ class HttpMirror(Mirror):
                         ) -> AsyncIterator[tuple[httpx.Response, AsyncIterator[bytes]]]:
         """(response, its body in chunks) of a GET, bounded by the deadline and the rate
         check; ``headers`` may make it conditional (the response may then be a 304)."""
+        import httpx
+
         url = self.where(path)
         try:
             response, deadline = await self._send(f"{self.base}/{path}{self.query}", url,
@@ -395,6 +411,8 @@ class HttpMirror(Mirror):
         costs one wait, once. 5xx and 429 (too many requests) answers are tried again after
         a growing pause (429: the server's ``Retry-After``, bounded by MAX_RETRY_AFTER and
         the deadline)."""
+        import httpx
+
         last, pause = "", 0.0
         conditional = bool(headers and "If-None-Match" in headers)
         ranged = bool(headers and "Range" in headers)
@@ -518,6 +536,8 @@ def tls_context(ca_certs: Path | None) -> ssl.SSLContext:
     """The CAs an https mirror may be signed by: the default ones (``SSL_CERT_FILE`` /
     ``SSL_CERT_DIR`` if set, else certifi's), plus ``ca_certs`` (a PEM file or a directory
     of hashed certificates; a site's private CA). Raises UsageError for an unusable one."""
+    import httpx
+
     context = httpx.create_ssl_context()
     if ca_certs is not None:
         try:
