@@ -3,12 +3,17 @@
 Every error a user can meet is a ``LazymountError`` with a one-line message. At the FUSE
 boundary its ``errno`` becomes the file operation's error; on the command line its
 ``exit_code`` becomes the process status. Library exceptions are translated once, in the
-module that imports the library.
+module that imports the library. What a message is about (a package, a file of the store)
+is said once, where it is known: inner code raises the bare reason and a boundary's
+``with about(subject):`` prefixes it.
 """
 
 from __future__ import annotations
 
 import errno as _errno
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import TypeVar
 
 
 class LazymountError(Exception):
@@ -16,6 +21,9 @@ class LazymountError(Exception):
 
     errno: int = _errno.EIO
     exit_code: int = 1
+    # what the message is about (a package's label, a config entry), set once by ``about``;
+    # "" for an error about nothing in particular (``general``)
+    subject: str | None = None
 
 
 class UsageError(LazymountError):
@@ -83,3 +91,46 @@ class StoreFull(StoreError):
     cannot hold it even after evicting every package that is not in use."""
 
     errno = _errno.ENOSPC
+
+
+# ---------------------------------------------------------------------------------------------
+# What an error is about
+
+
+def about(subject: str) -> AbstractContextManager[None]:
+    """Name what the errors raised inside are about: a ``LazymountError`` that leaves the
+    block with no subject gets ``subject`` and its message the prefix ``"{subject}: "``.
+    One that has a subject (an inner ``about`` named it, or ``general`` said it needs none)
+    leaves unchanged, as does a message that already starts with the prefix. Code inside
+    raises its message without naming the package, the file or the entry it is about; the
+    boundary that knows (the materializer's attempt, a public entry point) says it once.
+    """
+    return _About(subject)
+
+
+E = TypeVar("E", bound=LazymountError)
+
+
+def general(error: E) -> E:
+    """``error``, marked as about nothing one ``about`` names (a tool missing from the
+    system, a verifier already closed): no boundary prefixes its message."""
+    error.subject = ""
+    return error
+
+
+class _About(AbstractContextManager[None]):
+    # a class, not a generator: it is entered for every package extracted and relocated
+    __slots__ = ("subject",)
+
+    def __init__(self, subject: str) -> None:
+        self.subject = subject
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if isinstance(error, LazymountError) and error.subject is None:
+            error.subject = self.subject
+            message = str(error.args[0]) if error.args else ""
+            prefix = f"{self.subject}: "
+            if not message.startswith(prefix):
+                error.args = (prefix + message, *error.args[1:])
+        # returning None re-raises the error, its type and traceback kept

@@ -41,7 +41,7 @@ class Trailing(Fault):
     """Bytes after the end of the stream: nothing checked them."""
 
 
-def decompressed(stream: BinaryIO, compression: str, what: str) -> Iterator[bytes]:
+def decompressed(stream: BinaryIO, compression: str) -> Iterator[bytes]:
     """Chunks of the decompressed blob. Raises FormatError at once for an unknown codec."""
     if compression == "gzip":
         return _gunzip(stream)
@@ -49,7 +49,7 @@ def decompressed(stream: BinaryIO, compression: str, what: str) -> Iterator[byte
         return _unzstd(stream)
     if compression == "none":
         return iter(lambda: stream.read(CHUNK), b"")
-    raise FormatError(f"{what}: unknown tarball compression {compression!r}")
+    raise FormatError(f"unknown tarball compression {compression!r}")
 
 
 _END = object()

@@ -27,6 +27,7 @@ from lazymount.errors import (
     StoreError,
     StoreFull,
     UnsafeArchiveError,
+    about,
 )
 from lazymount.install.buildinfo import (
     BUILDINFO,
@@ -38,7 +39,7 @@ from lazymount.install.buildinfo import (
 from lazymount.install.decompress import CHUNK, decompressed, read_ahead
 from lazymount.install.gnutar import TarChild
 from lazymount.install.limits import Limits
-from lazymount.install.tarstream import Member, Source, members, show, unsafe
+from lazymount.install.tarstream import Member, Source, members, refused, show, unsafe
 
 MAX_COMPONENT = 255  # NAME_MAX of Linux file systems
 # real prefixes nest a few dozen levels; every walk of a tree (the record, removal) would
@@ -336,13 +337,14 @@ def _stream(src: Source, size: int, pass_on: Callable[[], None], keep: int, trun
     return digest.hexdigest(), b"".join(kept), head
 
 
-def _store_error(exc: OSError, what: str, name: str) -> LazymountError:
+def _store_error(exc: OSError, name: str) -> LazymountError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StoreFull(f"{what}: no space left on the store's file system while writing "
+        return StoreFull(f"no space left on the store's file system while writing "
                          f"{show(name)}")
     if exc.errno == errno.ENAMETOOLONG:
-        return unsafe(what, name, "makes a path too long for the store's file system")
-    return StoreError(f"{what}: cannot write {show(name)} to the store ({exc.strerror})")
+        return UnsafeArchiveError(
+            refused(name, "makes a path too long for the store's file system"))
+    return StoreError(f"cannot write {show(name)} to the store ({exc.strerror})")
 
 
 def extract_tarball(
@@ -365,21 +367,23 @@ def extract_tarball(
     StoreError (disk full, cannot write). On error ``staging`` may hold a partial tree: the
     caller removes it.
     """
-    chunks = read_ahead(decompressed(stream, compression, what))
-    try:
-        return _extract(Source(chunks, what), staging, limits, what)
-    finally:
-        chunks.close()
+    with about(what):
+        chunks = read_ahead(decompressed(stream, compression))
+        try:
+            return _extract(Source(chunks, what), staging, limits, what)
+        finally:
+            chunks.close()
 
 
 def _extract(src: Source, staging: Path, limits: Limits, what: str) -> Extracted:
-    """The body of extract_tarball, on an already decompressing source."""
+    """The body of extract_tarball, on an already decompressing source (``what`` goes to
+    the checks ``publish/describe.py`` shares)."""
     raw = staging / "raw"
     checker = _Checker(limits, what)
     name = str(raw)
     try:
         os.mkdir(raw, 0o755)
-        with TarChild(raw, what) as tar:
+        with TarChild(raw) as tar:
 
             def pass_on() -> None:
                 tar.write(src.passed())
@@ -399,7 +403,7 @@ def _extract(src: Source, staging: Path, limits: Limits, what: str) -> Extracted
         check_build_prefix(buildinfo, "/" + prefix, what)
         checker.finish(raw)
     except OSError as exc:
-        raise _store_error(exc, what, name) from None
+        raise _store_error(exc, name) from None
     inside = len(prefix) + 1 if prefix else 0
     contents = {n[inside:]: c for n, c in checker.contents.items() if _inside(n, prefix)}
     scripts = [n[inside:] for n in checker.scripts if _inside(n, prefix)]

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from lazymount.errors import StoreError, StoreFull
+from lazymount.errors import StoreError, StoreFull, general
 
 PIPE_SIZE = 1 << 20
 MAX_MESSAGE = 600  # characters of tar's complaint quoted in an error
@@ -49,8 +49,8 @@ def gnu_tar() -> str:
             version = b""
         if b"GNU tar" in version:
             return path
-    raise StoreError("lazymount needs GNU tar (/usr/bin/tar) to extract packages; "
-                     "install the distribution's tar package")
+    raise general(StoreError("lazymount needs GNU tar (/usr/bin/tar) to extract packages; "
+                             "install the distribution's tar package"))
 
 
 class TarChild:
@@ -61,8 +61,7 @@ class TarChild:
     a context manager: leaving it without ``finish`` kills tar.
     """
 
-    def __init__(self, directory: Path, what: str) -> None:
-        self.what = what
+    def __init__(self, directory: Path) -> None:
         self._errors = tempfile.TemporaryFile()  # a pipe could fill and stall tar
         self._process = subprocess.Popen(
             [gnu_tar(), *_OPTIONS, f"--directory={directory}"],
@@ -134,6 +133,6 @@ class TarChild:
         said = self._errors.read(64 << 10).decode("utf-8", "replace").strip()
         said = " ".join(said.splitlines())[:MAX_MESSAGE]
         if os.strerror(errno.ENOSPC) in said or os.strerror(errno.EDQUOT) in said:
-            return StoreFull(f"{self.what}: no space left on the store's file system ({said})")
-        return StoreError(f"{self.what}: tar could not write the package into the store "
+            return StoreFull(f"no space left on the store's file system ({said})")
+        return StoreError(f"tar could not write the package into the store "
                           f"(exit {self._process.returncode}: {said or 'no message'})")

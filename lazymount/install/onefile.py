@@ -14,6 +14,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from lazymount.errors import about
 from lazymount.install import relocate
 from lazymount.install.buildinfo import BuildInfo
 from lazymount.install.prefixfiles import Prefix
@@ -89,13 +90,13 @@ def relocate_made(folder: Path, name: str, rel: str, head: bytes, mode: int, lis
 def move_into(source: Path, tree: Path, rel: str, what: str) -> None:
     """Rename ``source`` to ``tree/rel`` (an existing folder of ``tree``), never following
     a link on the way. The same file system: the file appears whole or not at all."""
-    with Prefix(tree, what) as prefix, prefix.parent(rel) as (dir_fd, name):
+    with about(what), Prefix(tree) as prefix, prefix.parent(rel) as (dir_fd, name):
         os.rename(source, name, dst_dir_fd=dir_fd)
 
 
 def link_of(tree: Path, target: str, folder: Path, name: str, what: str) -> Path:
     """A new hard link ``folder/name`` of the file ``tree/target`` (for ``move_into``)."""
     path = folder / name
-    with Prefix(tree, what) as prefix, prefix.parent(target) as (src_fd, src_name):
+    with about(what), Prefix(tree) as prefix, prefix.parent(target) as (src_fd, src_name):
         os.link(src_name, path, src_dir_fd=src_fd, follow_symlinks=False)
     return path

@@ -24,8 +24,8 @@ _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW
 class Prefix:
     """Opens entries of one prefix by relative path, never leaving it or following symlinks."""
 
-    def __init__(self, root: Path, what: str) -> None:
-        self.root, self.what = root, what
+    def __init__(self, root: Path) -> None:
+        self.root = root
         self.fd = -1
 
     def __enter__(self) -> Prefix:
@@ -67,11 +67,11 @@ class Prefix:
 
     def _parts(self, rel: str) -> list[str]:
         if not isinstance(rel, str) or rel.startswith("/") or "\0" in rel:
-            raise RelocationError(f"{self.what}: refusing to relocate {rel!r}: not a path "
+            raise RelocationError(f"refusing to relocate {rel!r}: not a path "
                                   "inside the package")
         parts = [p for p in rel.split("/") if p not in ("", ".")]
         if not parts or ".." in parts:
-            raise RelocationError(f"{self.what}: refusing to relocate {rel!r}: not a path "
+            raise RelocationError(f"refusing to relocate {rel!r}: not a path "
                                   "inside the package")
         return parts
 
@@ -82,12 +82,12 @@ class Prefix:
             raise self._missing(rel) from None
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise RelocationError(f"{self.what}: refusing to relocate {rel}: {name} is a "
+                raise RelocationError(f"refusing to relocate {rel}: {name} is a "
                                       "symlink or not a directory") from None
             raise
 
     def _missing(self, rel: str) -> RelocationError:
-        return RelocationError(f"{self.what}: {rel} is listed for relocation but not in the "
+        return RelocationError(f"{rel} is listed for relocation but not in the "
                                "package")
 
 

@@ -34,6 +34,7 @@ from lazymount.errors import (
     RelocationError,
     StoreError,
     StoreFull,
+    about,
 )
 from lazymount.install import elf
 from lazymount.install.buildinfo import BuildInfo
@@ -101,13 +102,20 @@ def relocate_prefix(
     the disk refuses a write. A failed package is half-relocated: discard the prefix.
     Thread: blocking, any worker thread.
     """
+    with about(what):
+        return _relocate_prefix(prefix_dir, buildinfo, mapping)
+
+
+def _relocate_prefix(
+    prefix_dir: Path, buildinfo: BuildInfo, mapping: list[tuple[str, str]]
+) -> RelocationReport:
     report = RelocationReport()
     rules = _Rules(mapping)
     if not rules.new_of:
         return report
     changed: dict[str, None] = {}
     try:
-        with Prefix(prefix_dir, what) as pfx:
+        with Prefix(prefix_dir) as pfx:
             texts, binaries = _dedupe_hardlinks(pfx, buildinfo)
             links = list(buildinfo.relocate_links)
             steps: tuple[tuple[str, Callable[[], list[str]]], ...] = (
@@ -122,9 +130,9 @@ def relocate_prefix(
                 changed.update(dict.fromkeys(done))
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StoreFull(f"{what}: no space left on the store's file system while "
+            raise StoreFull("no space left on the store's file system while "
                             "relocating") from None
-        raise StoreError(f"{what}: cannot relocate {prefix_dir}: {exc}") from None
+        raise StoreError(f"cannot relocate {prefix_dir}: {exc}") from None
     report.changed = list(changed)
     return report
 
@@ -200,14 +208,14 @@ def _elf_step(pfx: Prefix, rules: _Rules, binaries: list[str]) -> list[str]:
             paths = elf.read_elf_paths(f)
         if paths is None:
             continue
-        edits = _elf_edits(paths, rules, rel, pfx.what)
+        edits = _elf_edits(paths, rules, rel)
         if edits:
             patch(dir_fd, name, st, edits)
             changed.append(rel)
     return changed
 
 
-def _elf_edits(paths: elf.ElfPaths, rules: _Rules, rel: str, what: str) -> list[tuple[int, bytes]]:
+def _elf_edits(paths: elf.ElfPaths, rules: _Rules, rel: str) -> list[tuple[int, bytes]]:
     """In-place writes for RPATH and PT_INTERP; all-or-nothing, as in Spack."""
     planned: list[tuple[str, elf.CString, bytes]] = []
     if paths.rpath is not None:
@@ -221,7 +229,7 @@ def _elf_edits(paths: elf.ElfPaths, rules: _Rules, rel: str, what: str) -> list[
     for kind, old, new in planned:
         if len(new) > len(old.value):
             raise MountPathTooLong(
-                f"{what}: cannot rewrite the {kind} of {rel}: the new value is longer than the "
+                f"cannot rewrite the {kind} of {rel}: the new value is longer than the "
                 f"old one ({len(new)} > {len(old.value)} bytes; {_show(new)}) and lazymount "
                 "does not run patchelf; use a mount path no longer than the build root"
             )
@@ -337,7 +345,7 @@ def _cstring_step(
                 continue
             # plain tuples: no Match may outlive the map (closing it would fail)
             found = [(m.start(), m[1], m[2]) for m in rules.cstring.finditer(buf)]
-        edits = _cstring_edits(found, rules, rel, pfx.what, old_root)
+        edits = _cstring_edits(found, rules, rel, old_root)
         if edits:
             patch(dir_fd, name, st, edits)
             changed.append(rel)
@@ -348,7 +356,6 @@ def _cstring_edits(
     found: list[tuple[int, bytes, bytes | None]],
     rules: _Rules,
     rel: str,
-    what: str,
     old_root: str | None,
 ) -> list[tuple[int, bytes]]:
     """Spack's BinaryFilePrefixReplacer decisions for one file: (offset, bytes) to write.
@@ -369,7 +376,7 @@ def _cstring_edits(
         if shorter < 0:
             root = f" ({len(old_root)} characters)" if old_root else ""
             raise MountPathTooLong(
-                f"{what}: cannot replace {_show(old)} with {_show(new)} in {rel}: the new prefix "
+                f"cannot replace {_show(old)} with {_show(new)} in {rel}: the new prefix "
                 f"is longer; mount at a path no longer than the build root{root}, or use a "
                 "cache built with padded_length"
             )
@@ -381,7 +388,7 @@ def _cstring_edits(
             edits.append((start, new + rest))
         else:
             raise RelocationError(
-                f"{what}: cannot replace {_show(old)} with {_show(new)} in the C string "
+                f"cannot replace {_show(old)} with {_show(new)} in the C string "
                 f"{_show(old + rest[:-1])} of {rel}: too little of it would stay in place; "
                 "mount at a path of the same length as the build root"
             )

@@ -12,7 +12,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from lazymount.errors import RelocationError, StoreError
+from lazymount.errors import RelocationError, StoreError, about
 from lazymount.install.prefixfiles import Prefix, reader, rewrite
 
 SHEBANG_LIMIT = 127  # Spack's system_shebang_limit on Linux
@@ -40,17 +40,22 @@ def add_sbang(prefix_dir: Path, sbang_path: str, what: str,
     file needs sbang but ``sbang_path`` itself is longer than 127 bytes; ``StoreError`` on I/O
     failure. Thread: blocking, any worker thread.
     """
+    with about(what):
+        return _add_sbang(prefix_dir, sbang_path, scripts)
+
+
+def _add_sbang(prefix_dir: Path, sbang_path: str, scripts: list[str] | None) -> list[str]:
     line = _SBANG + os.fsencode(sbang_path) + b"\n"
     changed: list[str] = []
     try:
-        with Prefix(prefix_dir, what) as prefix:
+        with Prefix(prefix_dir) as prefix:
             found = (_executables(os.fspath(prefix_dir)) if scripts is None else
                      prefix.files([r for r in scripts if not r.startswith(".spack/")]))
             for rel, dir_fd, name, st in found:
-                if st.st_mode & _EXEC_BITS and _filter_shebang(dir_fd, name, st, line, rel, what):
+                if st.st_mode & _EXEC_BITS and _filter_shebang(dir_fd, name, st, line, rel):
                     changed.append(rel)
     except OSError as exc:
-        raise StoreError(f"{what}: cannot add sbang lines in {prefix_dir}: {exc}") from None
+        raise StoreError(f"cannot add sbang lines in {prefix_dir}: {exc}") from None
     return changed
 
 
@@ -88,7 +93,7 @@ def _executables(top: str) -> Iterator[tuple[str, int, str, os.stat_result]]:
 
 
 def _filter_shebang(
-    dir_fd: int, name: str, st: os.stat_result, line: bytes, rel: str, what: str
+    dir_fd: int, name: str, st: os.stat_result, line: bytes, rel: str
 ) -> bool:
     """Prepend the sbang line to one file if its shebang is too long; True if rewritten."""
     with reader(dir_fd, name) as f:
@@ -103,7 +108,7 @@ def _filter_shebang(
             return False
         rest = f.read()
     if len(line) - len(_SBANG) - 1 > SHEBANG_LIMIT:  # Spack: SbangPathError
-        raise RelocationError(f"{what}: {rel} needs sbang, but the sbang path is longer than "
+        raise RelocationError(f"{rel} needs sbang, but the sbang path is longer than "
                               f"{SHEBANG_LIMIT} bytes; use a shorter mount path")
     rewrite(dir_fd, name, st, line + _second_line(first, m[1]) + rest)
     return True

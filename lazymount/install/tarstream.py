@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from lazymount.errors import FormatError, StoreError, UnsafeArchiveError
+from lazymount.errors import FormatError, StoreError, UnsafeArchiveError, about
 from lazymount.install.decompress import CHUNK, Fault, Trailing
 from lazymount.install.limits import Limits
 
@@ -140,14 +140,19 @@ def show(name: str) -> str:
 
 
 def unsafe(what: str, name: str, reason: str) -> UnsafeArchiveError:
-    return UnsafeArchiveError(f"{what}: tarball member {show(name)} {reason}; refused")
+    return UnsafeArchiveError(f"{what}: {refused(name, reason)}")
+
+
+def refused(name: str, reason: str) -> str:
+    """The message of a member refused for ``reason``, without what it is a member of."""
+    return f"tarball member {show(name)} {reason}; refused"
 
 
 def _padded(size: int) -> int:
     return -(-size // BLOCK) * BLOCK
 
 
-def _parse_pax(body: bytes, what: str) -> dict[str, str]:
+def _parse_pax(body: bytes) -> dict[str, str]:
     """The ``"<length> <key>=<value>\\n"`` records of a pax extended header."""
     records: dict[str, str] = {}
     pos = 0
@@ -156,10 +161,10 @@ def _parse_pax(body: bytes, what: str) -> dict[str, str]:
         digits = body[pos:space] if space > 0 else b""
         end = pos + int(digits) if digits.isdigit() else -1
         if end <= space + 1 or end > len(body) or body[end - 1] != 0x0A:
-            raise FormatError(f"{what}: malformed pax extended header")
+            raise FormatError("malformed pax extended header")
         key, equals, value = body[space + 1 : end - 1].partition(b"=")
         if not equals:
-            raise FormatError(f"{what}: malformed pax extended header")
+            raise FormatError("malformed pax extended header")
         records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos = end
     return records
@@ -259,7 +264,7 @@ def _signed_checksum(block: bytes) -> int:
     return 256 + sum(signed)
 
 
-def _member_kind(info: Header, name: str, what: str) -> MemberKind:
+def _member_kind(info: Header, name: str) -> MemberKind:
     if info.type in _FILE_TYPES:
         return "file"
     kinds: dict[bytes, MemberKind] = {
@@ -270,15 +275,14 @@ def _member_kind(info: Header, name: str, what: str) -> MemberKind:
     kind = kinds.get(info.type)
     if kind is None:
         reason = _REFUSED_TYPES.get(info.type, f"of unsupported type {info.type!r}")
-        raise unsafe(what, name, f"is {reason}")
+        raise UnsafeArchiveError(refused(name, f"is {reason}"))
     return kind
 
 
 class _Overrides:
     """Extended headers (pax, GNU long name/link) waiting for the member they describe."""
 
-    def __init__(self, what: str) -> None:
-        self.what = what
+    def __init__(self) -> None:
         self.pax: dict[str, str] = {}
         self.longname: str | None = None
         self.longlink: str | None = None
@@ -290,14 +294,14 @@ class _Overrides:
         self.run += 1
         self.total += info.size
         if self.run > MAX_EXTENDED_RUN or info.size > MAX_EXTENDED_HEADER:
-            raise UnsafeArchiveError(f"{self.what}: oversized or repeated tar extended headers")
+            raise UnsafeArchiveError("oversized or repeated tar extended headers")
         if self.total > limits.max_bytes:
-            raise UnsafeArchiveError(f"{self.what}: tar extended headers exceed the size limit")
+            raise UnsafeArchiveError("tar extended headers exceed the size limit")
         body = src.read_exact(_padded(info.size), "a tar extended header")[: info.size]
         if info.type in _PAX_TYPES:
-            self.pax.update(_parse_pax(body, self.what))
+            self.pax.update(_parse_pax(body))
         elif info.type == tarfile.XGLTYPE:
-            self._check_global(_parse_pax(body, self.what))
+            self._check_global(_parse_pax(body))
         else:  # GNU: the body is a NUL-terminated name
             text = body.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             if info.type == tarfile.GNUTYPE_LONGNAME:
@@ -309,7 +313,7 @@ class _Overrides:
         # a global path/size would apply to every later member: nobody writes that legitimately
         for key in ("path", "linkpath", "size"):
             if key in records:
-                raise FormatError(f"{self.what}: a global pax header sets {key!r}; refused")
+                raise FormatError(f"a global pax header sets {key!r}; refused")
 
     def member(self, info: Header) -> Member:
         """The member ``info`` describes, with the pending overrides applied (then cleared)."""
@@ -319,18 +323,18 @@ class _Overrides:
             "linkpath", self.longlink if self.longlink is not None else info.linkname
         )
         if any(key.startswith("GNU.sparse.") for key in pax):
-            raise unsafe(self.what, name, "is a sparse file")
+            raise UnsafeArchiveError(refused(name, "is a sparse file"))
         size = info.size
         if "size" in pax:
             if not (pax["size"].isascii() and pax["size"].isdigit()):
-                raise FormatError(f"{self.what}: bad pax size for member {show(name)}")
+                raise FormatError(f"bad pax size for member {show(name)}")
             size = int(pax["size"])
         self.pax, self.longname, self.longlink, self.run = {}, None, None, 0
-        kind = _member_kind(info, name, self.what)
+        kind = _member_kind(info, name)
         if kind == "dir" and name != "/":
             name = name.rstrip("/")
         if kind != "file" and size:
-            raise FormatError(f"{self.what}: {kind} member {show(name)} carries data")
+            raise FormatError(f"{kind} member {show(name)} carries data")
         return Member(name, kind, info.mode, size, linkname)
 
 
@@ -338,9 +342,15 @@ def members(src: Source, limits: Limits, what: str) -> Iterator[Member]:
     """Yield each member of the tar stream up to the end-of-archive block.
 
     The consumer must read a file member's ``size`` data bytes before asking for the next one.
-    Raises FormatError for a malformed stream, UnsafeArchiveError past ``max_members``.
+    Raises FormatError for a malformed stream, UnsafeArchiveError past ``max_members``,
+    naming ``what``.
     """
-    overrides = _Overrides(what)
+    with about(what):
+        yield from _members(src, limits)
+
+
+def _members(src: Source, limits: Limits) -> Iterator[Member]:
+    overrides = _Overrides()
     count = 0
     while True:
         header = src.read_exact(BLOCK, "a tar header")
@@ -349,13 +359,13 @@ def members(src: Source, limits: Limits, what: str) -> Iterator[Member]:
         try:
             info = parse_header(header)
         except tarfile.HeaderError as exc:
-            raise FormatError(f"{what}: bad tar header ({exc})") from None
+            raise FormatError(f"bad tar header ({exc})") from None
         if info.type in _EXTENDED_TYPES:
             overrides.take(info, src, limits)
             continue
         count += 1
         if count > limits.max_members:
-            raise UnsafeArchiveError(f"{what}: tarball has more than {limits.max_members} members")
+            raise UnsafeArchiveError(f"tarball has more than {limits.max_members} members")
         member = overrides.member(info)
         yield member
         src.read_exact(_padded(member.size) - member.size, "a member's padding")

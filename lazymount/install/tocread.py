@@ -20,7 +20,7 @@ import zlib
 from isal import isal_zlib
 
 from lazymount.buildcache.toc import Toc, TocMember, span_end, spans_of
-from lazymount.errors import IntegrityError
+from lazymount.errors import IntegrityError, about
 from lazymount.install.decompress import INFLATE_ERROR
 
 
@@ -32,18 +32,19 @@ def read_member(toc: Toc, member: TocMember, span_bytes: bytes, window_bytes: by
     what = f"{member.path[:200]!r}"
     if member.kind != "file":
         raise ValueError(f"{what} is a {member.kind}; read its target")
-    if member.size == 0:
-        return _checked(b"", member, what)
-    spans = spans_of(toc, member)
-    point = toc.points[spans.start]
-    _check_spans(toc, spans, span_bytes, what)
-    if (hashlib.sha256(window_bytes).hexdigest() != point.window if point.window
-            else window_bytes):
-        raise IntegrityError(f"{what}: the window of its seek point does not match the "
-                             "table of contents")
-    skip = member.offset - point.uncompressed
-    data = inflate_from(span_bytes, point.bits, window_bytes, skip + member.size, what)
-    return _checked(data[skip:], member, what)
+    with about(what):
+        if member.size == 0:
+            return _checked(b"", member)
+        spans = spans_of(toc, member)
+        point = toc.points[spans.start]
+        _check_spans(toc, spans, span_bytes)
+        if (hashlib.sha256(window_bytes).hexdigest() != point.window if point.window
+                else window_bytes):
+            raise IntegrityError("the window of its seek point does not match the "
+                                 "table of contents")
+        skip = member.offset - point.uncompressed
+        data = inflate_from(span_bytes, point.bits, window_bytes, skip + member.size, what)
+        return _checked(data[skip:], member)
 
 
 def inflate_from(data: bytes, bits: int, window: bytes, size: int, what: str) -> bytes:
@@ -63,12 +64,16 @@ def inflate_span(toc: Toc, index: int, span_bytes: bytes, window_bytes: bytes) -
     before its point (its window blob, or the end of the span before, inflated). A client
     that reads many members of one span inflates it once. IntegrityError if the span or the
     window does not match the TOC, or the span does not inflate to its length."""
+    with about(f"span {index}"):
+        return _inflate_span(toc, index, span_bytes, window_bytes)
+
+
+def _inflate_span(toc: Toc, index: int, span_bytes: bytes, window_bytes: bytes) -> bytes:
     point = toc.points[index]
-    what = f"span {index}"
-    _check_spans(toc, range(index, index + 1), span_bytes, what)
+    _check_spans(toc, range(index, index + 1), span_bytes)
     if (hashlib.sha256(window_bytes).hexdigest() != point.window if point.window
             else window_bytes):
-        raise IntegrityError(f"{what}: the window of its seek point does not match the "
+        raise IntegrityError("the window of its seek point does not match the "
                              "table of contents")
     end = (toc.points[index + 1].uncompressed if index + 1 < len(toc.points)
            else toc.uncompressed_size)
@@ -78,28 +83,29 @@ def inflate_span(toc: Toc, index: int, span_bytes: bytes, window_bytes: bytes) -
     try:
         data = inflate.decompress(_aligned(span_bytes, point.bits), end - point.uncompressed)
     except INFLATE_ERROR as exc:
-        raise IntegrityError(f"{what}: cannot inflate from its seek point ({exc})") from None
+        raise IntegrityError(f"cannot inflate from its seek point ({exc})") from None
     if len(data) != end - point.uncompressed:
-        raise IntegrityError(f"{what}: inflates to {len(data)} bytes, the table of contents "
+        raise IntegrityError(f"inflates to {len(data)} bytes, the table of contents "
                              f"says {end - point.uncompressed}")
     return data
 
 
 def check_member(member: TocMember, data: bytes) -> bytes:
     """``data`` if it is ``member``'s content as the TOC names it; else IntegrityError."""
-    return _checked(data, member, f"{member.path[:200]!r}")
+    with about(f"{member.path[:200]!r}"):
+        return _checked(data, member)
 
 
-def _check_spans(toc: Toc, spans: range, data: bytes, what: str) -> None:
+def _check_spans(toc: Toc, spans: range, data: bytes) -> None:
     base = toc.points[spans.start].compressed
     if len(data) != span_end(toc, spans[-1]) - base:
-        raise IntegrityError(f"{what}: got {len(data)} compressed bytes, the table of "
+        raise IntegrityError(f"got {len(data)} compressed bytes, the table of "
                              f"contents says {span_end(toc, spans[-1]) - base}")
     for index in spans:
         start = toc.points[index].compressed - base
         piece = memoryview(data)[start:span_end(toc, index) - base]
         if hashlib.sha256(piece).hexdigest() != toc.points[index].span:
-            raise IntegrityError(f"{what}: compressed span {index} does not match the table "
+            raise IntegrityError(f"compressed span {index} does not match the table "
                                  "of contents")
 
 
@@ -170,8 +176,8 @@ def _filler(bits: int) -> tuple[bytes, int]:
 _FILLERS = {bits: _filler(bits) for bits in range(1, 8)}
 
 
-def _checked(data: bytes, member: TocMember, what: str) -> bytes:
+def _checked(data: bytes, member: TocMember) -> bytes:
     if len(data) != member.size or hashlib.sha256(data).hexdigest() != member.sha256:
-        raise IntegrityError(f"{what}: its content does not match the sha256 of the table of "
+        raise IntegrityError("its content does not match the sha256 of the table of "
                              "contents")
     return data

@@ -17,7 +17,7 @@ from pathlib import Path
 import trio
 
 from lazymount.buildcache.manifest import is_clearsigned
-from lazymount.errors import FormatError, SignatureError, UsageError
+from lazymount.errors import FormatError, SignatureError, UsageError, about
 from lazymount.trust.keyring import Keyring
 from lazymount.trust.verify import PendingVerifier, Verifier, read_key_file
 
@@ -83,24 +83,26 @@ class MirrorTrust:
         """The trusted plaintext of a fetched signed document (a v3 manifest or a v2 spec
         file, named by ``noun``): verified against the pinned keys when clearsigned; taken
         as is only when the mirror allows unsigned packages. Raises SignatureError (or
-        FormatError for a broken clearsigned document of an unsigned mirror)."""
-        if is_clearsigned(document):
-            if self.trust.verifier is None:
-                if self.require_signature:
-                    raise SignatureError(f"{label}: {noun} is signed but no key is trusted "
-                                         "(give --trust-key)")
-                return _strip_clearsign(document, label)
-            return await self.trust.verify(document, label)
-        if self.require_signature:
-            raise SignatureError(f"{label}: {noun} is not signed, and this mirror requires "
-                                 "signatures")
-        return document
+        FormatError for a broken clearsigned document of an unsigned mirror), naming
+        ``label``."""
+        with about(label):
+            if is_clearsigned(document):
+                if self.trust.verifier is None:
+                    if self.require_signature:
+                        raise SignatureError(f"{noun} is signed but no key is trusted "
+                                             "(give --trust-key)")
+                    return _strip_clearsign(document)
+                return await self.trust.verify(document, label)
+            if self.require_signature:
+                raise SignatureError(f"{noun} is not signed, and this mirror requires "
+                                     "signatures")
+            return document
 
 
-def _strip_clearsign(text: bytes, label: str) -> bytes:
+def _strip_clearsign(text: bytes) -> bytes:
     """The body of a clearsigned document, for mirrors configured as unsigned."""
     try:
         body = text.split(b"\n\n", 1)[1].split(b"-----BEGIN PGP SIGNATURE-----", 1)[0]
     except IndexError:
-        raise FormatError(f"{label}: malformed clearsigned manifest") from None
+        raise FormatError("malformed clearsigned manifest") from None
     return body

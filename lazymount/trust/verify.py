@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lazymount.errors import SignatureError, UsageError
+from lazymount.errors import LazymountError, SignatureError, UsageError, general
 from lazymount.system.files import FileTooLarge, read_bounded
 
 if TYPE_CHECKING:  # python-gnupg is imported when gpg is first started
@@ -122,9 +122,13 @@ class PendingVerifier:
     def _verifier(self) -> Verifier:
         with self._lock:
             if self._closed:
-                raise SignatureError("the trusted keys were closed")
+                raise general(SignatureError("the trusted keys were closed"))
             if self._made is None:
-                self._made = Verifier(self._key_texts)
+                try:
+                    self._made = Verifier(self._key_texts)
+                except LazymountError as exc:  # about the keys, not the document checked
+                    general(exc)
+                    raise
             return self._made
 
     def verify(self, text: bytes, what: str) -> bytes:
