@@ -28,6 +28,7 @@ from lazymount.buildcache.fetch import stream_blob
 from lazymount.buildcache.formats import Entry, discover
 from lazymount.buildcache.index import SpecRecord
 from lazymount.buildcache.manifest import BlobRecord
+from lazymount.buildcache.ocitoc import RegistryTocs
 from lazymount.catalog.installtree import InstallTree
 from lazymount.errors import (
     IntegrityError,
@@ -361,6 +362,16 @@ class Materializer:
 
     # ---- packages opened through a table of contents ------------------------------------
 
+    def _places_of_tocs(self, source: MirrorSource) -> list[Mirror]:
+        """Where TOCs and their windows are looked for: the mirror itself (a registry keeps
+        them under tags, ``buildcache/ocitoc.py``), then each ``--toc`` place. A registry
+        is asked only when a key is trusted that could have signed one (its caches are
+        mounted --unsigned, often with no key at all)."""
+        if source.mirror.kind == "oci":
+            own = [RegistryTocs(source.mirror)] if source.trust.trust.verifier else []
+            return [*own, *self.toc_places]
+        return [source.mirror, *self.toc_places]
+
     async def _open(self, source: MirrorSource, dag_hash: str, entry: Entry, label: str
                     ) -> Path | None:
         """Open the package through its TOC (the store gets its folders and links, files
@@ -374,10 +385,8 @@ class Materializer:
             found, reopened = await trio.to_thread.run_sync(self._stored_toc, key, entry,
                                                             label)
             if found is None:
-                # a registry holds no lazymount/ folder: its TOCs come from --toc places
-                places = [*([source.mirror] if source.mirror.kind != "oci" else []),
-                          *self.toc_places]
-                found = await find_toc(places, source.trust.trust, entry.tarball, label)
+                found = await find_toc(self._places_of_tocs(source), source.trust.trust,
+                                       entry.tarball, label)
             if found is None:
                 return None
             opened = Opened(key, label, found, Shape(found.toc, label), source.mirror,
@@ -389,7 +398,7 @@ class Materializer:
             opened.prepare(info, mapping, self.sbang)
             opened.origin = (source, entry)
             if found.place is None:
-                opened.window_places = [source.mirror, *self.toc_places]
+                opened.window_places = self._places_of_tocs(source)
             opened.grown = functools.partial(self._grown, key)
             if reopened is None:
                 tree = await self._publish_opened(opened, dag_hash, source, label)

@@ -87,7 +87,7 @@ async def find_toc(places: list[Mirror], trust: Trust, tarball: BlobRecord, labe
         except MirrorError as exc:
             log.warning("%s: no table of contents from %s: %s", label, place.url, exc)
             continue
-        where = f"{place.url}/{path}"
+        where = place.where(path)
         if not is_clearsigned(document) or trust.verifier is None:
             raise TocUnusable(f"the table of contents {where} is not signed by a trusted key")
         try:

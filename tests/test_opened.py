@@ -66,7 +66,7 @@ def _data(seed: int, size: int) -> bytes:
     return bytes(out[:size])
 
 
-def publish(mirror: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def publish(mirror: Path | str, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "lazymount", "publish", str(mirror),
          f"--signing-key={FIXTURE_SECRET_KEY}", f"--trust-key={FIXTURE_KEY}", "--min-size=1M",
@@ -537,6 +537,74 @@ def test_an_oci_cache_is_opened_with_blob_ranges_and_a_toc_from_elsewhere(
     finally:
         pusher.close()
         registry.stop()
+
+
+@pytest.fixture
+def oci_toc_cache(toc_cache, tmp_path):
+    """The cache pushed into a real registry, and its TOCs published into the same
+    repository (no --output): (registry, pusher, mirror URL, what publish printed)."""
+    from ocicache import OciPusher
+    from ociregistry import Registry
+
+    registry = Registry(tmp_path / "registry").start()
+    pusher = OciPusher(registry.base, "lazymount/toc")
+    try:
+        pusher.push_cache(toc_cache.root)
+        url = registry.mirror("lazymount/toc")
+        done = publish(url)
+        assert done.returncode == 0, done.stdout + done.stderr
+        yield registry, pusher, url, done.stdout
+    finally:
+        pusher.close()
+        registry.stop()
+
+
+def test_an_oci_cache_is_opened_through_the_toc_its_repository_holds(oci_toc_cache, toc_cache,
+                                                                      mount_cache):
+    registry, _pusher, url, printed = oci_toc_cache
+    tag = f"lazymount-toc-{toc_cache.checksum}"
+    assert "tables of contents: 1 written" in printed, printed
+    assert any(r.startswith(f"PUT /v2/lazymount/toc/manifests/{tag} 201")
+               for r in registry.requests())
+    again = publish(url)
+    assert "tables of contents: 0 written, 1 up to date" in again.stdout, again.stdout
+    before = len(registry.requests())  # the publisher read the whole tarball
+    mount = mount_cache([url], extra=("--unsigned",))  # no --toc: the registry has it
+    prefix = prefix_in(mount, toc_cache.app)
+    run = subprocess.run([str(prefix / "bin/tocapp")], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr + mount.log_text()
+    assert "opened through its table of contents" in mount.log_text()
+    assert (prefix / "share/tocapp/data/part1.dat").read_bytes() == _data(1, DATA_BYTES)
+    gets = [r for r in registry.requests()[before:] if r.startswith("GET ")]
+    assert any(f"/manifests/{tag} 200" in r for r in gets), gets
+    tarball = f"/blobs/sha256:{toc_cache.checksum}"
+    assert any(tarball in r and r.endswith(" 206") for r in gets), gets
+    assert not any(tarball in r and r.endswith(" 200") for r in gets), gets
+
+
+def test_an_oci_toc_signed_by_an_unknown_key_is_not_used(oci_toc_cache, toc_cache,
+                                                         mount_cache):
+    registry, pusher, url, _printed = oci_toc_cache
+    tag = f"lazymount-toc-{toc_cache.checksum}"
+    manifest = pusher.client.get(f"{pusher.api}/manifests/{tag}", headers={
+        "Accept": "application/vnd.oci.image.manifest.v1+json"}).json()
+    envelope = pusher.client.get(f"{pusher.api}/blobs/{manifest['layers'][0]['digest']}")
+    other = sc.Signer.generate()
+    try:
+        plain = sc.verify_clearsigned(envelope.content,
+                                      sc.Signer(FIXTURE_SECRET_KEY).public_key_armor)
+        forged = other.clearsign(plain.plaintext)
+    finally:
+        other.close()
+    manifest["layers"][0].update(digest=pusher.put_blob(forged), size=len(forged))
+    pusher.put_manifest(tag, manifest)
+    mount = mount_cache([url], extra=("--unsigned",))
+    prefix = prefix_in(mount, toc_cache.app)
+    assert (prefix / "lib/pkgconfig/tocapp.pc").read_text().startswith(f"prefix={prefix}")
+    text = mount.log_text()
+    assert "opened through" not in text
+    assert "table of contents is not used" in text
 
 
 # ---- fleets ------------------------------------------------------------------------------

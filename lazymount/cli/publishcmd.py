@@ -11,9 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lazymount.errors import UsageError
 from lazymount.system.sizes import parse_size
+
+if TYPE_CHECKING:
+    from lazymount.mirror.credentials import Credentials
 
 DESCRIPTION = """\
 Describe a Spack build cache for lazymount clients: a compact, signed site catalog of its
@@ -21,6 +25,8 @@ index, and a signed table of contents for every tarball of at least --min-size, 
 client fetches only the files a job reads. Everything is written under lazymount/v1/ of the
 mirror (a folder) or of --output; a file that exists and checks out is kept (publishing is
 incremental). Every tarball is checked against its signed manifest before it is described.
+An oci:// registry without --output gets each table of contents pushed into its repository,
+tagged lazymount-toc-<tarball sha256>.
 """
 
 EPILOG = """\
@@ -45,7 +51,8 @@ def publish_parser() -> argparse.ArgumentParser:
                              "(repeatable; with lazymount's keyring, if it exists)")
     parser.add_argument("--output", metavar="DIR", type=Path, default=None,
                         help="where to write (default: the mirror itself, when it is a "
-                             "folder); serve it and name it to clients with --toc URL")
+                             "folder or a registry); serve it and name it to clients with "
+                             "--toc URL")
     parser.add_argument("--min-size", metavar="SIZE", type=_size, default=8 << 20,
                         help="tarballs smaller than this get no table of contents "
                              "(K, M, G suffixes; default: 8M)")
@@ -66,6 +73,21 @@ def run_publish(argv: list[str]) -> int:
     return trio.run(_publish, args)
 
 
+def _registry_login(url: str) -> Credentials | None:
+    """The login ``docker login`` keeps for a registry (Docker's ``config.json``): pushing
+    tables of contents into one needs it; None for other mirrors."""
+    from lazymount.mirror.credentials import RegistryLogins
+    from lazymount.mirror.ociref import is_oci_url, registry_of
+
+    if not is_oci_url(url):
+        return None
+    logins = RegistryLogins({}, None)
+    login = logins.find(registry_of(url))
+    for notice in logins.notices:
+        print(f"lazymount: {notice}", file=sys.stderr)
+    return login
+
+
 async def _publish(args: argparse.Namespace) -> int:
     from lazymount.buildcache.formats import discover
     from lazymount.mirror.transport import LocalMirror, open_mirror
@@ -75,20 +97,25 @@ async def _publish(args: argparse.Namespace) -> int:
     from lazymount.trust.policy import Trust
     from lazymount.trust.sign import Signer
 
-    mirror = open_mirror(args.mirror)
+    mirror = open_mirror(args.mirror, credentials=_registry_login(args.mirror))
     output = args.output
-    if output is None:
+    if output is None and mirror.kind != "oci":  # a registry keeps them in the repository
         if not isinstance(mirror, LocalMirror):
             raise UsageError(f"{args.mirror} is not a folder: give --output DIR")
         output = mirror.root
     keyring = default_keyring_dir()
     trust = Trust.load(keyring if keyring.is_dir() else None, args.trust_key,
-                       signatures_required=True)
+                       signatures_required=mirror.kind != "oci")
     signer = Signer(args.signing_key)
     try:
         layout = await discover(mirror)
-        context = Context(args.mirror, mirror, layout, trust.for_mirror(), signer,
-                          Output(output), Options(args.min_size, sys.stderr.isatty()))
+        # Spack signs nothing in a registry: its tarballs are named by their sha256 in the
+        # image manifest, which a TOC repeats, and a client accepts such a cache only
+        # when told to (--unsigned)
+        trusted = trust.for_mirror(require_signature=mirror.kind != "oci")
+        context = Context(args.mirror, mirror, layout, trusted, signer,
+                          None if output is None else Output(output),
+                          Options(args.min_size, sys.stderr.isatty()))
         reports = await publish(context)
     finally:
         signer.close()

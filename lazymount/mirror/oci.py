@@ -11,17 +11,21 @@ bounded reads) is the HTTP transport's; this module adds what registries need:
   kept until it expires and fetched again when the registry answers 401. Basic: the
   configured credentials. Credentials are never sent over plain HTTP;
 * redirects (registries send blob downloads to object storage) are followed here, and the
-  ``Authorization`` header is sent only to the registry itself, never to another origin.
+  ``Authorization`` header is sent only to the registry itself, never to another origin;
+* a few writes, for ``lazymount publish``: a blob (a monolithic upload: ``POST uploads/``,
+  then ``PUT <Location>&digest=``) and a manifest under a tag. Bodies are small (held in
+  memory), sent to the registry's own origin only, and not retried.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 import time
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
 import trio
@@ -237,18 +241,19 @@ class OciMirror(HttpMirror):
         await response.aclose()
         raise MirrorError(f"{redact(url)}: more than {MAX_REDIRECTS} redirects")  # (signed URLs)
 
-    async def _to_registry(self, client: httpx.AsyncClient, url: str, headers: dict[str, str]
+    async def _to_registry(self, client: httpx.AsyncClient, url: str, headers: dict[str, str],
+                           method: str = "GET", content: bytes | None = None
                            ) -> httpx.Response:
         """A request to the registry with the current login; on 401, log in (again) and
         repeat it once."""
         sent = self.auth_state.current()
-        response = await _plain(client, url, _with_auth(headers, sent))
+        response = await _plain(client, url, _with_auth(headers, sent), method, content)
         if response.status_code != 401:
             return response
         challenge = response.headers.get("www-authenticate", "")
         await response.aclose()
         header = await self.auth_state.login(challenge, sent, client, url)
-        response = await _plain(client, url, _with_auth(headers, header))
+        response = await _plain(client, url, _with_auth(headers, header), method, content)
         if response.status_code == 401:
             await response.aclose()
             raise MirrorError(f"{url}: the registry {self.ref.domain} refused the login"
@@ -256,9 +261,61 @@ class OciMirror(HttpMirror):
         return response
 
 
-async def _plain(client: httpx.AsyncClient, url: str, headers: dict[str, str]
-                 ) -> httpx.Response:
-    request = client.build_request("GET", url, headers=headers)
+    # ---- writes (``lazymount publish``) ----------------------------------------------------
+
+    async def has_blob(self, digest: str) -> bool:
+        """Whether the repository holds the blob ``sha256:<hex>``."""
+        return await self._write("HEAD", f"blobs/{digest}") == 200
+
+    async def push_blob(self, data: bytes) -> str:
+        """Upload ``data`` unless the repository holds it already; its digest."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if await self.has_blob(digest):
+            return digest
+        status, location = await self._write_located("POST", "blobs/uploads/")
+        if status != 202 or not location:
+            raise MirrorError(f"{self.url}: the registry did not start an upload "
+                              f"(HTTP {status})")
+        target = urljoin(f"{self.base}/blobs/uploads/", location)
+        if _origin(target) != self.registry:  # the upload (and the login) stay with it
+            raise MirrorError(f"{self.url}: the registry sends the upload to another origin "
+                              f"({redact(target[:200])}), which this client does not do")
+        target += ("&" if "?" in target else "?") + urlencode({"digest": digest})
+        status = await self._write("PUT", target, data,
+                                   {"Content-Type": "application/octet-stream"})
+        if status != 201:
+            raise MirrorError(f"{self.url}: the registry refused the blob {digest[:19]} "
+                              f"(HTTP {status})")
+        return digest
+
+    async def put_manifest(self, tag: str, body: bytes, media_type: str) -> None:
+        """``body`` as the manifest tagged ``tag``."""
+        status = await self._write("PUT", f"manifests/{tag}", body, {"Content-Type": media_type})
+        if status != 201:
+            raise MirrorError(f"{self.url}: the registry refused the manifest {tag} "
+                              f"(HTTP {status})")
+
+    async def _write(self, method: str, path: str, content: bytes | None = None,
+                     headers: dict[str, str] | None = None) -> int:
+        return (await self._write_located(method, path, content, headers))[0]
+
+    async def _write_located(self, method: str, path: str, content: bytes | None = None,
+                             headers: dict[str, str] | None = None) -> tuple[int, str | None]:
+        """(status, Location) of one request to the registry (``path``: relative to the
+        repository's API base, or a URL on the registry); its body is not read."""
+        url = path if "://" in path else f"{self.base}/{path}"
+        try:
+            response = await self._to_registry(self.client, url, dict(headers or {}), method,
+                                               content)
+        except httpx.HTTPError as exc:
+            raise MirrorError(f"{redact(url)}: {method} failed: {describe(exc)}") from None
+        await response.aclose()
+        return response.status_code, response.headers.get("location")
+
+
+async def _plain(client: httpx.AsyncClient, url: str, headers: dict[str, str],
+                 method: str = "GET", content: bytes | None = None) -> httpx.Response:
+    request = client.build_request(method, url, headers=headers, content=content)
     return await client.send(request, stream=True)
 
 

@@ -60,14 +60,14 @@ class Options:
 class Context:
     """One publication: ``mirror`` (read as a mount reads it, with ``layout``), ``trust``
     (checks the mirror's signed manifests before anything is described), ``signer`` (signs
-    what is written), ``output``."""
+    what is written), ``output`` (None: the registry repository of an ``oci://`` mirror)."""
 
     url: str
     mirror: Mirror
     layout: CacheLayout
     trust: MirrorTrust
     signer: Signer
-    output: Output
+    output: Output | None
     options: Options = field(default_factory=Options)
 
 

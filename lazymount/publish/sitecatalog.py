@@ -1,6 +1,7 @@
 """The site catalog: the mirror's index as a compact, signed catalog.
 
-For a registry (``oci://``) it goes to ``--output``, which clients name with ``--toc URL``.
+For a registry (``oci://``) it goes to ``--output``, which clients name with ``--toc URL``;
+without ``--output`` none is written.
 
 Written as a mount would read the index (``context.layout``), so the catalog names exactly
 the index the mirror's clients are told about: its payload (``catalog/sitecatalog.py``'s
@@ -23,12 +24,16 @@ from lazymount.buildcache.layout import DEFAULT_PROJECTION, is_sha256
 from lazymount.catalog import sitecatalog
 from lazymount.catalog.installtree import InstallTree
 from lazymount.errors import FormatError, LazymountError
-from lazymount.publish.context import Context, PartReport
+from lazymount.publish.context import Context, Output, PartReport
 
 
 async def publish(context: Context) -> PartReport:
     """Write the catalog envelope and its payload for ``context.mirror``'s current index."""
     report = PartReport()
+    if context.output is None:
+        report.lines.append("catalog: none written (a registry keeps no catalog; give "
+                            "--output DIR and name it to clients with --toc URL)")
+        return report
     mirror, layout = context.mirror, context.layout
     try:
         identity = await layout.index_identity(mirror, None)
@@ -52,17 +57,22 @@ async def publish(context: Context) -> PartReport:
                             "records": sitecatalog.RECORDS}}
         envelope = published.make_envelope("catalog", body)
         signed = await trio.to_thread.run_sync(context.signer.clearsign, envelope)
-        await context.output.write_async(published.blob_path(sha256), payload)
+        await _output(context).write_async(published.blob_path(sha256), payload)
         old = await trio.to_thread.run_sync(_payload_named, context)
-        await context.output.write_async(published.catalog_path(), signed)
+        await _output(context).write_async(published.catalog_path(), signed)
         if old is not None and old != sha256:  # named by no envelope now
-            context.output.path(published.blob_path(old)).unlink(missing_ok=True)
+            _output(context).path(published.blob_path(old)).unlink(missing_ok=True)
     except LazymountError as exc:
         report.failures.append(f"catalog: {exc}")
         return report
     report.lines.append(f"catalog: {specs} specs, {len(payload)} bytes for an index of "
                         f"{len(document)} bytes ({100 * len(payload) / len(document):.1f}%)")
     return report
+
+
+def _output(context: Context) -> Output:
+    assert context.output is not None  # ``publish`` returns first for a registry
+    return context.output
 
 
 def _payload(document: bytes) -> tuple[bytes, int]:
@@ -75,7 +85,7 @@ def _payload(document: bytes) -> tuple[bytes, int]:
 
 def _envelope(context: Context) -> dict[str, Any] | None:
     """The body of the catalog envelope written before with this key, if any."""
-    signed = context.output.read(published.catalog_path(), published.MAX_ENVELOPE_BYTES)
+    signed = _output(context).read(published.catalog_path(), published.MAX_ENVELOPE_BYTES)
     plaintext = context.signer.signed(signed) if signed is not None else None
     if plaintext is None:
         return None
@@ -102,7 +112,7 @@ def _kept(context: Context, checksum: str, layout: int) -> dict[str, Any] | None
             payload.get("records") != sitecatalog.RECORDS:
         return None
     try:
-        data = context.output.read(published.blob_path(str(payload["sha256"])),
+        data = _output(context).read(published.blob_path(str(payload["sha256"])),
                                    sitecatalog.MAX_PAYLOAD_BYTES)
     except (TypeError, KeyError, FormatError):
         return None

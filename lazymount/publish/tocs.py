@@ -7,6 +7,8 @@ already in the output, signed by this signing key, and whose windows are there (
 again is incremental). Otherwise the tarball is downloaded to a temporary file (its length
 and sha256 checked against the manifest), described (``describe.py``), and its windows and
 signed TOC written: windows first, so a client never finds a TOC whose blobs are missing.
+The output is a folder (``published.py``'s paths), or, for an ``oci://`` cache without
+``--output``, the registry repository itself (``registrytocs.py``).
 
 One tarball at a time: describing is CPU-bound and the host is shared. A failure is reported
 for its package and the next one is described.
@@ -35,7 +37,8 @@ from lazymount.buildcache.published import (
 )
 from lazymount.buildcache.toc import WINDOW, parse_toc, toc_body
 from lazymount.errors import FormatError, LazymountError
-from lazymount.publish.context import Context, PartReport
+from lazymount.publish import registrytocs
+from lazymount.publish.context import Context, Output, PartReport
 from lazymount.publish.describe import Described, describe
 
 COPY = 1 << 20
@@ -107,20 +110,28 @@ def _spool(reader: BinaryIO, path: Path) -> None:
 
 async def _write(context: Context, described: Described, label: str) -> None:
     """The windows, then the signed TOC that names them."""
-    await trio.to_thread.run_sync(_write_windows, context, described.windows)
+    if context.output is not None:
+        await trio.to_thread.run_sync(_write_windows, context.output, described.windows)
     plaintext = await trio.to_thread.run_sync(make_envelope, "toc", toc_body(described.toc))
     signed = await trio.to_thread.run_sync(context.signer.clearsign, plaintext)
     if len(signed) > MAX_ENVELOPE_BYTES:  # a limit of the format, not a fault: said, skipped
         raise _TooBig(f"{label}: {len(described.toc.members)} members; its table of contents "
                       f"would take {len(signed)} bytes, more than clients read "
                       f"({MAX_ENVELOPE_BYTES}): none written")
-    await context.output.write_async(toc_path(described.toc.tarball_sha256), signed)
+    if context.output is None:
+        await registrytocs.push(context, described.toc.tarball_sha256, signed,
+                                described.windows)
+    else:
+        await context.output.write_async(toc_path(described.toc.tarball_sha256), signed)
 
 
 async def _up_to_date(context: Context, tarball: BlobRecord) -> bool:
     """Whether the output holds a TOC of ``tarball`` signed by this key, with its windows."""
+    output = context.output
+    if output is None:
+        return await registrytocs.up_to_date(context, tarball)
     where = toc_path(tarball.checksum)
-    signed = await trio.to_thread.run_sync(context.output.read, where, MAX_ENVELOPE_BYTES)
+    signed = await trio.to_thread.run_sync(output.read, where, MAX_ENVELOPE_BYTES)
     plaintext = None if signed is None else await trio.to_thread.run_sync(
         context.signer.signed, signed)
     if plaintext is None:
@@ -131,18 +142,18 @@ async def _up_to_date(context: Context, tarball: BlobRecord) -> bool:
         return False
     if toc.tarball_sha256 != tarball.checksum or tarball.length not in (None, toc.tarball_size):
         return False
-    return await trio.to_thread.run_sync(_windows_present, context, [p.window for p in toc.points])
+    return await trio.to_thread.run_sync(_windows_present, output, [p.window for p in toc.points])
 
 
-def _write_windows(context: Context, windows: dict[str, bytes]) -> None:
+def _write_windows(output: Output, windows: dict[str, bytes]) -> None:
     for sha256, window in windows.items():
         relative = blob_path(sha256)
-        if not _holds(context.output.read(relative, WINDOW), sha256):
-            context.output.write(relative, window)
+        if not _holds(output.read(relative, WINDOW), sha256):
+            output.write(relative, window)
 
 
-def _windows_present(context: Context, windows: list[str]) -> bool:
-    return all(_holds(context.output.read(blob_path(w), WINDOW), w) for w in windows if w)
+def _windows_present(output: Output, windows: list[str]) -> bool:
+    return all(_holds(output.read(blob_path(w), WINDOW), w) for w in windows if w)
 
 
 def _holds(data: bytes | None, sha256: str) -> bool:
