@@ -695,6 +695,29 @@ def test_https_mirror_without_its_ca_names_the_certificate_problem(https_server,
         shutil.rmtree(root, ignore_errors=True)
 
 
+def test_an_unusable_ca_bundle_fails_the_mount_naming_it(https_server, tmp_path):
+    """The CA bundle is loaded in a worker thread before the first request: a bundle
+    OpenSSL cannot read still fails the mount with its name."""
+    url, _ = https_server
+    root = short_dir()
+    bundle = tmp_path / "not-a-ca.pem"
+    bundle.write_text("not a certificate\n")
+    config = write_config(tmp_path / "config.toml", root, mirrors=[url], ca_certs=str(bundle),
+                          trust_keys=[str(FIXTURE_KEY)], store=str(tmp_path / "store"),
+                          keyring=str(tmp_path / "no-keys"), timeout="5s")
+    try:
+        result = subprocess.run(lazymount_command("--config", str(config), str(root)),
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1, result.stderr
+        assert f"cannot use the CA bundle {bundle}" in result.stderr
+        assert "Traceback" not in (tmp_path / "store" / "lazymount.log").read_text()
+        assert not os.path.ismount(root)
+    finally:
+        unmount(root)
+    if not os.path.ismount(root):
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def test_real_spack_sees_what_a_refresh_added(spack, http_server, daemon, tmp_path):
     cache = served_cache(tmp_path / "cache", {"lmgreet"})
     mount = daemon([http_server(cache).url], index_refresh="off")

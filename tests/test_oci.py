@@ -13,6 +13,7 @@ import gzip
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -298,6 +299,11 @@ def test_a_remount_asks_the_registry_once_whether_the_index_changed(registry, mo
     seen = len(registry.requests())
     second = mount_oci(mount_cache, registry.mirror(NAME), store=store)
     assert sorted(os.listdir(second.root / "linux-x86_64")) == [LMGREET, LMHELLO]
+    # the question is asked once the mount is up, in the background
+    deadline = time.monotonic() + 30
+    while "the check after mounting" not in second.log_text():
+        assert time.monotonic() < deadline, second.log_text()
+        time.sleep(0.05)
     assert registry.requests()[seen:] == [f"GET /v2/{NAME}/manifests/index.spack 304"]
 
 

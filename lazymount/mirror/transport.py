@@ -267,6 +267,16 @@ class HttpMirror(Mirror):
             self._client = self._new_client(trust_env=self.proxy_chain is None)
         return self._client
 
+    async def _prepare(self) -> None:
+        """Import httpx and load the CA bundle in a worker thread before the first request:
+        40-50 ms that would hold up the file system on the trio thread (a remount asks its
+        mirror right after it is up)."""
+        def prepare() -> None:
+            load_http()
+            _ = self.tls
+
+        await trio.to_thread.run_sync(prepare)
+
     def where(self, path: str) -> str:
         return redact(f"{self._shown_base}/{path}{self.query}")
 
@@ -310,6 +320,8 @@ class HttpMirror(Mirror):
                         ) -> AsyncIterator[tuple[httpx.Response, AsyncIterator[bytes]]]:
         """(response, its body in chunks) of a GET, bounded by the deadline and the rate
         check; ``headers`` may make it conditional (the response may then be a 304)."""
+        if self._tls is None:
+            await self._prepare()
         import httpx
 
         url = self.where(path)
