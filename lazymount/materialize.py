@@ -28,7 +28,7 @@ from lazymount.buildcache.fetch import stream_blob
 from lazymount.buildcache.formats import Entry, discover
 from lazymount.buildcache.index import SpecRecord
 from lazymount.buildcache.manifest import BlobRecord
-from lazymount.buildcache.ocitoc import RegistryTocs
+from lazymount.buildcache.ocitoc import RegistryPublished
 from lazymount.catalog.installtree import InstallTree
 from lazymount.errors import (
     IntegrityError,
@@ -368,7 +368,7 @@ class Materializer:
         is asked only when a key is trusted that could have signed one (its caches are
         mounted --unsigned, often with no key at all)."""
         if source.mirror.kind == "oci":
-            own = [RegistryTocs(source.mirror)] if source.trust.trust.verifier else []
+            own = [RegistryPublished(source.mirror)] if source.trust.trust.verifier else []
             return [*own, *self.toc_places]
         return [source.mirror, *self.toc_places]
 

@@ -320,6 +320,35 @@ def test_a_placement_is_taken_only_when_it_fits_the_records(tmp_path, caplog):
     assert "placement does not fit its records" in caplog.text
 
 
+def test_a_registry_mirror_keeps_its_catalog_under_a_tag(tmp_path, mount_cache):
+    """Without --output, the catalog is pushed into the repository (tagged
+    lazymount-catalog) and a mount with a trusted key reads it there, not the index."""
+    registry = Registry(tmp_path / "registry").start()
+    pusher = OciPusher(registry.base, "lazymount/buildcache")
+    try:
+        pusher.push_cache(FIXTURE_CACHE)
+        url = registry.mirror("lazymount/buildcache")
+        command = lazymount_command("publish", url, f"--signing-key={FIXTURE_SECRET_KEY}")
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "catalog: 6 specs" in result.stdout, result.stdout
+        assert "PUT /v2/lazymount/buildcache/manifests/lazymount-catalog 201" in \
+            registry.requests()
+        again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert "catalog: up to date (6 specs" in again.stdout, again.stdout + again.stderr
+        before = len(registry.requests())
+        mount = mount_cache([url], keys=(FIXTURE_KEY,), extra=("--unsigned",))
+        assert "index of 6 specs from the site catalog (" in mount.log_text()
+        gets = [r for r in registry.requests()[before:] if r.startswith("GET ")]
+        index = json.loads(pusher.client.get(f"{pusher.api}/manifests/index.spack", headers={
+            "Accept": "application/vnd.oci.image.manifest.v1+json"}).text)
+        assert not any(index["layers"][0]["digest"] in r for r in gets), gets
+        assert sorted(os.listdir(mount.root / "linux-x86_64")) == [LMGREET, LMHELLO]
+    finally:
+        pusher.close()
+        registry.stop()
+
+
 def test_a_registry_mirror_uses_a_catalog_published_beside_it(tmp_path, http_server,
                                                              mount_cache):
     """A registry holds images only: the catalog of its index goes to --output and its

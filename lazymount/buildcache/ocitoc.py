@@ -1,21 +1,27 @@
-"""Tables of contents kept in the registry repository of an ``oci://`` build cache.
+"""What ``lazymount publish`` adds to an ``oci://`` build cache, kept in its own repository.
 
-A registry holds images, not folders, so a TOC (``published.py``) is stored there as an OCI
-artifact tagged ``lazymount-toc-<tarball sha256>`` (a client knows the tarball's digest from
-the spec's image manifest; a tag works on every registry, the referrers API does not):
+A registry holds images, not folders, so the files ``published.py`` names are stored there
+as OCI artifacts under tags (a tag works on every registry; the referrers API, which an
+OCI referrer of the spec image would need, is missing from many):
 
-* an image manifest (``application/vnd.oci.image.manifest.v1+json``) with ``artifactType``
-  ``application/vnd.lazymount.toc.v1`` and the empty config
-  (``application/vnd.oci.empty.v1+json``, the two bytes ``{}``);
-* its first layer the clearsigned envelope (``application/vnd.lazymount.toc.v1+json``), then
-  one layer per window (``application/vnd.lazymount.window.v1``), so the registry keeps the
-  windows as long as the tag.
+* a table of contents: tagged ``lazymount-toc-<tarball sha256>`` (a client knows the
+  tarball's digest from the spec's image manifest), ``artifactType``
+  ``application/vnd.lazymount.toc.v1``; its first layer the clearsigned envelope
+  (``application/vnd.lazymount.toc.v1+json``), then one layer per window
+  (``application/vnd.lazymount.window.v1``), so the registry keeps the windows as long as
+  the tag;
+* the site catalog: tagged ``lazymount-catalog``, ``artifactType``
+  ``application/vnd.lazymount.catalog.v1``; its envelope
+  (``application/vnd.lazymount.catalog.v1+json``), then its payload
+  (``application/vnd.lazymount.catalog-payload.v1``).
 
-A window's digest is its sha256, so it is read as ``blobs/sha256:<window sha256>``. The
-registry is trusted for nothing: the envelope's signature and the sha256s it names are.
+Each is an image manifest (``application/vnd.oci.image.manifest.v1+json``) with the empty
+config (``application/vnd.oci.empty.v1+json``, the two bytes ``{}``). A payload's digest is
+its sha256, so it is read as ``blobs/sha256:<sha256>``. The registry is trusted for nothing:
+the envelope's signature and the sha256s it names are.
 
-``RegistryTocs`` reads this as a ``--toc`` place is read (``published`` paths), so a client
-finds and checks a TOC from a registry by the same code as from anywhere else.
+``RegistryPublished`` reads these as a ``--toc`` place is read (``published`` paths), so a
+client finds and checks them in a registry by the same code as anywhere else.
 """
 
 from __future__ import annotations
@@ -37,9 +43,13 @@ from lazymount.buildcache.ocimanifest import (
 from lazymount.errors import FormatError, NotInMirror
 from lazymount.mirror.transport import Mirror
 
-ARTIFACT_TYPE = "application/vnd.lazymount.toc.v1"
-MEDIA_ENVELOPE = "application/vnd.lazymount.toc.v1+json"
+TOC_TYPE = "application/vnd.lazymount.toc.v1"
+MEDIA_TOC = "application/vnd.lazymount.toc.v1+json"
 MEDIA_WINDOW = "application/vnd.lazymount.window.v1"
+CATALOG_TYPE = "application/vnd.lazymount.catalog.v1"
+MEDIA_CATALOG = "application/vnd.lazymount.catalog.v1+json"
+MEDIA_PAYLOAD = "application/vnd.lazymount.catalog-payload.v1"
+CATALOG_TAG = "lazymount-catalog"
 MEDIA_EMPTY = "application/vnd.oci.empty.v1+json"
 EMPTY = b"{}"
 EMPTY_DIGEST = "sha256:" + hashlib.sha256(EMPTY).hexdigest()
@@ -49,6 +59,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TOC = re.compile(re.escape(published.ROOT) + r"/toc/([0-9a-f]{64})\.json\.sig")
 _BLOB = re.compile(re.escape(published.ROOT) + r"/blobs/([0-9a-f]{64})")
 
+Layer = tuple[str, str, int]  # mediaType, digest, size
+
 
 def toc_tag(tarball_sha256: str) -> str:
     """The tag of a tarball's TOC artifact."""
@@ -57,49 +69,49 @@ def toc_tag(tarball_sha256: str) -> str:
     return f"lazymount-toc-{tarball_sha256}"
 
 
-def _descriptor(media_type: str, digest: str, size: int) -> dict[str, object]:
-    return {"mediaType": media_type, "digest": digest, "size": size}
+def artifact_manifest(artifact_type: str, layers: list[Layer]) -> bytes:
+    """An artifact's image manifest: the empty config, ``layers`` in order."""
+    def descriptor(media_type: str, digest: str, size: int) -> dict[str, object]:
+        return {"mediaType": media_type, "digest": digest, "size": size}
 
-
-def toc_manifest(envelope: tuple[str, int], windows: list[tuple[str, int]]) -> bytes:
-    """The artifact's manifest: the envelope's and the windows' (digest, size) as layers."""
     document = {
         "schemaVersion": 2,
         "mediaType": MEDIA_OCI_MANIFEST,
-        "artifactType": ARTIFACT_TYPE,
-        "config": _descriptor(MEDIA_EMPTY, EMPTY_DIGEST, len(EMPTY)),
-        "layers": [_descriptor(MEDIA_ENVELOPE, *envelope),
-                   *(_descriptor(MEDIA_WINDOW, *window) for window in windows)],
+        "artifactType": artifact_type,
+        "config": descriptor(MEDIA_EMPTY, EMPTY_DIGEST, len(EMPTY)),
+        "layers": [descriptor(*layer) for layer in layers],
     }
     return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
 
 
-def read_artifact(manifest: bytes, where: str) -> tuple[BlobRecord, set[str]]:
-    """The envelope layer of a TOC artifact's manifest, and the sha256s of its other layers
-    (the windows); FormatError if it is not one."""
+def read_artifact(manifest: bytes, envelope_type: str, where: str
+                  ) -> tuple[BlobRecord, set[str]]:
+    """The envelope layer of an artifact's manifest, and the sha256s of its other layers
+    (windows, a payload); FormatError if the first layer is not an ``envelope_type``."""
     image = parse_image_manifest(manifest, where)
     envelope = image.layers[0]
-    if envelope.media_type != MEDIA_ENVELOPE:
-        raise FormatError(f"{where}: not a table of contents artifact (its first layer is "
+    if envelope.media_type != envelope_type:
+        raise FormatError(f"{where}: not a lazymount artifact (its first layer is "
                           f"{envelope.media_type[:100]!r})")
     return envelope, {layer.checksum for layer in image.layers[1:]}
 
 
-async def read_envelope(registry: Mirror, tarball_sha256: str, max_bytes: int
-                        ) -> tuple[bytes, set[str]]:
-    """The envelope stored under the TOC tag of ``tarball_sha256`` (its sha256 checked
-    against the manifest), and the sha256s of the windows stored with it. Raises
-    NotInMirror when there is no such tag, MirrorError, FormatError, IntegrityError."""
-    location = manifest_location(toc_tag(tarball_sha256))
+async def read_envelope(registry: Mirror, tag: str, envelope_type: str, max_bytes: int,
+                        revalidate: bool = False) -> tuple[bytes, set[str]]:
+    """The envelope of the artifact tagged ``tag`` (its sha256 checked against the
+    manifest), and the sha256s of the blobs stored with it. ``revalidate``: the tag moves
+    (the catalog's). Raises NotInMirror when there is no such tag, MirrorError,
+    FormatError, IntegrityError."""
+    location = manifest_location(tag)
     where = registry.where(location)
-    manifest = await registry.read(location, MAX_MANIFEST_BYTES)
-    envelope, windows = read_artifact(manifest, where)
-    return await fetch_bytes(registry, envelope, where, max_bytes), windows
+    manifest = await registry.read(location, MAX_MANIFEST_BYTES, revalidate=revalidate)
+    envelope, others = read_artifact(manifest, envelope_type, where)
+    return await fetch_bytes(registry, envelope, where, max_bytes), others
 
 
-class RegistryTocs(Mirror):
-    """The TOCs of an ``oci://`` cache, in its own repository, read by the paths a folder or
-    a ``--toc`` place has them at (``published.toc_path``, ``published.blob_path``)."""
+class RegistryPublished(Mirror):
+    """What ``lazymount publish`` put into an ``oci://`` cache's repository, read by the
+    paths a folder or a ``--toc`` place has it at (``published.py``)."""
 
     def __init__(self, registry: Mirror):
         self.registry = registry
@@ -109,7 +121,11 @@ class RegistryTocs(Mirror):
     async def read(self, path: str, max_bytes: int, *, revalidate: bool = False) -> bytes:
         toc = _TOC.fullmatch(path)
         if toc is not None:
-            return (await read_envelope(self.registry, toc.group(1), max_bytes))[0]
+            return (await read_envelope(self.registry, toc_tag(toc.group(1)), MEDIA_TOC,
+                                        max_bytes))[0]
+        if path == published.catalog_path():
+            return (await read_envelope(self.registry, CATALOG_TAG, MEDIA_CATALOG, max_bytes,
+                                        revalidate=True))[0]
         blob = _BLOB.fullmatch(path)
         if blob is not None:
             return await self.registry.read(f"blobs/sha256:{blob.group(1)}", max_bytes)
@@ -119,6 +135,8 @@ class RegistryTocs(Mirror):
         toc = _TOC.fullmatch(path)
         if toc is not None:
             return self.registry.where(manifest_location(toc_tag(toc.group(1))))
+        if path == published.catalog_path():
+            return self.registry.where(manifest_location(CATALOG_TAG))
         return self.registry.where(path)
 
     def open(self, path: str, expected: int | None, revalidate: bool = False

@@ -47,6 +47,7 @@ from lazymount.buildcache.index import (
     records_of,
 )
 from lazymount.buildcache.layout import is_dag_hash, is_sha256
+from lazymount.buildcache.ocitoc import RegistryPublished
 from lazymount.catalog.installtree import Folder, InstallTree
 from lazymount.catalog.stored import FORMAT as RECORDS
 from lazymount.catalog.stored import StoredIndex, _gc_paused
@@ -208,11 +209,16 @@ def _unpacked(packed: bytes, checksum: str, name: str) -> bytes:
 
 async def read(mirror: Mirror, layout: CacheLayout, identity: Identity, trust: Trust | None,
                places: Sequence[Mirror] = ()) -> SiteCatalog | None:
-    """The site catalog for the index ``identity`` names: from the mirror itself (not a
-    registry: it holds images only), else from the first of ``places`` (``--toc`` URLs)
-    with one that can be used; None (the log says why) if the JSON index must be read.
-    Fetches each place's envelope and, where it names the mirror's index, its payload."""
-    candidates = ([mirror] if mirror.kind == "url" else []) + list(places)
+    """The site catalog for the index ``identity`` names: from the mirror itself (a
+    registry keeps it under a tag, ``buildcache/ocitoc.py``: asked only when a key is
+    trusted that could have signed it), else from the first of ``places`` (``--toc``
+    URLs) with one that can be used; None (the log says why) if the JSON index must be
+    read. Fetches each place's envelope and, where it names the mirror's index, its
+    payload."""
+    own: list[Mirror] = [mirror] if mirror.kind == "url" else []
+    if mirror.kind == "oci" and trust is not None and trust.verifier is not None:
+        own = [RegistryPublished(mirror)]
+    candidates = own + list(places)
     if not candidates:
         return None
     if identity.checksum is None:
@@ -230,10 +236,10 @@ async def read(mirror: Mirror, layout: CacheLayout, identity: Identity, trust: T
             payload = await _payload(place, layout, identity, trust, envelope, where)
             catalog = await trio.to_thread.run_sync(decode, payload, identity.checksum, where)
         except LazymountError as exc:
-            reasons.append(str(exc) if place is mirror else f"at {place.url}: {exc}")
+            reasons.append(str(exc) if place in own else f"at {place.url}: {exc}")
             continue
         log.info("%s: index of %d specs from the site catalog%s (%d bytes)", mirror.url,
-                 catalog.rows, "" if place is mirror else f" at {place.url}", len(payload))
+                 catalog.rows, "" if place in own else f" at {place.url}", len(payload))
         return catalog
     if reasons:
         log.warning(_NOT_USED, mirror.url, "; ".join(reasons))

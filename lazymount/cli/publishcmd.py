@@ -25,8 +25,8 @@ index, and a signed table of contents for every tarball of at least --min-size, 
 client fetches only the files a job reads. Everything is written under lazymount/v1/ of the
 mirror (a folder) or of --output; a file that exists and checks out is kept (publishing is
 incremental). Every tarball is checked against its signed manifest before it is described.
-An oci:// registry without --output gets each table of contents pushed into its repository,
-tagged lazymount-toc-<tarball sha256>.
+An oci:// registry without --output gets the catalog and each table of contents pushed into
+its repository, tagged lazymount-catalog and lazymount-toc-<tarball sha256>.
 """
 
 EPILOG = """\

@@ -8,7 +8,7 @@ again is incremental). Otherwise the tarball is downloaded to a temporary file (
 and sha256 checked against the manifest), described (``describe.py``), and its windows and
 signed TOC written: windows first, so a client never finds a TOC whose blobs are missing.
 The output is a folder (``published.py``'s paths), or, for an ``oci://`` cache without
-``--output``, the registry repository itself (``registrytocs.py``).
+``--output``, the registry repository itself (``registry.py``).
 
 One tarball at a time: describing is CPU-bound and the host is shared. A failure is reported
 for its package and the next one is described.
@@ -37,7 +37,7 @@ from lazymount.buildcache.published import (
 )
 from lazymount.buildcache.toc import WINDOW, parse_toc, toc_body
 from lazymount.errors import FormatError, LazymountError
-from lazymount.publish import registrytocs
+from lazymount.publish import registry
 from lazymount.publish.context import Context, Output, PartReport
 from lazymount.publish.describe import Described, describe
 
@@ -119,7 +119,7 @@ async def _write(context: Context, described: Described, label: str) -> None:
                       f"would take {len(signed)} bytes, more than clients read "
                       f"({MAX_ENVELOPE_BYTES}): none written")
     if context.output is None:
-        await registrytocs.push(context, described.toc.tarball_sha256, signed,
+        await registry.push(context, described.toc.tarball_sha256, signed,
                                 described.windows)
     else:
         await context.output.write_async(toc_path(described.toc.tarball_sha256), signed)
@@ -129,7 +129,7 @@ async def _up_to_date(context: Context, tarball: BlobRecord) -> bool:
     """Whether the output holds a TOC of ``tarball`` signed by this key, with its windows."""
     output = context.output
     if output is None:
-        return await registrytocs.up_to_date(context, tarball)
+        return await registry.up_to_date(context, tarball)
     where = toc_path(tarball.checksum)
     signed = await trio.to_thread.run_sync(output.read, where, MAX_ENVELOPE_BYTES)
     plaintext = None if signed is None else await trio.to_thread.run_sync(
