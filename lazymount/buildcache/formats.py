@@ -67,7 +67,7 @@ from lazymount.buildcache.ocimanifest import (
     spec_tag,
     tarball_record,
 )
-from lazymount.errors import FormatError, IntegrityError, MirrorError, NotInMirror
+from lazymount.errors import FormatError, IntegrityError, MirrorError, NotInMirror, about
 from lazymount.mirror.transport import Mirror
 
 MAX_INDEX_BYTES = 2 << 30
@@ -223,21 +223,23 @@ class LayoutV2(CacheLayout):
         if layout not in V2_SPEC_LAYOUTS:
             raise FormatError(f"{label}: spec file of build cache layout {layout!r} is not "
                               "supported (only tarballs written by Spack 0.20 to 0.23)")
-        return Entry(_v2_tarball(doc, root, record.dag_hash, label), root, "signed spec file")
+        with about(label):
+            tarball = _v2_tarball(doc, root, record.dag_hash)
+        return Entry(tarball, root, "signed spec file")
 
 
-def _v2_tarball(doc: dict[str, Any], root: Any, dag_hash: str, label: str) -> BlobRecord:
+def _v2_tarball(doc: dict[str, Any], root: Any, dag_hash: str) -> BlobRecord:
     """The tarball record a v2 spec file signs: sha256 only, at the path its spec gives."""
     checksum = doc.get("binary_cache_checksum")
     if not isinstance(checksum, dict):
-        raise FormatError(f"{label}: spec file has no binary_cache_checksum")
+        raise FormatError("spec file has no binary_cache_checksum")
     algorithm, digest = checksum.get("hash_algorithm"), checksum.get("hash")
     if algorithm != "sha256":
-        raise FormatError(f"{label}: unsupported tarball checksum algorithm {algorithm!r}")
+        raise FormatError(f"unsupported tarball checksum algorithm {algorithm!r}")
     if not isinstance(digest, str) or not is_sha256(digest):
-        raise FormatError(f"{label}: tarball checksum {str(digest)[:80]!r} is not a sha256")
+        raise FormatError(f"tarball checksum {str(digest)[:80]!r} is not a sha256")
     if not isinstance(root, dict):
-        raise FormatError(f"{label}: the spec file's root node is not a mapping")
+        raise FormatError("the spec file's root node is not a mapping")
     return BlobRecord(MEDIA_TARBALL, "gzip", digest, None, v2_tarball_path(root, dag_hash))
 
 
@@ -274,11 +276,13 @@ class LayoutOCI(CacheLayout):
         text = await mirror.read(manifest_location(tag), MAX_MANIFEST_BYTES)
         manifest = parse_image_manifest(await trust.plaintext(text, "OCI image manifest", label),
                                         label)
-        tarball = tarball_record(manifest, label)
+        with about(label):
+            tarball = tarball_record(manifest)
         raw = await fetch_bytes(mirror, manifest.config, label, MAX_SPEC_BLOB)
         doc = await trio.to_thread.run_sync(  # Spack reads a gzip'd config too
             parse_spec_document, raw, raw[:2] == b"\x1f\x8b", f"{label}: image config")
-        check_config(doc, tarball, label)
+        with about(label):
+            check_config(doc, tarball)
         return Entry(tarball, doc["spec"]["nodes"][0], "OCI image config")
 
 

@@ -115,31 +115,31 @@ def index_record(manifest: ImageManifest) -> BlobRecord:
     return BlobRecord(layer.media_type, "none", layer.checksum, layer.length, layer.location)
 
 
-def tarball_record(manifest: ImageManifest, what: str) -> BlobRecord:
+def tarball_record(manifest: ImageManifest) -> BlobRecord:
     """The spec's own tarball: the last layer."""
     layer = manifest.layers[-1]
     if layer.media_type not in LAYER_COMPRESSION:
-        raise FormatError(f"{what}: the last layer's type {layer.media_type[:100]!r} is not a "
+        raise FormatError(f"the last layer's type {layer.media_type[:100]!r} is not a "
                           "tarball layer")
     return layer
 
 
-def check_config(doc: dict[str, Any], tarball: BlobRecord, what: str) -> None:
+def check_config(doc: dict[str, Any], tarball: BlobRecord) -> None:
     """The config's own statements about the package must agree with the manifest: its
     layout version, and (when given) the tarball's sha256 and size."""
     layout = doc.get("buildcache_layout_version")
     if layout not in SPEC_LAYOUT_VERSIONS:
-        raise FormatError(f"{what}: image config of build cache layout {layout!r} is not "
+        raise FormatError(f"image config of build cache layout {layout!r} is not "
                           "supported")
     checksum = doc.get("binary_cache_checksum")
     if checksum is not None:
         if not isinstance(checksum, dict) or checksum.get("hash_algorithm") != "sha256":
-            raise FormatError(f"{what}: the image config's binary_cache_checksum is not sha256")
+            raise FormatError("the image config's binary_cache_checksum is not sha256")
         if checksum.get("hash") != tarball.checksum:
-            raise IntegrityError(f"{what}: the image config's tarball checksum "
+            raise IntegrityError(f"the image config's tarball checksum "
                                  f"{str(checksum.get('hash'))[:12]} is not the last layer's "
                                  f"{tarball.checksum[:12]}")
     size = doc.get("archive_size")
     if size is not None and size != tarball.length:
-        raise IntegrityError(f"{what}: the image config says the tarball has {size!r} bytes, "
+        raise IntegrityError(f"the image config says the tarball has {size!r} bytes, "
                              f"the manifest {tarball.length}")
