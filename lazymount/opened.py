@@ -8,7 +8,9 @@ span(s) it lives in by HTTP range requests, the window before its seek point, ea
 against the TOC, inflated from the seek point (``install/tocread.py``; an inflated span is
 kept for the next members in it, and its end is the window of the span after), its content
 checked against its sha256, relocated exactly as a whole prefix is (``install/onefile.py``)
-and renamed into the tree. Reads of members in the same span share one fetch.
+and renamed into the tree. Reads of members in the same span share one fetch, and the
+small files lying in the spans inflated for a small file are made with it, in the background
+(the next open of a header is a store hit, not a round through every layer).
 
 Anything that does not check out raises ``TocUnusable``: the materializer then falls back
 to the whole tarball, as without a TOC. Runs on the trio thread; the blocking parts run in
@@ -18,9 +20,11 @@ worker threads.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -55,6 +59,8 @@ KEPT_SPANS = 4  # compressed spans kept in memory (a span is inflated once, then
 KEPT_REGIONS = 12  # inflated spans (~4 MiB each) kept for the next members in them
 STREAMED = 4 << 20  # files at least this big are written span by span, not held whole
 READ_AHEAD = 3  # spans inflated ahead of the one being written
+NEIGHBOUR_BYTES = 256 << 10  # small files made with a neighbour that shares their spans
+NEIGHBOUR_BATCH = 64  # of them made in one worker step
 SHEBANG_HEAD = 2  # what relocation needs of a file's start: whether it is a script
 
 
@@ -110,6 +116,10 @@ class _Flight:
     done: trio.Event = field(default_factory=trio.Event)
     value: Any = None
     error: BaseException | None = None
+
+
+class _NotMade(LazymountError):
+    """A file that was to be made with its neighbours and was not: its open fetches it."""
 
 
 class Shape:
@@ -206,7 +216,10 @@ class Opened:
         self.links: dict[str, int] = {}  # file -> how many names it has
         self.completing = False
         self._staging: Path | None = None  # where files are made before they are renamed in
+        self._small_spans: dict[str, range] | None = None  # the spans of each small file
+        self._by_span: dict[int, list[str]] = {}  # small files by their first span
         self._made = 0
+        self._naming = threading.Lock()
         self.filling = False  # being completed in the background
         self.present: set[str] = set()  # files in the tree
         self.present_bytes = 0
@@ -273,15 +286,14 @@ class Opened:
         """Make ``tree/rel`` present (a file of the package). TocUnusable if its bytes do
         not check out or the mirror cannot answer ranges; MirrorError if it cannot be
         reached (a later open tries again)."""
-        if rel in self.present:
-            return
-        flight = self._files.get(rel)
-        if flight is None:
-            flight = self._files[rel] = _Flight()
-            self.start(lambda: self._fly(flight, self._fill, rel))
-        await flight.done.wait()
-        if flight.error is not None:
-            raise flight.error
+        while rel not in self.present:
+            flight = self._files.get(rel)
+            if flight is None:
+                flight = self._files[rel] = _Flight()
+                self.start(functools.partial(self._fly, flight, self._fill, rel))
+            await flight.done.wait()
+            if flight.error is not None and not isinstance(flight.error, _NotMade):
+                raise flight.error
 
     @staticmethod
     async def _fly(flight: _Flight, work: Callable[..., Awaitable[Any]], *args: Any) -> None:
@@ -321,6 +333,7 @@ class Opened:
                 return path, None if changed else member.sha256  # unchanged: hashed already
 
             await self._staged(make, rel)
+            self._start_neighbours(member)
         finally:
             self._files.pop(rel, None)  # present now, or tried again on the next open
 
@@ -390,38 +403,144 @@ class Opened:
         """Make a file under a new name of the staging folder (``make(folder, name)`` gives
         its path and its sha256 if known; ``named``: that name, the file made already),
         note it in the fill log and rename it into the tree."""
-        def run() -> int:
-            folder, name = named or self._work_name(rel)
-            path = folder / name
-            try:
-                path, sha256 = make(folder, name)
-                st = os.lstat(path)
-                if st.st_size != self.sizes.get(rel):
-                    log.error("%s: %s has %d bytes, its table of contents said %s; the size "
-                              "served before it was fetched was wrong", self.label, rel,
-                              st.st_size, self.sizes.get(rel))
-                partial.note_filled(self.store, self.key, rel, st.st_size,
-                                    sha256 or _sha256(path))
-                onefile.move_into(path, self.tree, rel, self.label)
-                return st.st_blocks * 512 if st.st_nlink == 1 else 0
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-                raise
-
         async with self.cpu:
-            grown = await trio.to_thread.run_sync(run)
+            grown = await trio.to_thread.run_sync(self._publish, rel, make, named)
+        self._present(rel, grown)
+
+    def _publish(self, rel: str, make: Callable[[Path, str], tuple[Path, str | None]],
+                 named: tuple[Path, str] | None = None) -> int:
+        """Worker thread: make the file (under ``named``, or a new name), note it in the
+        fill log, rename it into the tree; returns the bytes the store grew by."""
+        folder, name = named or self._work_name(rel)
+        path = folder / name
+        try:
+            path, sha256 = make(folder, name)
+            st = os.lstat(path)
+            if st.st_size != self.sizes.get(rel):
+                log.error("%s: %s has %d bytes, its table of contents said %s; the size "
+                          "served before it was fetched was wrong", self.label, rel,
+                          st.st_size, self.sizes.get(rel))
+            partial.note_filled(self.store, self.key, rel, st.st_size,
+                                sha256 or _sha256(path))
+            onefile.move_into(path, self.tree, rel, self.label)
+            return st.st_blocks * 512 if st.st_nlink == 1 else 0
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+
+    def _present(self, rel: str, grown: int) -> None:
         self.present.add(rel)
         self.present_bytes += self.sizes.get(rel, 0)
         self.grown(grown)
 
+    # ---- the small neighbours of a file fetched --------------------------------------------
+    # A span inflated for one small file holds hundreds of others (headers): each later open
+    # of one would cost a round through FUSE, the trio thread and a worker thread, more than
+    # making it. They are made now, in a few worker steps, from the spans already inflated,
+    # each checked, relocated and renamed in exactly as a file opened on its own.
+
+    def _neighbours(self, member: TocMember) -> list[str]:
+        """The small files not present nor being fetched that lie wholly in the spans of
+        ``member``, in the tarball's order."""
+        if self._small_spans is None:
+            self._small_spans, self._by_span = {}, {}
+            for rel in self.shape.files():
+                other = self.shape.members[rel]
+                if other.kind == "file" and 0 < other.size <= NEIGHBOUR_BYTES:
+                    spans = self._small_spans[rel] = spans_of(self.toc, other)
+                    self._by_span.setdefault(spans.start, []).append(rel)
+        spans = spans_of(self.toc, member)
+        return [rel for index in spans for rel in self._by_span.get(index, [])
+                if self._small_spans[rel].stop <= spans.stop and rel not in self.present
+                and rel not in self._files]
+
+    def _start_neighbours(self, member: TocMember) -> None:
+        if self.replaced is not None or not 0 < member.size <= NEIGHBOUR_BYTES:
+            return
+        rels = self._neighbours(member)
+        if not rels:
+            return
+        flights = {rel: _Flight() for rel in rels}
+        self._files.update(flights)  # an open of one of them waits for its batch
+        self.start(lambda: self._fill_neighbours(spans_of(self.toc, member), flights))
+
+    async def _fill_neighbours(self, spans: range, flights: dict[str, _Flight]) -> None:
+        rels = list(flights)
+        try:
+            for first in range(0, len(rels), NEIGHBOUR_BATCH):
+                if self.replaced is not None or self._staging is None:
+                    return  # replaced, completed or evicted meanwhile
+                regions = {index: await self._region(index) for index in spans}
+                async with self.cpu:
+                    done = await trio.to_thread.run_sync(
+                        self._publish_batch, rels[first:first + NEIGHBOUR_BATCH], regions)
+                for rel, grown in done:
+                    self._present(rel, grown)
+                    self._land(flights, rel)
+                if len(done) < len(rels[first:first + NEIGHBOUR_BATCH]):
+                    return  # one did not check out: it fails on its own open
+        except LazymountError as exc:
+            log.debug("%s: neighbours not made: %s", self.label, exc)
+        except Exception as exc:
+            log.warning("%s: neighbours not made: %s", self.label, exc)
+        finally:  # those not made are fetched on their own open
+            for rel in list(flights):
+                self._land(flights, rel, _NotMade())
+
+    def _land(self, flights: dict[str, _Flight], rel: str, error: BaseException | None = None
+              ) -> None:
+        flight = flights.pop(rel)
+        if self._files.get(rel) is flight:
+            del self._files[rel]
+        flight.error = error
+        flight.done.set()
+
+    def _publish_batch(self, rels: list[str], regions: dict[int, bytes]
+                       ) -> list[tuple[str, int]]:
+        """Worker thread: make each of ``rels`` from the inflated spans ``regions``, in
+        order; returns those made (and the bytes the store grew by), stopping at the first
+        that does not check out or cannot be made (its own open fetches it, and fails)."""
+        assert self.lists is not None
+        lists = self.lists
+        done: list[tuple[str, int]] = []
+        for rel in rels:
+            member = self.shape.members[rel]
+            assert self._small_spans is not None
+            index = self._small_spans[rel]
+            base = self.toc.points[index.start].uncompressed
+            joined = b"".join(regions[i] for i in index) if len(index) > 1 \
+                else regions[index.start]
+            start = member.offset - base
+            try:
+                data = check_member(member, joined[start:start + member.size])
+            except IntegrityError:
+                break
+            if self._staging is None:
+                break  # closed meanwhile
+
+            def make(folder: Path, name: str, rel: str = rel, member: TocMember = member,
+                     data: bytes = data) -> tuple[Path, str | None]:
+                path, changed = onefile.write_relocated(folder, name, rel, data, member.mode,
+                                                        lists, self.mapping, self.sbang,
+                                                        self.label)
+                return path, None if changed else member.sha256
+
+            try:
+                done.append((rel, self._publish(rel, make)))
+            except (LazymountError, OSError) as exc:  # the store is full, or was evicted
+                log.debug("%s: %s not made with its neighbours: %s", self.label, rel, exc)
+                break
+        return done
+
     def _work_name(self, rel: str) -> tuple[Path, str]:
         """The staging folder of this package (made once: folders made and removed per
         file cost more than the file on this kind of disk) and a new name in it."""
-        if self._staging is None or not self._staging.is_dir():
-            self._staging = self.store.new_staging(self.key)
-        self._made += 1
-        return self._staging, f"{self._made}-{rel.rpartition('/')[2]}"[:200]
+        with self._naming:  # worker threads: one folder, no name twice
+            if self._staging is None or not self._staging.is_dir():
+                self._staging = self.store.new_staging(self.key)
+            self._made += 1
+            return self._staging, f"{self._made}-{rel.rpartition('/')[2]}"[:200]
 
     def close(self) -> None:
         """Its staging folder goes (the package was completed, replaced or evicted)."""

@@ -29,6 +29,8 @@ import pytest
 import spackcache as sc
 from conftest import FIXTURE_CACHE, FIXTURE_KEY, FIXTURE_SECRET_KEY, LMGREET, LMHELLO, Mount
 
+from lazymount.buildcache.toc import parse_toc, spans_of
+
 TOC_ROOT = "lazymount/v1"
 DATA_FILES = 4
 DATA_BYTES = 6 << 20  # each; with 4 MiB between seek points, many points
@@ -452,6 +454,53 @@ def test_status_fsck_and_a_restart_know_a_partial_package(toc_cache, nginx_serve
     run = subprocess.run([str(prefix / "bin/tocapp")], capture_output=True, text=True,
                          timeout=60)
     assert run.returncode == 0, run.stderr
+
+
+def _span_neighbours(cache: TocCache, rel: str) -> list[str]:
+    """The other headers lying wholly in the compressed spans of header ``rel``."""
+    with sc.Signer(FIXTURE_SECRET_KEY) as signer:
+        verified = sc.verify_clearsigned(cache.toc().read_bytes(), signer.public_key_armor)
+    toc = parse_toc(verified.plaintext, "test")
+    by_rel = {m.path.split(f"{cache.app.dag_hash}/", 1)[-1]: m for m in toc.members}
+    spans = spans_of(toc, by_rel[rel])
+    return [other for other, m in by_rel.items()
+            if other.startswith("include/tocapp/h") and other != rel
+            and spans.start <= spans_of(toc, m).start and spans_of(toc, m).stop <= spans.stop]
+
+
+def test_the_small_neighbours_of_a_file_read_are_kept_without_another_fetch(
+        toc_cache, nginx_server, mount_cache, tmp_path):
+    url = nginx_server(toc_cache.root)
+    log = tmp_path / "nginx-access.log"
+    mount = mount_cache([url])
+    prefix = prefix_in(mount, toc_cache.app)
+    neighbours = _span_neighbours(toc_cache, "include/tocapp/h000.h")
+    assert len(neighbours) > 100, neighbours  # the headers share a span
+    assert (prefix / "include/tocapp/h000.h").read_bytes().startswith(b"/* header 0 */\n")
+    # the span inflated for one header gave its neighbours to the store, each checked and
+    # relocated, without being read
+    tree = store_entry(mount, toc_cache.app) / "tree"
+    deadline = time.monotonic() + 60
+    while not all((tree / rel).exists() for rel in neighbours):
+        assert time.monotonic() < deadline, mount.log_text()
+        time.sleep(0.05)
+    assert "(4 of" not in os.getxattr(prefix, "user.lazymount.status").decode()
+    result = lazymount("fsck", str(mount.root))
+    assert result.returncode == 0, result.stdout + result.stderr
+    # after a restart (nothing kept in memory) they are served from the store: the tarball
+    # is not asked again
+    subprocess.run(["fusermount3", "-u", str(mount.root)], check=True)
+    assert mount.process is not None
+    mount.process.wait(30)
+    spans_before = sent_bytes(log, toc_cache.checksum)
+    again = mount_cache([url], store=mount.store, root=mount.root)
+    for rel in neighbours:
+        index = int(rel[len("include/tocapp/h"):-2])
+        text = (prefix / rel).read_bytes()
+        assert text.startswith(f"/* header {index} */\n".encode())
+        assert text.endswith(_data(1000 + index, 900))
+    assert sent_bytes(log, toc_cache.checksum) == spans_before, again.log_text()
+    assert "Traceback" not in again.log_text() + mount.log_text()
 
 
 def test_fill_whole_completes_an_opened_package_into_a_whole_one(toc_cache, nginx_server,
