@@ -111,11 +111,13 @@ class TokenServer:
         return f"{payload}.{_b64url(signature)}"
 
     def issue(self, subject: str, scope: str) -> dict[str, Any]:
+        """A token for ``scope``: what it asks for to a user, to anonymous pulls only."""
         access = []
         for item in scope.split():
             kind, _, rest = item.partition(":")
             name, _, actions = rest.rpartition(":")
-            access.append({"type": kind, "name": name, "actions": ["pull"]})
+            granted = actions.split(",") if subject else ["pull"]
+            access.append({"type": kind, "name": name, "actions": granted})
         now = int(time.time())
         claims = {"iss": ISSUER, "sub": subject, "aud": SERVICE, "exp": now + self.lifetime,
                   "nbf": now - 10, "iat": now, "jti": uuid.uuid4().hex, "access": access}

@@ -20,6 +20,8 @@ import pytest
 from conftest import (
     DATA,
     FIXTURE_CACHE,
+    FIXTURE_KEY,
+    FIXTURE_SECRET_KEY,
     LMGREET,
     LMHELLO,
     expect_refusal,
@@ -565,6 +567,37 @@ def test_a_token_server_that_wants_credentials(registry, mount_cache, tmp_path, 
                                f"--ca-certs={ca.ca_cert}", f"--docker-config={wrong}")
         assert result.returncode == 1
         assert "token server" in result.stderr and "user 'lmuser'" in result.stderr
+    finally:
+        tokens.stop()
+
+
+def test_publish_pushes_into_a_registry_with_a_token_login(registry, mount_cache, tmp_path,
+                                                            ca):
+    """lazymount publish logs in as `docker login` did, is given a push token, and writes
+    the catalog and the tables of contents into the repository; a mount opens lmhello
+    through its table of contents there."""
+    tokens = TokenServer(ca, users={"lmuser": PASSWORD}, anonymous=True).start()
+    try:
+        registry.start(token=tokens, port=registry.port)
+        login = docker_config(tmp_path, registry.host, "lmuser", PASSWORD)
+        result = subprocess.run(
+            lazymount_command("publish", registry.mirror(NAME), "--min-size=1",
+                              f"--signing-key={FIXTURE_SECRET_KEY}"),
+            capture_output=True, text=True, timeout=300,
+            env=dict(os.environ, DOCKER_CONFIG=str(login.parent),
+                     SSL_CERT_FILE=str(ca.ca_cert)))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "catalog: 6 specs" in result.stdout, result.stdout
+        assert "tables of contents: 2 written" in result.stdout, result.stdout
+        scopes = [r["query"]["scope"] for r in tokens.requests]
+        assert any(scope.startswith(f"repository:{NAME}:") and "push" in scope.split(":")[2]
+                   for scope in scopes), scopes  # the registry names them in either order
+        assert all(r["authorization"].startswith("Basic ") for r in tokens.requests)
+        mount = mount_cache([registry.mirror(NAME)], keys=(FIXTURE_KEY,),
+                            extra=("--unsigned", f"--ca-certs={ca.ca_cert}"))
+        assert_hello_runs(mount)
+        assert "from the site catalog" in mount.log_text()
+        assert "opened through its table of contents" in mount.log_text()
     finally:
         tokens.stop()
 
