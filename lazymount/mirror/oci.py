@@ -309,6 +309,11 @@ class OciMirror(HttpMirror):
                                                content)
         except httpx.HTTPError as exc:
             raise MirrorError(f"{redact(url)}: {method} failed: {describe(exc)}") from None
+        except MirrorError as exc:  # a login refused: anonymous logins may only pull
+            if self.auth_state.credentials is not None:
+                raise
+            raise MirrorError(f"{exc}; writing needs a login allowed to push (`docker login "
+                              f"{self.ref.domain}`)") from None
         await response.aclose()
         return response.status_code, response.headers.get("location")
 
