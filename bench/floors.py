@@ -50,9 +50,9 @@ def _read_headers(stream: bytes) -> int:
     from lazymount.install.decompress import CHUNK
     from lazymount.install.tarstream import Limits, Source, members
 
-    source = Source(iter([stream[i:i + CHUNK] for i in range(0, len(stream), CHUNK)]), "floor")
+    source = Source(iter([stream[i:i + CHUNK] for i in range(0, len(stream), CHUNK)]))
     count = 0
-    for member in members(source, Limits(), "floor"):
+    for member in members(source, Limits()):
         left = member.size
         while left:
             left -= len(source.read(min(left, CHUNK)))

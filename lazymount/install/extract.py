@@ -39,7 +39,7 @@ from lazymount.install.buildinfo import (
 from lazymount.install.decompress import CHUNK, decompressed, read_ahead
 from lazymount.install.gnutar import TarChild
 from lazymount.install.limits import Limits
-from lazymount.install.tarstream import Member, Source, members, refused, show, unsafe
+from lazymount.install.tarstream import Member, Source, members, show, unsafe
 
 MAX_COMPONENT = 255  # NAME_MAX of Linux file systems
 # real prefixes nest a few dozen levels; every walk of a tree (the record, removal) would
@@ -67,12 +67,12 @@ class Extracted:
 # Names
 
 
-def _check_name(name: str, limits: Limits, what: str, subject: str = "") -> None:
+def _check_name(name: str, limits: Limits, subject: str = "") -> None:
     """Refuse a member (or hard link target) name that could leave ``staging/raw``."""
 
     def refuse(reason: str) -> UnsafeArchiveError:
         return UnsafeArchiveError(
-            f"{what}: {subject or f'tarball member {show(name)}'} {reason}; refused")
+            f"{subject or f'tarball member {show(name)}'} {reason}; refused")
 
     if "\0" in name:
         raise refuse("contains a NUL byte")
@@ -127,9 +127,8 @@ class _Checker:
     the store's record does not read them again.
     """
 
-    def __init__(self, limits: Limits, what: str) -> None:
+    def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self.what = what
         self.dirs: dict[str, int] = {}  # every directory tar makes -> its mode from the tarball
         self.dir_members: set[str] = set()
         self.leaves: dict[str, str] = {}  # every other name -> "file" or "symlink"
@@ -146,9 +145,9 @@ class _Checker:
     def add(self, member: Member, src: Source, pass_on: Callable[[], None]) -> None:
         """Check one member; a file's data is read (and hashed) here, calling ``pass_on``
         as it goes. UnsafeArchiveError if refused."""
-        _check_name(member.name, self.limits, self.what)
+        _check_name(member.name, self.limits)
         if member.name in self.leaves or (member.kind != "dir" and member.name in self.dirs):
-            raise unsafe(self.what, member.name, "is a duplicate of an earlier member")
+            raise unsafe(member.name, "is a duplicate of an earlier member")
         parent = self._check_parent(member.name)
         if member.kind == "dir":
             self.dirs[member.name] = member.mode
@@ -174,28 +173,27 @@ class _Checker:
                 continue
             kind = self.leaves.get(path)
             if kind == "symlink":
-                raise unsafe(self.what, name, f"would be written through the symlink {path!r}")
+                raise unsafe(name, f"would be written through the symlink {path!r}")
             if kind is not None:
-                raise unsafe(self.what, name, f"has a parent {path!r} that is not a directory")
+                raise unsafe(name, f"has a parent {path!r} that is not a directory")
             self.dirs[path] = 0o755
         return parent
 
     def _add_file(self, member: Member, src: Source, pass_on: Callable[[], None]) -> None:
         if self.bytes + member.size > self.limits.max_bytes:
             raise unsafe(
-                self.what,
                 member.name,
                 f"would expand the package beyond {self.limits.max_bytes} bytes",
             )
         if self.limits.room is not None and self.bytes + member.size > self.limits.room:
-            raise StoreFull(f"{self.what}: does not fit in the store quota: its files pass "
+            raise StoreFull(f"does not fit in the store quota: its files pass "
                             f"the {self.limits.room} bytes the quota can hold beside the "
                             "packages in use")
         buildinfo = _is_buildinfo(member.name)
         # one byte past the limit is enough for parse_buildinfo to refuse an oversized one
         keep = MAX_BUILDINFO_BYTES + 1 if buildinfo else 0
         digest, data, head = _stream(src, member.size, pass_on, keep,
-                                     f"{self.what}: tarball is truncated (in {show(member.name)})")
+                                     f"tarball is truncated (in {show(member.name)})")
         self.leaves[member.name] = "file"
         self.contents[member.name] = (member.size, digest)
         if head == b"#!" and member.mode & 0o111:
@@ -211,9 +209,7 @@ class _Checker:
     def _add_symlink(self, member: Member) -> None:
         target = member.linkname
         if not target or "\0" in target or len(target) > self.limits.max_name_length:
-            raise unsafe(
-                self.what, member.name, "is a symlink with an empty, NUL or overlong target"
-            )
+            raise unsafe(member.name, "is a symlink with an empty, NUL or overlong target")
         self.leaves[member.name] = "symlink"
         # absolute targets are legitimate (other prefixes, the system); relative ones with
         # '..' are checked against the prefix once it is known
@@ -223,10 +219,9 @@ class _Checker:
     def _add_hardlink(self, member: Member) -> None:
         target = member.linkname
         subject = f"tarball member {show(member.name)}: hard link target {show(target)}"
-        _check_name(target, self.limits, self.what, subject)
+        _check_name(target, self.limits, subject)
         if self.leaves.get(target) != "file":
             raise unsafe(
-                self.what,
                 member.name,
                 f"is a hard link to {show(target)}, which is not an earlier regular file",
             )
@@ -240,23 +235,21 @@ class _Checker:
         UnsafeArchiveError for a member outside it or a symlink climbing out of it.
         """
         if self.buildinfo is None:
-            raise FormatError(f"{self.what}: not a Spack package (no {BUILDINFO} in the tarball)")
+            raise FormatError(f"not a Spack package (no {BUILDINFO} in the tarball)")
         prefix = self.buildinfo.rsplit("/", 2)[0] if self.buildinfo != BUILDINFO else ""
         if prefix not in self.dir_members:
             raise FormatError(
-                f"{self.what}: tarball lacks the package prefix directory {show(prefix)}"
+                f"tarball lacks the package prefix directory {show(prefix)}"
             )
         for name in sorted(self.dir_members):
             if not (_inside(name, prefix) or prefix.startswith(name + "/")):
-                raise unsafe(self.what, name, f"lies outside the package prefix {prefix!r}")
+                raise unsafe(name, f"lies outside the package prefix {prefix!r}")
         for parent, name in self.leaf_parents.items():
             if not _inside(parent, prefix):
-                raise unsafe(self.what, name, f"lies outside the package prefix {prefix!r}")
+                raise unsafe(name, f"lies outside the package prefix {prefix!r}")
         for name, target in self.updirs:
             if climbs_out(name, target, prefix):
-                raise unsafe(
-                    self.what, name, f"is a symlink to {target!r}, which climbs out of the prefix"
-                )
+                raise unsafe(name, f"is a symlink to {target!r}, which climbs out of the prefix")
         return prefix
 
     def compare(self, raw: Path) -> None:
@@ -269,7 +262,7 @@ class _Checker:
         expected = {**dict.fromkeys(self.dirs, "dir"), **self.leaves}
         if made != expected:
             odd = sorted(set(made.items()) ^ set(expected.items()))[0][0]
-            raise UnsafeArchiveError(f"{self.what}: GNU tar read the tarball differently from "
+            raise UnsafeArchiveError(f"GNU tar read the tarball differently from "
                                      f"the checks (at {show(odd)}); refused")
 
     def finish(self, raw: Path) -> None:
@@ -342,8 +335,7 @@ def _store_error(exc: OSError, name: str) -> LazymountError:
         return StoreFull(f"no space left on the store's file system while writing "
                          f"{show(name)}")
     if exc.errno == errno.ENAMETOOLONG:
-        return UnsafeArchiveError(
-            refused(name, "makes a path too long for the store's file system"))
+        return unsafe(name, "makes a path too long for the store's file system")
     return StoreError(f"cannot write {show(name)} to the store ({exc.strerror})")
 
 
@@ -370,16 +362,15 @@ def extract_tarball(
     with about(what):
         chunks = read_ahead(decompressed(stream, compression))
         try:
-            return _extract(Source(chunks, what), staging, limits, what)
+            return _extract(Source(chunks), staging, limits, what)
         finally:
             chunks.close()
 
 
 def _extract(src: Source, staging: Path, limits: Limits, what: str) -> Extracted:
-    """The body of extract_tarball, on an already decompressing source (``what`` goes to
-    the checks ``publish/describe.py`` shares)."""
+    """The body of extract_tarball, on an already decompressing source."""
     raw = staging / "raw"
-    checker = _Checker(limits, what)
+    checker = _Checker(limits)
     name = str(raw)
     try:
         os.mkdir(raw, 0o755)
@@ -388,7 +379,7 @@ def _extract(src: Source, staging: Path, limits: Limits, what: str) -> Extracted
             def pass_on() -> None:
                 tar.write(src.passed())
 
-            for member in members(src, limits, what):
+            for member in members(src, limits):
                 name = member.name
                 checker.add(member, src, pass_on)
                 if src.kept_bytes >= PASS_ON:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from lazymount.errors import FormatError, StoreError, UnsafeArchiveError, about
+from lazymount.errors import FormatError, StoreError, UnsafeArchiveError
 from lazymount.install.decompress import CHUNK, Fault, Trailing
 from lazymount.install.limits import Limits
 
@@ -44,9 +44,8 @@ class Source:
     of a member to the writer only once the member has been checked. What is kept is one
     view per chunk (reads are consecutive), not one per read."""
 
-    def __init__(self, chunks: Iterator[bytes], what: str) -> None:
+    def __init__(self, chunks: Iterator[bytes]) -> None:
         self._chunks = chunks
-        self._what = what
         self._chunk = memoryview(b"")
         self._pos = 0  # next byte of _chunk to read
         self._mark = 0  # first byte of _chunk not yet passed on
@@ -79,11 +78,11 @@ class Source:
         try:
             chunk = next(self._chunks, b"")
         except Trailing as fault:  # bytes outside what was checked: refuse, not ignore
-            raise UnsafeArchiveError(f"{self._what}: {fault.reason}") from None
+            raise UnsafeArchiveError(f"{fault.reason}") from None
         except Fault as fault:
-            raise FormatError(f"{self._what}: {fault.reason}") from None
+            raise FormatError(f"{fault.reason}") from None
         except OSError as exc:
-            raise StoreError(f"{self._what}: cannot read the tarball ({exc})") from None
+            raise StoreError(f"cannot read the tarball ({exc})") from None
         self._before += len(self._chunk)
         self._chunk, self._pos, self._mark = memoryview(chunk), 0, 0
         return bool(chunk)
@@ -102,7 +101,7 @@ class Source:
         while n:
             view = self.read(n)
             if not view:
-                raise FormatError(f"{self._what}: tarball is truncated (ends inside {inside})")
+                raise FormatError(f"tarball is truncated (ends inside {inside})")
             parts.append(view)
             n -= len(view)
         return b"".join(parts)
@@ -114,7 +113,7 @@ class Source:
             seen += len(view)
             if seen > MAX_TRAILING_ZEROS or view.tobytes().count(0) != len(view):
                 raise UnsafeArchiveError(
-                    f"{self._what}: trailing data after the end of the tar archive"
+                    "trailing data after the end of the tar archive"
                 )
 
 
@@ -139,13 +138,9 @@ def show(name: str) -> str:
     return repr(name if len(name) <= 160 else name[:160] + "...")
 
 
-def unsafe(what: str, name: str, reason: str) -> UnsafeArchiveError:
-    return UnsafeArchiveError(f"{what}: {refused(name, reason)}")
-
-
-def refused(name: str, reason: str) -> str:
-    """The message of a member refused for ``reason``, without what it is a member of."""
-    return f"tarball member {show(name)} {reason}; refused"
+def unsafe(name: str, reason: str) -> UnsafeArchiveError:
+    """A member refused for ``reason``."""
+    return UnsafeArchiveError(f"tarball member {show(name)} {reason}; refused")
 
 
 def _padded(size: int) -> int:
@@ -275,7 +270,7 @@ def _member_kind(info: Header, name: str) -> MemberKind:
     kind = kinds.get(info.type)
     if kind is None:
         reason = _REFUSED_TYPES.get(info.type, f"of unsupported type {info.type!r}")
-        raise UnsafeArchiveError(refused(name, f"is {reason}"))
+        raise unsafe(name, f"is {reason}")
     return kind
 
 
@@ -323,7 +318,7 @@ class _Overrides:
             "linkpath", self.longlink if self.longlink is not None else info.linkname
         )
         if any(key.startswith("GNU.sparse.") for key in pax):
-            raise UnsafeArchiveError(refused(name, "is a sparse file"))
+            raise unsafe(name, "is a sparse file")
         size = info.size
         if "size" in pax:
             if not (pax["size"].isascii() and pax["size"].isdigit()):
@@ -338,18 +333,12 @@ class _Overrides:
         return Member(name, kind, info.mode, size, linkname)
 
 
-def members(src: Source, limits: Limits, what: str) -> Iterator[Member]:
+def members(src: Source, limits: Limits) -> Iterator[Member]:
     """Yield each member of the tar stream up to the end-of-archive block.
 
     The consumer must read a file member's ``size`` data bytes before asking for the next one.
-    Raises FormatError for a malformed stream, UnsafeArchiveError past ``max_members``,
-    naming ``what``.
+    Raises FormatError for a malformed stream, UnsafeArchiveError past ``max_members``.
     """
-    with about(what):
-        yield from _members(src, limits)
-
-
-def _members(src: Source, limits: Limits) -> Iterator[Member]:
     overrides = _Overrides()
     count = 0
     while True:

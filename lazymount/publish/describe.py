@@ -25,7 +25,7 @@ from lazymount.buildcache.toc import (
     TocMember,
     count_text,
 )
-from lazymount.errors import FormatError, IntegrityError
+from lazymount.errors import FormatError, IntegrityError, about
 from lazymount.install.buildinfo import BuildInfo, check_build_prefix, parse_buildinfo
 from lazymount.install.extract import MemberChecks
 from lazymount.install.limits import Limits
@@ -62,7 +62,8 @@ def describe(path: Path, sha256: str, what: str, limits: Limits | None = None) -
     would refuse, or a tarball of more than one gzip stream."""
     size = path.stat().st_size
     with GzipIndex(path, what) as index:
-        walked = _walk(index, limits or Limits(), what)
+        with about(what):  # the checks it shares with extraction raise the bare reason
+            walked = _walk(index, limits or Limits(), what)
         index.check_one_stream()
         # an index may end with a point at the very end of the stream: nothing follows it
         found = [p for p in index.points() if p.uncompressed < walked.uncompressed]
@@ -84,15 +85,15 @@ def old_prefixes(buildinfo: BuildInfo) -> tuple[str, ...]:
 
 
 def _walk(index: GzipIndex, limits: Limits, what: str) -> _Walked:
-    src = Source(index.chunks(), what)
-    checks = MemberChecks(limits, what)
+    src = Source(index.chunks())
+    checks = MemberChecks(limits)
     rows: list[tuple[Member, int]] = []
     seen_dirs: set[str] = set()
 
     def forget() -> None:  # nothing is written: the bytes read are dropped once checked
         src.passed()
 
-    for member in members(src, limits, what):
+    for member in members(src, limits):
         offset = src.position
         checks.add(member, src, forget)
         forget()
