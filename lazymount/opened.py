@@ -374,8 +374,9 @@ class Opened:
             async with trio.open_nursery() as nursery:
                 for position, index in enumerate(spans):
                     for later in spans[position + 1:position + 1 + READ_AHEAD]:
-                        if later not in self._regions:
-                            nursery.start_soon(self._region_ahead, later)
+                        if later not in self._regions:  # in order: each finds the one before
+                            nursery.start_soon(self._fly, self._new_region(later),
+                                               self._inflate, later)
                     region = await self._region(index)
                     base = self.toc.points[index].uncompressed
                     low = max(member.offset - base, 0)
@@ -393,10 +394,6 @@ class Opened:
             raise TocUnusable(f"{self.label}: {member.path[:200]!r}: its spans hold "
                               f"{written} of its {member.size} bytes")
         return head
-
-    async def _region_ahead(self, index: int) -> None:
-        with contextlib.suppress(LazymountError):  # met again when it is its turn
-            await self._region(index)
 
     async def _staged(self, make: Callable[[Path, str], tuple[Path, str | None]], rel: str,
                       named: tuple[Path, str] | None = None) -> None:
@@ -583,9 +580,7 @@ class Opened:
         """Span ``index`` inflated (kept while it is among the last few used)."""
         flight = self._regions.get(index)
         if flight is None or (flight.done.is_set() and flight.error is not None):
-            flight = self._regions[index] = _Flight()
-            while len(self._regions) > KEPT_REGIONS:
-                self._regions.popitem(last=False)
+            flight = self._new_region(index)
             await self._fly(flight, self._inflate, index)
         else:
             self._regions.move_to_end(index)
@@ -594,9 +589,19 @@ class Opened:
             raise flight.error
         return flight.value  # type: ignore[no-any-return]
 
+    def _new_region(self, index: int) -> _Flight:
+        """The flight of span ``index`` being inflated, noted before it starts: the span
+        after it waits for its end (its window) rather than fetching that window."""
+        flight = self._regions[index] = _Flight()
+        while len(self._regions) > KEPT_REGIONS:
+            self._regions.popitem(last=False)
+        return flight
+
     async def _inflate(self, index: int) -> bytes:
         point = self.toc.points[index]
         before = self._regions.get(index - 1) if index else None
+        if point.window and before is not None and not before.done.is_set():
+            await before.done.wait()  # read ahead: its end is this span's window, unfetched
         if not point.window:
             window = b""
         elif (before is not None and before.done.is_set() and before.error is None

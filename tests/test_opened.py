@@ -503,6 +503,19 @@ def test_the_small_neighbours_of_a_file_read_are_kept_without_another_fetch(
     assert "Traceback" not in again.log_text() + mount.log_text()
 
 
+def test_big_files_read_in_order_take_each_window_from_the_span_before(
+        toc_cache, nginx_server, mount_cache, tmp_path):
+    url = nginx_server(toc_cache.root)
+    log = tmp_path / "nginx-access.log"
+    mount = mount_cache([url])
+    prefix = prefix_in(mount, toc_cache.app)
+    for index in range(DATA_FILES):  # spans read ahead while the one before inflates
+        assert (prefix / f"share/tocapp/data/part{index}.dat").read_bytes() == \
+            _data(index, DATA_BYTES)
+    windows = [path for path in requested(log) if f"{TOC_ROOT}/blobs/" in path]
+    assert len(windows) <= 2, windows  # the first span's (and the build info's)
+
+
 def test_fill_whole_completes_an_opened_package_into_a_whole_one(toc_cache, nginx_server,
                                                                  mount_cache):
     mount = mount_cache([nginx_server(toc_cache.root)], extra=("--fill=whole",))
