@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 
 from lazymount.buildcache.layout import DEFAULT_PROJECTION
 from lazymount.config import MirrorConfig
-from lazymount.errors import UsageError
+from lazymount.errors import UsageError, about
 from lazymount.mirror.credentials import Credentials, from_environment
 from lazymount.mirror.ociref import is_oci_url
 from lazymount.spack.modulefiles import upstream_modules
@@ -89,9 +89,10 @@ def parse_mirrors(doc: Any, base: Path, source: str, require_signature: bool = T
         if isinstance(entry, str):
             url, binary, signed = entry, True, True
         elif isinstance(entry, dict):
-            url = _fetch_url(entry, what)
-            binary = _flag(entry, "binary", what)
-            signed = _flag(entry, "signed", what)
+            with about(what):
+                url = _fetch_url(entry)
+                binary = _flag(entry, "binary")
+                signed = _flag(entry, "signed")
         else:
             raise UsageError(f"{what} is neither a URL nor a mapping")
         if not binary:
@@ -111,10 +112,10 @@ def parse_mirrors(doc: Any, base: Path, source: str, require_signature: bool = T
     return mirrors, notices
 
 
-def _flag(entry: dict[str, Any], key: str, what: str) -> bool:
+def _flag(entry: dict[str, Any], key: str) -> bool:
     value = entry.get(key, True)
     if not isinstance(value, bool):
-        raise UsageError(f"{what}: {key} must be true or false, not {value!r}")
+        raise UsageError(f"{key} must be true or false, not {value!r}")
     return value
 
 
@@ -142,7 +143,7 @@ def _access_pair(entry: Any, what: str) -> Credentials | None:
     return from_environment(user_variable, user, pair["secret_variable"], what)
 
 
-def _fetch_url(entry: dict[str, Any], what: str) -> str:
+def _fetch_url(entry: dict[str, Any]) -> str:
     """The URL binaries are fetched from: ``fetch`` (a URL or a mapping with ``url``)
     if it names one, else ``url``."""
     fetch = entry.get("fetch")
@@ -150,7 +151,7 @@ def _fetch_url(entry: dict[str, Any], what: str) -> str:
         fetch = fetch.get("url")
     url = fetch if fetch is not None else entry.get("url")
     if url is not None and not isinstance(url, str):
-        raise UsageError(f"{what}: url must be a string, not {url!r}")
+        raise UsageError(f"url must be a string, not {url!r}")
     return url or ""
 
 
