@@ -612,8 +612,8 @@ class Opened:
         compressed = await self._span(index)
         try:
             async with self.cpu:
-                return await trio.to_thread.run_sync(inflate_span, self.toc, index, compressed,
-                                                     window)
+                return await trio.to_thread.run_sync(  # _fetch_span checked the span
+                    inflate_span, self.toc, index, compressed, window, True)
         except IntegrityError as exc:
             raise TocUnusable(f"{self.label}: {exc}") from None
 
