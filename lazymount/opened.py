@@ -44,11 +44,11 @@ from lazymount.install.buildinfo import (
     check_build_prefix,
     parse_buildinfo,
 )
-from lazymount.install.extract import climbs_out
 from lazymount.install.tocread import check_member, inflate_span
 from lazymount.mirror.transport import Mirror
 from lazymount.store import partial
 from lazymount.store.content import Store
+from lazymount.system.files import climbs_out
 from lazymount.system.sizes import show_size
 from lazymount.trust.policy import Trust
 

@@ -35,6 +35,7 @@ from typing import Any, Literal, cast
 
 from lazymount.buildcache.published import open_envelope
 from lazymount.errors import FormatError
+from lazymount.system.files import climbs_out
 
 Kind = Literal["file", "dir", "symlink", "hardlink"]
 KINDS: tuple[Kind, ...] = ("file", "dir", "symlink", "hardlink")
@@ -288,22 +289,6 @@ def _sbang_growth(head: bytes, sbang_path: str) -> int:
 # ------------------------------------------------------------------------- JSON
 
 
-def _climbs_out(link: str, target: str, prefix: str) -> bool:
-    """Whether the relative ``target`` of symlink ``link`` ever steps above ``prefix``
-    (extraction refuses such a tarball; absolute targets are relocation's business)."""
-    if target.startswith("/"):
-        return False
-    depth = link.count("/") - (prefix.count("/") + 1 if prefix else 0)  # link's folder
-    for part in target.split("/"):
-        if part == "..":
-            depth -= 1
-            if depth < 0:
-                return True
-        elif part not in ("", "."):
-            depth += 1
-    return False
-
-
 def toc_body(toc: Toc) -> dict[str, Any]:
     """The body of a TOC envelope (``published.make_envelope("toc", ...)``)."""
     index = {old: n for n, old in enumerate(toc.prefixes)}
@@ -472,7 +457,7 @@ class _Parser:
             raise self.fail(f"{path[:200]!r} is listed twice")
         if member.kind == "hardlink" and kinds.get(self.path(member.link, "link")) != "file":
             raise self.fail(f"{path[:200]!r} is a hard link to something not an earlier file")
-        if member.kind == "symlink" and _climbs_out(path, member.link, prefix):
+        if member.kind == "symlink" and climbs_out(path, member.link, prefix):
             raise self.fail(f"{path[:200]!r} is a symlink that climbs out of the prefix")
         kinds[path] = "file" if member.kind == "hardlink" else member.kind
 

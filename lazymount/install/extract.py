@@ -40,6 +40,7 @@ from lazymount.install.decompress import CHUNK, decompressed, read_ahead
 from lazymount.install.gnutar import TarChild
 from lazymount.install.limits import Limits
 from lazymount.install.tarstream import Member, Source, members, show, unsafe
+from lazymount.system.files import climbs_out
 
 MAX_COMPONENT = 255  # NAME_MAX of Linux file systems
 # real prefixes nest a few dozen levels; every walk of a tree (the record, removal) would
@@ -99,19 +100,6 @@ def _inside(path: str, prefix: str) -> bool:
 
 def _is_buildinfo(name: str) -> bool:
     return name == BUILDINFO or name.endswith("/" + BUILDINFO)
-
-
-def climbs_out(link: str, target: str, prefix: str) -> bool:
-    """True if the relative ``target`` of symlink ``link`` ever steps above ``prefix``."""
-    depth = link.count("/") - prefix.count("/") - 1  # the link's directory, below prefix
-    for part in target.split("/"):
-        if part == "..":
-            depth -= 1
-            if depth < 0:
-                return True
-        elif part not in ("", "."):
-            depth += 1
-    return False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -81,3 +81,20 @@ def read_bounded(path: Path | str, limit: int) -> bytes:
     if len(data) > limit:
         raise FileTooLarge(errno.EFBIG, f"larger than {limit} bytes", str(path))
     return data
+
+
+def climbs_out(link: str, target: str, prefix: str) -> bool:
+    """Whether the relative ``target`` of symlink ``link`` (member names, ``prefix`` the
+    package's folder, "" for none) ever steps above ``prefix``; an absolute target never
+    does (relocation rewrites those)."""
+    if target.startswith("/"):
+        return False
+    depth = link.count("/") - (prefix.count("/") + 1 if prefix else 0)  # link's folder
+    for part in target.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif part not in ("", "."):
+            depth += 1
+    return False
