@@ -90,6 +90,17 @@ def _start(url: str, store: Path, root: Path, proxy: str | None) -> subprocess.P
         return subprocess.Popen(command, stdout=log, stderr=log, env=_no_proxy_env())
 
 
+def wait_mounted(roots: list[Path], daemons: list[subprocess.Popen[bytes]], work: Path
+                 ) -> None:
+    """Return once every node's root is a mount; RuntimeError if a daemon ends or
+    MOUNT_WAIT passes first."""
+    deadline = time.monotonic() + MOUNT_WAIT
+    while not all(os.path.ismount(root) for root in roots):
+        if time.monotonic() > deadline or any(d.poll() is not None for d in daemons):
+            raise RuntimeError(f"not every daemon mounted; see {work}/node*.log")
+        time.sleep(0.01)
+
+
 def _no_proxy_env() -> dict[str, str]:
     """The environment without proxies: the direct rounds must not use one by accident."""
     return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
@@ -108,11 +119,7 @@ def run_round(nginx: Nginx, url: str, info: dict[str, Any], work: Path, nodes: i
     started = time.perf_counter()
     daemons = [_start(url, work / f"node{i}", roots[i], proxy) for i in range(nodes)]
     try:
-        deadline = time.monotonic() + MOUNT_WAIT
-        while not all(os.path.ismount(root) for root in roots):
-            if time.monotonic() > deadline or any(d.poll() is not None for d in daemons):
-                raise RuntimeError(f"not every daemon mounted; see {work}/node*.log")
-            time.sleep(0.01)
+        wait_mounted(roots, daemons, work)
         mount_all = time.perf_counter() - started
         durations: list[float] = [0.0] * nodes
         failures: list[str] = []

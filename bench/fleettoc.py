@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from . import generate
-from .fleet import _start
+from .fleet import _start, wait_mounted
 from .harness import REPO, Nginx, machine, remove_tree, short_dir
 from .tocbench import make_cuda
 
 OUT = REPO / "bench" / "out"
-MOUNT_WAIT = 300.0
 
 
 def run_round(nginx: Nginx, url: str, info: dict[str, Any], work: Path, nodes: int,
@@ -39,11 +38,7 @@ def run_round(nginx: Nginx, url: str, info: dict[str, Any], work: Path, nodes: i
     daemons = [_start(url, work / f"node{i}", roots[i], proxy) for i in range(nodes)]
     durations = [0.0] * nodes
     try:
-        deadline = time.monotonic() + MOUNT_WAIT
-        while not all(os.path.ismount(root) for root in roots):
-            if time.monotonic() > deadline or any(d.poll() is not None for d in daemons):
-                raise RuntimeError(f"not every daemon mounted; see {work}/node*.log")
-            time.sleep(0.01)
+        wait_mounted(roots, daemons, work)
         go = threading.Barrier(nodes)
 
         def first_run(i: int) -> None:
