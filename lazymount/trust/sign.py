@@ -13,21 +13,14 @@ from pathlib import Path
 import gnupg
 
 from lazymount.errors import UsageError
-from lazymount.system.files import FileTooLarge, read_bounded
-
-MAX_KEY_BYTES = 1 << 20
+from lazymount.trust.verify import read_key_file
 
 
 class Signer:
     """Signs with the one secret key of ``key_file`` (ASCII-armored, without a passphrase)."""
 
     def __init__(self, key_file: Path):
-        try:
-            text = read_bounded(key_file, MAX_KEY_BYTES)
-        except FileTooLarge:
-            raise UsageError(f"{key_file} is larger than {MAX_KEY_BYTES} bytes") from None
-        except OSError as exc:
-            raise UsageError(f"cannot read signing key {key_file}: {exc.strerror}") from None
+        _, text = read_key_file(key_file)
         if b"-----BEGIN PGP PRIVATE KEY BLOCK-----" not in text:
             raise UsageError(f"{key_file} is not an ASCII-armored secret key "
                              "(gpg --armor --export-secret-keys KEY)")
